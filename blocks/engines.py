@@ -1,0 +1,81 @@
+"""Engine blocks. A flow takes a block name, so an operator can move a batch to another model
+or node in the UI without a redeploy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.blocks.core import Block
+from pydantic import Field
+
+from offline_queue.engines.vllm_local import LocalVLLM, VLLMSettings, local_engine
+
+
+class VLLM(Block):
+    """vLLM in the worker process: the highest throughput, one batch per GPU at a time.
+
+    The engine starts on the first chunk a process runs and stays loaded for the process's
+    life, so a worker that runs many batches pays the start-up once."""
+
+    _block_type_name = "vLLM in process"
+    _block_type_slug = "vllm"
+    _description = "vLLM's LLM engine inside the Prefect worker process (GPU, or CPU build)."
+
+    model: str | None = Field(
+        default=None,
+        description="Hugging Face model folder. Empty: the bundled SmolLM2-135M-Instruct "
+        "(a CPU demo model, converted once and cached).",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="The `model` written in responses. Empty: the folder's name."
+    )
+    dtype: str = Field(
+        default="auto",
+        description="Weights dtype. `auto` is float32 on CPU (no bf16 in hardware there: bf16 "
+        "is ~3x slower) and the model's own dtype on a GPU.",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        description="Context length. Longer contexts admit longer prompts but fewer concurrent "
+        "sequences in the same KV cache. Empty: the model's own (2048 on CPU).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, description="GPUs one engine spans. More fits bigger models, not more speed "
+        "for small ones.")
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        description="Share of GPU memory vLLM may take (weights + KV cache). Lower it when "
+        "another process shares the GPU.",
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        default=None,
+        description="Fixed KV cache size. Required on CPU (default 512 MiB there; without it "
+        "vLLM wants 92% of RAM); on a GPU, empty lets gpu_memory_utilization decide.",
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="Skip CUDA graph capture: faster start, slower decoding. Always on for CPU.",
+    )
+    max_num_seqs: int | None = Field(
+        default=None, description="Most sequences decoded at once. Empty: vLLM's default."
+    )
+    seed: int = Field(default=0, description="Engine seed (requests may set their own).")
+
+    def settings(self) -> VLLMSettings:
+        fields = VLLMSettings.__dataclass_fields__
+        return VLLMSettings(**{k: getattr(self, k) for k in fields})
+
+    def engine(self) -> LocalVLLM:
+        return local_engine(self.settings())
+
+
+def load_engine_block(name: str | None, model: str | None = None) -> VLLM:
+    """The engine block a flow run uses: a saved block by name, else vLLM in process with
+    `model` (or the bundled model)."""
+    if not name:
+        return VLLM(model=model)
+    slug, _, block_name = name.rpartition("/")
+    block: Any = Block.load(name) if slug else VLLM.load(block_name)
+    if model:
+        block = block.model_copy(update={"model": model})
+    return block

@@ -1,0 +1,209 @@
+"""`offline-queue`: run a batch file, look at a batch, prepare the bundled model.
+
+Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need them, so
+`status` answers in well under a second while a run is going on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from offline_queue.formats import BatchObject
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Batch LLM inference: OpenAI Batch JSONL in, one result per request out.",
+)
+model_app = typer.Typer(no_args_is_help=True, help="The model the in-process engine serves.")
+app.add_typer(model_app, name="model")
+
+out = Console()
+err = Console(stderr=True)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        envvar="OFFLINE_QUEUE_DB",
+        help="Store URL: postgresql+psycopg://user@host/db or sqlite:///path. "
+        "Default: a SQLite file in the user's data directory.",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the batch object as JSON (the last stdout line).")
+]
+
+# No network here, and a cold temporary Prefect server can take half a minute to start.
+_PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_LOGGING_LOG_PRINTS": "true",
+}
+
+
+@model_app.command("prepare")
+def model_prepare(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Where to put the converted model.")
+    ] = None,
+) -> None:
+    """Convert the bundled SmolLM2-135M-Instruct GGUF into a folder vLLM loads (once; cached)."""
+    from offline_queue.model import ModelError, prepare_bundled_model
+
+    try:
+        with err.status("Preparing the bundled model (once, ~20 s)…"):
+            path = prepare_bundled_model(directory)
+    except ModelError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    out.print(str(path), highlight=False)
+
+
+def _print_batch(batch: BatchObject, as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(batch.model_dump(mode="json")).decode(), flush=True)
+        return
+    counts = batch.request_counts
+    table = Table(show_header=False, box=None)
+    table.add_row("batch", batch.id)
+    table.add_row("status", f"[bold]{batch.status}[/bold]")
+    table.add_row(
+        "requests", f"{counts.total} total, {counts.completed} completed, {counts.failed} failed"
+    )
+    table.add_row("tokens", f"{batch.usage.input_tokens} in, {batch.usage.output_tokens} out")
+    if batch.run is not None:
+        table.add_row("this run", f"{batch.run.inferred} inferred, {batch.run.reused} reused")
+    if batch.model_version:
+        table.add_row("model", batch.model_version)
+    if batch.output_file:
+        table.add_row("output", batch.output_file)
+        table.add_row("errors", batch.error_file or "")
+    out.print(table)
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Argument(help="OpenAI Batch JSONL file.")],
+    output: Annotated[Path | None, typer.Option(help="Default: <input>.output.jsonl")] = None,
+    errors: Annotated[Path | None, typer.Option(help="Default: <input>.errors.jsonl")] = None,
+    db: DbOption = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model folder. Default: the bundled SmolLM2-135M.")
+    ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="Engine block name. Default: vLLM in this process.")
+    ] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Requests per task.")] = 256,
+    batch_id: Annotated[
+        str | None, typer.Option(help="Explicit id. Default: derived from the content.")
+    ] = None,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request.")] = 3,
+    tier: Annotated[str, typer.Option(help="critical, standard or bulk.")] = "standard",
+    weight: Annotated[int, typer.Option(min=1, help="Share within the tier.")] = 1,
+    lease_seconds: Annotated[
+        float, typer.Option(help="A dead worker's chunk is claimed again after this long.")
+    ] = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Run one batch to the end in this process, through the Prefect flow.
+
+    Running the same file again resumes it (or, once it is done, only rewrites the files)."""
+    from offline_queue.model import ModelError, prepare_bundled_model
+    from offline_queue.store.queue import BatchConflict
+    from offline_queue.validate import FileRefused, Limits, inspect_file
+
+    try:
+        inspect_file(input, Limits())  # refuse a bad file before starting anything
+        if not model and not engine:
+            with err.status("Preparing the bundled model (once, ~20 s)…"):
+                prepare_bundled_model()
+    except (FileRefused, ModelError) as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    for key, value in _PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from flows.batch import batch_inference
+
+    try:
+        result = batch_inference(
+            input=str(input),
+            output=str(output) if output else None,
+            errors=str(errors) if errors else None,
+            tier=tier,  # type: ignore[arg-type]
+            weight=weight,
+            engine=engine,
+            model=model,
+            chunk_size=chunk_size,
+            max_attempts=max_attempts,
+            batch_id=batch_id,
+            db=db,
+            lease_seconds=lease_seconds,
+        )
+    except (FileRefused, BatchConflict) as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    _print_batch(BatchObject.model_validate(result), as_json)
+
+
+@app.command()
+def status(
+    batch_id: Annotated[str, typer.Argument(help="The batch id `run` printed.")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A batch's status and counts, read from the store (no Prefect server needed)."""
+    from offline_queue.batches import batch_object
+    from offline_queue.store.db import resolve_url
+    from offline_queue.store.queue import get_batch
+
+    url = resolve_url(db)
+    batch = get_batch(url, batch_id)
+    if batch is None:
+        err.print(f"[red]error:[/red] no batch {batch_id} in {url}", highlight=False)
+        raise typer.Exit(1)
+    _print_batch(batch_object(url, batch), as_json)
+
+
+@app.command()
+def validate(
+    input: Annotated[Path, typer.Argument(help="OpenAI Batch JSONL file.")],
+    show: Annotated[int, typer.Option(help="How many line errors to print.")] = 10,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a file without running it: counts, and the first errors with line and field."""
+    from offline_queue.validate import Accepted, FileRefused, Limits, inspect_file, validate_file
+
+    limits = Limits()
+    try:
+        info = inspect_file(input, limits)
+    except FileRefused as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    accepted = rejected = 0
+    shown: list[str] = []
+    for item in validate_file(input, limits):
+        if isinstance(item, Accepted):
+            accepted += 1
+        else:
+            rejected += 1
+            if len(shown) < show:
+                shown.append(item.error.message)
+    if as_json:
+        report = {"lines": info.lines, "accepted": accepted, "rejected": rejected, "errors": shown}
+        print(orjson.dumps(report).decode())
+        return
+    for message in shown:
+        err.print(message, highlight=False, markup=False)
+    out.print(f"{accepted} accepted, {rejected} rejected, of {info.lines} lines")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,59 @@
+"""The engine contract, kept free of any engine library so the store and the flow can use it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+from offline_queue.formats import Body
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    line_no: int
+    url: str
+    body: Body
+
+
+@dataclass(slots=True)
+class Reply:
+    """One request's answer or error, as data: an engine never raises for a single request."""
+
+    ok: bool
+    body: str | None
+    """OpenAI response body (ok) or OpenAI error body (not ok), as JSON text."""
+    status_code: int = 200
+    error_code: str | None = None
+    error_message: str | None = None
+    retriable: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float | None = None
+
+    @classmethod
+    def error(
+        cls, status_code: int, code: str, message: str, *, retriable: bool = False
+    ) -> Reply:
+        kind = "invalid_request_error" if status_code < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return cls(
+            ok=False,
+            body=orjson.dumps(body).decode(),
+            status_code=status_code,
+            error_code=code,
+            error_message=message,
+            retriable=retriable,
+        )
+
+
+class Engine(Protocol):
+    model_version: str
+    """Names the exact weights: results are cached and stamped by it."""
+
+    def infer(self, requests: Sequence[EngineRequest]) -> list[Reply]:
+        """One reply per request, in order. Raises only when the whole engine is unusable
+        (a chunk-level fault the caller retries)."""
+        ...

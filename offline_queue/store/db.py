@@ -1,0 +1,118 @@
+"""Connections: one SQLAlchemy engine per database URL per process, migrated on first use."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+ENV_VAR = "OFFLINE_QUEUE_DB"
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_PG_MIGRATION_LOCK = 0x0FF1_1E0E  # any constant: serialises concurrent `upgrade` runs
+
+
+def default_url() -> str:
+    """OFFLINE_QUEUE_DB, else a SQLite file under the user's data directory."""
+    configured = os.environ.get(ENV_VAR)
+    if configured:
+        return configured
+    data = Path(platformdirs.user_data_dir("offline-queue"))
+    data.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data / 'offline-queue.db'}"
+
+
+def resolve_url(url: str | None) -> str:
+    url = url or default_url()
+    if url.startswith("postgresql://"):  # psycopg 3 is our driver; accept the plain scheme
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def _sqlite_hooks(engine: Engine) -> None:
+    """SQLite has one writer: take the write lock at BEGIN (IMMEDIATE) so a claim's read and
+    write are atomic, and wait for the lock instead of failing with "database is locked"."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=120000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        readonly = conn.get_execution_options().get("readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+@functools.cache
+def get_engine(url: str) -> Engine:
+    """The process's engine for `url`, with the schema migrated to head."""
+    sa_url = make_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if sa_url.get_backend_name() == "sqlite":
+        if sa_url.database and sa_url.database != ":memory:":
+            Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 120, "check_same_thread": False}
+    engine = create_engine(url, **kwargs)
+    if is_sqlite(engine):
+        _sqlite_hooks(engine)
+    migrate(engine)
+    return engine
+
+
+@functools.cache
+def session_factory(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def session(url: str, readonly: bool = False) -> Iterator[Session]:
+    """A transaction: committed on success, rolled back on error."""
+    factory = session_factory(url)
+    with factory() as s, s.begin():
+        if readonly:  # before the first statement: the BEGIN hook reads it
+            s.connection(execution_options={"readonly": True})
+        yield s
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to head. Safe when several processes start on a new database at once."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    if is_sqlite(engine):
+        lock_path = f"{engine.url.database}.migrate.lock"
+        with open(lock_path, "w") as lock, engine.connect() as conn:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            conn.commit()
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        conn.commit()
+        try:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            conn.commit()
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            conn.commit()

@@ -1,0 +1,574 @@
+"""The queue: registering batches, ingesting lines, claiming chunks under a lease, and settling
+them — results and state changes of a chunk in one transaction, guarded by the claim's token.
+
+The guard is what keeps the invariants: a settle only touches rows still leased to the claim
+it came from, and `results` has one primary key per line, so a late or replayed settle from a
+worker whose lease expired inserts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from offline_queue.engines.base import Reply
+from offline_queue.formats import LineError
+from offline_queue.store.db import get_engine, session
+from offline_queue.store.tables import Batch, CachedResult, Request, Result
+from offline_queue.validate import Accepted, Rejected
+
+
+def new_owner() -> str:
+    """A worker identity: host and pid for people, a random suffix so pid reuse never collides."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def response_id() -> str:
+    return f"batch_req_{uuid.uuid4().hex}"
+
+
+class BatchConflict(ValueError):
+    """An explicit batch id or idempotency key already names a batch with other content."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Per-request retry of retriable failures, with exponential backoff and jitter."""
+
+    base_seconds: float = 1.0
+    """The first retry waits about this long; each later one twice as long as the one before."""
+    cap_seconds: float = 60.0
+    """No single wait is longer; keeps a long outage from parking requests for hours."""
+
+    def delay(self, attempts: int) -> float:
+        raw = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
+        return raw * random.uniform(0.5, 1.5)
+
+
+# ---- batches ------------------------------------------------------------------------------
+
+
+def register_batch(
+    db: str,
+    *,
+    batch_id: str,
+    content_hash: str,
+    input_path: str,
+    output_path: str,
+    error_path: str,
+    tier: str = "standard",
+    weight: int = 1,
+    max_attempts: int = 3,
+    metadata: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Batch, bool]:
+    """The batch for this content, created if new. Returns (batch, created).
+
+    Submitting the same content (or the same idempotency key) again returns the batch that
+    exists, so a re-run resumes it instead of duplicating it.
+    """
+    with session(db) as s:
+        existing = s.get(Batch, batch_id)
+        if existing is None and idempotency_key:
+            existing = s.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.content_hash != content_hash:
+                raise BatchConflict(
+                    f"batch {existing.id} was submitted with different content "
+                    f"(sha256 {existing.content_hash[:12]}…, this file {content_hash[:12]}…)"
+                )
+            return existing, False
+        batch = Batch(
+            id=batch_id,
+            content_hash=content_hash,
+            idempotency_key=idempotency_key,
+            input_path=input_path,
+            output_path=output_path,
+            error_path=error_path,
+            status="validating",
+            tier=tier,
+            weight=weight,
+            max_attempts=max_attempts,
+            metadata_json=orjson.dumps(metadata).decode() if metadata else None,
+            total_lines=0,
+            ingested_through=0,
+            ingest_done=False,
+            created_at=int(time.time()),
+        )
+        s.add(batch)
+    return batch, True
+
+
+def get_batch(db: str, batch_id: str) -> Batch | None:
+    with session(db, readonly=True) as s:
+        return s.get(Batch, batch_id)
+
+
+def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
+    """Move a batch to `status`, stamping `<status>_at` the first time it gets there."""
+    now = int(time.time())
+    values: dict[str, Any] = {"status": status, **fields}
+    stamp = {"in_progress": "in_progress_at", "finalizing": "finalizing_at"}.get(status)
+    stamp = stamp or {"completed": "completed_at", "failed": "failed_at"}.get(status)
+    with session(db) as s:
+        batch = s.get(Batch, batch_id)
+        if batch is None:
+            raise KeyError(batch_id)
+        for key, value in values.items():
+            setattr(batch, key, value)
+        if stamp and getattr(batch, stamp) is None:
+            setattr(batch, stamp, now)
+
+
+# ---- ingest -------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestReport:
+    accepted: int = 0
+    rejected: int = 0
+    endpoints: set[str] = field(default_factory=set)
+
+
+def known_custom_ids(db: str, batch_id: str) -> set[str]:
+    """custom_ids already queued for a batch: the duplicate check's memory after a resume."""
+    with session(db, readonly=True) as s:
+        return set(s.scalars(select(Request.custom_id).where(Request.batch_id == batch_id)))
+
+
+def ingest(
+    db: str, batch_id: str, items: Iterable[Accepted | Rejected], group_size: int = 5000
+) -> IngestReport:
+    """Queue accepted lines and record rejected ones, `group_size` lines per transaction.
+
+    Each group commits with the batch's `ingested_through` watermark, so an interrupted ingest
+    resumes after the last committed line and never queues a line twice.
+    """
+    report = IngestReport()
+    requests: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    last_line = 0
+
+    def flush() -> None:
+        with session(db) as s:
+            if requests:
+                s.execute(Request.__table__.insert(), requests)
+            if rejections:
+                s.execute(Result.__table__.insert(), rejections)
+            s.execute(
+                update(Batch).where(Batch.id == batch_id).values(ingested_through=last_line)
+            )
+        requests.clear()
+        rejections.clear()
+
+    now = time.time()
+    for item in items:
+        last_line = item.line_no
+        if isinstance(item, Accepted):
+            report.accepted += 1
+            report.endpoints.add(item.url)
+            requests.append(
+                {
+                    "batch_id": batch_id,
+                    "line_no": item.line_no,
+                    "custom_id": item.custom_id,
+                    "url": item.url,
+                    "body": item.body_json,
+                    "cache_digest": item.cache_digest,
+                    "state": "queued",
+                    "attempts": 0,
+                    "not_before": 0.0,
+                }
+            )
+        else:
+            report.rejected += 1
+            rejections.append(
+                _error_result(batch_id, item.line_no, item.custom_id, item.error, None, now)
+            )
+        if len(requests) + len(rejections) >= group_size:
+            flush()
+    flush()
+    return report
+
+
+def finish_ingest(db: str, batch_id: str) -> tuple[int, int]:
+    """Mark ingest complete; returns (accepted, total lines) from what the store holds."""
+    with session(db) as s:
+        accepted = s.scalar(select(func.count()).where(Request.batch_id == batch_id)) or 0
+        rejected = s.scalar(
+            select(func.count()).where(
+                Result.batch_id == batch_id,
+                Result.status_code.is_(None),
+                Result.error_code == "invalid_request",
+            )
+        )
+        endpoints = list(
+            s.scalars(select(Request.url).where(Request.batch_id == batch_id).distinct().limit(2))
+        )
+        batch = s.get(Batch, batch_id)
+        assert batch is not None
+        batch.total_lines = accepted + (rejected or 0)
+        batch.ingest_done = True
+        batch.endpoint = endpoints[0] if len(endpoints) == 1 else None
+        return accepted, batch.total_lines
+
+
+# ---- claims -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Claimed:
+    id: int
+    line_no: int
+    custom_id: str
+    url: str
+    body: str
+    cache_digest: str | None
+    attempts: int
+
+
+@dataclass
+class Claim:
+    token: str
+    owner: str
+    requests: list[Claimed]
+
+
+def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) -> Claim | None:
+    """Lease up to `limit` requests of a batch: queued ones that are due, and those whose
+    lease ran out (a crashed or stalled worker). PostgreSQL skips rows another worker is
+    claiming right now (SKIP LOCKED); SQLite serialises claims with BEGIN IMMEDIATE."""
+    now = time.time()
+    token = uuid.uuid4().hex
+    claimable = (
+        select(Request.id)
+        .where(
+            Request.batch_id == batch_id,
+            Request.state.in_(("queued", "processing")),
+            or_(
+                and_(Request.state == "queued", Request.not_before <= now),
+                and_(Request.state == "processing", Request.lease_expires < now),
+            ),
+        )
+        .order_by(Request.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(Request)
+        .where(Request.id.in_(claimable.scalar_subquery()))
+        .values(
+            state="processing",
+            attempts=Request.attempts + 1,
+            lease_owner=owner,
+            lease_token=token,
+            lease_expires=now + lease_seconds,
+        )
+        .returning(
+            Request.id,
+            Request.line_no,
+            Request.custom_id,
+            Request.url,
+            Request.body,
+            Request.cache_digest,
+            Request.attempts,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    with session(db) as s:
+        rows = s.execute(stmt).all()
+    if not rows:
+        return None
+    claimed = sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+    return Claim(token=token, owner=owner, requests=claimed)
+
+
+def renew_leases(db: str, tokens: Sequence[str], lease_seconds: float) -> int:
+    """Extend the leases of claims still being worked on: the heartbeat that keeps a slow
+    chunk from being claimed again, while a dead worker's chunk expires within one lease.
+
+    By token, not by owner: a claim its worker gave up on (say, its settle failed) must
+    expire even though the worker lives on."""
+    if not tokens:
+        return 0
+    with session(db) as s:
+        result = s.execute(
+            update(Request)
+            .where(Request.lease_token.in_(list(tokens)), Request.state == "processing")
+            .values(lease_expires=time.time() + lease_seconds)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one claimed request, and whether it came from earlier work."""
+
+    request: Claimed
+    reply: Reply
+    reused: bool = False
+    cache_key: str | None = None
+    """Set for a deterministic request: a fresh answer is cached under it."""
+    model_version: str | None = None
+
+
+@dataclass
+class Settled:
+    completed: int = 0
+    retried: int = 0
+    terminated: int = 0
+    lost: int = 0
+    """Outcomes dropped because the lease had passed to another worker (nothing committed)."""
+
+
+def _error_result(
+    batch_id: str,
+    line_no: int,
+    custom_id: str | None,
+    error: LineError,
+    status_code: int | None,
+    now: float,
+    body: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id,
+        "line_no": line_no,
+        "custom_id": custom_id,
+        "response_id": response_id(),
+        "ok": False,
+        "status_code": status_code,
+        "body": body,
+        "error_code": error.code,
+        "error_message": error.message,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "latency_ms": None,
+        "reused": False,
+        "created_at": now,
+    }
+
+
+def _insert_ignoring_conflicts(s: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+    s.execute(dialect.insert(table).on_conflict_do_nothing(), rows)
+
+
+def _guarded(s: Session, token: str, ids: list[int], **values: Any) -> set[int]:
+    """Update the rows still leased under `token`; returns which ones that was."""
+    if not ids:
+        return set()
+    result = s.execute(
+        update(Request)
+        .where(Request.id.in_(ids), Request.lease_token == token, Request.state == "processing")
+        .values(lease_owner=None, lease_token=None, lease_expires=None, **values)
+        .returning(Request.id)
+        .execution_options(synchronize_session=False)
+    )
+    return {row[0] for row in result}
+
+
+def settle(
+    db: str,
+    batch_id: str,
+    claim_: Claim,
+    outcomes: Sequence[Outcome],
+    max_attempts: int,
+    retry: RetryPolicy | None = None,
+) -> Settled:
+    """Commit a chunk: results, state changes and cache entries in one transaction."""
+    retry = retry or RetryPolicy()
+    now = time.time()
+    done: list[Outcome] = []
+    again: list[Outcome] = []
+    final: list[Outcome] = []
+    for o in outcomes:
+        if o.reply.ok:
+            done.append(o)
+        elif o.reply.retriable and o.request.attempts < max_attempts:
+            again.append(o)
+        else:
+            final.append(o)
+    stats = Settled()
+    with session(db) as s:
+        mine_done = _guarded(s, claim_.token, [o.request.id for o in done], state="completed")
+        mine_final = set[int]()
+        for o in final:  # each carries its own last_error
+            mine_final |= _guarded(
+                s, claim_.token, [o.request.id], state="terminated", last_error=o.reply.error_message
+            )
+        for o in again:
+            if _guarded(
+                s,
+                claim_.token,
+                [o.request.id],
+                state="queued",
+                not_before=now + retry.delay(o.request.attempts),
+                last_error=o.reply.error_message,
+            ):
+                stats.retried += 1
+        rows = [
+            {
+                "batch_id": batch_id,
+                "line_no": o.request.line_no,
+                "custom_id": o.request.custom_id,
+                "response_id": response_id(),
+                "ok": True,
+                "status_code": 200,
+                "body": o.reply.body,
+                "error_code": None,
+                "error_message": None,
+                "prompt_tokens": o.reply.prompt_tokens,
+                "completion_tokens": o.reply.completion_tokens,
+                "latency_ms": o.reply.latency_ms,
+                "reused": o.reused,
+                "created_at": now,
+            }
+            for o in done
+            if o.request.id in mine_done
+        ]
+        for o in final:
+            if o.request.id in mine_final:
+                error = LineError(
+                    code=o.reply.error_code or "engine_error",
+                    message=o.reply.error_message or "the engine failed",
+                    line=o.request.line_no,
+                )
+                rows.append(
+                    _error_result(
+                        batch_id,
+                        o.request.line_no,
+                        o.request.custom_id,
+                        error,
+                        o.reply.status_code,
+                        now,
+                        o.reply.body,
+                    )
+                )
+        _insert_ignoring_conflicts(s, Result.__table__, rows)
+        _insert_ignoring_conflicts(
+            s,
+            CachedResult.__table__,
+            [
+                {
+                    "key": o.cache_key,
+                    "model_version": o.model_version or "",
+                    "body": o.reply.body,
+                    "prompt_tokens": o.reply.prompt_tokens,
+                    "completion_tokens": o.reply.completion_tokens,
+                    "created_at": now,
+                }
+                for o in done
+                if o.cache_key and not o.reused and o.request.id in mine_done
+            ],
+        )
+    stats.completed = len(mine_done)
+    stats.terminated = len(mine_final)
+    stats.lost = len(outcomes) - stats.completed - stats.terminated - stats.retried
+    return stats
+
+
+def cached_results(db: str, keys: Sequence[str]) -> dict[str, CachedResult]:
+    if not keys:
+        return {}
+    with session(db, readonly=True) as s:
+        found = s.scalars(select(CachedResult).where(CachedResult.key.in_(list(set(keys)))))
+        return {row.key: row for row in found}
+
+
+# ---- progress -----------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    queued: int = 0
+    processing: int = 0
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reused: int = 0
+    next_due: float | None = None
+    """When the earliest retry waiting in the queue becomes due."""
+
+    @property
+    def pending(self) -> int:
+        return self.queued + self.processing
+
+
+def progress(db: str, batch_id: str) -> Progress:
+    with session(db, readonly=True) as s:
+        p = Progress()
+        for state, count, due in s.execute(
+            select(Request.state, func.count(), func.min(Request.not_before))
+            .where(Request.batch_id == batch_id, Request.state.in_(("queued", "processing")))
+            .group_by(Request.state)
+        ):
+            setattr(p, state, count)
+            if state == "queued":
+                p.next_due = due
+        row = s.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(case((Result.ok, 1), else_=0)), 0),
+                func.coalesce(func.sum(Result.prompt_tokens), 0),
+                func.coalesce(func.sum(Result.completion_tokens), 0),
+                func.coalesce(func.sum(case((Result.reused, 1), else_=0)), 0),
+            ).where(Result.batch_id == batch_id)
+        ).one()
+        total, ok, p.prompt_tokens, p.completion_tokens, p.reused = (int(v) for v in row)
+        p.completed, p.failed = ok, total - ok
+        return p
+
+
+def settled_requests(db: str, batch_id: str) -> int:
+    """Accepted requests that already have their result (completed or terminated)."""
+    with session(db, readonly=True) as s:
+        return int(
+            s.scalar(
+                select(func.count()).where(
+                    Request.batch_id == batch_id, Request.state.in_(("completed", "terminated"))
+                )
+            )
+            or 0
+        )
+
+
+def first_errors_json(db: str, batch_id: str, limit: int = 20) -> str:
+    """The first errors of a batch, for the `errors` of a batch object that failed."""
+    with session(db, readonly=True) as s:
+        rows = s.execute(
+            select(Result.line_no, Result.error_code, Result.error_message)
+            .where(Result.batch_id == batch_id, Result.ok.is_(False))
+            .order_by(Result.line_no)
+            .limit(limit)
+        ).all()
+    return orjson.dumps(
+        [{"code": code, "message": message, "line": line} for line, code, message in rows]
+    ).decode()
+
+
+def iter_results(db: str, batch_id: str, chunk: int = 5000) -> Iterable[Result]:
+    """Every result row of a batch in line order, streamed (a million rows never in memory)."""
+    engine = get_engine(db)
+    with Session(engine) as s, s.begin():
+        s.connection(execution_options={"readonly": True})
+        yield from s.scalars(
+            select(Result)
+            .where(Result.batch_id == batch_id)
+            .order_by(Result.line_no)
+            .execution_options(yield_per=chunk)
+        )

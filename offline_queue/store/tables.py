@@ -1,0 +1,126 @@
+"""Tables. Times are epoch seconds (floats for leases, ints where OpenAI shows them), written by
+the application so the same code runs on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants 64 bits for a million-line
+# batch every night.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True)
+    input_path: Mapped[str] = mapped_column(Text)
+    output_path: Mapped[str] = mapped_column(Text)
+    error_path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(256))
+    tier: Mapped[str] = mapped_column(String(16), default="standard")
+    weight: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    metadata_json: Mapped[str | None] = mapped_column(Text)
+    errors_json: Mapped[str | None] = mapped_column(Text)
+    total_lines: Mapped[int] = mapped_column(Integer, default=0)
+    ingested_through: Mapped[int] = mapped_column(Integer, default=0)
+    """Last line number whose request (or rejection) is committed: an interrupted ingest
+    resumes after it."""
+    ingest_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    in_progress_at: Mapped[int | None] = mapped_column(BigInteger)
+    finalizing_at: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger)
+    failed_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Request(Base):
+    """One accepted line. state: queued → processing → completed | queued (retry) | terminated."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "line_no", name="uq_requests_batch_line"),
+        UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
+        # The queue: a partial index over the rows a worker may still claim.
+        Index(
+            "ix_requests_claimable",
+            "batch_id",
+            "id",
+            postgresql_where=text("state IN ('queued', 'processing')"),
+            sqlite_where=text("state IN ('queued', 'processing')"),
+        ),
+        Index("ix_requests_lease_token", "lease_token"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    line_no: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    url: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    cache_digest: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[float] = mapped_column(Float, default=0.0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Result(Base):
+    """Exactly one per line of the batch file: the output, or the error. The primary key is
+    what makes a replayed commit insert nothing twice."""
+
+    __tablename__ = "results"
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    response_id: Mapped[str] = mapped_column(String(64))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    body: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class CachedResult(Base):
+    """Answers to deterministic requests, by model version and canonical body."""
+
+    __tablename__ = "result_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(256))
+    body: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,225 @@
+"""Streaming validation of a batch file: one line in memory at a time, errors as data.
+
+A bad line becomes a `Rejected` naming the line and the field and the batch goes on; only a
+file that is not a batch at all (empty, not JSONL, over the limits) is refused as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from offline_queue.formats import REQUEST_LINE, SUPPORTED_URLS, Body, LineError
+
+# Fields that do not change what the model generates: left out of the cache key.
+_NOT_IN_CACHE_KEY = frozenset({"model", "user", "metadata", "store", "service_tier", "stream"})
+_READ_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one batch file may hold. Raising them costs memory only in the duplicate check
+    (about 100 bytes per custom_id); a line is never held in memory beyond `max_line_bytes`."""
+
+    max_line_bytes: int = 1 << 20
+    """A longer line is rejected on its own (read up to this size, the rest skipped)."""
+    max_lines: int = 5_000_000
+    """More lines than this and the file is refused: split it into several batches."""
+    max_file_bytes: int = 4 << 30
+    """A larger file is refused before anything is queued."""
+    sniff_lines: int = 100
+    """If none of the first non-blank lines is JSON, the file is refused as not JSONL."""
+
+
+class FileRefused(ValueError):
+    """The file as a whole is not a batch; nothing from it is queued."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    content_hash: str
+    size: int
+    lines: int
+
+
+@dataclass(slots=True)
+class Accepted:
+    line_no: int
+    custom_id: str
+    url: str
+    body_json: str
+    cache_digest: str | None
+    """Digest of the canonical body when the request is deterministic, else None."""
+
+
+@dataclass(slots=True)
+class Rejected:
+    line_no: int
+    custom_id: str | None
+    error: LineError
+
+
+def iter_raw_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number from 1, bytes without the newline, whether it was cut at the size limit)."""
+    with path.open("rb") as handle:
+        line_no = 0
+        while True:
+            raw = handle.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            line_no += 1
+            too_long = len(raw) > max_line_bytes and not raw.endswith(b"\n")
+            if too_long:  # drain the rest of the line without holding it
+                while True:
+                    rest = handle.readline(_READ_BLOCK)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+            yield line_no, raw.rstrip(b"\r\n"), too_long
+
+
+def inspect_file(path: Path, limits: Limits) -> FileInfo:
+    """One streaming pass: content hash, line count, and the whole-file refusals."""
+    if not path.is_file():
+        raise FileRefused(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise FileRefused(f"{path}: the file is empty")
+    if size > limits.max_file_bytes:
+        raise FileRefused(
+            f"{path}: {size} bytes is over the limit of {limits.max_file_bytes} bytes (max_file_bytes)"
+        )
+    digest = hashlib.sha256()
+    lines = 0
+    sniffed = 0
+    saw_json = False
+    for _, raw, too_long in iter_raw_lines(path, limits.max_line_bytes):
+        lines += 1
+        digest.update(raw)
+        digest.update(b"\n")
+        if lines > limits.max_lines:
+            raise FileRefused(f"{path}: more than {limits.max_lines} lines (max_lines)")
+        if not saw_json and sniffed < limits.sniff_lines and raw.strip() and not too_long:
+            sniffed += 1
+            try:
+                orjson.loads(raw)
+                saw_json = True
+            except orjson.JSONDecodeError:
+                pass
+    if not saw_json:
+        if sniffed == 0:
+            raise FileRefused(f"{path}: the file has no request lines (only blank lines)")
+        raise FileRefused(
+            f"{path}: not JSONL: none of the first {sniffed} non-blank lines is JSON"
+        )
+    return FileInfo(content_hash=digest.hexdigest(), size=size, lines=lines)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in SUPPORTED_URLS:  # the discriminated union puts the tag first
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "line"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown field (neither an OpenAI nor a vLLM sampling parameter)"
+    if kind == "missing":
+        return "required"
+    if kind == "union_tag_invalid":
+        return f"unsupported url {error['input']!r}; supported: {', '.join(SUPPORTED_URLS)}"
+    if kind == "union_tag_not_found":
+        return "required"
+    msg = str(error["msg"])
+    msg = msg.removeprefix("Value error, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def describe(line_no: int, exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    parts = [f"{_field(e['loc'])}: {_message(e)}" for e in errors[:3]]
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return f"line {line_no}: " + "; ".join(parts) + more
+
+
+def cache_digest(url: str, body: Body) -> str | None:
+    if not body.is_deterministic():
+        return None
+    canonical = {
+        k: v
+        for k, v in body.model_dump(mode="json", exclude_none=True, by_alias=True).items()
+        if k not in _NOT_IN_CACHE_KEY
+    }
+    blob = url.encode() + b"\n" + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _reject(line_no: int, custom_id: str | None, message: str) -> Rejected:
+    return Rejected(line_no, custom_id, LineError(code="invalid_request", message=message, line=line_no))
+
+
+def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> Accepted | Rejected:
+    if too_long:
+        return _reject(
+            line_no, None, f"line {line_no}: longer than {limits.max_line_bytes} bytes (max_line_bytes)"
+        )
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _reject(line_no, None, f"line {line_no}: not valid UTF-8 (byte {exc.start})")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _reject(line_no, None, f"line {line_no}: not JSON ({exc})")
+    if not isinstance(obj, dict):
+        return _reject(line_no, None, f"line {line_no}: not a JSON object ({type(obj).__name__})")
+    raw_id = obj.get("custom_id")
+    custom_id = raw_id.strip() or None if isinstance(raw_id, str) else None
+    try:
+        request = REQUEST_LINE.validate_python(obj)
+    except ValidationError as exc:
+        return _reject(line_no, custom_id, describe(line_no, exc))
+    body_json = request.body.model_dump_json(exclude_none=True, by_alias=True)
+    return Accepted(
+        line_no=line_no,
+        custom_id=request.custom_id,
+        url=request.url,
+        body_json=body_json,
+        cache_digest=cache_digest(request.url, request.body),
+    )
+
+
+def validate_file(
+    path: Path, limits: Limits, start_after: int = 0, seen: set[str] | None = None
+) -> Iterator[Accepted | Rejected]:
+    """Every non-blank line past `start_after`, accepted or rejected, in file order.
+
+    `seen` holds the custom_ids already accepted (from an earlier, interrupted pass), so a
+    duplicate is caught across a resume too. Every duplicate after the first is rejected.
+    """
+    seen = set() if seen is None else seen
+    for line_no, raw, too_long in iter_raw_lines(path, limits.max_line_bytes):
+        if line_no <= start_after or not raw.strip():
+            continue
+        item = validate_line(line_no, raw, too_long, limits)
+        if isinstance(item, Accepted):
+            if item.custom_id in seen:
+                item = _reject(
+                    line_no,
+                    item.custom_id,
+                    f"line {line_no}: custom_id: duplicate {item.custom_id!r} "
+                    "(each custom_id must be unique in the batch)",
+                )
+            else:
+                seen.add(item.custom_id)
+        yield item
