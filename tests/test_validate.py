@@ -1,0 +1,182 @@
+"""Hostile input: every bad line is named with its line and field; good lines still pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from offline_queue.validate import (
+    Accepted,
+    FileRefused,
+    Limits,
+    Rejected,
+    inspect_file,
+    validate_file,
+)
+
+
+def chat(custom_id: str, **body: object) -> dict:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body},
+    }
+
+
+def write(path: Path, lines: list[object]) -> Path:
+    with path.open("wb") as f:
+        for line in lines:
+            if isinstance(line, bytes):
+                f.write(line + b"\n")
+            elif isinstance(line, str):
+                f.write(line.encode() + b"\n")
+            else:
+                f.write(json.dumps(line).encode() + b"\n")
+    return path
+
+
+GOOD = chat("good")
+
+# (line, what the error must name)
+HOSTILE: list[tuple[object, list[str]]] = [
+    ("this is not json", ["line 2", "not JSON"]),
+    ("[1, 2, 3]", ["line 2", "not a JSON object"]),
+    ({**GOOD, "custom_id": ""}, ["line 2", "custom_id"]),
+    ({**GOOD, "custom_id": "   "}, ["line 2", "custom_id"]),
+    ({k: v for k, v in GOOD.items() if k != "custom_id"}, ["line 2", "custom_id", "required"]),
+    ({**GOOD, "custom_id": 17}, ["line 2", "custom_id"]),
+    ({**GOOD, "method": "GET"}, ["line 2", "method", "POST"]),
+    ({**GOOD, "url": "/v1/embeddings"}, ["line 2", "url", "/v1/embeddings", "supported"]),
+    ({**GOOD, "body": "text"}, ["line 2", "body"]),
+    ({**GOOD, "body": {"model": "m"}}, ["line 2", "body.messages", "required"]),
+    ({**GOOD, "body": {"model": "m", "messages": []}}, ["line 2", "body.messages"]),
+    (
+        {**GOOD, "body": {"model": "m", "messages": [{"role": "wizard", "content": "x"}]}},
+        ["line 2", "body.messages[0].role"],
+    ),
+    (chat("x", max_tokens=-5), ["line 2", "body.max_tokens", "greater than 0"]),
+    (chat("x", max_tokens=0), ["line 2", "body.max_tokens"]),
+    (chat("x", max_tokens=10**12), ["line 2", "body.max_tokens"]),
+    (chat("x", temperature=3.5), ["line 2", "body.temperature"]),
+    (chat("x", temperature=-1), ["line 2", "body.temperature"]),
+    (chat("x", top_p=0), ["line 2", "body.top_p"]),
+    (chat("x", n=0), ["line 2", "body.n"]),
+    (chat("x", max_token=16), ["line 2", "body.max_token", "unknown field"]),
+    (chat("x", tools=[{"type": "function"}]), ["line 2", "body.tools", "unknown field"]),
+    (chat("x", stream=True), ["line 2", "body.stream"]),
+    (chat("x", top_logprobs=3), ["line 2", "top_logprobs needs logprobs"]),
+    (chat("x", response_format={"type": "json_schema"}), ["line 2", "body.response_format"]),
+    (chat("x", logit_bias={"abc": 1}), ["line 2", "body.logit_bias"]),
+    (
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "m"}},
+        ["line 2", "body.prompt", "required"],
+    ),
+    (
+        {
+            "custom_id": "c",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "x", "logprobs": 50},
+        },
+        ["line 2", "body.logprobs"],
+    ),
+    ({**GOOD, "extra": 1}, ["line 2", "extra", "unknown field"]),
+    (b'{"custom_id": "\xff\xfe", "method": "POST"}', ["line 2", "UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), HOSTILE, ids=[str(i) for i in range(len(HOSTILE))])
+def test_bad_line_is_named_and_good_lines_pass(
+    tmp_path: Path, line: object, expected: list[str]
+) -> None:
+    path = write(tmp_path / "in.jsonl", [chat("first"), line, chat("last")])
+    items = list(validate_file(path, Limits()))
+    assert [type(i) for i in items] == [Accepted, Rejected, Accepted]
+    rejected = items[1]
+    assert isinstance(rejected, Rejected)
+    assert rejected.line_no == 2 and rejected.error.code == "invalid_request"
+    for fragment in expected:
+        assert fragment in rejected.error.message, rejected.error.message
+
+
+def test_duplicates_after_the_first_are_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [chat("a"), chat("b"), chat("a"), chat(" a "), chat("c")])
+    items = list(validate_file(path, Limits()))
+    verdicts = [(i.line_no, type(i).__name__) for i in items]
+    assert verdicts == [(1, "Accepted"), (2, "Accepted"), (3, "Rejected"), (4, "Rejected"), (5, "Accepted")]
+    assert "duplicate 'a'" in items[2].error.message  # type: ignore[union-attr]
+
+
+def test_line_over_the_size_limit_is_rejected_alone(tmp_path: Path) -> None:
+    huge = chat("huge", messages=[{"role": "user", "content": "x" * 5000}])
+    path = write(tmp_path / "in.jsonl", [chat("a"), huge, chat("b")])
+    limits = Limits(max_line_bytes=1000)
+    items = list(validate_file(path, limits))
+    assert [type(i) for i in items] == [Accepted, Rejected, Accepted]
+    assert "line 2" in items[1].error.message and "max_line_bytes" in items[1].error.message  # type: ignore[union-attr]
+    assert inspect_file(path, limits).lines == 3
+
+
+def test_blank_lines_are_skipped_but_keep_numbering(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [chat("a"), "", "   ", "oops"])
+    items = list(validate_file(path, Limits()))
+    assert [(i.line_no, type(i)) for i in items] == [(1, Accepted), (4, Rejected)]
+
+
+def test_file_with_only_bad_lines_is_not_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [chat("x", max_tokens=-1), {"custom_id": "y"}])
+    inspect_file(path, Limits())  # JSON lines: a batch, whose every line fails
+    assert all(isinstance(i, Rejected) for i in validate_file(path, Limits()))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"\n\n  \n", "no request lines"),
+        (b"hello world\nthis is a csv,file\n", "not JSONL"),
+        (b"\x00\x01\x02\xff" * 100, "not JSONL"),
+    ],
+)
+def test_whole_file_refusals(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(FileRefused, match=message):
+        inspect_file(path, Limits())
+
+
+def test_over_the_line_and_size_limits(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [chat(str(i)) for i in range(10)])
+    with pytest.raises(FileRefused, match="max_lines"):
+        inspect_file(path, Limits(max_lines=5))
+    with pytest.raises(FileRefused, match="max_file_bytes"):
+        inspect_file(path, Limits(max_file_bytes=100))
+
+
+def test_content_hash_is_stable_and_content_sensitive(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.jsonl", [chat("1"), chat("2")])
+    b = write(tmp_path / "b.jsonl", [chat("1"), chat("2")])
+    c = write(tmp_path / "c.jsonl", [chat("1"), chat("3")])
+    assert inspect_file(a, Limits()).content_hash == inspect_file(b, Limits()).content_hash
+    assert inspect_file(a, Limits()).content_hash != inspect_file(c, Limits()).content_hash
+
+
+def test_deterministic_requests_get_a_cache_digest(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "in.jsonl",
+        [
+            chat("greedy", temperature=0, user="alice"),
+            chat("greedy-other-user", temperature=0, user="bob"),
+            chat("seeded", temperature=0.8, seed=3),
+            chat("sampled", temperature=0.8),
+            chat("default-temperature"),
+        ],
+    )
+    items = [i for i in validate_file(path, Limits()) if isinstance(i, Accepted)]
+    digests = [i.cache_digest for i in items]
+    assert digests[0] is not None and digests[0] == digests[1]  # `user` does not change output
+    assert digests[2] is not None and digests[2] != digests[0]
+    assert digests[3] is None and digests[4] is None
