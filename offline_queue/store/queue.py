@@ -161,13 +161,15 @@ def ingest(
     last_line = 0
 
     def flush() -> None:
+        # Conflicts are ignored: two workers that start the same batch at once both stream the
+        # file, derive the same rows from it, and whichever commits second inserts nothing.
         with session(db) as s:
-            if requests:
-                s.execute(Request.__table__.insert(), requests)
-            if rejections:
-                s.execute(Result.__table__.insert(), rejections)
+            _insert_ignoring_conflicts(s, Request.__table__, requests)
+            _insert_ignoring_conflicts(s, Result.__table__, rejections)
             s.execute(
-                update(Batch).where(Batch.id == batch_id).values(ingested_through=last_line)
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.ingested_through < last_line)
+                .values(ingested_through=last_line)
             )
         requests.clear()
         rejections.clear()
