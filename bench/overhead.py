@@ -32,16 +32,18 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 TOPICS = ["the sea", "a city", "bread", "rain", "a bridge", "music", "a cat", "winter"]
 
 
-def requests(n: int, tag: str) -> list[dict]:
+def requests(n: int, tag: str, start: int = 0) -> list[dict]:
+    """Chat requests numbered from `start`: distinct numbers make distinct prompts, so neither
+    the result cache nor vLLM's prefix cache carries work from one measured run to the other."""
     return [
         {
-            "custom_id": f"{tag}-{i}",
+            "custom_id": f"{tag}-{start + i}",
             "method": "POST",
             "url": "/v1/chat/completions",
             "body": {
                 "model": "smol",
                 "messages": [
-                    {"role": "user", "content": f"Write one sentence about {TOPICS[i % 8]}, #{i}."}
+                    {"role": "user", "content": f"Write one sentence about {TOPICS[i % 8]}, #{start + i}."}
                 ],
                 "max_tokens": 32,
                 "temperature": 0,
@@ -65,17 +67,17 @@ def overhead(n: int, chunk_size: int, work: Path) -> float:
     engine = local_engine(VLLMSettings())
     db = f"sqlite:///{work / 'bench.db'}"
     # Warm-up: engine, Prefect (its temporary server starts on the first flow run), store.
-    batch_inference(input=str(write_jsonl(work / "warm.jsonl", requests(8, "warm"))), db=db)
+    warm = requests(8, "warm", start=10 * n)
+    batch_inference(input=str(write_jsonl(work / "warm.jsonl", warm)), db=db)
 
-    items = requests(n, "bench")
-    messages = [item["body"]["messages"] for item in items]
+    messages = [item["body"]["messages"] for item in requests(n, "bare", start=0)]
     params = SamplingParams(temperature=0, max_tokens=32)
     started = time.perf_counter()
     outs = engine.llm.chat(messages, params, use_tqdm=False)
     bare = time.perf_counter() - started
     bare_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
 
-    path = write_jsonl(work / "bench.jsonl", items)
+    path = write_jsonl(work / "bench.jsonl", requests(n, "bench", start=n))
     started = time.perf_counter()
     result = batch_inference(input=str(path), db=db, chunk_size=chunk_size)
     piped = time.perf_counter() - started
@@ -83,8 +85,11 @@ def overhead(n: int, chunk_size: int, work: Path) -> float:
     assert result["run"]["inferred"] == n, result["run"]
     piped_tokens = result["usage"]["output_tokens"]
 
-    print(f"bare vllm.LLM.chat : {bare:7.2f} s  {bare_tokens} output tokens  {bare_tokens / bare:6.1f} tok/s")
-    print(f"offline-queue flow : {piped:7.2f} s  {piped_tokens} output tokens  {piped_tokens / piped:6.1f} tok/s")
+    for name, seconds, tokens in (
+        ("bare vllm.LLM.chat", bare, bare_tokens),
+        ("offline-queue flow", piped, piped_tokens),
+    ):
+        print(f"{name} : {seconds:7.2f} s  {tokens} output tokens  {tokens / seconds:6.1f} tok/s")
     print(f"(chunk_size {chunk_size}, {n} requests, {platform.machine()} {os.cpu_count()} cores)")
     # Same prompts, greedy: the token counts should match; the ratio is per output token.
     ratio = (piped / piped_tokens) / (bare / bare_tokens)
@@ -93,7 +98,7 @@ def overhead(n: int, chunk_size: int, work: Path) -> float:
 
 
 INGEST_CHILD = """
-import sys, resource, time
+import sys, time
 from pathlib import Path
 from offline_queue.store import queue
 from offline_queue.validate import Limits, inspect_file, validate_file
@@ -104,15 +109,18 @@ batch, _ = queue.register_batch(db, batch_id="batch_ingest", content_hash=info.c
     input_path=str(path), output_path="o", error_path="e")
 report = queue.ingest(db, batch.id, validate_file(path, Limits()))
 accepted, total = queue.finish_ingest(db, batch.id)
-print(accepted, total, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across exec).
+peak_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(accepted, total, time.perf_counter() - t, peak_kb)
 """
 
 
 def ingest_rss(lines: int, work: Path) -> float:
     path = work / f"ingest-{lines}.jsonl"
     with path.open("w") as f:
-        for item in requests(lines, "line"):
-            f.write(json.dumps(item) + "\n")
+        for start in range(0, lines, 10_000):  # streamed: the parent stays small too
+            for item in requests(min(10_000, lines - start), "line", start):
+                f.write(json.dumps(item) + "\n")
     db = f"sqlite:///{work / f'ingest-{lines}.db'}"
     out = subprocess.run(
         [sys.executable, "-c", INGEST_CHILD, str(path), db],

@@ -40,8 +40,10 @@ class VLLM(Block):
         "sequences in the same KV cache. Empty: the model's own (2048 on CPU).",
     )
     tensor_parallel_size: int = Field(
-        default=1, description="GPUs one engine spans. More fits bigger models, not more speed "
-        "for small ones.")
+        default=1,
+        description="GPUs one engine spans. More fits bigger models, not more speed "
+        "for small ones.",
+    )
     gpu_memory_utilization: float = Field(
         default=0.9,
         description="Share of GPU memory vLLM may take (weights + KV cache). Lower it when "

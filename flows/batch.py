@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
+from uuid import UUID
 
 from offline_queue.engines.env import apply_engine_env
 
@@ -184,20 +185,19 @@ def finalize(db: str, batch_id: str, model_version: str | None, run: RunStats) -
     assert final is not None
     obj = batch_object(db, final, run)
     counts = obj.request_counts
+    summary: list[dict[str, Any]] = [
+        {"field": "status", "value": obj.status},
+        {"field": "requests", "value": counts.total},
+        {"field": "completed", "value": counts.completed},
+        {"field": "failed", "value": counts.failed},
+        {"field": "inferred this run", "value": run.inferred},
+        {"field": "reused (resume, cache)", "value": run.reused},
+        {"field": "input tokens", "value": obj.usage.input_tokens},
+        {"field": "output tokens", "value": obj.usage.output_tokens},
+        {"field": "model version", "value": obj.model_version},
+    ]
     create_table_artifact(
-        key=_artifact_key(batch_id, "summary"),
-        table=[
-            {"field": "status", "value": obj.status},
-            {"field": "requests", "value": counts.total},
-            {"field": "completed", "value": counts.completed},
-            {"field": "failed", "value": counts.failed},
-            {"field": "inferred this run", "value": run.inferred},
-            {"field": "reused (resume, cache)", "value": run.reused},
-            {"field": "input tokens", "value": obj.usage.input_tokens},
-            {"field": "output tokens", "value": obj.usage.output_tokens},
-            {"field": "model version", "value": obj.model_version},
-        ],
-        description=f"Batch {batch_id}",
+        key=_artifact_key(batch_id, "summary"), table=summary, description=f"Batch {batch_id}"
     )
     create_markdown_artifact(
         key=_artifact_key(batch_id, "files"),
@@ -280,7 +280,7 @@ def infer_all(
     keeper = LeaseKeeper(db, lease_seconds).start()
     start = queue.progress(db, batch_id)
     total = start.pending + start.completed + start.failed
-    artifact = create_progress_artifact(
+    artifact = create_progress_artifact(  # sync context: the id, not a coroutine
         progress=_percent(start, total),
         key=_artifact_key(batch_id, "progress"),
         description=f"Requests of {batch_id} with a result",
@@ -294,7 +294,9 @@ def infer_all(
             if report is not None:
                 run.inferred += report.inferred
                 run.reused += report.reused
-                update_progress_artifact(artifact_id=artifact, progress=_percent(p, total))
+                update_progress_artifact(
+                    artifact_id=cast(UUID, artifact), progress=_percent(p, total)
+                )
                 continue
             if p.pending == 0:
                 return run

@@ -22,7 +22,9 @@ from offline_queue.store.tables import Batch, Result
 def default_outputs(input_path: Path) -> tuple[Path, Path]:
     """`x.jsonl` → `x.output.jsonl` and `x.errors.jsonl`, next to the input."""
     stem = input_path.name.removesuffix(".jsonl")
-    return input_path.with_name(f"{stem}.output.jsonl"), input_path.with_name(f"{stem}.errors.jsonl")
+    return input_path.with_name(f"{stem}.output.jsonl"), input_path.with_name(
+        f"{stem}.errors.jsonl"
+    )
 
 
 def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObject:
@@ -64,7 +66,9 @@ def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObj
 def _line(row: Result) -> bytes:
     """One file line, built around the stored body without parsing it again."""
     request_id = "req_" + row.response_id.removeprefix("batch_req_")
-    head = b'{"id":' + orjson.dumps(row.response_id) + b',"custom_id":' + orjson.dumps(row.custom_id)
+    head = (
+        b'{"id":' + orjson.dumps(row.response_id) + b',"custom_id":' + orjson.dumps(row.custom_id)
+    )
     if row.ok:
         response = (
             b'{"status_code":200,"request_id":'
@@ -85,7 +89,9 @@ def _line(row: Result) -> bytes:
             + (row.body or "null").encode()
             + b"}"
         )
-    error = orjson.dumps({"code": row.error_code, "message": row.error_message, "line": row.line_no})
+    error = orjson.dumps(
+        {"code": row.error_code, "message": row.error_message, "line": row.line_no}
+    )
     return head + b',"response":' + response + b',"error":' + error + b"}\n"
 
 

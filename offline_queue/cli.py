@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import orjson
 import typer
@@ -130,14 +130,14 @@ def run(
         raise typer.Exit(2) from exc
     for key, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from flows.batch import batch_inference
+    from flows.batch import Tier, batch_inference
 
     try:
         result = batch_inference(
             input=str(input),
             output=str(output) if output else None,
             errors=str(errors) if errors else None,
-            tier=tier,  # type: ignore[arg-type]
+            tier=cast(Tier, tier),
             weight=weight,
             engine=engine,
             model=model,

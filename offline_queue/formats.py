@@ -39,7 +39,9 @@ class StructuredOutputs(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        given = [
+            k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k)
+        ]
         if len(given) != 1:
             raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
         return self
@@ -147,9 +149,11 @@ class ChatCompletionBody(SamplingFields):
 
 
 class CompletionBody(SamplingFields):
-    prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[
-        list[str], Field(min_length=1, max_length=1)
-    ]
+    prompt: (
+        str
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+    )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: Literal[False] | None = None
 

@@ -111,7 +111,9 @@ def resolve_model(model: str | None) -> Path:
         return prepare_bundled_model()
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
-        raise ModelError(f"{model}: not a model folder (no config.json); pass a Hugging Face folder")
+        raise ModelError(
+            f"{model}: not a model folder (no config.json); pass a Hugging Face folder"
+        )
     return path
 
 

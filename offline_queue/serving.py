@@ -53,9 +53,7 @@ def serve_claim(
     db: str, batch_id: str, claim: queue.Claim, engine: Engine, max_attempts: int
 ) -> ChunkReport:
     version = engine.model_version
-    keys = {
-        r.id: cache_key(version, r.cache_digest) for r in claim.requests if r.cache_digest
-    }
+    keys = {r.id: cache_key(version, r.cache_digest) for r in claim.requests if r.cache_digest}
     hits = queue.cached_results(db, list(keys.values()))
     outcomes: list[queue.Outcome] = []
     to_run: list[queue.Claimed] = []

@@ -92,7 +92,8 @@ def inspect_file(path: Path, limits: Limits) -> FileInfo:
         raise FileRefused(f"{path}: the file is empty")
     if size > limits.max_file_bytes:
         raise FileRefused(
-            f"{path}: {size} bytes is over the limit of {limits.max_file_bytes} bytes (max_file_bytes)"
+            f"{path}: {size} bytes is over the limit of {limits.max_file_bytes} bytes "
+            "(max_file_bytes)"
         )
     digest = hashlib.sha256()
     lines = 0
@@ -114,9 +115,7 @@ def inspect_file(path: Path, limits: Limits) -> FileInfo:
     if not saw_json:
         if sniffed == 0:
             raise FileRefused(f"{path}: the file has no request lines (only blank lines)")
-        raise FileRefused(
-            f"{path}: not JSONL: none of the first {sniffed} non-blank lines is JSON"
-        )
+        raise FileRefused(f"{path}: not JSONL: none of the first {sniffed} non-blank lines is JSON")
     return FileInfo(content_hash=digest.hexdigest(), size=size, lines=lines)
 
 
@@ -165,13 +164,17 @@ def cache_digest(url: str, body: Body) -> str | None:
 
 
 def _reject(line_no: int, custom_id: str | None, message: str) -> Rejected:
-    return Rejected(line_no, custom_id, LineError(code="invalid_request", message=message, line=line_no))
+    return Rejected(
+        line_no, custom_id, LineError(code="invalid_request", message=message, line=line_no)
+    )
 
 
 def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> Accepted | Rejected:
     if too_long:
         return _reject(
-            line_no, None, f"line {line_no}: longer than {limits.max_line_bytes} bytes (max_line_bytes)"
+            line_no,
+            None,
+            f"line {line_no}: longer than {limits.max_line_bytes} bytes (max_line_bytes)",
         )
     try:
         raw.decode("utf-8")

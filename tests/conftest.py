@@ -68,10 +68,22 @@ def pg_server() -> Iterator[str]:
         check=True,
         capture_output=True,
     )
-    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
+    options = (
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
+    )
     subprocess.run(
         _as_postgres(
-            [_pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+            [
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(root / "log"),
+                "-w",
+                "start",
+            ]
         ),
         check=True,
         capture_output=True,

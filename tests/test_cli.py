@@ -29,7 +29,10 @@ def batch_file(path: Path, n: int, max_tokens: int = 16) -> Path:
                 body["messages"] = [{"role": "user", "content": f"Tell me fact number {i}."}]
             else:
                 body["prompt"] = f"Fact number {i}:"
-            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}) + "\n")
+            f.write(
+                json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body})
+                + "\n"
+            )
     return path
 
 
@@ -55,13 +58,17 @@ def test_refused_files_exit_non_zero_with_the_reason(
 ) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
-    proc = run_cli("run", str(path), "--db", f"sqlite:///{tmp_path / 's.db'}", env=cli_env(prefect_api))
+    proc = run_cli(
+        "run", str(path), "--db", f"sqlite:///{tmp_path / 's.db'}", env=cli_env(prefect_api)
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
 
 
 def test_status_of_unknown_batch(tmp_path: Path, prefect_api: str) -> None:
-    proc = run_cli("status", "batch_nope", "--db", f"sqlite:///{tmp_path / 's.db'}", env=cli_env(prefect_api))
+    proc = run_cli(
+        "status", "batch_nope", "--db", f"sqlite:///{tmp_path / 's.db'}", env=cli_env(prefect_api)
+    )
     assert proc.returncode == 1 and "no batch batch_nope" in proc.stderr
 
 
@@ -89,7 +96,17 @@ def test_kill_9_then_resume_redoes_at_most_one_chunk(
 ) -> None:
     total, chunk = 96, 8
     path = batch_file(tmp_path / "in.jsonl", total, max_tokens=24)
-    args = ["run", str(path), "--db", pg_url, "--chunk-size", str(chunk), "--lease-seconds", "6", "--json"]
+    args = [
+        "run",
+        str(path),
+        "--db",
+        pg_url,
+        "--chunk-size",
+        str(chunk),
+        "--lease-seconds",
+        "6",
+        "--json",
+    ]
     proc = subprocess.Popen(
         [str(BIN / "offline-queue"), *args],
         env=cli_env(prefect_api),
@@ -122,9 +139,25 @@ def test_two_processes_on_one_batch_share_it_without_duplicates(
 ) -> None:
     total = 64
     path = batch_file(tmp_path / "in.jsonl", total, max_tokens=12)
-    args = [str(BIN / "offline-queue"), "run", str(path), "--db", pg_url, "--chunk-size", "4", "--json"]
+    args = [
+        str(BIN / "offline-queue"),
+        "run",
+        str(path),
+        "--db",
+        pg_url,
+        "--chunk-size",
+        "4",
+        "--json",
+    ]
     procs = [
-        subprocess.Popen(args, env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        subprocess.Popen(
+            args,
+            env=cli_env(prefect_api),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -53,14 +53,23 @@ def mixed_batch(tmp_path: Path) -> Path:
         tmp_path / "mixed.jsonl",
         [
             line("chat-1"),
-            line("chat-2", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]),
+            line(
+                "chat-2",
+                messages=[
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                ],
+            ),
             line("cmpl-1", "/v1/completions"),
             line("cmpl-tokens", "/v1/completions", prompt=[504, 3575, 282]),
             line(
                 "json",
                 messages=[{"role": "user", "content": "A city and its country as JSON."}],
                 max_tokens=40,
-                response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}},
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "c", "schema": SCHEMA},
+                },
             ),
             line("choice", structured_outputs={"choice": ["yes", "no"]}),
             line("chat-logprobs", logprobs=True, top_logprobs=3, max_tokens=4),
@@ -105,7 +114,11 @@ def test_mixed_batch_end_to_end(db_url: str, tmp_path: Path) -> None:
     assert set(parsed) >= {"city", "country"}
     choice = ChatCompletion.model_validate(by_id["choice"]["response"]["body"])
     assert choice.choices[0].message.content in ("yes", "no")
-    lp = ChatCompletion.model_validate(by_id["chat-logprobs"]["response"]["body"]).choices[0].logprobs
+    lp = (
+        ChatCompletion.model_validate(by_id["chat-logprobs"]["response"]["body"])
+        .choices[0]
+        .logprobs
+    )
     assert lp is not None and lp.content and all(len(t.top_logprobs) == 3 for t in lp.content)
     cl = Completion.model_validate(by_id["cmpl-logprobs"]["response"]["body"]).choices[0].logprobs
     assert cl is not None and cl.tokens and len(cl.token_logprobs or []) == len(cl.tokens)
@@ -128,7 +141,9 @@ def test_mixed_batch_end_to_end(db_url: str, tmp_path: Path) -> None:
 def test_rerun_reuses_everything_and_cache_serves_other_batches(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    first = write(tmp_path / "a.jsonl", [line(f"a{i}") for i in range(6)] + [line("s", temperature=1)])
+    first = write(
+        tmp_path / "a.jsonl", [line(f"a{i}") for i in range(6)] + [line("s", temperature=1)]
+    )
     r1 = run(first, sqlite_url, chunk_size=3)
     assert r1["run"] == {"inferred": 7, "reused": 0}
 
@@ -143,7 +158,8 @@ def test_rerun_reuses_everything_and_cache_serves_other_batches(
     # the sampled one (temperature 1, no seed) is inferred again.
     second = write(
         tmp_path / "b.jsonl",
-        [{**line(f"a{i}"), "custom_id": f"b{i}"} for i in range(6)] + [{**line("s", temperature=1), "custom_id": "bs"}],
+        [{**line(f"a{i}"), "custom_id": f"b{i}"} for i in range(6)]
+        + [{**line("s", temperature=1), "custom_id": "bs"}],
     )
     r3 = run(second, sqlite_url, chunk_size=3)
     assert r3["id"] != r1["id"]

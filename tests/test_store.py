@@ -28,7 +28,12 @@ def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0) -> str:
                 body["max_tokens"] = -1
             f.write(
                 json.dumps(
-                    {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": body,
+                    }
                 )
                 + "\n"
             )
@@ -114,13 +119,19 @@ def test_settle_from_a_lost_lease_commits_nothing(db_url: str, tmp_path: Path) -
     assert second is not None and {r.id for r in second.requests} == {r.id for r in first.requests}
     assert all(r.attempts == 2 for r in second.requests)
 
-    late = queue.settle(db_url, bid, first, [queue.Outcome(r, ok_reply()) for r in first.requests], 5)
+    late = queue.settle(
+        db_url, bid, first, [queue.Outcome(r, ok_reply()) for r in first.requests], 5
+    )
     assert late.completed == 0 and late.lost == 10
     assert result_rows(db_url, bid) == []
 
-    done = queue.settle(db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5)
+    done = queue.settle(
+        db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5
+    )
     assert done.completed == 10
-    replay = queue.settle(db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5)
+    replay = queue.settle(
+        db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5
+    )
     assert replay.completed == 0 and replay.lost == 10
     assert len(result_rows(db_url, bid)) == 10
 
@@ -147,7 +158,9 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
             time.sleep(0.1)  # past the longest backoff (0.05 s x 1.5 jitter)
         c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
         assert c is not None and len(c.requests) == 2
-        outcomes.append(queue.settle(db_url, bid, c, [queue.Outcome(r, fail) for r in c.requests], 3, policy))
+        outcomes.append(
+            queue.settle(db_url, bid, c, [queue.Outcome(r, fail) for r in c.requests], 3, policy)
+        )
         assert queue.claim(db_url, bid, "w", 10, lease_seconds=60) is None  # backing off
     assert [o.retried for o in outcomes] == [2, 2, 0]
     assert outcomes[-1].terminated == 2
@@ -173,7 +186,12 @@ def test_terminal_failure_is_not_retried(db_url: str, tmp_path: Path) -> None:
 def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     lines = [
-        {"custom_id": f"r{i % 90}", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": str(i)}}
+        {
+            "custom_id": f"r{i % 90}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "m", "prompt": str(i)},
+        }
         for i in range(100)
     ]  # r0..r9 appear twice: lines 91..100 are duplicates
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")

@@ -106,7 +106,13 @@ def test_duplicates_after_the_first_are_rejected(tmp_path: Path) -> None:
     path = write(tmp_path / "in.jsonl", [chat("a"), chat("b"), chat("a"), chat(" a "), chat("c")])
     items = list(validate_file(path, Limits()))
     verdicts = [(i.line_no, type(i).__name__) for i in items]
-    assert verdicts == [(1, "Accepted"), (2, "Accepted"), (3, "Rejected"), (4, "Rejected"), (5, "Accepted")]
+    assert verdicts == [
+        (1, "Accepted"),
+        (2, "Accepted"),
+        (3, "Rejected"),
+        (4, "Rejected"),
+        (5, "Accepted"),
+    ]
     assert "duplicate 'a'" in items[2].error.message  # type: ignore[union-attr]
 
 

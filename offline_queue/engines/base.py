@@ -34,9 +34,7 @@ class Reply:
     latency_ms: float | None = None
 
     @classmethod
-    def error(
-        cls, status_code: int, code: str, message: str, *, retriable: bool = False
-    ) -> Reply:
+    def error(cls, status_code: int, code: str, message: str, *, retriable: bool = False) -> Reply:
         kind = "invalid_request_error" if status_code < 500 else "server_error"
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         return cls(

@@ -182,7 +182,9 @@ class LocalVLLM:
         for (i, ids, _), output in zip(runnable, outputs, strict=True):
             replies[i] = self._reply(requests[i], ids, output, latency_ms)
 
-    def _reply(self, request: EngineRequest, ids: list[int], output: Any, latency_ms: float) -> Reply:
+    def _reply(
+        self, request: EngineRequest, ids: list[int], output: Any, latency_ms: float
+    ) -> Reply:
         want_logprobs = logprobs_count(request.body)
         choices = []
         completion_tokens = 0
@@ -208,7 +210,9 @@ class LocalVLLM:
 
     def _logprobs(self, completion: Any, top: int) -> list[TokenLogprob]:
         tokens = []
-        for token_id, candidates in zip(completion.token_ids, completion.logprobs or [], strict=False):
+        for token_id, candidates in zip(
+            completion.token_ids, completion.logprobs or [], strict=False
+        ):
             chosen = candidates.get(token_id)
             ranked = sorted(candidates.items(), key=lambda kv: kv[1].rank)[:top]
             tokens.append(

@@ -410,7 +410,11 @@ def settle(
         mine_final = set[int]()
         for o in final:  # each carries its own last_error
             mine_final |= _guarded(
-                s, claim_.token, [o.request.id], state="terminated", last_error=o.reply.error_message
+                s,
+                claim_.token,
+                [o.request.id],
+                state="terminated",
+                last_error=o.reply.error_message,
             )
         for o in again:
             if _guarded(
