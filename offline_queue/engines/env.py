@@ -30,10 +30,11 @@ def is_cpu_build() -> bool:
     return True
 
 
-def apply_engine_env() -> None:
-    """Set defaults; whatever the operator exported wins."""
+def apply_engine_env(in_process: bool = True) -> None:
+    """Set defaults; whatever the operator exported wins. `in_process=False` is for the
+    `vllm serve` process, whose engine core runs in a process of its own."""
     for key, value in _ALWAYS.items():
         os.environ.setdefault(key, value)
-    if is_cpu_build():
+    if in_process and is_cpu_build():
         for key, value in _CPU.items():
             os.environ.setdefault(key, value)

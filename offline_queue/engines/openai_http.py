@@ -1,0 +1,239 @@
+"""Any OpenAI-compatible server (first of all `vllm serve`) over httpx.
+
+One event loop thread and one connection pool per process and server, shared by every chunk
+and batch the process runs; up to `max_in_flight` requests outstanding so the server's
+continuous batching stays full; a batch's own share of those slots can change while a chunk
+runs (see `shares.py`), which is how a critical batch pre-empts a bulk one without killing
+anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from offline_queue.engines.base import EngineRequest, Reply
+from offline_queue.model import model_version as folder_version
+
+RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    base_url: str
+    """Up to and including /v1, e.g. http://gpu-node-1:8000/v1."""
+    api_key: str | None = None
+    model: str | None = None
+    """The served model name to send; None: the first model the server lists."""
+    max_in_flight: int = 32
+    timeout: float = 120.0
+    max_attempts: int = 4
+    backoff_seconds: float = 0.5
+    backoff_cap_seconds: float = 20.0
+    outage_seconds: float = 300.0
+    """How long a request keeps retrying while the server refuses connections (a restart)."""
+
+
+class _Limiter:
+    """A semaphore whose size is read from a callable at each acquire, so a batch's share of
+    the server can grow or shrink while its chunk is running."""
+
+    def __init__(self, size: Callable[[], int]):
+        self.size = size
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        async with self._changed:
+            while self.used >= max(1, self.size()):
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=0.25)
+                except TimeoutError:
+                    pass  # the size may have changed: look again
+            self.used += 1
+
+    async def __aexit__(self, *_: object) -> None:
+        async with self._changed:
+            self.used -= 1
+            self._changed.notify_all()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _server_message(response: httpx.Response) -> tuple[str, str]:
+    """(code, message) from an OpenAI-style error body, or from the status line."""
+    try:
+        error = response.json().get("error", {})
+        message = str(error.get("message") or response.text)
+        code = error.get("code")
+        kind = str(error.get("type") or "")
+    except ValueError:
+        message, code, kind = response.text[:500], None, ""
+    if response.status_code == 400 and "maximum context length" in message:
+        return "context_length_exceeded", message
+    if isinstance(code, str) and code:
+        return code, message
+    return (kind or f"http_{response.status_code}"), message
+
+
+class HttpEngine:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="http-engine", daemon=True)
+        self._thread.start()
+        self._client: httpx.AsyncClient = self._call(self._make_client())
+        self._slots: asyncio.Semaphore = self._call(self._make_semaphore())
+        self.model, self.model_version = self._call(self._discover())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _make_client(self) -> httpx.AsyncClient:
+        s = self.settings
+        headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+        return httpx.AsyncClient(
+            base_url=s.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(s.timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=s.max_in_flight, max_keepalive_connections=s.max_in_flight),
+        )
+
+    async def _make_semaphore(self) -> asyncio.Semaphore:
+        return asyncio.Semaphore(self.settings.max_in_flight)
+
+    async def _discover(self) -> tuple[str, str]:
+        """The model to ask for, and a version naming its weights: the same folder served here
+        or in process gets the same version, so cached answers are shared between them."""
+        deadline = time.monotonic() + self.settings.outage_seconds
+        while True:
+            try:
+                response = await self._client.get("/models")
+                response.raise_for_status()
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+        models = response.json().get("data", [])
+        wanted = self.settings.model
+        entry = next((m for m in models if m.get("id") == wanted), None) if wanted else None
+        if entry is None and models and not wanted:
+            entry = models[0]
+        if entry is None:
+            listed = ", ".join(m.get("id", "?") for m in models)
+            raise RuntimeError(f"{self.settings.base_url} does not serve {wanted!r} (it lists: {listed})")
+        root = Path(str(entry.get("root") or ""))
+        if (root / "config.json").is_file():
+            return entry["id"], folder_version(root)
+        return entry["id"], f"{entry['id']}@{entry.get('root') or self.settings.base_url}"
+
+    # -- inference -------------------------------------------------------------------------
+
+    def infer(
+        self, requests: Sequence[EngineRequest], share: Callable[[], int] | None = None
+    ) -> list[Reply]:
+        """Every request of the chunk, at most `share()` of them in flight for this batch (and
+        `max_in_flight` for the whole process)."""
+        return list(self._call(self._infer_all(requests, share)))
+
+    async def _infer_all(
+        self, requests: Sequence[EngineRequest], share: Callable[[], int] | None
+    ) -> list[Reply]:
+        limiter = _Limiter(share or (lambda: self.settings.max_in_flight))
+        return await asyncio.gather(*(self._one(r, limiter) for r in requests))
+
+    async def _one(self, request: EngineRequest, limiter: _Limiter) -> Reply:
+        s = self.settings
+        payload = request.body.model_dump(mode="json", exclude_none=True, by_alias=True)
+        payload["model"] = self.model
+        content = orjson.dumps(payload)
+        attempt, outage_started = 0, None
+        last = Reply.error(503, "engine_unavailable", "no attempt made", retriable=True)
+        while True:
+            attempt += 1
+            delay: float | None = None
+            async with limiter, self._slots:
+                started = time.perf_counter()
+                try:
+                    response = await self._client.post(
+                        request.url.removeprefix("/v1"),
+                        content=content,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    await response.aread()
+                except httpx.ConnectError as exc:
+                    # The server is down (or restarting): wait for it, without spending attempts.
+                    outage_started = outage_started or time.monotonic()
+                    if time.monotonic() - outage_started < s.outage_seconds:
+                        attempt -= 1
+                    last = Reply.error(503, "engine_unavailable", f"cannot connect: {exc}", retriable=True)
+                except httpx.TimeoutException as exc:
+                    last = Reply.error(504, "timeout", f"no answer in {s.timeout:.0f} s ({type(exc).__name__})", retriable=True)
+                except httpx.TransportError as exc:  # reset, cut mid-body, protocol error
+                    last = Reply.error(502, "connection_error", f"{type(exc).__name__}: {exc}", retriable=True)
+                else:
+                    latency_ms = (time.perf_counter() - started) * 1000
+                    reply = self._from_response(response, latency_ms)
+                    if reply.ok or not reply.retriable:
+                        return reply
+                    last, delay = reply, _retry_after(response)
+            if attempt >= s.max_attempts:
+                return last
+            if delay is None:
+                delay = min(s.backoff_cap_seconds, s.backoff_seconds * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.5)
+            await asyncio.sleep(delay)
+
+    def _from_response(self, response: httpx.Response, latency_ms: float) -> Reply:
+        if response.status_code == 200:
+            try:
+                body = response.json()
+                usage = body.get("usage") or {}
+            except ValueError:
+                return Reply.error(502, "bad_response", "the server's answer is not JSON", retriable=True)
+            return Reply(
+                ok=True,
+                body=response.text,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                latency_ms=latency_ms,
+            )
+        code, message = _server_message(response)
+        status = response.status_code
+        reply = Reply.error(status, code, message, retriable=status in RETRIABLE_STATUS)
+        reply.body = response.text or reply.body
+        reply.latency_ms = latency_ms
+        return reply
+
+
+_ENGINES: dict[ServerSettings, HttpEngine] = {}
+_LOCK = threading.Lock()
+
+
+def http_engine(settings: ServerSettings) -> HttpEngine:
+    """The process's engine for this server (one connection pool, one in-flight bound)."""
+    with _LOCK:
+        engine = _ENGINES.get(settings)
+        if engine is None:
+            engine = _ENGINES[settings] = HttpEngine(settings)
+        return engine
