@@ -43,7 +43,10 @@ def requests(n: int, tag: str, start: int = 0) -> list[dict]:
             "body": {
                 "model": "smol",
                 "messages": [
-                    {"role": "user", "content": f"Write one sentence about {TOPICS[i % 8]}, #{start + i}."}
+                    {
+                        "role": "user",
+                        "content": f"Write one sentence about {TOPICS[i % 8]}, #{start + i}.",
+                    }
                 ],
                 "max_tokens": 32,
                 "temperature": 0,

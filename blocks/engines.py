@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from offline_queue.engines.openai_http import HttpEngine, ServerSettings, http_engine
 from offline_queue.engines.vllm_local import LocalVLLM, VLLMSettings, local_engine
 
 
@@ -71,11 +72,75 @@ class VLLM(Block):
         return local_engine(self.settings())
 
 
-def load_engine_block(name: str | None, model: str | None = None) -> VLLM:
-    """The engine block a flow run uses: a saved block by name, else vLLM in process with
+class OpenAIServer(Block):
+    """An OpenAI-compatible server — first of all `vllm serve` on a GPU node — over HTTP.
+
+    Several batches, in several processes, can share one server: each gets in-flight slots by
+    tier and weight (recomputed every second from the store), so continuous batching stays
+    full and a critical batch pre-empts bulk ones without killing anything."""
+
+    _block_type_name = "OpenAI-compatible server"
+    _block_type_slug = "openai-server"
+    _description = "An OpenAI-compatible inference server (vllm serve) reached over HTTP."
+
+    base_url: str = Field(description="Up to and including /v1, e.g. http://gpu-1:8000/v1.")
+    api_key: SecretStr | None = Field(
+        default=None, description="Bearer token, if the server wants one."
+    )
+    model: str | None = Field(
+        default=None,
+        description="Served model name sent with every request. Empty: the first the server lists.",
+    )
+    max_in_flight: int = Field(
+        default=32,
+        ge=1,
+        description="Requests outstanding at once from one worker process. Enough to keep the "
+        "server's continuous batching full; past the server's max_num_seqs they only queue.",
+    )
+    timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds to wait for one answer; a stalled request is then retried.",
+    )
+    max_attempts: int = Field(
+        default=4,
+        ge=1,
+        description="Tries per request within a chunk for retriable errors (timeouts, resets, "
+        "429, 5xx), with exponential backoff and jitter (Retry-After honoured).",
+    )
+    outage_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long requests wait for a server that refuses connections (a restart) "
+        "before they count as failed attempts.",
+    )
+
+    def settings(self) -> ServerSettings:
+        return ServerSettings(
+            base_url=self.base_url,
+            api_key=self.api_key.get_secret_value() if self.api_key else None,
+            model=self.model,
+            max_in_flight=self.max_in_flight,
+            timeout=self.timeout,
+            max_attempts=self.max_attempts,
+            outage_seconds=self.outage_seconds,
+        )
+
+    def engine(self) -> HttpEngine:
+        return http_engine(self.settings())
+
+
+EngineBlock = VLLM | OpenAIServer
+
+
+def load_engine_block(name: str | None, model: str | None = None) -> EngineBlock:
+    """The engine a flow run uses: a URL (an OpenAI-compatible server), a saved block by name
+    (`vllm/a100`, `openai-server/node-1`, or a bare VLLM block name), else vLLM in process with
     `model` (or the bundled model)."""
     if not name:
         return VLLM(model=model)
+    if name.startswith(("http://", "https://")):
+        return OpenAIServer(base_url=name, model=model)
     slug, _, block_name = name.rpartition("/")
     block: Any = Block.load(name) if slug else VLLM.load(block_name)
     if model:

@@ -31,11 +31,12 @@ from prefect.context import TaskRunContext  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from blocks.engines import VLLM, load_engine_block  # noqa: E402
+from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
 from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
 from offline_queue.formats import BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
+from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
 from offline_queue.store import queue  # noqa: E402
 from offline_queue.store.db import resolve_url  # noqa: E402
 from offline_queue.validate import Limits, inspect_file, validate_file  # noqa: E402
@@ -138,8 +139,9 @@ def infer_chunk(
     owner: str,
     chunk_size: int,
     max_attempts: int,
-    engine_block: VLLM,
+    engine_block: EngineBlock,
     keeper: LeaseKeeper,
+    share: ShareKeeper | None = None,
 ) -> ChunkReport | None:
     """Claim a chunk, answer it (cache, then engine) and persist it in one transaction.
     None when nothing is claimable right now. A whole-chunk fault hands the chunk back and
@@ -148,7 +150,7 @@ def infer_chunk(
     if claim is None:
         return None
     with keeper.holding(claim.token):
-        report = serve_claim(db, batch_id, claim, engine_block.engine(), max_attempts)
+        report = serve_claim(db, batch_id, claim, engine_block.engine(), max_attempts, share)
     s = report.settled
     get_run_logger().info(
         "chunk of %d: %d inferred, %d from cache; %d completed, %d failed, %d to retry%s",
@@ -261,23 +263,31 @@ def batch_inference(
         engine_block = load_engine_block(engine, model)
         model_version = engine_block.engine().model_version  # loaded once per process
         queue.set_status(db_url, bid, "in_progress", model_version=model_version)
-        run = infer_all(db_url, bid, chunk_size, max_attempts, engine_block, lease_seconds, run)
+        participant = Participant(bid, queue.new_owner(), TIERS[tier], weight)
+        run = infer_all(
+            db_url, participant, chunk_size, max_attempts, engine_block, lease_seconds, run
+        )
 
     return finalize(db_url, bid, model_version, run).model_dump(mode="json")
 
 
 def infer_all(
     db: str,
-    batch_id: str,
+    me: Participant,
     chunk_size: int,
     max_attempts: int,
-    engine_block: VLLM,
+    engine_block: EngineBlock,
     lease_seconds: float,
     run: RunStats,
 ) -> RunStats:
-    """Chunks until nothing is left: ours, or other workers' (we wait for their leases)."""
-    owner = queue.new_owner()
+    """Chunks until nothing is left: ours, or other workers' (we wait for their leases).
+    On a shared engine, our in-flight share is kept current by a ShareKeeper meanwhile."""
+    batch_id, owner = me.batch_id, me.owner
+    engine = engine_block.engine()
     keeper = LeaseKeeper(db, lease_seconds).start()
+    share = (
+        ShareKeeper(db, engine.engine_key, me, engine.capacity).start() if engine.shared else None
+    )
     start = queue.progress(db, batch_id)
     total = start.pending + start.completed + start.failed
     artifact = create_progress_artifact(  # sync context: the id, not a coroutine
@@ -288,7 +298,7 @@ def infer_all(
     try:
         while True:
             report = infer_chunk(
-                db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper
+                db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper, share
             )
             p = queue.progress(db, batch_id)
             if report is not None:
@@ -305,6 +315,8 @@ def infer_all(
             time.sleep(min(max(wait, 0.05), 2.0))
     finally:
         keeper.stop()
+        if share is not None:
+            share.stop()
 
 
 def _percent(p: queue.Progress, total: int) -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from offline_queue.engines.base import Engine, EngineRequest, Reply
+from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
 from offline_queue.formats import CHAT_URL, parse_body
 from offline_queue.store import queue
 from offline_queue.store.tables import CachedResult
@@ -32,6 +32,7 @@ def _from_cache(url: str, hit: CachedResult) -> Reply:
         prompt_tokens=hit.prompt_tokens,
         completion_tokens=hit.completion_tokens,
         latency_ms=0.0,
+        finished_at=time.time(),
     )
 
 
@@ -50,7 +51,12 @@ class ChunkFault(RuntimeError):
 
 
 def serve_claim(
-    db: str, batch_id: str, claim: queue.Claim, engine: Engine, max_attempts: int
+    db: str,
+    batch_id: str,
+    claim: queue.Claim,
+    engine: Engine,
+    max_attempts: int,
+    share: Share | None = None,
 ) -> ChunkReport:
     version = engine.model_version
     keys = {r.id: cache_key(version, r.cache_digest) for r in claim.requests if r.cache_digest}
@@ -69,7 +75,8 @@ def serve_claim(
     if to_run:
         try:
             replies = engine.infer(
-                [EngineRequest(r.line_no, r.url, parse_body(r.url, r.body)) for r in to_run]
+                [EngineRequest(r.line_no, r.url, parse_body(r.url, r.body)) for r in to_run],
+                share,
             )
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)

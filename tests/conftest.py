@@ -174,3 +174,48 @@ def wait_for(predicate, timeout: float, interval: float = 0.2):  # type: ignore[
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`offline-queue engine serve` on loopback for the session; yields its /v1 URL. Stopping
+    it with SIGTERM must end the server and its engine process within seconds."""
+    import signal
+
+    import httpx
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "offline-queue"),
+                "engine",
+                "serve",
+                "--port",
+                str(port),
+                "--served-model-name",
+                "smollm2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            wait_for(
+                lambda: proc.poll() is not None or _healthy(httpx, port), timeout=300, interval=1
+            )
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+    assert code == 0, log_path.read_text()[-3000:]
+    assert not _healthy(httpx, port)
+
+
+def _healthy(httpx, port: int) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return bool(httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200)
+    except httpx.HTTPError:
+        return False

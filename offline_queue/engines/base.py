@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float | None = None
+    finished_at: float | None = None
+    """When the answer arrived (epoch seconds): per-request timing, finer than the chunk's."""
 
     @classmethod
     def error(cls, status_code: int, code: str, message: str, *, retriable: bool = False) -> Reply:
@@ -47,11 +49,21 @@ class Reply:
         )
 
 
+Share = Callable[[], int]
+"""How many requests this batch may have in flight right now (read again and again)."""
+
+
 class Engine(Protocol):
     model_version: str
     """Names the exact weights: results are cached and stamped by it."""
+    shared: bool
+    """Whether several batches (and processes) use this engine at once, and so share it."""
+    engine_key: str
+    """What identifies the engine across processes (for the share table)."""
+    capacity: int
+    """Requests in flight the engine takes at once (split between the batches sharing it)."""
 
-    def infer(self, requests: Sequence[EngineRequest]) -> list[Reply]:
+    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
         """One reply per request, in order. Raises only when the whole engine is unusable
         (a chunk-level fault the caller retries)."""
         ...

@@ -10,6 +10,7 @@ anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import random
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from offline_queue.engines.base import EngineRequest, Reply
+from offline_queue.engines.base import EngineRequest, Reply, Share
 from offline_queue.model import model_version as folder_version
 
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -56,10 +57,9 @@ class _Limiter:
     async def __aenter__(self) -> None:
         async with self._changed:
             while self.used >= max(1, self.size()):
-                try:
+                # Wake up now and then even without a release: the size may have grown.
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=0.25)
-                except TimeoutError:
-                    pass  # the size may have changed: look again
             self.used += 1
 
     async def __aexit__(self, *_: object) -> None:
@@ -96,14 +96,20 @@ def _server_message(response: httpx.Response) -> tuple[str, str]:
 
 
 class HttpEngine:
+    shared = True
+
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        self.capacity = settings.max_in_flight
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="http-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="http-engine", daemon=True
+        )
         self._thread.start()
         self._client: httpx.AsyncClient = self._call(self._make_client())
         self._slots: asyncio.Semaphore = self._call(self._make_semaphore())
         self.model, self.model_version = self._call(self._discover())
+        self.engine_key = f"{settings.base_url.rstrip('/')}#{self.model}"
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -115,7 +121,9 @@ class HttpEngine:
             base_url=s.base_url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(s.timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=s.max_in_flight, max_keepalive_connections=s.max_in_flight),
+            limits=httpx.Limits(
+                max_connections=s.max_in_flight, max_keepalive_connections=s.max_in_flight
+            ),
         )
 
     async def _make_semaphore(self) -> asyncio.Semaphore:
@@ -141,7 +149,9 @@ class HttpEngine:
             entry = models[0]
         if entry is None:
             listed = ", ".join(m.get("id", "?") for m in models)
-            raise RuntimeError(f"{self.settings.base_url} does not serve {wanted!r} (it lists: {listed})")
+            raise RuntimeError(
+                f"{self.settings.base_url} does not serve {wanted!r} (it lists: {listed})"
+            )
         root = Path(str(entry.get("root") or ""))
         if (root / "config.json").is_file():
             return entry["id"], folder_version(root)
@@ -149,15 +159,13 @@ class HttpEngine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(
-        self, requests: Sequence[EngineRequest], share: Callable[[], int] | None = None
-    ) -> list[Reply]:
+    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
         """Every request of the chunk, at most `share()` of them in flight for this batch (and
         `max_in_flight` for the whole process)."""
         return list(self._call(self._infer_all(requests, share)))
 
     async def _infer_all(
-        self, requests: Sequence[EngineRequest], share: Callable[[], int] | None
+        self, requests: Sequence[EngineRequest], share: Share | None
     ) -> list[Reply]:
         limiter = _Limiter(share or (lambda: self.settings.max_in_flight))
         return await asyncio.gather(*(self._one(r, limiter) for r in requests))
@@ -186,11 +194,20 @@ class HttpEngine:
                     outage_started = outage_started or time.monotonic()
                     if time.monotonic() - outage_started < s.outage_seconds:
                         attempt -= 1
-                    last = Reply.error(503, "engine_unavailable", f"cannot connect: {exc}", retriable=True)
+                    last = Reply.error(
+                        503, "engine_unavailable", f"cannot connect: {exc}", retriable=True
+                    )
                 except httpx.TimeoutException as exc:
-                    last = Reply.error(504, "timeout", f"no answer in {s.timeout:.0f} s ({type(exc).__name__})", retriable=True)
+                    last = Reply.error(
+                        504,
+                        "timeout",
+                        f"no answer in {s.timeout:.0f} s ({type(exc).__name__})",
+                        retriable=True,
+                    )
                 except httpx.TransportError as exc:  # reset, cut mid-body, protocol error
-                    last = Reply.error(502, "connection_error", f"{type(exc).__name__}: {exc}", retriable=True)
+                    last = Reply.error(
+                        502, "connection_error", f"{type(exc).__name__}: {exc}", retriable=True
+                    )
                 else:
                     latency_ms = (time.perf_counter() - started) * 1000
                     reply = self._from_response(response, latency_ms)
@@ -210,13 +227,16 @@ class HttpEngine:
                 body = response.json()
                 usage = body.get("usage") or {}
             except ValueError:
-                return Reply.error(502, "bad_response", "the server's answer is not JSON", retriable=True)
+                return Reply.error(
+                    502, "bad_response", "the server's answer is not JSON", retriable=True
+                )
             return Reply(
                 ok=True,
                 body=response.text,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 latency_ms=latency_ms,
+                finished_at=time.time(),
             )
         code, message = _server_message(response)
         status = response.status_code

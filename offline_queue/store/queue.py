@@ -357,6 +357,7 @@ def _error_result(
         "prompt_tokens": 0,
         "completion_tokens": 0,
         "latency_ms": None,
+        "finished_at": None,
         "reused": False,
         "created_at": now,
     }
@@ -440,6 +441,7 @@ def settle(
                 "prompt_tokens": o.reply.prompt_tokens,
                 "completion_tokens": o.reply.completion_tokens,
                 "latency_ms": o.reply.latency_ms,
+                "finished_at": o.reply.finished_at,
                 "reused": o.reused,
                 "created_at": now,
             }

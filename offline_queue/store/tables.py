@@ -109,6 +109,8 @@ class Result(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    """When the engine answered; `created_at` is when the chunk was committed."""
     reused: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
 
@@ -124,3 +126,18 @@ class CachedResult(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class EngineShare(Base):
+    """Who is using a shared engine right now: one row per batch and worker, kept alive by a
+    heartbeat. Each worker derives its own in-flight share from the live rows."""
+
+    __tablename__ = "engine_shares"
+
+    engine_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tier: Mapped[int] = mapped_column(Integer)
+    """1 critical, 2 standard, 3 bulk: lower goes first."""
+    weight: Mapped[int] = mapped_column(Integer)
+    heartbeat: Mapped[float] = mapped_column(Float, index=True)

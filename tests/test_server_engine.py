@@ -1,0 +1,256 @@
+"""The pipeline against a real `vllm serve` on loopback: same shape as in process, faults
+through a proxy, the server killed and restarted mid-batch, and fair sharing between batches."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+from sqlalchemy import select
+
+from offline_queue.store.db import session
+from offline_queue.store.tables import Result
+from tests.conftest import BIN, REPO, cli_env, free_port, wait_for
+from tests.faultproxy import FaultProxy
+from tests.test_pipeline import line, mixed_batch, read, run, write
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def exactly_once(result: dict[str, Any]) -> Counter:
+    ids = Counter(o["custom_id"] for o in read(result["output_file"]) + read(result["error_file"]))
+    assert set(ids.values()) == {1}, ids.most_common(3)
+    return ids
+
+
+@pytest.mark.usefixtures("engine")
+def test_server_outputs_match_the_in_process_shape(vllm_server: str, tmp_path: Path) -> None:
+    path = mixed_batch(tmp_path)
+    local = run(path, f"sqlite:///{tmp_path / 'local.db'}", chunk_size=4)
+    served = run(path, f"sqlite:///{tmp_path / 'served.db'}", engine=vllm_server, chunk_size=4)
+    assert served["status"] == local["status"] == "completed"
+    assert served["request_counts"] == local["request_counts"]
+    assert served["model_version"] == local["model_version"]  # same weights, same version
+
+    local_out = {o["custom_id"]: o for o in read(local["output_file"])}
+    served_out = {o["custom_id"]: o for o in read(served["output_file"])}
+    assert local_out.keys() == served_out.keys()
+    for cid, o in served_out.items():
+        body = o["response"]["body"]
+        model = ChatCompletion if body["object"] == "chat.completion" else Completion
+        model.model_validate(body)
+        mine = local_out[cid]["response"]["body"]
+        assert set(mine) <= set(body), cid
+        assert set(mine["choices"][0]) <= set(body["choices"][0]), cid
+        assert len(mine["choices"]) == len(body["choices"])
+    # Greedy requests give the same text either way.
+    for cid in ("chat-1", "cmpl-1", "choice"):
+        texts = [
+            out[cid]["response"]["body"]["choices"][0].get("text")
+            or out[cid]["response"]["body"]["choices"][0]["message"]["content"]
+            for out in (local_out, served_out)
+        ]
+        assert texts[0] == texts[1], cid
+
+    errors = {e["custom_id"]: e for e in read(served["error_file"])}
+    assert errors["too-long"]["error"]["code"] == "context_length_exceeded"
+    assert errors["too-long"]["response"]["status_code"] == 400
+    assert "maximum context length" in errors["too-long"]["error"]["message"]  # the server's words
+
+
+def test_faults_through_a_proxy_are_retried_and_terminal_ones_named(
+    vllm_server: str, tmp_path: Path
+) -> None:
+    from blocks.engines import OpenAIServer
+
+    faults = ["500", "pass", "429", "pass", "stall", "pass", "reset", "pass", "pass"]
+
+    def plan(n: int) -> str:
+        return "404" if n == 1 else faults[n % len(faults)]
+
+    items = [line(f"r{i}", max_tokens=6, temperature=0.5, seed=i) for i in range(20)]
+    items.append(line("too-long", messages=[{"role": "user", "content": "hello " * 3000}]))
+    path = write(tmp_path / "faults.jsonl", items)
+    with FaultProxy(vllm_server.removesuffix("/v1"), plan, stall_seconds=30) as proxy:
+        block = OpenAIServer(base_url=proxy.url, timeout=3, max_attempts=6, max_in_flight=8)
+        block.save("faulty-proxy", overwrite=True)
+        result = run(
+            path,
+            f"sqlite:///{tmp_path / 's.db'}",
+            engine="openai-server/faulty-proxy",
+            chunk_size=7,
+        )
+    assert result["status"] == "completed"
+    assert all(proxy.seen[f] >= 1 for f in ("500", "429", "stall", "reset", "404", "pass"))
+    ids = exactly_once(result)
+    assert len(ids) == 21
+    errors = {e["custom_id"]: e for e in read(result["error_file"])}
+    assert len(errors) == 2, errors
+    four_oh_four = next(e for e in errors.values() if e["response"]["status_code"] == 404)
+    assert "injected 404" in four_oh_four["error"]["message"]
+    assert errors["too-long"]["error"]["code"] == "context_length_exceeded"
+    assert result["request_counts"] == {"total": 21, "completed": 19, "failed": 2}
+
+
+def test_server_killed_and_restarted_mid_batch(model_dir: Path, tmp_path: Path) -> None:
+    from offline_queue.engines.vllm_server import ServerProcess, server_args
+
+    port = free_port()
+    args = server_args(model_dir, "127.0.0.1", port, "smollm2")
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    path = write(
+        tmp_path / "in.jsonl", [line(f"k{i}", max_tokens=12, ignore_eos=True) for i in range(48)]
+    )
+    log = (tmp_path / "serve.log").open("wb")
+    server = ServerProcess(args, "127.0.0.1", port, log=log).start()
+    outcome: dict[str, Any] = {}
+    try:
+        server.wait_ready()
+        worker = threading.Thread(
+            target=lambda: outcome.update(
+                run(path, db, engine=f"http://127.0.0.1:{port}/v1", chunk_size=8)
+            )
+        )
+        worker.start()
+        wait_for(lambda: _results(db) >= 8, timeout=120)
+        server.kill()
+        killed_at = _results(db)
+        time.sleep(2)
+        server = ServerProcess(args, "127.0.0.1", port, log=log).start()
+        server.wait_ready()
+        worker.join(timeout=300)
+    finally:
+        server.stop()
+    assert killed_at < 48
+    assert outcome["status"] == "completed"
+    assert outcome["request_counts"] == {"total": 48, "completed": 48, "failed": 0}
+    assert len(exactly_once(outcome)) == 48
+
+
+def _results(db: str) -> int:
+    try:
+        with session(db) as s:
+            return len(s.scalars(select(Result.line_no)).all())
+    except Exception:
+        return 0
+
+
+def _start(
+    path: Path, db: str, url: str, tier: str, weight: int, chunk: int, env: dict
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            str(BIN / "offline-queue"),
+            "run",
+            str(path),
+            "--db",
+            db,
+            "--engine",
+            url,
+            "--tier",
+            tier,
+            "--weight",
+            str(weight),
+            "--chunk-size",
+            str(chunk),
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def _batch_id(db: str, path: Path) -> str | None:
+    from offline_queue.store.tables import Batch
+
+    try:
+        with session(db) as s:
+            return s.scalar(select(Batch.id).where(Batch.input_path == str(path.resolve())))
+    except Exception:
+        return None
+
+
+def _finished(db: str, batch_id: str) -> list[float]:
+    from offline_queue.store.tables import Batch
+
+    with session(db) as s:
+        bid = s.scalar(select(Batch.id).where(Batch.input_path == batch_id))
+        return sorted(s.scalars(select(Result.finished_at).where(Result.batch_id == bid)).all())
+
+
+def test_weights_share_one_server_in_proportion(
+    vllm_server: str, pg_url: str, prefect_api: str, tmp_path: Path
+) -> None:
+    n = 150
+    files = {
+        w: write(
+            tmp_path / f"w{w}.jsonl",
+            [line(f"w{w}-{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(n)],
+        )
+        for w in (1, 3)
+    }
+    env = cli_env(prefect_api)
+    procs = {w: _start(files[w], pg_url, vllm_server, "bulk", w, 256, env) for w in (1, 3)}
+    for w, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, (w, err[-2000:])
+    done = {w: _finished(pg_url, str(files[w].resolve())) for w in (1, 3)}
+    start = max(d[0] for d in done.values())
+    end = min(d[-1] for d in done.values())
+    assert end - start > 5, "the two batches hardly ran at the same time"
+    rate = {w: sum(1 for t in d if start <= t <= end) / (end - start) for w, d in done.items()}
+    ratio = rate[3] / rate[1]
+    print(f"completed/s while both ran: w1 {rate[1]:.2f}, w3 {rate[3]:.2f}, ratio {ratio:.2f}")
+    assert 3 * 0.8 <= ratio <= 3 * 1.2
+
+
+def test_critical_batch_preempts_a_running_bulk_batch(
+    vllm_server: str, pg_url: str, prefect_api: str, tmp_path: Path
+) -> None:
+    bulk = write(
+        tmp_path / "bulk.jsonl",
+        [line(f"b{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(160)],
+    )
+    critical = write(
+        tmp_path / "critical.jsonl",
+        [line(f"c{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(8)],
+    )
+    env = cli_env(prefect_api)
+    bulk_proc = _start(bulk, pg_url, vllm_server, "bulk", 1, 32, env)
+    wait_for(lambda: len(_finished(pg_url, str(bulk.resolve()))) >= 32, timeout=300)
+    crit_proc = _start(critical, pg_url, vllm_server, "critical", 1, 8, env)
+    # Arrival: when the critical batch is registered (not when its process starts).
+    wait_for(lambda: _batch_id(pg_url, critical) is not None, timeout=120, interval=0.05)
+    arrived = time.time()
+    for p in (crit_proc, bulk_proc):
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+
+    with session(pg_url) as s:
+        from offline_queue.store.tables import Batch
+
+        bulk_id = s.scalar(select(Batch.id).where(Batch.input_path == str(bulk.resolve())))
+        crit_id = s.scalar(select(Batch.id).where(Batch.input_path == str(critical.resolve())))
+        bulk_commits = sorted(
+            set(s.scalars(select(Result.created_at).where(Result.batch_id == bulk_id)).all())
+        )
+        crit_first = min(
+            s.scalars(select(Result.created_at).where(Result.batch_id == crit_id)).all()
+        )
+    later_bulk_chunks = [t for t in bulk_commits if t > arrived]
+    assert len(later_bulk_chunks) >= 2, "the bulk batch ended before it could be pre-empted"
+    print(
+        f"critical first result {crit_first - arrived:.1f} s after it arrived; bulk chunks "
+        f"ended at +{later_bulk_chunks[0] - arrived:.1f} s, +{later_bulk_chunks[1] - arrived:.1f} s"
+    )
+    assert crit_first < later_bulk_chunks[1]
