@@ -1,0 +1,130 @@
+"""The server engine against a plain async client, on the same `vllm serve`.
+
+    .venv/bin/python bench/server.py [--requests 512] [--sweep 4,8,16,32,64]
+
+1. Sweep: a plain asyncio + httpx client at several in-flight levels, to find where the
+   server's throughput stops growing (`RESULT knee_in_flight <n>`).
+2. The same kind of requests (chat, max 32 tokens, temperature 0) through (a) the plain client
+   at the best level found and (b) the `batch-inference` flow with the OpenAIServer engine at
+   that level: `RESULT server_overhead_ratio <b / a>` (seconds per output token).
+Each measured run has prompts of its own, so no cache carries work between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from bench.overhead import requests, write_jsonl  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def plain_client(url: str, items: list[dict], in_flight: int) -> tuple[float, int]:
+    """The baseline: as simple as a good client gets. Returns (seconds, output tokens)."""
+    slots = asyncio.Semaphore(in_flight)
+    tokens = 0
+    async with httpx.AsyncClient(
+        base_url=url, timeout=600, limits=httpx.Limits(max_connections=in_flight)
+    ) as client:
+
+        async def one(item: dict) -> None:
+            nonlocal tokens
+            async with slots:
+                body = {**item["body"], "model": "smollm2"}
+                response = await client.post("/chat/completions", json=body)
+                response.raise_for_status()
+                tokens += response.json()["usage"]["completion_tokens"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in items))
+        return time.perf_counter() - started, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--sweep", default="4,8,16,32,64")
+    parser.add_argument("--sweep-requests", type=int, default=96)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    args = parser.parse_args()
+
+    from blocks.engines import OpenAIServer
+    from flows.batch import batch_inference
+    from offline_queue.engines.vllm_server import ServerProcess, server_args
+    from offline_queue.model import prepare_bundled_model
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    n = args.requests
+    with tempfile.TemporaryDirectory(prefix="oq-bench-") as tmp:
+        work = Path(tmp)
+        log = (work / "serve.log").open("wb")
+        with ServerProcess(
+            server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2"),
+            "127.0.0.1",
+            port,
+            log,
+        ) as server:
+            server.wait_ready()
+            asyncio.run(plain_client(url, requests(8, "warm", 50 * n), 8))  # warm the server
+
+            best, best_rate, offset = 0, 0.0, 10 * n
+            for level in [int(x) for x in args.sweep.split(",")]:
+                items = requests(args.sweep_requests, "sweep", offset)
+                offset += args.sweep_requests
+                seconds, tokens = asyncio.run(plain_client(url, items, level))
+                rate = tokens / seconds
+                print(f"in flight {level:3d}: {rate:6.1f} output tok/s")
+                if rate > best_rate * 1.05:  # the knee: the last level that still adds > 5 %
+                    best, best_rate = level, rate
+            print(f"RESULT knee_in_flight {best}")
+
+            seconds_a, tokens_a = asyncio.run(plain_client(url, requests(n, "plain", 0), best))
+            db = f"sqlite:///{work / 'bench.db'}"
+            OpenAIServer(base_url=url, max_in_flight=best).save("bench-server", overwrite=True)
+            warm = write_jsonl(work / "warm.jsonl", requests(8, "warmflow", 60 * n))
+            batch_inference(input=str(warm), db=db, engine="openai-server/bench-server")
+            path = write_jsonl(work / "bench.jsonl", requests(n, "flow", n))
+            started = time.perf_counter()
+            result = batch_inference(
+                input=str(path),
+                db=db,
+                engine="openai-server/bench-server",
+                chunk_size=args.chunk_size,
+            )
+            seconds_b = time.perf_counter() - started
+            assert result["run"]["inferred"] == n, result["run"]
+            tokens_b = result["usage"]["output_tokens"]
+    for name, seconds, tokens in (
+        ("plain httpx client", seconds_a, tokens_a),
+        ("offline-queue flow", seconds_b, tokens_b),
+    ):
+        print(f"{name} : {seconds:7.2f} s  {tokens} output tokens  {tokens / seconds:6.1f} tok/s")
+    print(f"(in flight {best}, chunk_size {args.chunk_size}, {n} requests)")
+    ratio = (seconds_b / tokens_b) / (seconds_a / tokens_a)
+    print(f"RESULT server_overhead_ratio {ratio:.3f}")
+    print(json.dumps({"knee_in_flight": best, "server_overhead_ratio": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()
