@@ -27,11 +27,14 @@ from prefect.artifacts import (  # noqa: E402
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
+from blocks.store import Store  # noqa: E402
 from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
 from offline_queue.formats import BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
@@ -228,6 +231,8 @@ def batch_inference(
     idempotency_key: str | None = None,
     batch_id: str | None = None,
     db: str | None = None,
+    store: str | None = None,
+    tenant: str | None = None,
     lease_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
@@ -245,16 +250,20 @@ def batch_inference(
         max_attempts: Tries per request (retriable failures) before it is terminated.
         idempotency_key: The same key again resumes the same batch instead of a new one.
         batch_id: Explicit batch id. Default: derived from the file's content.
-        db: Store URL (postgresql+psycopg://... or sqlite:///...). Default: OFFLINE_QUEUE_DB,
-            else a SQLite file in the user's data directory.
+        db: Store URL (postgresql+psycopg://... or sqlite:///...). Default: the `store`
+            block, else OFFLINE_QUEUE_DB, else a SQLite file in the user's data directory.
+        store: Name of an offline-queue-store block holding the store URL (as a secret), e.g.
+            `default` as `offline-queue pools apply --db` saves it.
+        tenant: Who the batch is for: a tag on the run, and the key a gray release routes by.
         lease_seconds: A dead worker's chunk is claimed again after this long; the lease is
             renewed every third of it while the worker lives.
     """
-    db_url = resolve_url(db)
+    db_url = resolve_url(db or (cast(Store, Store.load(store)).get_url() if store else None))
     submitted = submit(
         input, output, errors, db_url, batch_id, tier, weight, max_attempts, idempotency_key
     )
     bid = submitted.batch_id
+    label_run(bid, tier, tenant)
     accepted = validate_and_queue(db_url, bid, submitted.content_hash, submitted.created_at)
 
     run = RunStats(reused=queue.settled_requests(db_url, bid))
@@ -262,6 +271,7 @@ def batch_inference(
     if accepted > run.reused:
         engine_block = load_engine_block(engine, model)
         model_version = engine_block.engine().model_version  # loaded once per process
+        label_run(bid, tier, tenant, model_version)
         queue.set_status(db_url, bid, "in_progress", model_version=model_version)
         participant = Participant(bid, queue.new_owner(), TIERS[tier], weight)
         run = infer_all(
@@ -269,6 +279,21 @@ def batch_inference(
         )
 
     return finalize(db_url, bid, model_version, run).model_dump(mode="json")
+
+
+def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = None) -> None:
+    """Name the flow run after its batch and tag it, so the UI's filters find it."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    tags = set(flow_run.get_tags()) | {f"tier:{tier}", f"batch:{batch_id}"}
+    if tenant:
+        tags.add(f"tenant:{tenant}")
+    if model:
+        tags.add(f"model:{model}")
+    with get_client(sync_client=True) as client:
+        name = batch_id if batch_id.startswith("batch") else f"batch-{batch_id}"
+        client.update_flow_run(UUID(run_id), name=f"{name}-{tier}", tags=sorted(tags))
 
 
 def infer_all(

@@ -1,0 +1,22 @@
+"""The store block: where batches, requests and results live, with the URL kept secret."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+
+class Store(Block):
+    """The offline-queue store. PostgreSQL for a cluster (every worker claims from it);
+    SQLite only for one machine (one writer at a time)."""
+
+    _block_type_name = "offline-queue store"
+    _block_type_slug = "offline-queue-store"
+    _description = (
+        "Database URL of the offline-queue store (postgresql+psycopg://… or sqlite:///…)."
+    )
+
+    url: SecretStr = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@db/oq.")
+
+    def get_url(self) -> str:
+        return self.url.get_secret_value()

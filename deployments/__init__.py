@@ -1,0 +1,1 @@
+"""Infrastructure as code: the cluster's node groups as Prefect work pools, tiers as queues."""
