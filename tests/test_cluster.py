@@ -42,6 +42,7 @@ def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_API_DATABASE_CONNECTION_URL=pg_server.replace("+psycopg", "+asyncpg") + f"/{name}",
         PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # schedule new deployments at once
     )
     log = (home / "server.log").open("wb")
     server = subprocess.Popen(
