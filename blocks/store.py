@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from offline_queue.store.db import resolve_url
 
 
 class Store(Block):
@@ -20,3 +24,9 @@ class Store(Block):
 
     def get_url(self) -> str:
         return self.url.get_secret_value()
+
+
+def store_url(db: str | None, store: str | None) -> str:
+    """The store a flow run uses: an explicit URL, else the named store block, else the
+    process default (OFFLINE_QUEUE_DB or the SQLite file)."""
+    return resolve_url(db or (cast(Store, Store.load(store)).get_url() if store else None))

@@ -125,7 +125,8 @@ def apply(topology: Topology, store_url: str) -> list[Change]:
             changes += _queues(client, topology, name)
             changes.append(_limit(client, gpu_limit_name(name), group.gpu_slots))
     for group in topology.groups.values():
-        changes.append(_block(group.engine.build(), group.engine.block.split("/", 1)[1]))
+        if group.engine is not None:
+            changes.append(_block(group.engine.build(), group.engine.block.split("/", 1)[1]))
     changes.append(_block(Store(url=SecretStr(store_url)), "default"))
     return changes
 

@@ -53,7 +53,8 @@ class GroupSpec(BaseModel):
     concurrency_limit: int = Field(ge=1, description="Batch flow runs the group runs at once.")
     gpu_slots: int = Field(ge=1, description="The `gpu:{group}` global concurrency limit.")
     tiers: dict[TierName, TierSpec] = Field(default_factory=dict)
-    engine: EngineSpec
+    engine: EngineSpec | None = None
+    """None for a group that runs only control flows (the release router)."""
 
 
 class Topology(BaseModel):
@@ -89,6 +90,8 @@ def load_topology(path: Path) -> Topology:
         first = exc.errors(include_url=False)[0]
         raise TopologyError(f"{path}: {_where(first['loc'])}: {first['msg']}") from exc
     for name, group in topology.groups.items():  # engine fields are checked by the block itself
+        if group.engine is None:
+            continue
         try:
             group.engine.build()
         except ValidationError as exc:

@@ -34,14 +34,13 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
-from blocks.store import Store  # noqa: E402
+from blocks.store import store_url  # noqa: E402
 from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
 from offline_queue.formats import BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
 from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
 from offline_queue.store import queue  # noqa: E402
-from offline_queue.store.db import resolve_url  # noqa: E402
 from offline_queue.validate import Limits, inspect_file, validate_file  # noqa: E402
 
 Tier = Literal["critical", "standard", "bulk"]
@@ -65,6 +64,7 @@ def submit(
     weight: int,
     max_attempts: int,
     idempotency_key: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> Submitted:
     """Register the batch once: the same content (or id, or idempotency key) is the same batch."""
     path = Path(input).expanduser().resolve()
@@ -81,6 +81,7 @@ def submit(
         weight=weight,
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
+        metadata=metadata,
     )
     get_run_logger().info(
         "%s batch %s (%s lines, %s bytes)",
@@ -233,6 +234,9 @@ def batch_inference(
     db: str | None = None,
     store: str | None = None,
     tenant: str | None = None,
+    metadata: dict[str, str] | None = None,
+    release_track: str | None = None,
+    release_version: str | None = None,
     lease_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
@@ -255,15 +259,29 @@ def batch_inference(
         store: Name of an offline-queue-store block holding the store URL (as a secret), e.g.
             `default` as `offline-queue pools apply --db` saves it.
         tenant: Who the batch is for: a tag on the run, and the key a gray release routes by.
+        metadata: Free-form labels kept on the batch object (OpenAI's `metadata`).
+        release_track: Set by the release router: `stable` or `candidate`.
+        release_version: Set by the release router: the model version of that track.
         lease_seconds: A dead worker's chunk is claimed again after this long; the lease is
             renewed every third of it while the worker lives.
     """
-    db_url = resolve_url(db or (cast(Store, Store.load(store)).get_url() if store else None))
+    db_url = store_url(db, store)
     submitted = submit(
-        input, output, errors, db_url, batch_id, tier, weight, max_attempts, idempotency_key
+        input,
+        output,
+        errors,
+        db_url,
+        batch_id,
+        tier,
+        weight,
+        max_attempts,
+        idempotency_key,
+        metadata,
     )
     bid = submitted.batch_id
     label_run(bid, tier, tenant)
+    if release_track:
+        queue.label_batch(db_url, bid, release_track=release_track, release_version=release_version)
     accepted = validate_and_queue(db_url, bid, submitted.content_hash, submitted.created_at)
 
     run = RunStats(reused=queue.settled_requests(db_url, bid))

@@ -31,8 +31,9 @@ def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     name = "prefect_cluster"
     plain = pg_server.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(f"{plain}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
+        for db in (name, "oq_cluster_store"):
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}"')
+            conn.execute(f'CREATE DATABASE "{db}"')
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = dict(os.environ)
@@ -63,7 +64,11 @@ def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         wait_for(lambda: server.poll() is not None or healthy(), timeout=180, interval=0.5)
         assert server.poll() is None, (home / "server.log").read_text()[-2000:]
-        env.update(PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1")
+        env.update(
+            PREFECT_API_URL=api,
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            OQ_TEST_STORE=f"{pg_server}/oq_cluster_store",
+        )
         yield env
     finally:
         server.terminate()
@@ -79,6 +84,40 @@ def api(env: dict[str, str]) -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module")
+def deployed(cluster: dict[str, str]) -> dict[str, str]:
+    """Pools applied (the store block pointing at the cluster's store) and `prefect deploy
+    --all` done, as an operator would from a fresh clone."""
+    applied = cmd(
+        str(BIN / "offline-queue"), "pools", "apply", "--db", cluster["OQ_TEST_STORE"], env=cluster
+    )
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    deployed = cmd(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", env=cluster)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    return cluster
+
+
+@contextlib.contextmanager
+def workers(env: dict[str, str], cwd: Path, *groups: str) -> Iterator[None]:
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "offline-queue"), "worker", "start", "--group", g],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=cwd,
+        )
+        for g in groups
+    ]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
 def cmd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         list(args), env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
@@ -86,9 +125,10 @@ def cmd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.Com
 
 
 def test_pools_apply_twice_changes_nothing_and_a_bad_file_nothing_at_all(
-    cluster: dict[str, str], pg_url: str, tmp_path: Path
+    cluster: dict[str, str], tmp_path: Path
 ) -> None:
     oq = str(BIN / "offline-queue")
+    pg_url = cluster["OQ_TEST_STORE"]
     first = cmd(oq, "pools", "apply", "--db", pg_url, env=cluster)
     assert first.returncode == 0, first.stderr[-2000:]
     second = cmd(oq, "pools", "apply", "--db", pg_url, env=cluster)
@@ -120,13 +160,9 @@ def test_pools_apply_twice_changes_nothing_and_a_bad_file_nothing_at_all(
 
 
 def test_deploy_worker_and_deployment_run_end_to_end(
-    cluster: dict[str, str], pg_url: str, tmp_path: Path, vllm_server: str
+    deployed: dict[str, str], tmp_path: Path, vllm_server: str
 ) -> None:
-    oq = str(BIN / "offline-queue")
-    assert cmd(oq, "pools", "apply", "--db", pg_url, env=cluster).returncode == 0
-    deployed = cmd(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", env=cluster)
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-
+    cluster = deployed
     # The nightly schedule: its next run is 02:00 in Paris.
     nightly = cmd(
         str(BIN / "prefect"), "deployment", "inspect", "batch-inference/nightly", env=cluster
@@ -150,19 +186,9 @@ def test_deploy_worker_and_deployment_run_end_to_end(
     assert (first.hour, first.minute) == (2, 0)
     assert dt.timedelta(0) < first - now <= dt.timedelta(days=1)
 
-    worker = subprocess.Popen(
-        [oq, "worker", "start", "--group", "cpu-local"],
-        env=cluster,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-    )
-    try:
+    with workers(cluster, tmp_path, "cpu-local"):
         _end_to_end(cluster, tmp_path)
         _priority(cluster, tmp_path, vllm_server)
-    finally:
-        worker.terminate()
-        worker.wait(30)
 
 
 def _end_to_end(env: dict[str, str], tmp_path: Path) -> None:
@@ -227,3 +253,110 @@ def _priority(env: dict[str, str], tmp_path: Path, server_url: str) -> None:
     assert order.index("critical") <= 1
     crit_end = states["critical"].end_time
     assert all(states[b].start_time >= crit_end for b in order[order.index("critical") + 1 :])
+
+
+def test_gray_release_routes_stamps_and_rolls_back_by_itself(
+    deployed: dict[str, str], tmp_path: Path, vllm_server: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from sqlalchemy import select
+
+    from blocks.engines import OpenAIServer
+    from offline_queue.store.db import session
+    from offline_queue.store.tables import Batch
+    from tests.faultproxy import FaultProxy
+
+    env, oq = deployed, str(BIN / "offline-queue")
+    store = env["OQ_TEST_STORE"]
+    set_policy = cmd(
+        oq,
+        "release",
+        "set",
+        "--stable",
+        "smol-v1",
+        "--stable-engine",
+        vllm_server,
+        "--candidate",
+        "smol-v2",
+        "--candidate-engine",
+        vllm_server,
+        "--stage",
+        "internal",
+        "--internal-tenants",
+        "acme-internal",
+        "--min-samples",
+        "6",
+        env=env,
+    )
+    assert set_policy.returncode == 0, set_policy.stderr[-2000:]
+    routed = cmd(oq, "release", "route", "--key", "acme-internal", "--key", "globex", env=env)
+    assert routed.stdout.splitlines() == [
+        "acme-internal candidate smol-v2 internal tenant acme-internal",
+        "globex stable smol-v1 stage internal: tenant not on the internal list",
+    ]
+
+    def route_run(name: str, tenant: str, n: int) -> Batch:
+        path = write(
+            tmp_path / f"{name}.jsonl", [line(f"{name}-{i}", max_tokens=4) for i in range(n)]
+        )
+        ran = cmd(
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "route-batch/default",
+            "--param",
+            f"input={path}",
+            "--param",
+            f"tenant={tenant}",
+            "--watch",
+            env=env,
+            timeout=600,
+        )
+        assert ran.returncode == 0, ran.stdout[-3000:]
+        with session(store) as s:
+            batch = s.scalar(select(Batch).where(Batch.input_path == str(path)))
+        assert batch is not None
+        return batch
+
+    with workers(env, tmp_path, "cpu-local", "control"):
+        internal = route_run("internal", "acme-internal", 5)
+        assert (internal.release_track, internal.release_version) == ("candidate", "smol-v2")
+        assert internal.status == "completed" and internal.model_version  # the engine's weights
+        other = route_run("other", "globex", 3)
+        assert (other.release_track, other.release_version) == ("stable", "smol-v1")
+
+        # A candidate whose server answers every request with a 500: after the minimum sample
+        # the router rolls the release back, says why, and new batches go to stable.
+        with FaultProxy(vllm_server.removesuffix("/v1"), lambda n: "500") as proxy:
+            with api(env):
+                OpenAIServer(base_url=proxy.url, max_attempts=1).save(
+                    "bad-candidate", overwrite=True
+                )
+            staged = cmd(
+                oq,
+                "release",
+                "set",
+                "--candidate-engine",
+                "openai-server/bad-candidate",
+                "--stage",
+                "full",
+                env=env,
+            )
+            assert staged.returncode == 0, staged.stderr[-2000:]
+            bad = route_run("bad", "globex", 8)
+        assert bad.release_track == "candidate"
+        shown = cmd(oq, "release", "show", env=env).stdout
+        assert "stage" in shown and " off" in shown.split("stage", 1)[1].splitlines()[0]
+        after = route_run("after", "globex", 2)
+        assert after.release_track == "stable"
+
+    with api(env), get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+        rollback = [a for a in artifacts if a.key == "release-default-rollback"]
+        assert rollback and "error rate" in str(rollback[0].data)
+    events = httpx.post(
+        f"{env['PREFECT_API_URL']}/events/filter",
+        json={"filter": {"event": {"name": ["offline-queue.release.rolled-back"]}}},
+        timeout=10,
+    ).json()
+    assert events["events"], events

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
+from offline_queue.release import TrackStats, percentile
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.tables import Batch, CachedResult, Request, Result
 from offline_queue.validate import Accepted, Rejected
@@ -108,6 +109,12 @@ def register_batch(
         )
         s.add(batch)
     return batch, True
+
+
+def label_batch(db: str, batch_id: str, **fields: Any) -> None:
+    """Set descriptive fields of a batch (release track and version, ...)."""
+    with session(db) as s:
+        s.execute(update(Batch).where(Batch.id == batch_id).values(**fields))
 
 
 def get_batch(db: str, batch_id: str) -> Batch | None:
@@ -540,6 +547,39 @@ def progress(db: str, batch_id: str) -> Progress:
         total, ok, p.prompt_tokens, p.completion_tokens, p.reused = (int(v) for v in row)
         p.completed, p.failed = ok, total - ok
         return p
+
+
+def track_stats(db: str, track: str, version: str, since: float) -> TrackStats:
+    """What one release track did since `since`: requests, model errors (not rejected input
+    lines), latency percentiles and output speed."""
+    with session(db, readonly=True) as s:
+        batch_ids = list(
+            s.scalars(
+                select(Batch.id).where(
+                    Batch.release_track == track,
+                    Batch.release_version == version,
+                    Batch.created_at >= int(since),
+                )
+            )
+        )
+        rows = s.execute(
+            select(Result.ok, Result.latency_ms, Result.completion_tokens, Result.finished_at)
+            .where(Result.batch_id.in_(batch_ids))
+            .where(or_(Result.status_code.is_not(None), Result.ok))
+        ).all()
+    latencies = [r.latency_ms for r in rows if r.ok and r.latency_ms is not None]
+    spans = [
+        (r.finished_at - (r.latency_ms or 0) / 1000, r.finished_at) for r in rows if r.finished_at
+    ]
+    return TrackStats(
+        batches=len(batch_ids),
+        requests=len(rows),
+        failed=sum(1 for r in rows if not r.ok),
+        p50_ms=percentile(latencies, 0.5),
+        p95_ms=percentile(latencies, 0.95),
+        output_tokens=sum(r.completion_tokens for r in rows),
+        seconds=(max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0,
+    )
 
 
 def settled_requests(db: str, batch_id: str) -> int:

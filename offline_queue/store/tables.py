@@ -28,6 +28,7 @@ class Base(DeclarativeBase):
 
 class Batch(Base):
     __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_release", "release_track", "release_version"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
@@ -42,6 +43,9 @@ class Batch(Base):
     weight: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     metadata_json: Mapped[str | None] = mapped_column(Text)
+    release_track: Mapped[str | None] = mapped_column(String(16))
+    """stable or candidate, when a gray-release router sent the batch; None otherwise."""
+    release_version: Mapped[str | None] = mapped_column(String(256))
     errors_json: Mapped[str | None] = mapped_column(Text)
     total_lines: Mapped[int] = mapped_column(Integer, default=0)
     ingested_through: Mapped[int] = mapped_column(Integer, default=0)
