@@ -36,7 +36,7 @@ from pydantic import BaseModel  # noqa: E402
 from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
 from blocks.store import store_url  # noqa: E402
 from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
-from offline_queue.formats import BatchObject, RunStats  # noqa: E402
+from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
 from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
@@ -174,11 +174,14 @@ def finalize(db: str, batch_id: str, model_version: str | None, run: RunStats) -
     """Output and error files from the store, final counts, and a summary for the UI."""
     batch = queue.get_batch(db, batch_id)
     assert batch is not None
-    if batch.status not in ("completed", "failed"):
+    stopped = _stop_reason(db, batch_id)
+    if batch.status not in TERMINAL_STATUSES:
         queue.set_status(db, batch_id, "finalizing")
     outputs, errors = write_files(db, batch)
     status = "completed" if outputs or not errors else "failed"
-    if batch.status in ("completed", "failed"):
+    if stopped:
+        status = "cancelled" if stopped[0] == "batch_cancelled" else "expired"
+    if batch.status in TERMINAL_STATUSES:
         status = batch.status
     queue.set_status(
         db,
@@ -284,6 +287,9 @@ def batch_inference(
         queue.label_batch(db_url, bid, release_track=release_track, release_version=release_version)
     accepted = validate_and_queue(db_url, bid, submitted.content_hash, submitted.created_at)
 
+    stopped = _stop_reason(db_url, bid)
+    if stopped:
+        queue.drop_queued(db_url, bid, *stopped)
     run = RunStats(reused=queue.settled_requests(db_url, bid))
     model_version = None
     if accepted > run.reused:
@@ -340,6 +346,9 @@ def infer_all(
     )
     try:
         while True:
+            stop_reason = _stop_reason(db, batch_id)
+            if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
+                queue.drop_queued(db, batch_id, *stop_reason)
             report = infer_chunk(
                 db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper, share
             )
@@ -360,6 +369,17 @@ def infer_all(
         keeper.stop()
         if share is not None:
             share.stop()
+
+
+def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
+    batch = queue.get_batch(db, batch_id)
+    if batch is None:
+        return None
+    if batch.status == "cancelling":
+        return "batch_cancelled", "the batch was cancelled before this request ran"
+    if batch.expires_at and time.time() > batch.expires_at:
+        return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"
+    return None
 
 
 def _percent(p: queue.Progress, total: int) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 
 from offline_queue.formats import (
+    TERMINAL_STATUSES,
     BatchErrors,
     BatchObject,
     LineError,
@@ -30,7 +31,7 @@ def default_outputs(input_path: Path) -> tuple[Path, Path]:
 def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObject:
     p = queue.progress(db, batch.id)
     total = batch.total_lines if batch.ingest_done else p.completed + p.failed + p.pending
-    finished = batch.status in ("completed", "failed")
+    finished = batch.status in TERMINAL_STATUSES
     errors = None
     if batch.errors_json:
         errors = BatchErrors(data=[LineError(**e) for e in orjson.loads(batch.errors_json)])

@@ -117,6 +117,40 @@ def label_batch(db: str, batch_id: str, **fields: Any) -> None:
         s.execute(update(Batch).where(Batch.id == batch_id).values(**fields))
 
 
+def request_cancel(db: str, batch_id: str) -> None:
+    """Ask a batch to stop: its worker cancels what is still queued at the next chunk."""
+    with session(db) as s:
+        s.execute(
+            update(Batch)
+            .where(
+                Batch.id == batch_id,
+                Batch.status.not_in(["completed", "failed", "cancelled", "expired"]),
+            )
+            .values(status="cancelling", cancelling_at=int(time.time()))
+        )
+
+
+def drop_queued(db: str, batch_id: str, code: str, message: str) -> int:
+    """Every still-queued request of the batch gets its error row (`code`) and leaves the
+    queue; requests in flight finish. Returns how many were dropped."""
+    now = time.time()
+    with session(db) as s:
+        rows = s.execute(
+            update(Request)
+            .where(Request.batch_id == batch_id, Request.state == "queued")
+            .values(state="terminated", last_error=message)
+            .returning(Request.line_no, Request.custom_id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        error = LineError(code=code, message=message)
+        _insert_ignoring_conflicts(
+            s,
+            Result.__table__,
+            [_error_result(batch_id, line, cid, error, None, now) for line, cid in rows],
+        )
+    return len(rows)
+
+
 def get_batch(db: str, batch_id: str) -> Batch | None:
     with session(db, readonly=True) as s:
         return s.get(Batch, batch_id)
@@ -127,7 +161,12 @@ def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
     now = int(time.time())
     values: dict[str, Any] = {"status": status, **fields}
     stamp = {"in_progress": "in_progress_at", "finalizing": "finalizing_at"}.get(status)
-    stamp = stamp or {"completed": "completed_at", "failed": "failed_at"}.get(status)
+    stamp = stamp or {
+        "completed": "completed_at",
+        "failed": "failed_at",
+        "cancelled": "cancelled_at",
+        "expired": "expired_at",
+    }.get(status)
     with session(db) as s:
         batch = s.get(Batch, batch_id)
         if batch is None:

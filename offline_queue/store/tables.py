@@ -28,7 +28,10 @@ class Base(DeclarativeBase):
 
 class Batch(Base):
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_release", "release_track", "release_version"),)
+    __table_args__ = (
+        Index("ix_batches_release", "release_track", "release_version"),
+        Index("ix_batches_tenant_created", "tenant", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
@@ -57,6 +60,15 @@ class Batch(Base):
     finalizing_at: Mapped[int | None] = mapped_column(BigInteger)
     completed_at: Mapped[int | None] = mapped_column(BigInteger)
     failed_at: Mapped[int | None] = mapped_column(BigInteger)
+    # The HTTP API's view of a batch: who owns it, what file it came from, its window.
+    tenant: Mapped[str | None] = mapped_column(String(128))
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    completion_window: Mapped[str | None] = mapped_column(String(16))
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    """Past it, what is not done is dropped as `expired` (what finished is delivered)."""
+    cancelling_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
+    expired_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Request(Base):
@@ -145,3 +157,29 @@ class EngineShare(Base):
     """1 critical, 2 standard, 3 bulk: lower goes first."""
     weight: Mapped[int] = mapped_column(Integer)
     heartbeat: Mapped[float] = mapped_column(Float, index=True)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """SHA-256 of the key: the key itself is shown once and never stored."""
+    tenant: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class StoredFile(Base):
+    """A file uploaded through /v1/files (streamed to disk; this row points at it)."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant", "tenant"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    filename: Mapped[str] = mapped_column(Text)
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,266 @@
+"""The batch API over real HTTP on loopback, driven by the official `openai` SDK: the round trip,
+tenant isolation, 401s, limits, backpressure, idempotency, cancel, expiry, many submitters."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from sqlalchemy import func, select
+
+from offline_queue.store.db import session
+from offline_queue.store.tables import Batch
+from offline_queue.validate import Limits
+from tests.conftest import free_port, wait_for
+from tests.test_pipeline import line, write
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+class Api:
+    def __init__(self, url: str, db: str):
+        self.url, self.db = url, db
+
+    def key(self, tenant: str) -> str:
+        from offline_queue.api.auth import create_key
+
+        return create_key(self.db, tenant)
+
+    def client(self, tenant: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=self.key(tenant), max_retries=0)
+
+
+@pytest.fixture
+def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
+    """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine."""
+    from offline_queue.api.app import ApiSettings, create_app
+
+    settings = ApiSettings(
+        db=pg_url,
+        data_dir=tmp_path / "api",
+        engine=vllm_server,
+        workers=4,
+        chunk_size=16,
+        limits=Limits(max_line_bytes=4096, max_lines=300, max_file_bytes=2_000_000),
+        max_queued={"critical": 1000, "standard": 40, "bulk": 1000},
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=30)
+    try:
+        yield Api(f"http://127.0.0.1:{port}/v1", pg_url)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def upload(client: openai.OpenAI, path: Path) -> Any:
+    with path.open("rb") as f:
+        return client.files.create(file=f, purpose="batch")
+
+
+def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 300) -> Any:
+    return wait_for(
+        lambda: (
+            (b := client.batches.retrieve(batch_id)).status
+            in ("completed", "failed", "cancelled", "expired")
+            and b
+        ),
+        timeout=timeout,
+        interval=0.5,
+    )
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def test_sdk_round_trip(api: Api, tmp_path: Path) -> None:
+    client = api.client("acme")
+    path = write(tmp_path / "in.jsonl", [line(f"r{i}", max_tokens=6) for i in range(6)] + ["oops"])
+    f = upload(client, path)
+    assert f.purpose == "batch" and f.bytes == path.stat().st_size
+    batch = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"tier": "critical", "project": "demo"},
+    )
+    assert batch.status in ("validating", "in_progress", "completed")
+    done = wait_terminal(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts.total == 7 and done.request_counts.completed == 6
+    assert done.metadata == {"tier": "critical", "project": "demo"}
+    outputs = lines_of(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in outputs) == [f"r{i}" for i in range(6)]
+    errors = lines_of(client, done.error_file_id)
+    assert len(errors) == 1 and "line 7: not JSON" in errors[0]["error"]["message"]
+    listed = client.batches.list(limit=10)
+    assert [b.id for b in listed.data] == [batch.id]
+
+
+def test_tenants_are_isolated_and_keys_required(api: Api, tmp_path: Path) -> None:
+    a, b = api.client("tenant-a"), api.client("tenant-b")
+    f = upload(a, write(tmp_path / "a.jsonl", [line("x", max_tokens=2)]))
+    batch = a.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.NotFoundError):
+        b.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        b.batches.cancel(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        b.files.retrieve(f.id)
+    with pytest.raises(openai.NotFoundError):
+        b.files.content(f.id)
+    with pytest.raises(openai.NotFoundError):  # B cannot start a batch on A's file either
+        b.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert b.batches.list().data == []
+    wait_terminal(a, batch.id)
+    with pytest.raises(openai.NotFoundError):
+        b.files.content(f"{batch.id}-output")
+
+    bad = openai.OpenAI(base_url=api.url, api_key="oq-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.batches.list()
+    assert httpx.get(f"{api.url}/batches").status_code == 401
+
+
+def test_limits_and_backpressure(api: Api, tmp_path: Path) -> None:
+    client = api.client("acme")
+    long_line = write(
+        tmp_path / "long.jsonl", [line("x", messages=[{"role": "user", "content": "y" * 5000}])]
+    )
+    with pytest.raises(openai.APIStatusError) as err:
+        upload(client, long_line)
+    assert err.value.status_code == 413 and "max_line_bytes" in str(err.value)
+    many = write(tmp_path / "many.jsonl", [line(f"m{i}") for i in range(301)])
+    with pytest.raises(openai.BadRequestError, match="max_lines"):
+        upload(client, many)
+
+    # The standard tier takes 40 waiting requests; a 30-line batch fits, a second one does not.
+    f = upload(
+        client, write(tmp_path / "thirty.jsonl", [line(f"t{i}", max_tokens=2) for i in range(30)])
+    )
+    first = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert refused.value.response.headers["retry-after"]
+    with session(api.db) as s:  # nothing half-created
+        assert s.scalar(select(func.count()).select_from(Batch)) == 1
+    # Once the tier has room again, the same Idempotency-Key returns the same batch.
+    wait_terminal(client, first.id)
+    k1 = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={"Idempotency-Key": "nightly-7"},
+    )
+    k2 = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={"Idempotency-Key": "nightly-7"},
+    )
+    assert k1.id == k2.id
+    wait_terminal(client, k1.id)
+
+
+def test_cancel_and_expiry_deliver_what_finished(api: Api, tmp_path: Path) -> None:
+    client = api.client("acme")
+    items = [line(f"c{i}", max_tokens=24, ignore_eos=True, temperature=0.7) for i in range(200)]
+    f = upload(client, write(tmp_path / "big.jsonl", items))
+    meta = {"tier": "bulk"}
+    batch = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h", metadata=meta
+    )
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 16, timeout=120)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = wait_terminal(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    outputs, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
+    ids = Counter(o["custom_id"] for o in outputs + errors)
+    assert len(ids) == 200 and set(ids.values()) == {1}
+    assert 16 <= len(outputs) < 200
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+
+    expiring = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="4s", metadata=meta
+    )
+    done = wait_terminal(client, expiring.id)
+    assert done.status == "expired" and done.expired_at
+    outputs, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
+    assert len(outputs) + len(errors) == 200 and len(errors) > 0
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+def test_a_hundred_concurrent_submitters(api: Api, tmp_path: Path) -> None:
+    keys = [api.key(f"t{i % 10}") for i in range(100)]
+    path = write(tmp_path / "two.jsonl", [line("a", max_tokens=2), line("b", max_tokens=2)])
+    body = path.read_bytes()
+    results: list[tuple[int, str | None]] = []
+    lock = threading.Lock()
+
+    def submit(key: str) -> None:
+        with httpx.Client(
+            base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as c:
+            f = c.post("/files", files={"file": ("two.jsonl", body)}, data={"purpose": "batch"})
+            assert f.status_code == 200, f.text
+            r = c.post(
+                "/batches",
+                json={
+                    "input_file_id": f.json()["id"],
+                    "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h",
+                },
+            )
+            with lock:
+                results.append((r.status_code, r.json().get("id")))
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = Counter(code for code, _ in results)
+    assert len(results) == 100 and set(codes) <= {200, 429}, codes
+    accepted = [bid for code, bid in results if code == 200]
+    assert codes[200] > 0 and codes[429] > 0  # the tier filled up and refused the rest
+    assert len(set(accepted)) == len(accepted)
+    with session(api.db) as s:
+        stored = set(s.scalars(select(Batch.id)))
+    assert stored == set(accepted)  # none lost, none extra
+    wait_for(
+        lambda: all(b.status == "completed" for b in _batches(api.db)), timeout=300, interval=1
+    )
+    with session(api.db) as s:  # every accepted batch answered both of its lines, once
+        from offline_queue.store.tables import Result
+
+        per_batch = Counter(s.scalars(select(Result.batch_id).where(Result.ok)))
+    assert per_batch == dict.fromkeys(accepted, 2)
+
+
+def _batches(db: str) -> list[Batch]:
+    with session(db) as s:
+        return list(s.scalars(select(Batch)))
