@@ -282,7 +282,7 @@ class BatchObject(BaseModel):
     metadata: dict[str, str] | None = None
     usage: Usage = Field(default_factory=Usage)
     model_version: str | None = None
-    input_file: str
+    input_file: str | None = None
     output_file: str | None = None
     error_file: str | None = None
     run: RunStats | None = None

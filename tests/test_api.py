@@ -264,3 +264,35 @@ def test_a_hundred_concurrent_submitters(api: Api, tmp_path: Path) -> None:
 def _batches(db: str) -> list[Batch]:
     with session(db) as s:
         return list(s.scalars(select(Batch)))
+
+
+def test_cli_against_the_api_and_the_store(api: Api, tmp_path: Path, prefect_api: str) -> None:
+    from tests.conftest import cli_env, run_cli
+
+    env = cli_env(
+        prefect_api, OFFLINE_QUEUE_API_KEY=api.key("cli-tenant"), OFFLINE_QUEUE_API=api.url
+    )
+    path = write(tmp_path / "cli.jsonl", [line(f"q{i}", max_tokens=4) for i in range(4)])
+    submitted = run_cli("submit", str(path), "--tier", "critical", "--wait", env=env)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    batch_id = submitted.stdout.splitlines()[0].strip()
+    assert batch_id.startswith("batch_") and "completed" in submitted.stdout
+
+    listed = run_cli("status", env=env)
+    assert batch_id in listed.stdout and "completed" in listed.stdout
+    out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    fetched = run_cli("results", batch_id, "-o", str(out), "--errors", str(err), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [
+        f"q{i}" for i in range(4)
+    ]
+    assert err.read_text() == ""
+    assert "completed" in run_cli("cancel", batch_id, env=env).stdout  # too late: it stays done
+
+    # The same batch read straight from the store, with no API in between.
+    store_env = {k: v for k, v in env.items() if k != "OFFLINE_QUEUE_API"}
+    direct = run_cli("status", batch_id, "--db", api.db, "--json", env=store_env)
+    assert json.loads(direct.stdout.splitlines()[-1])["status"] == "completed"
+    other = api.client("someone-else")
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch_id)

@@ -1,0 +1,111 @@
+"""Where the CLI reads batches from: the batch API (`--api`, key from OFFLINE_QUEUE_API_KEY) or
+the store directly (`--db`). Both give batch objects in OpenAI's shape."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from sqlalchemy import select
+
+from offline_queue.batches import batch_object
+from offline_queue.store import queue
+from offline_queue.store.db import session
+from offline_queue.store.tables import Batch
+
+
+class BatchSource(Protocol):
+    def get(self, batch_id: str) -> dict[str, Any] | None: ...
+    def recent(self, limit: int) -> list[dict[str, Any]]: ...
+    def cancel(self, batch_id: str) -> dict[str, Any] | None: ...
+    def download(self, batch: dict[str, Any], which: str, dest: Path) -> int: ...
+
+
+class StoreSource:
+    def __init__(self, db: str):
+        self.db = db
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        batch = queue.get_batch(self.db, batch_id)
+        return batch_object(self.db, batch).model_dump(mode="json") if batch else None
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        with session(self.db, readonly=True) as s:
+            rows = list(s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)))
+        return [batch_object(self.db, b).model_dump(mode="json") for b in rows]
+
+    def cancel(self, batch_id: str) -> dict[str, Any] | None:
+        queue.request_cancel(self.db, batch_id)
+        return self.get(batch_id)
+
+    def download(self, batch: dict[str, Any], which: str, dest: Path) -> int:
+        path = batch.get("output_file" if which == "output" else "error_file")
+        if not path:
+            raise FileNotFoundError(f"{batch['id']} has no {which} file yet ({batch['status']})")
+        shutil.copyfile(path, dest)
+        return dest.stat().st_size
+
+
+class ApiSource:
+    def __init__(self, url: str, key: str | None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60)
+
+    def _json(self, response: httpx.Response) -> dict[str, Any] | None:
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            message = response.json().get("error", {}).get("message", response.text)
+            raise RuntimeError(f"{response.status_code}: {message}")
+        data: dict[str, Any] = response.json()
+        return data
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        return self._json(self.client.get(f"/batches/{batch_id}"))
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        page = self._json(self.client.get("/batches", params={"limit": limit})) or {}
+        return list(page.get("data", []))
+
+    def cancel(self, batch_id: str) -> dict[str, Any] | None:
+        return self._json(self.client.post(f"/batches/{batch_id}/cancel"))
+
+    def submit(self, path: Path, tier: str) -> dict[str, Any]:
+        with path.open("rb") as f:
+            uploaded = self._json(
+                self.client.post(
+                    "/files", files={"file": (path.name, f)}, data={"purpose": "batch"}
+                )
+            )
+        assert uploaded is not None
+        endpoint = "/v1/chat/completions"
+        batch = self._json(
+            self.client.post(
+                "/batches",
+                json={
+                    "input_file_id": uploaded["id"],
+                    "endpoint": endpoint,
+                    "completion_window": "24h",
+                    "metadata": {"tier": tier},
+                },
+            )
+        )
+        assert batch is not None
+        return batch
+
+    def download(self, batch: dict[str, Any], which: str, dest: Path) -> int:
+        file_id = batch.get("output_file_id" if which == "output" else "error_file_id")
+        if not file_id:
+            raise FileNotFoundError(f"{batch['id']} has no {which} file yet ({batch['status']})")
+        size = 0
+        with (
+            self.client.stream("GET", f"/files/{file_id}/content") as response,
+            dest.open("wb") as out,
+        ):
+            response.raise_for_status()
+            for block in response.iter_bytes():
+                out.write(block)
+                size += len(block)
+        return size
