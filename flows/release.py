@@ -61,6 +61,10 @@ def check_guards(policy_name: str, db: str) -> str | None:
     stable = queue.track_stats(db, "stable", block.stable_version, since)
     candidate = queue.track_stats(db, "candidate", block.candidate_version, since)
     rows = _stats_rows(stable, candidate)
+    pairs, same = queue.track_agreement(db, block.stable_version, block.candidate_version, since)
+    agreement = f"{same}/{pairs} ({same / pairs:.0%})" if pairs else "no shared requests"
+    for row in rows:
+        row["same answer as the other track"] = agreement
     create_table_artifact(
         key=f"release-{policy_name}-report",
         table=rows,

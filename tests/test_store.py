@@ -19,7 +19,7 @@ from offline_queue.store.tables import Request, Result
 from offline_queue.validate import Limits, inspect_file, validate_file
 
 
-def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0) -> str:
+def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r") -> str:
     path = tmp_path / f"in-{n}.jsonl"
     with path.open("w") as f:
         for i in range(n):
@@ -29,7 +29,7 @@ def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0) -> str:
             f.write(
                 json.dumps(
                     {
-                        "custom_id": f"r{i}",
+                        "custom_id": f"{tag}{i}",
                         "method": "POST",
                         "url": "/v1/chat/completions",
                         "body": body,
@@ -229,3 +229,49 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
         assert s.scalar(select(func.count()).select_from(Request)) == 90
         rejected = s.scalars(select(Result.line_no).order_by(Result.line_no)).all()
     assert rejected == list(range(91, 101))
+
+
+def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None:
+    """Both tracks answered the same deterministic requests: agreement counts equal answers;
+    track stats count model errors, not rejected input lines."""
+    import orjson
+
+    from offline_queue.store.tables import Batch
+
+    def answer(text: str) -> str:
+        return orjson.dumps({"choices": [{"message": {"content": text}}]}).decode()
+
+    ids = {}
+    for track, version, texts in (
+        ("stable", "v1", ["a", "b", "c"]),
+        ("candidate", "v2", ["a", "b", "X"]),
+    ):
+        (tmp_path / track).mkdir()
+        bid = make_batch(db_url, tmp_path / track, 4, bad_every=4, tag=track)  # line 1 rejected
+        ids[track] = bid
+        queue.label_batch(db_url, bid, release_track=track, release_version=version)
+        c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
+        assert c is not None and len(c.requests) == 3
+        with session(db_url) as s:  # the same canonical bodies in both batches
+            for r in c.requests:
+                s.get(Request, r.id).cache_digest = f"digest-{r.line_no}"  # type: ignore[union-attr]
+        outcomes = [
+            queue.Outcome(
+                r,
+                Reply(
+                    ok=True,
+                    body=answer(t),
+                    completion_tokens=2,
+                    latency_ms=10.0,
+                    finished_at=time.time(),
+                ),
+            )
+            for r, t in zip(c.requests, texts, strict=True)
+        ]
+        queue.settle(db_url, bid, c, outcomes, 3)
+    assert queue.track_agreement(db_url, "v1", "v2", 0) == (3, 2)
+    stats = queue.track_stats(db_url, "candidate", "v2", 0)
+    assert (stats.batches, stats.requests, stats.failed) == (1, 3, 0)  # rejected line not counted
+    assert stats.p95_ms == 10.0
+    with session(db_url) as s:
+        assert s.get(Batch, ids["stable"]).release_version == "v1"  # type: ignore[union-attr]

@@ -621,6 +621,40 @@ def track_stats(db: str, track: str, version: str, since: float) -> TrackStats:
     )
 
 
+def _answer_text(body: str) -> str:
+    choice = orjson.loads(body)["choices"][0]
+    return str(choice.get("text") or (choice.get("message") or {}).get("content") or "")
+
+
+def track_agreement(
+    db: str, stable_version: str, candidate_version: str, since: float
+) -> tuple[int, int]:
+    """(pairs, agreeing): deterministic requests (same canonical body) that both tracks
+    answered since `since`, and how many of those got the same first answer."""
+    answers: dict[str, dict[str, str]] = {}
+    with session(db, readonly=True) as s:
+        for track, version in (("stable", stable_version), ("candidate", candidate_version)):
+            rows = s.execute(
+                select(Request.cache_digest, Result.body)
+                .join(Batch, Batch.id == Request.batch_id)
+                .join(
+                    Result,
+                    and_(Result.batch_id == Request.batch_id, Result.line_no == Request.line_no),
+                )
+                .where(
+                    Batch.release_track == track,
+                    Batch.release_version == version,
+                    Batch.created_at >= int(since),
+                    Request.cache_digest.is_not(None),
+                    Result.ok,
+                )
+            )
+            answers[track] = {digest: _answer_text(body) for digest, body in rows}
+    shared = answers["stable"].keys() & answers["candidate"].keys()
+    same = sum(1 for d in shared if answers["stable"][d] == answers["candidate"][d])
+    return len(shared), same
+
+
 def settled_requests(db: str, batch_id: str) -> int:
     """Accepted requests that already have their result (completed or terminated)."""
     with session(db, readonly=True) as s:
