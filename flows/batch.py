@@ -170,7 +170,9 @@ def infer_chunk(
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize(db: str, batch_id: str, model_version: str | None, run: RunStats) -> BatchObject:
+def finalize(
+    db: str, batch_id: str, model_version: str | None, run: RunStats, engine: str
+) -> BatchObject:
     """Output and error files from the store, final counts, and a summary for the UI."""
     batch = queue.get_batch(db, batch_id)
     assert batch is not None
@@ -194,6 +196,7 @@ def finalize(db: str, batch_id: str, model_version: str | None, run: RunStats) -
     assert final is not None
     obj = batch_object(db, final, run)
     counts = obj.request_counts
+    speed = queue.batch_stats(db, [batch_id])
     summary: list[dict[str, Any]] = [
         {"field": "status", "value": obj.status},
         {"field": "requests", "value": counts.total},
@@ -203,6 +206,12 @@ def finalize(db: str, batch_id: str, model_version: str | None, run: RunStats) -
         {"field": "reused (resume, cache)", "value": run.reused},
         {"field": "input tokens", "value": obj.usage.input_tokens},
         {"field": "output tokens", "value": obj.usage.output_tokens},
+        {
+            "field": "latency p50 / p95 ms",
+            "value": f"{speed.p50_ms or 0:.0f} / {speed.p95_ms or 0:.0f}",
+        },
+        {"field": "output tokens/s", "value": round(speed.tokens_per_second, 1)},
+        {"field": "engine", "value": engine},
         {"field": "model version", "value": obj.model_version},
     ]
     create_table_artifact(
@@ -302,7 +311,8 @@ def batch_inference(
             db_url, participant, chunk_size, max_attempts, engine_block, lease_seconds, run
         )
 
-    return finalize(db_url, bid, model_version, run).model_dump(mode="json")
+    engine_label = engine or f"vllm in process ({model or 'bundled model'})"
+    return finalize(db_url, bid, model_version, run, engine_label).model_dump(mode="json")
 
 
 def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = None) -> None:

@@ -137,6 +137,19 @@ def test_mixed_batch_end_to_end(db_url: str, tmp_path: Path) -> None:
     assert "duplicate 'chat-1'" in errs[14]["error"]["message"]
     assert "body.best_of: unknown field" in errs[15]["error"]["message"]
 
+    # What the Prefect UI shows for the batch: progress at 100 %, a summary, the file locations.
+    from prefect.client.orchestration import get_client
+
+    prefix = result["id"].replace("_", "-")
+    with get_client(sync_client=True) as client:
+        artifacts = {
+            a.key: a for a in client.read_artifacts() if a.key and a.key.startswith(prefix)
+        }
+    assert artifacts[f"{prefix}-progress"].data == 100.0
+    summary = str(artifacts[f"{prefix}-summary"].data)
+    assert "latency p50 / p95 ms" in summary and "vllm in process" in summary
+    assert result["output_file"] in str(artifacts[f"{prefix}-files"].data)
+
 
 def test_rerun_reuses_everything_and_cache_serves_other_batches(
     sqlite_url: str, tmp_path: Path

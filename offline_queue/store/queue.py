@@ -601,9 +601,16 @@ def track_stats(db: str, track: str, version: str, since: float) -> TrackStats:
                 )
             )
         )
+    return batch_stats(db, batch_ids)
+
+
+def batch_stats(db: str, batch_ids: Sequence[str]) -> TrackStats:
+    """Requests, model errors (rejected input lines excluded), latency percentiles and output
+    speed of some batches."""
+    with session(db, readonly=True) as s:
         rows = s.execute(
             select(Result.ok, Result.latency_ms, Result.completion_tokens, Result.finished_at)
-            .where(Result.batch_id.in_(batch_ids))
+            .where(Result.batch_id.in_(list(batch_ids)))
             .where(or_(Result.status_code.is_not(None), Result.ok))
         ).all()
     latencies = [r.latency_ms for r in rows if r.ok and r.latency_ms is not None]
