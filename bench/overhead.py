@@ -88,15 +88,21 @@ def overhead(n: int, chunk_size: int, work: Path) -> float:
     assert result["run"]["inferred"] == n, result["run"]
     piped_tokens = result["usage"]["output_tokens"]
 
-    for name, seconds, tokens in (
+    print(f"(chunk_size {chunk_size}, {n} requests, {platform.machine()} {os.cpu_count()} cores)")
+    return compare(
+        "overhead_ratio",
         ("bare vllm.LLM.chat", bare, bare_tokens),
         ("offline-queue flow", piped, piped_tokens),
-    ):
-        print(f"{name} : {seconds:7.2f} s  {tokens} output tokens  {tokens / seconds:6.1f} tok/s")
-    print(f"(chunk_size {chunk_size}, {n} requests, {platform.machine()} {os.cpu_count()} cores)")
-    # Same prompts, greedy: the token counts should match; the ratio is per output token.
-    ratio = (piped / piped_tokens) / (bare / bare_tokens)
-    print(f"RESULT overhead_ratio {ratio:.3f}")
+    )
+
+
+def compare(name: str, baseline: tuple[str, float, int], ours: tuple[str, float, int]) -> float:
+    """Print both runs and `RESULT name ratio`: seconds per output token, ours / baseline
+    (per token, because greedy outputs of different prompts differ slightly in length)."""
+    for label, seconds, tokens in (baseline, ours):
+        print(f"{label} : {seconds:7.2f} s  {tokens} output tokens  {tokens / seconds:6.1f} tok/s")
+    ratio = (ours[1] / ours[2]) / (baseline[1] / baseline[2])
+    print(f"RESULT {name} {ratio:.3f}")
     return ratio
 
 

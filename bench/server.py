@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from bench.overhead import requests, write_jsonl  # noqa: E402
+from bench.overhead import compare, requests, write_jsonl  # noqa: E402
 
 
 def free_port() -> int:
@@ -115,14 +115,12 @@ def main() -> None:
             seconds_b = time.perf_counter() - started
             assert result["run"]["inferred"] == n, result["run"]
             tokens_b = result["usage"]["output_tokens"]
-    for name, seconds, tokens in (
+    print(f"(in flight {best}, chunk_size {args.chunk_size}, {n} requests)")
+    ratio = compare(
+        "server_overhead_ratio",
         ("plain httpx client", seconds_a, tokens_a),
         ("offline-queue flow", seconds_b, tokens_b),
-    ):
-        print(f"{name} : {seconds:7.2f} s  {tokens} output tokens  {tokens / seconds:6.1f} tok/s")
-    print(f"(in flight {best}, chunk_size {args.chunk_size}, {n} requests)")
-    ratio = (seconds_b / tokens_b) / (seconds_a / tokens_a)
-    print(f"RESULT server_overhead_ratio {ratio:.3f}")
+    )
     print(json.dumps({"knee_in_flight": best, "server_overhead_ratio": round(ratio, 3)}))
 
 

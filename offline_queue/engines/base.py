@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import orjson
 
@@ -67,3 +68,23 @@ class Engine(Protocol):
         """One reply per request, in order. Raises only when the whole engine is unusable
         (a chunk-level fault the caller retries)."""
         ...
+
+
+K = TypeVar("K", bound=Hashable)
+E = TypeVar("E")
+
+
+class PerProcess(Generic[K, E]):
+    """One engine per settings per process, made on first use and kept: loading weights or
+    opening a connection pool is paid once, however many chunks and batches follow."""
+
+    def __init__(self, make: Callable[[K], E]):
+        self._make = make
+        self._made: dict[K, E] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, settings: K) -> E:
+        with self._lock:
+            if settings not in self._made:
+                self._made[settings] = self._make(settings)
+            return self._made[settings]

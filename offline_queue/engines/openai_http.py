@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from offline_queue.engines.base import EngineRequest, Reply, Share
+from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
 from offline_queue.model import model_version as folder_version
 
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -246,14 +246,5 @@ class HttpEngine:
         return reply
 
 
-_ENGINES: dict[ServerSettings, HttpEngine] = {}
-_LOCK = threading.Lock()
-
-
-def http_engine(settings: ServerSettings) -> HttpEngine:
-    """The process's engine for this server (one connection pool, one in-flight bound)."""
-    with _LOCK:
-        engine = _ENGINES.get(settings)
-        if engine is None:
-            engine = _ENGINES[settings] = HttpEngine(settings)
-        return engine
+http_engine: PerProcess[ServerSettings, HttpEngine] = PerProcess(HttpEngine)
+"""The process's engine for a server: one connection pool, one in-flight bound."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from offline_queue.engines.base import EngineRequest, Reply, Share
+from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
 from offline_queue.engines.responses import Choice, TokenLogprob, response_body
 from offline_queue.engines.sampling import logprobs_count, sampling_kwargs, structured_outputs
@@ -237,14 +237,5 @@ class LocalVLLM:
         return str(self.tokenizer.decode([token_id]))
 
 
-_ENGINES: dict[VLLMSettings, LocalVLLM] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def local_engine(settings: VLLMSettings) -> LocalVLLM:
-    """The engine for these settings, started on first use and kept for the process's life."""
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(settings)
-        if engine is None:
-            engine = _ENGINES[settings] = LocalVLLM(settings)
-        return engine
+local_engine: PerProcess[VLLMSettings, LocalVLLM] = PerProcess(LocalVLLM)
+"""The in-process engine for these settings (started on the first chunk)."""
