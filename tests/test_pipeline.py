@@ -139,12 +139,20 @@ def test_mixed_batch_end_to_end(db_url: str, tmp_path: Path) -> None:
 
     # What the Prefect UI shows for the batch: progress at 100 %, a summary, the file locations.
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     prefix = result["id"].replace("_", "-")
+    keys = [f"{prefix}-{what}" for what in ("progress", "summary", "files")]
     with get_client(sync_client=True) as client:
-        artifacts = {
-            a.key: a for a in client.read_artifacts() if a.key and a.key.startswith(prefix)
-        }
+        newest_first = client.read_artifacts(  # keys repeat per run: this run's are the newest
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=50,
+        )
+    artifacts: dict[str, Any] = {}
+    for a in newest_first:
+        artifacts.setdefault(str(a.key), a)
     assert artifacts[f"{prefix}-progress"].data == 100.0
     summary = str(artifacts[f"{prefix}-summary"].data)
     assert "latency p50 / p95 ms" in summary and "vllm in process" in summary
