@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from offline_queue.engines.base import Reply
+from offline_queue.retry import RetryPolicy
 from offline_queue.store import queue
 from offline_queue.store.db import session
 from offline_queue.store.tables import Request, Result
@@ -150,7 +151,7 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
     db_url: str, tmp_path: Path
 ) -> None:
     bid = make_batch(db_url, tmp_path, 2)
-    policy = queue.RetryPolicy(base_seconds=0.05, cap_seconds=0.05)
+    policy = RetryPolicy(base_seconds=0.05, cap_seconds=0.05)
     fail = Reply.error(503, "engine_unavailable", "busy", retriable=True)
     outcomes = []
     for _attempt in range(3):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import orjson
 
 from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
 from offline_queue.model import model_version as folder_version
+from offline_queue.retry import RetryPolicy
 
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -217,8 +217,7 @@ class HttpEngine:
             if attempt >= s.max_attempts:
                 return last
             if delay is None:
-                delay = min(s.backoff_cap_seconds, s.backoff_seconds * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.5)
+                delay = RetryPolicy(s.backoff_seconds, s.backoff_cap_seconds).delay(attempt)
             await asyncio.sleep(delay)
 
     def _from_response(self, response: httpx.Response, latency_ms: float) -> Reply:

@@ -9,7 +9,6 @@ worker whose lease expired inserts nothing.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import time
 import uuid
@@ -25,6 +24,7 @@ from sqlalchemy.orm import Session
 from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
 from offline_queue.release import TrackStats, percentile
+from offline_queue.retry import RetryPolicy
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.tables import Batch, CachedResult, Request, Result
 from offline_queue.validate import Accepted, Rejected
@@ -41,20 +41,6 @@ def response_id() -> str:
 
 class BatchConflict(ValueError):
     """An explicit batch id or idempotency key already names a batch with other content."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Per-request retry of retriable failures, with exponential backoff and jitter."""
-
-    base_seconds: float = 1.0
-    """The first retry waits about this long; each later one twice as long as the one before."""
-    cap_seconds: float = 60.0
-    """No single wait is longer; keeps a long outage from parking requests for hours."""
-
-    def delay(self, attempts: int) -> float:
-        raw = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
-        return raw * random.uniform(0.5, 1.5)
 
 
 # ---- batches ------------------------------------------------------------------------------
