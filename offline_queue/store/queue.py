@@ -142,25 +142,32 @@ def get_batch(db: str, batch_id: str) -> Batch | None:
         return s.get(Batch, batch_id)
 
 
+_STAMPS = {
+    "in_progress": "in_progress_at",
+    "finalizing": "finalizing_at",
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "cancelled": "cancelled_at",
+    "expired": "expired_at",
+}
+
+
 def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
-    """Move a batch to `status`, stamping `<status>_at` the first time it gets there."""
-    now = int(time.time())
-    values: dict[str, Any] = {"status": status, **fields}
-    stamp = {"in_progress": "in_progress_at", "finalizing": "finalizing_at"}.get(status)
-    stamp = stamp or {
-        "completed": "completed_at",
-        "failed": "failed_at",
-        "cancelled": "cancelled_at",
-        "expired": "expired_at",
-    }.get(status)
+    """Move a batch to `status`, stamping `<status>_at` the first time it gets there.
+
+    A cancel that arrived meanwhile wins over a run starting: `cancelling` is not moved back
+    to `in_progress` (the worker drops the queued requests at its next chunk)."""
     with session(db) as s:
         batch = s.get(Batch, batch_id)
         if batch is None:
             raise KeyError(batch_id)
-        for key, value in values.items():
+        if batch.status == "cancelling" and status == "in_progress":
+            status = "cancelling"
+        for key, value in {"status": status, **fields}.items():
             setattr(batch, key, value)
+        stamp = _STAMPS.get(status)
         if stamp and getattr(batch, stamp) is None:
-            setattr(batch, stamp, now)
+            setattr(batch, stamp, int(time.time()))
 
 
 # ---- ingest -------------------------------------------------------------------------------
