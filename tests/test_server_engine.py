@@ -215,11 +215,12 @@ def test_weights_share_one_server_in_proportion(
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, (w, err[-2000:])
     spans = {w: _spans(pg_url, files[w]) for w in (1, 3)}
-    # The window in which both run at their full shares: from one request-time after the later
-    # batch started (the earlier one's requests sent alone have finished, shares have been
-    # re-read) to the last request sent by the first batch to run out of work.
-    latency = sorted(b - a for d in spans.values() for a, b in d)[len(spans[1])]
-    t0 = max(d[0][0] for d in spans.values()) + latency + 1.0
+    # The window in which both run at their full shares: from when the last request the earlier
+    # batch sent before its share was re-read (the later one's start + 2 beats) was answered,
+    # to the last request sent by the first batch to run out of work. A fixed latency after the
+    # start is not enough: the earlier batch's solo requests queue behind the newcomer's.
+    joined = max(d[0][0] for d in spans.values()) + 2.0
+    t0 = max(b for d in spans.values() for a, b in d if a < joined)
     t1 = min(d[-1][0] for d in spans.values())
     assert t1 - t0 > 5, "the two batches hardly ran at the same time"
     # Each request counts for the part of it done inside the window (no edge bias).
