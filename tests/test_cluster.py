@@ -7,10 +7,12 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -22,6 +24,19 @@ from tests.conftest import BIN, REPO, free_port, wait_for
 from tests.test_pipeline import line, write
 
 pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags Chromium keeps dialing Google's hosts, refused on a closed network.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(os.environ.get("OQ_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +57,8 @@ def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_API_DATABASE_CONNECTION_URL=pg_server.replace("+psycopg", "+asyncpg") + f"/{name}",
-        PREFECT_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="true",  # the browser test looks at it
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",  # else the UI calls port 4200
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # schedule new deployments at once
     )
     log = (home / "server.log").open("wb")
@@ -187,11 +203,13 @@ def test_deploy_worker_and_deployment_run_end_to_end(
     assert dt.timedelta(0) < first - now <= dt.timedelta(days=1)
 
     with workers(cluster, tmp_path, "cpu-local"):
-        _end_to_end(cluster, tmp_path)
+        run_id = _end_to_end(cluster, tmp_path)
         _priority(cluster, tmp_path, vllm_server)
+    _prefect_ui_shows_the_batch(cluster, run_id)
 
 
-def _end_to_end(env: dict[str, str], tmp_path: Path) -> None:
+def _end_to_end(env: dict[str, str], tmp_path: Path) -> str:
+    """`prefect deployment run --watch` of a small batch; returns the flow run's id."""
     path = write(tmp_path / "batch.jsonl", [line(f"d{i}", max_tokens=6) for i in range(5)])
     started = time.monotonic()
     ran = cmd(
@@ -212,6 +230,51 @@ def _end_to_end(env: dict[str, str], tmp_path: Path) -> None:
     outputs = [json.loads(x) for x in path.with_name("batch.output.jsonl").read_text().splitlines()]
     assert sorted(o["custom_id"] for o in outputs) == [f"d{i}" for i in range(5)]
     assert "Completed" in ran.stdout
+    found = re.search(r"UUID: ([0-9a-f-]{36})", ran.stdout)
+    assert found, ran.stdout[-2000:]
+    return found.group(1)
+
+
+def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
+    """Headless Chromium (Debian's, driven by Playwright; no browser download) opens the flow
+    run's page in the Prefect UI and finds the batch's artifacts and its summary table."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("OQ_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
+        print(f"browser check skipped: no {CHROMIUM}")
+        return
+    from playwright.sync_api import expect, sync_playwright
+    from prefect.client.orchestration import get_client
+
+    with api(env), get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(run_id))
+    batch_id = next(t.removeprefix("batch:") for t in run.tags if t.startswith("batch:"))
+    key = batch_id.replace("_", "-").lower()
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.goto(f"{ui}/runs/flow-run/{run_id}")
+            expect(page.get_by_text(run.name).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Completed").first).to_be_visible()
+            page.get_by_text("Artifacts", exact=True).first.click()  # the run page's tab
+            # Task runs' artifacts sit in a virtual scroller: drawn only once scrolled to.
+            page.get_by_text("Task runs", exact=True).scroll_into_view_if_needed()
+            for what in ("progress", "summary", "files"):
+                expect(page.get_by_text(f"{key}-{what}", exact=True)).to_be_visible(timeout=30_000)
+            page.screenshot(path=ARTIFACTS / "prefect-ui-flow-run-artifacts.png", full_page=True)
+            # The summary card opens the table: the counts the store has.
+            page.get_by_text(f"{key}-summary", exact=True).click()
+            table = page.get_by_role("table")
+            expect(table).to_contain_text("completed")
+            row = table.get_by_role("row").filter(has_text="requests")
+            expect(row).to_contain_text("5")
+            page.screenshot(path=ARTIFACTS / "prefect-ui-batch-summary.png", full_page=True)
+        finally:
+            browser.close()
+    print(f"Prefect UI screenshots in {ARTIFACTS}")
 
 
 def _priority(env: dict[str, str], tmp_path: Path, server_url: str) -> None:
