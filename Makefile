@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ENGINE ?= cpu
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test browser lint bench clean
+.PHONY: setup run test browser lint bench faults clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/overhead.py
+
+# Fault schedules: SIGKILL the worker, the vLLM server, PostgreSQL, and proxy-injected engine
+# faults, 20 seeded trials of each; ends with RESULT trials|lost|duplicated (BENCHMARKS.md).
+faults: setup
+	$(BIN)/offline-queue model prepare
+	$(BIN)/python bench/faults.py --seed 7 --trials-per-kind 20 $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

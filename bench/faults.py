@@ -1,0 +1,714 @@
+"""Fault schedules: nothing is lost or done twice when things are SIGKILLed mid-batch.
+
+    .venv/bin/python bench/faults.py [--seed 7] [--trials-per-kind 20]
+                                     [--kinds worker,engine,postgres,proxy] [--requests 48]
+                                     [--out DIR]
+
+The driver starts its own services on loopback — a PostgreSQL cluster (the store), a
+`prefect server start` (every `offline-queue run` reports to it instead of starting a
+temporary server of its own), a `vllm serve` with the bundled model, and a fault-injecting
+proxy in front of it — then runs small batches with real `offline-queue run` subprocesses
+and, at a moment drawn from a seeded schedule, injects one fault per trial:
+
+- `worker`:   SIGKILL an `offline-queue run` process, then re-run it until it exits 0;
+- `engine`:   SIGKILL the vLLM server's process group and restart it (the run waits through
+              the outage, or is re-run if it gave up);
+- `postgres`: SIGKILL the postmaster and its backends, restart with `pg_ctl` (a run that died
+              of it is re-run until it exits 0);
+- `proxy`:    the run goes through the proxy, whose seeded plan mixes 500, 429, stalls and
+              mid-body resets with passed-through requests.
+
+Some trials put two workers on the same batch. After each trial the invariants are checked
+straight from the store (SQL, not the product's code) and the files: every custom_id of the
+input exactly once across output + error file, no line with two result rows, the batch in a
+terminal status, the store's counts equal to the files' lines. The end is a table and
+`RESULT trials|lost|duplicated <n>`; the exit status is 1 when anything was lost or duplicated
+or a trial never finished. `run_schedule()` is the same thing for a test (tests/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+
+from offline_queue.engines.vllm_server import ServerProcess, server_args  # noqa: E402
+from tests.faultproxy import FaultProxy  # noqa: E402
+
+KINDS = ("worker", "engine", "postgres", "proxy")
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+LEASE_SECONDS = 5  # a killed worker's chunk is claimed again after this long
+RUN_TIMEOUT = 420.0  # one `offline-queue run` invocation; longer is a hang, not slowness
+MAX_INVOCATIONS = 6  # per trial: the first run and the re-runs after faults
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise RuntimeError(f"PostgreSQL's {name} is not installed")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root: run it as the `postgres` user when we are root.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster that can be SIGKILLed and restarted in place."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data, self.sock = root / "data", root / "sock"
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/faults"
+
+    @property
+    def plain(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/faults"
+
+    def init(self) -> Postgres:
+        import psycopg
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sock.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sock, "postgres")
+        subprocess.run(
+            _as_postgres(
+                [_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        self.start()
+        base = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute('CREATE DATABASE "faults"')
+        return self
+
+    def start(self, timeout: float = 60) -> None:
+        """pg_ctl start, retried: right after a SIGKILL the old shared memory may still be
+        attached for a moment, and PostgreSQL refuses to start until it is gone."""
+        options = (
+            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=200 -c fsync=off"
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(
+                _as_postgres(
+                    [
+                        _pg_bin("pg_ctl"),
+                        "-D",
+                        str(self.data),
+                        "-o",
+                        options,
+                        "-l",
+                        str(self.root / "log"),
+                        "-w",
+                        "start",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pg_ctl start failed: {done.stdout}{done.stderr}")
+            time.sleep(0.5)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> bool:
+        """SIGKILL the postmaster and every backend at once (the server dies, as in an OOM
+        kill of the whole service); True when it was running."""
+        pid = self.postmaster_pid()
+        if pid is None or not Path(f"/proc/{pid}").exists():
+            return False
+        children = _children(pid)
+        for p in (pid, *children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 10)
+        return True
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
+            capture_output=True,
+        )
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@dataclass
+class Services:
+    """Everything a trial needs, started once per schedule."""
+
+    work: Path
+    pg: Postgres
+    prefect: subprocess.Popen[bytes]
+    prefect_api: str
+    server: ServerProcess
+    server_args: list[str]
+    server_log: IO[bytes]
+    proxy: FaultProxy
+    env: dict[str, str]
+
+    @property
+    def server_url(self) -> str:
+        return f"{self.server.base_url}/v1"
+
+    def restart_server(self) -> None:
+        self.server = ServerProcess(
+            self.server_args, "127.0.0.1", self._server_port, log=self.server_log
+        ).start()
+        self.server.wait_ready(timeout=600)
+
+    @property
+    def _server_port(self) -> int:
+        return int(self.server.base_url.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def services(work: Path, log: Callable[[str], None] = print) -> Iterator[Services]:
+    """PostgreSQL, a Prefect server, `vllm serve` and the proxy, all on loopback, all ours."""
+    from offline_queue.model import prepare_bundled_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    pg = Postgres(Path(tempfile.mkdtemp(prefix="oq-faults-pg-"))).init()
+    home = work / "prefect-home"
+    home.mkdir(exist_ok=True)
+    prefect_port = free_port()
+    prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+    env = dict(os.environ)
+    for key in ("PREFECT_API_URL", "OFFLINE_QUEUE_DB", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        env.pop(key, None)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        VLLM_LOGGING_LEVEL="WARNING",
+    )
+    prefect_log = (work / "prefect-server.log").open("wb")
+    prefect = subprocess.Popen(
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(prefect_port),
+        ],
+        env=env,
+        stdout=prefect_log,
+        stderr=subprocess.STDOUT,
+        cwd=home,
+        start_new_session=True,
+    )
+    port = free_port()
+    args = server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2")
+    server_log = (work / "vllm-serve.log").open("ab")
+    server = ServerProcess(args, "127.0.0.1", port, log=server_log).start()
+    proxy: FaultProxy | None = None
+    try:
+        _wait(lambda: prefect.poll() is not None or _http_ok(f"{prefect_api}/health"), 300, 0.5)
+        if prefect.poll() is not None:
+            raise RuntimeError("prefect server start exited; see prefect-server.log")
+        server.wait_ready(timeout=600)
+        proxy = FaultProxy(server.base_url, lambda _: "pass", stall_seconds=2).__enter__()
+        env["PREFECT_API_URL"] = prefect_api
+        svc = Services(work, pg, prefect, prefect_api, server, args, server_log, proxy, env)
+        log(
+            f"services up in {time.monotonic() - started:.0f} s: store {pg.url}, "
+            f"prefect {prefect_api}, vllm {server.base_url}, proxy {proxy.url}"
+        )
+        yield svc
+        server = svc.server
+    finally:
+        if proxy is not None:
+            with contextlib.suppress(Exception):
+                proxy.__exit__()
+        server.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(prefect.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            prefect.wait(30)
+        if prefect.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(prefect.pid, signal.SIGKILL)
+        pg.stop()
+        shutil.rmtree(pg.root, ignore_errors=True)
+        prefect_log.close()
+        server_log.close()
+
+
+# -- one trial -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    kind: str
+    index: int
+    requests: int
+    chunk: int
+    workers: int
+    trigger: int
+    """Committed results at which the fault is injected (proxy: not used)."""
+    injected: int = 0
+    """Faults actually delivered: a signal to a live process, or a non-pass proxy answer."""
+    invocations: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    failed_requests: int = 0
+    status: str = ""
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+def batch_lines(rng: random.Random, tag: str, n: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """`n` small requests — chat and completions, greedy and sampled — and sometimes one
+    invalid line, which must land in the error file exactly once like any other."""
+    items: list[dict[str, Any]] = []
+    for j in range(n):
+        cid = f"{tag}-{j}"
+        body: dict[str, Any] = {"model": "smol", "max_tokens": rng.randint(4, 8)}
+        if rng.random() < 0.5:
+            body["temperature"] = 0
+        else:
+            body["temperature"] = 0.8
+            if rng.random() < 0.5:
+                body["seed"] = rng.randint(0, 10**6)
+        if rng.random() < 0.7:
+            url = "/v1/chat/completions"
+            body["messages"] = [{"role": "user", "content": f"Say something about {cid}."}]
+        else:
+            url = "/v1/completions"
+            body["prompt"] = f"Once upon a time, {cid}"
+        items.append({"custom_id": cid, "method": "POST", "url": url, "body": body})
+    if rng.random() < 0.5:
+        bad = {"model": "smol", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}
+        items.insert(
+            rng.randint(0, n),
+            {
+                "custom_id": f"{tag}-bad",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": bad,
+            },
+        )
+    return items, [x["custom_id"] for x in items]
+
+
+def proxy_plan(rng: random.Random, p_fault: float) -> Callable[[int], str]:
+    """A fixed, seeded sequence of answers: the n-th completion request gets plan[n]."""
+    plan = [
+        rng.choice(("500", "429", "stall", "reset")) if rng.random() < p_fault else "pass"
+        for _ in range(20000)
+    ]
+    return lambda n: plan[n % len(plan)]
+
+
+class Runs:
+    """The `offline-queue run` processes of one trial, each invocation logged to its own file."""
+
+    def __init__(self, svc: Services, trial: Trial, path: Path, engine: str):
+        self.svc, self.trial, self.path, self.engine = svc, trial, path, engine
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs = path.parent / f"{path.stem}.logs"
+        self.logs.mkdir(exist_ok=True)
+        self.last_json: dict[str, Any] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.trial.invocations += 1
+        n = self.trial.invocations
+        cmd = [
+            str(BIN / "offline-queue"),
+            "run",
+            str(self.path),
+            "--db",
+            self.svc.pg.url,
+            "--engine",
+            self.engine,
+            "--chunk-size",
+            str(self.trial.chunk),
+            "--lease-seconds",
+            str(LEASE_SECONDS),
+            "--json",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=self.svc.env,
+            stdout=(self.logs / f"run{n}.out").open("wb"),
+            stderr=(self.logs / f"run{n}.err").open("wb"),
+            cwd=REPO,
+        )
+        proc.started = time.monotonic()  # type: ignore[attr-defined]
+        proc.number = n  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def live(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.procs if p.poll() is None]
+
+    def finish(self) -> bool:
+        """Wait for every process; re-run after each failure until one run exits 0 after all
+        the others ended (or the invocation budget is spent). True when the batch got there."""
+        while True:
+            for p in list(self.procs):
+                left = RUN_TIMEOUT - (time.monotonic() - p.started)  # type: ignore[attr-defined]
+                try:
+                    p.wait(max(1.0, left))
+                except subprocess.TimeoutExpired:
+                    self.trial.problems.append(f"run {p.number} hung > {RUN_TIMEOUT:.0f} s")  # type: ignore[attr-defined]
+                    p.kill()
+                    p.wait()
+            codes = [p.returncode for p in self.procs]
+            done = [p for p in self.procs if p.returncode == 0]
+            if done:
+                out = (self.logs / f"run{done[-1].number}.out").read_text()  # type: ignore[attr-defined]
+                with contextlib.suppress(ValueError, IndexError):
+                    self.last_json = json.loads(out.strip().splitlines()[-1])
+                return True
+            if self.trial.invocations >= MAX_INVOCATIONS:
+                self.trial.problems.append(f"no run exited 0 in {len(codes)} runs: {codes}")
+                return False
+            self.procs = []
+            self.start()
+
+
+def _query(plain_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(plain_url, connect_timeout=3, autocommit=True) as conn:
+        return list(conn.execute(sql, params).fetchall())
+
+
+def committed(svc: Services, path: Path) -> int:
+    """Result rows of the batch read from `path` (-1 while the store cannot say)."""
+    try:
+        rows = _query(
+            svc.pg.plain,
+            "SELECT count(*) FROM results r JOIN batches b ON b.id = r.batch_id "
+            "WHERE b.input_path = %s",
+            str(path.resolve()),
+        )
+        return int(rows[0][0])
+    except Exception:
+        return -1
+
+
+def check(
+    svc: Services,
+    trial: Trial,
+    path: Path,
+    expected: list[str],
+    last_json: dict[str, Any] | None = None,
+) -> None:
+    """The invariants, read from the store by SQL and from the two files."""
+    rows = _query(
+        svc.pg.plain, "SELECT id, status FROM batches WHERE input_path = %s", str(path.resolve())
+    )
+    if len(rows) != 1:
+        trial.problems.append(f"{len(rows)} batch rows for the file")
+        trial.lost = len(expected)
+        return
+    batch_id, trial.status = rows[0]
+    if trial.status not in TERMINAL:
+        trial.problems.append(f"batch status {trial.status}")
+    twice = _query(
+        svc.pg.plain,
+        "SELECT line_no, count(*) FROM results WHERE batch_id = %s GROUP BY line_no "
+        "HAVING count(*) > 1",
+        batch_id,
+    )
+    ok, failed = _query(
+        svc.pg.plain,
+        "SELECT coalesce(sum(CASE WHEN ok THEN 1 ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN ok THEN 0 ELSE 1 END), 0) FROM results WHERE batch_id = %s",
+        batch_id,
+    )[0]
+    open_requests = _query(
+        svc.pg.plain,
+        "SELECT count(*) FROM requests WHERE batch_id = %s AND state IN ('queued', 'processing')",
+        batch_id,
+    )[0][0]
+    out_path = path.with_name(path.name.removesuffix(".jsonl") + ".output.jsonl")
+    err_path = path.with_name(path.name.removesuffix(".jsonl") + ".errors.jsonl")
+    files: dict[str, list[str]] = {}
+    for name, p in (("output", out_path), ("errors", err_path)):
+        lines = p.read_text().splitlines() if p.exists() else []
+        files[name] = [json.loads(x).get("custom_id") for x in lines if x.strip()]
+    seen = Counter(files["output"] + files["errors"])
+    want = set(expected)
+    trial.lost = len(want - set(seen))
+    trial.duplicated = (
+        sum(c - 1 for c in seen.values() if c > 1)
+        + sum(c for cid, c in seen.items() if cid not in want)
+        + sum(int(c) - 1 for _, c in twice)
+    )
+    trial.failed_requests = len(files["errors"])
+    if twice:
+        trial.problems.append(f"lines with two result rows: {[int(x) for x, _ in twice][:5]}")
+    if (int(ok), int(failed)) != (len(files["output"]), len(files["errors"])):
+        trial.problems.append(
+            f"store counts ok={ok} failed={failed} vs files output={len(files['output'])} "
+            f"errors={len(files['errors'])}"
+        )
+    if open_requests:
+        trial.problems.append(f"{open_requests} requests still queued/processing")
+    counts = last_json and last_json.get("request_counts")
+    if counts and counts != {
+        "total": len(expected),
+        "completed": len(files["output"]),
+        "failed": len(files["errors"]),
+    }:
+        trial.problems.append(f"run --json request_counts {counts} disagree with the files")
+
+
+def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) -> Trial:
+    rng = random.Random(f"{seed}:{kind}:{index}")
+    n = rng.randint(max(8, requests // 2), requests)
+    chunk = rng.choice((4, 6, 8))
+    workers = 2 if kind in ("worker", "postgres") and rng.random() < 0.25 else 1
+    # One trial in five strikes before any result (start-up, ingest, first chunk), the rest
+    # once a drawn number of results is committed: kills land everywhere in a batch's life.
+    trigger = 0 if rng.random() < 0.2 else rng.randint(1, max(1, n - 2 * chunk))
+    trial = Trial(kind, index, n, chunk, workers, trigger)
+    tag = f"s{seed}-{kind}-{index}"
+    folder = svc.work / "trials"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{tag}.jsonl"
+    items, expected = batch_lines(rng, tag, n)
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    for stale in (path.with_suffix(".output.jsonl"), path.with_suffix(".errors.jsonl")):
+        stale.unlink(missing_ok=True)
+
+    started = time.monotonic()
+    engine = svc.server_url
+    if kind == "proxy":
+        svc.proxy.plan = proxy_plan(rng, p_fault=0.3)
+        svc.proxy._counter = itertools.count()
+        svc.proxy.seen = Counter()
+        engine = svc.proxy.url
+    runs = Runs(svc, trial, path, engine)
+    for _ in range(workers):
+        runs.start()
+
+    if kind != "proxy":
+        # The random moment: once `trigger` results are committed, plus a little jitter.
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: not runs.live() or committed(svc, path) >= trigger, RUN_TIMEOUT, 0.05)
+        time.sleep(rng.uniform(0, 6) if trigger == 0 else rng.uniform(0, 0.3))
+        if kind == "worker":
+            live = runs.live()
+            if live:
+                victim = rng.choice(live)
+                victim.send_signal(signal.SIGKILL)
+                trial.injected += 1
+        elif kind == "engine":
+            if runs.live() and svc.server.proc and svc.server.proc.poll() is None:
+                svc.server.kill()
+                trial.injected += 1
+                time.sleep(rng.uniform(0, 2))
+                svc.restart_server()
+        elif kind == "postgres" and runs.live() and svc.pg.kill():
+            trial.injected += 1
+            time.sleep(rng.uniform(0, 3))
+            svc.pg.start()
+    runs.finish()
+    if kind == "proxy":
+        trial.injected = sum(c for f, c in svc.proxy.seen.items() if f != "pass")
+        svc.proxy.plan = lambda _: "pass"
+    try:
+        check(svc, trial, path, expected, runs.last_json)
+    except Exception as exc:  # the store itself unreadable is a finding, not a crash
+        trial.problems.append(f"check failed: {type(exc).__name__}: {exc}")
+    trial.seconds = time.monotonic() - started
+    return trial
+
+
+# -- the schedule ------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    trials: list[Trial]
+
+    @property
+    def lost(self) -> int:
+        return sum(t.lost for t in self.trials)
+
+    @property
+    def duplicated(self) -> int:
+        return sum(t.duplicated for t in self.trials)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{t.kind}#{t.index}: {p}" for t in self.trials for p in t.problems]
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and not self.problems
+
+    def table(self) -> str:
+        head = (
+            f"{'kind':<9} {'trials':>6} {'faults':>6} {'runs':>5} {'requests':>8} "
+            f"{'failed':>6} {'lost':>5} {'dup':>5} {'s/trial':>7} {'problems':>8}"
+        )
+        rows = [head, "-" * len(head)]
+        kinds = list(dict.fromkeys(t.kind for t in self.trials))
+        for kind in [*kinds, "total"]:
+            ts = [t for t in self.trials if kind in (t.kind, "total")]
+            if not ts:
+                continue
+            rows.append(
+                f"{kind:<9} {len(ts):>6} {sum(t.injected for t in ts):>6} "
+                f"{sum(t.invocations for t in ts):>5} {sum(t.requests for t in ts):>8} "
+                f"{sum(t.failed_requests for t in ts):>6} {sum(t.lost for t in ts):>5} "
+                f"{sum(t.duplicated for t in ts):>5} "
+                f"{sum(t.seconds for t in ts) / len(ts):>7.1f} "
+                f"{sum(len(t.problems) for t in ts):>8}"
+            )
+        return "\n".join(rows)
+
+    def result_lines(self) -> str:
+        return (
+            f"RESULT trials {len(self.trials)}\nRESULT lost {self.lost}\n"
+            f"RESULT duplicated {self.duplicated}"
+        )
+
+
+def run_schedule(
+    seed: int = 7,
+    trials_per_kind: int = 20,
+    kinds: tuple[str, ...] = KINDS,
+    requests: int = 48,
+    out: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Summary:
+    """Run the schedule: trials interleaved across kinds (a partial run covers every kind),
+    each trial's record appended to `out/trials.jsonl` as soon as it is known."""
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault kind {kind!r} (known: {', '.join(KINDS)})")
+    work = out or Path(tempfile.mkdtemp(prefix="oq-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    record = work / "trials.jsonl"
+    trials: list[Trial] = []
+    with services(work, log) as svc:
+        for index in range(trials_per_kind):
+            for kind in kinds:
+                trial = run_trial(svc, kind, index, seed, requests)
+                trials.append(trial)
+                with record.open("a") as f:
+                    f.write(json.dumps(asdict(trial)) + "\n")
+                log(
+                    f"{kind:<8} #{index:<3} n={trial.requests:<3} chunk={trial.chunk} "
+                    f"workers={trial.workers} trigger={trial.trigger:<3} "
+                    f"faults={trial.injected:<3} runs={trial.invocations} "
+                    f"status={trial.status:<9} lost={trial.lost} dup={trial.duplicated} "
+                    f"{trial.seconds:5.1f} s {'; '.join(trial.problems)}"
+                )
+    return Summary(trials)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--trials-per-kind", type=int, default=20)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated")
+    parser.add_argument("--requests", type=int, default=48, help="most requests per batch")
+    parser.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir)")
+    a = parser.parse_args()
+    kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
+    started = time.monotonic()
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; "
+        f"seed {a.seed}, {a.trials_per_kind} trials per kind of {', '.join(kinds)}",
+        flush=True,
+    )
+    summary = run_schedule(
+        a.seed, a.trials_per_kind, kinds, a.requests, a.out, lambda s: print(s, flush=True)
+    )
+    print()
+    print(summary.table())
+    for problem in summary.problems:
+        print("PROBLEM", problem)
+    print(f"wall time {time.monotonic() - started:.0f} s")
+    print(summary.result_lines(), flush=True)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
