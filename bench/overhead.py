@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,31 +28,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-TOPICS = ["the sea", "a city", "bread", "rain", "a bridge", "music", "a cat", "winter"]
-
-
-def requests(n: int, tag: str, start: int = 0) -> list[dict]:
-    """Chat requests numbered from `start`: distinct numbers make distinct prompts, so neither
-    the result cache nor vLLM's prefix cache carries work from one measured run to the other."""
-    return [
-        {
-            "custom_id": f"{tag}-{start + i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "smol",
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": f"Write one sentence about {TOPICS[i % 8]}, #{start + i}.",
-                    }
-                ],
-                "max_tokens": 32,
-                "temperature": 0,
-            },
-        }
-        for i in range(n)
-    ]
+from bench.lines import requests, run_ingest_child, write_lines  # noqa: E402
 
 
 def write_jsonl(path: Path, items: list[dict]) -> Path:
@@ -106,46 +81,17 @@ def compare(name: str, baseline: tuple[str, float, int], ours: tuple[str, float,
     return ratio
 
 
-INGEST_CHILD = """
-import sys, time
-from pathlib import Path
-from offline_queue.store import queue
-from offline_queue.validate import Limits, inspect_file, validate_file
-path, db = Path(sys.argv[1]), sys.argv[2]
-t = time.perf_counter()
-info = inspect_file(path, Limits())
-batch, _ = queue.register_batch(db, batch_id="batch_ingest", content_hash=info.content_hash,
-    input_path=str(path), output_path="o", error_path="e")
-report = queue.ingest(db, batch.id, validate_file(path, Limits()))
-accepted, total = queue.finish_ingest(db, batch.id)
-# VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across exec).
-peak_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(accepted, total, time.perf_counter() - t, peak_kb)
-"""
-
-
 def ingest_rss(lines: int, work: Path) -> float:
-    path = work / f"ingest-{lines}.jsonl"
-    with path.open("w") as f:
-        for start in range(0, lines, 10_000):  # streamed: the parent stays small too
-            for item in requests(min(10_000, lines - start), "line", start):
-                f.write(json.dumps(item) + "\n")
-    db = f"sqlite:///{work / f'ingest-{lines}.db'}"
-    out = subprocess.run(
-        [sys.executable, "-c", INGEST_CHILD, str(path), db],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout.split()
-    accepted, total, seconds, rss_kb = int(out[0]), int(out[1]), float(out[2]), int(out[3])
-    assert accepted == total == lines
+    path = write_lines(work / f"ingest-{lines}.jsonl", lines)  # streamed: the parent stays small
+    run = run_ingest_child(path, f"sqlite:///{work / f'ingest-{lines}.db'}")
+    assert run.accepted == run.total == lines
+    seconds = run.inspect_seconds + run.seconds
     size_mb = path.stat().st_size / 2**20
     print(
         f"ingest {lines} lines ({size_mb:.0f} MB) into SQLite: {seconds:.1f} s, "
-        f"{lines / seconds:,.0f} lines/s, peak RSS {rss_kb / 1024:.0f} MB"
+        f"{lines / seconds:,.0f} lines/s, peak RSS {run.peak_rss_mb:.0f} MB"
     )
-    return rss_kb / 1024
+    return run.peak_rss_mb
 
 
 def main() -> None:

@@ -1,0 +1,256 @@
+"""Ingest against PostgreSQL COPY: parse + validate + queue a batch file, and the memory it takes.
+
+    .venv/bin/python bench/ingest.py [--sizes 10000,100000,1000000] [--repeats 2] [--pg URL]
+
+For each size, a generated OpenAI Batch file of chat requests (bench/lines.py), measured on
+both sides in this run, interleaved (ours, COPY, ours, COPY, ...; best of `--repeats`):
+
+- ours: `validate_file` + `queue.ingest` + `finish_ingest` — what the `validate-and-queue` task
+  runs — in a fresh process per run, into a fresh PostgreSQL database (and once into SQLite
+  for reference), with that process's peak RSS;
+- baseline: psycopg `COPY` of the same rows (the columns our requests table gets) into a bare
+  table with no index, key or constraint, fed from Python reading and parsing the same file.
+
+PostgreSQL is started for the run (fsync off, as the tests run it) unless `--pg` gives a
+server URL (`postgresql+psycopg://user@host:port`; the user must be allowed to create
+databases). Prints a table, writes bench/plots/ingest.png, and ends with
+`RESULT ingest_vs_copy_ratio <ours lines/s ÷ COPY lines/s, largest size, PostgreSQL>` and
+`RESULT ingest_peak_rss_mb_<size> <MB>` per size (the larger of the PostgreSQL and SQLite runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psycopg
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.lines import IngestRun, run_ingest_child, write_lines  # noqa: E402
+
+PLOT = REPO / "bench" / "plots" / "ingest.png"
+COLUMNS = "batch_id, line_no, custom_id, url, body, cache_digest, state, attempts, not_before"
+BARE_TABLE = """CREATE TABLE bare_requests (
+    batch_id varchar(64), line_no integer, custom_id varchar(512), url varchar(64), body text,
+    cache_digest varchar(64), state varchar(16), attempts integer, not_before double precision)"""
+
+
+def _pg_bin(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise SystemExit(f"PostgreSQL's {name} is not installed (or give --pg URL)")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def start_postgres() -> str:
+    """A throw-away server on loopback (as tests/conftest.py starts it); stopped at exit."""
+    root = Path(tempfile.mkdtemp(prefix="oq-bench-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(
+        _as_postgres([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg_ctl = [_pg_bin("pg_ctl"), "-D", str(data)]
+    subprocess.run(
+        _as_postgres([*pg_ctl, "-o", options, "-l", str(root / "log"), "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
+
+    def stop() -> None:
+        subprocess.run(_as_postgres([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(stop)
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+
+
+def new_database(server: str) -> str:
+    """A fresh database on `server`; returns its SQLAlchemy URL."""
+    name = f"ingest_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"{plain(server)}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+def plain(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def copy_baseline(path: Path, server: str) -> float:
+    """Seconds to COPY the file's rows into a bare table: read, parse, one row per line."""
+    with psycopg.connect(plain(new_database(server))) as conn:
+        conn.execute(BARE_TABLE)
+        conn.commit()
+        started = time.perf_counter()
+        sql = f"COPY bare_requests ({COLUMNS}) FROM STDIN"
+        with path.open("rb") as f, conn.cursor() as cur, cur.copy(sql) as copy:
+            for line_no, raw in enumerate(f, 1):
+                obj = orjson.loads(raw)
+                body = orjson.dumps(obj["body"]).decode()
+                row = ("batch_ingest", line_no, obj["custom_id"], obj["url"], body)
+                copy.write_row((*row, None, "queued", 0, 0.0))
+        conn.commit()
+        return time.perf_counter() - started
+
+
+@dataclass
+class Size:
+    lines: int
+    mb: float
+    pg: list[IngestRun] = field(default_factory=list)
+    sqlite: list[IngestRun] = field(default_factory=list)
+    copy: list[float] = field(default_factory=list)
+
+    def best(self, runs: list[IngestRun]) -> float:
+        return self.lines / min(r.seconds for r in runs)
+
+    @property
+    def copy_rate(self) -> float:
+        return self.lines / min(self.copy)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(r.peak_rss_mb for r in self.pg + self.sqlite)
+
+
+def measure(sizes: list[int], repeats: int, server: str, work: Path) -> list[Size]:
+    out = []
+    for lines in sizes:
+        path = write_lines(work / f"ingest-{lines}.jsonl", lines)
+        size = Size(lines, path.stat().st_size / 2**20)
+        for rep in range(repeats):
+            # Alternate the sides so whatever else runs on the machine hits both alike.
+            for side in ("pg", "copy") if rep % 2 == 0 else ("copy", "pg"):
+                if side == "copy":
+                    size.copy.append(copy_baseline(path, server))
+                else:
+                    run = run_ingest_child(path, new_database(server))
+                    assert run.accepted == run.total == lines, run
+                    size.pg.append(run)
+                print(
+                    f"  {lines:>9,} lines  {side:<4} "
+                    + (
+                        f"{lines / size.copy[-1]:>9,.0f} lines/s"
+                        if side == "copy"
+                        else f"{lines / size.pg[-1].seconds:>9,.0f} lines/s  "
+                        f"peak RSS {size.pg[-1].peak_rss_mb:.0f} MB"
+                    ),
+                    flush=True,
+                )
+        run = run_ingest_child(path, f"sqlite:///{work / f'ingest-{lines}.db'}")
+        assert run.accepted == run.total == lines, run
+        size.sqlite.append(run)
+        print(
+            f"  {lines:>9,} lines  sqlite {lines / run.seconds:>7,.0f} lines/s  "
+            f"peak RSS {run.peak_rss_mb:.0f} MB",
+            flush=True,
+        )
+        path.unlink()
+        out.append(size)
+    return out
+
+
+def report(sizes: list[Size]) -> None:
+    print()
+    print(
+        "| lines | file MB | COPY lines/s | ours PG lines/s | ratio | ours SQLite lines/s "
+        "| peak RSS PG MB | peak RSS SQLite MB |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in sizes:
+        print(
+            f"| {s.lines:,} | {s.mb:.0f} | {s.copy_rate:,.0f} | {s.best(s.pg):,.0f} "
+            f"| {s.best(s.pg) / s.copy_rate:.3f} | {s.best(s.sqlite):,.0f} "
+            f"| {max(r.peak_rss_mb for r in s.pg):.0f} "
+            f"| {max(r.peak_rss_mb for r in s.sqlite):.0f} |"
+        )
+    inspect = sizes[-1].pg[0].inspect_seconds
+    print(
+        f"(submit's hash + count pass over the {sizes[-1].lines:,}-line file, not in the "
+        f"ratio: {inspect:.1f} s; {platform.machine()}, {os.cpu_count()} cores)"
+    )
+
+
+def plot(sizes: list[Size], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [s.lines for s in sizes]
+    fig, (rss, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rss.plot(x, [max(r.peak_rss_mb for r in s.pg) for s in sizes], "o-", label="PostgreSQL")
+    rss.plot(x, [max(r.peak_rss_mb for r in s.sqlite) for s in sizes], "s--", label="SQLite")
+    rss.axhline(300, color="red", lw=1, ls=":", label="target 300 MB")
+    rss.set(xscale="log", xlabel="lines in the file", ylabel="peak RSS of the ingest (MB)")
+    rss.set_ylim(0, 350)
+    rss.set_title("Ingest memory")
+    rss.legend()
+    rate.plot(x, [s.copy_rate for s in sizes], "^-", label="COPY into a bare table (baseline)")
+    rate.plot(x, [s.best(s.pg) for s in sizes], "o-", label="ours, PostgreSQL")
+    rate.plot(x, [s.best(s.sqlite) for s in sizes], "s--", label="ours, SQLite")
+    rate.set(xscale="log", xlabel="lines in the file", ylabel="lines/s")
+    rate.set_ylim(bottom=0)
+    rate.set_title("Parse + validate + queue vs COPY")
+    rate.legend()
+    fig.suptitle(
+        f"bench/ingest.py — {platform.machine()}, {os.cpu_count()} cores, PostgreSQL fsync=off",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pg", help="a PostgreSQL server URL; default: start one")
+    parser.add_argument("--plot", type=Path, default=PLOT)
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    server = (args.pg or start_postgres()).rstrip("/")
+    if server.startswith("postgresql://"):
+        server = "postgresql+psycopg://" + server.removeprefix("postgresql://")
+    with tempfile.TemporaryDirectory(prefix="oq-bench-ingest-") as tmp:
+        results = measure(sizes, args.repeats, server, Path(tmp))
+    report(results)
+    plot(results, args.plot)
+    last = results[-1]
+    print(f"RESULT ingest_vs_copy_ratio {last.best(last.pg) / last.copy_rate:.3f}")
+    for s in results:
+        print(f"RESULT ingest_peak_rss_mb_{s.lines} {s.peak_mb:.0f}")
+
+
+if __name__ == "__main__":
+    main()

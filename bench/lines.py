@@ -1,0 +1,89 @@
+"""What the ingest benchmarks share: the chat request lines they generate, and a fresh process
+that validates and queues a file the way the flow does, reporting its own peak RSS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["the sea", "a city", "bread", "rain", "a bridge", "music", "a cat", "winter"]
+
+
+def requests(n: int, tag: str, start: int = 0) -> list[dict]:
+    """Chat requests numbered from `start`: distinct numbers make distinct prompts, so neither
+    the result cache nor vLLM's prefix cache carries work from one measured run to the other."""
+    return [
+        {
+            "custom_id": f"{tag}-{start + i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smol",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": f"Write one sentence about {TOPICS[i % 8]}, #{start + i}.",
+                    }
+                ],
+                "max_tokens": 32,
+                "temperature": 0,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def write_lines(path: Path, lines: int, tag: str = "line") -> Path:
+    """A batch file of `lines` chat requests, written 10,000 at a time (the writer stays small)."""
+    with path.open("w") as f:
+        for start in range(0, lines, 10_000):
+            for item in requests(min(10_000, lines - start), tag, start):
+                f.write(json.dumps(item) + "\n")
+    return path
+
+
+# What `validate-and-queue` runs (flows/batch.py), in a process of its own.
+INGEST_CHILD = """
+import sys, time
+from pathlib import Path
+from offline_queue.store import queue
+from offline_queue.validate import Limits, inspect_file, validate_file
+path, db = Path(sys.argv[1]), sys.argv[2]
+queue.get_batch(db, "none")  # connect and migrate before the clock starts
+t0 = time.perf_counter()
+info = inspect_file(path, Limits())
+t = time.perf_counter()
+batch, _ = queue.register_batch(db, batch_id="batch_ingest", content_hash=info.content_hash,
+    input_path=str(path), output_path="o", error_path="e")
+report = queue.ingest(db, batch.id, validate_file(path, Limits()))
+accepted, total = queue.finish_ingest(db, batch.id)
+# VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across exec).
+peak_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(accepted, total, t - t0, time.perf_counter() - t, peak_kb)
+"""
+
+
+@dataclass
+class IngestRun:
+    accepted: int
+    total: int
+    inspect_seconds: float
+    """submit's pass over the file: content hash, line count, whole-file refusals."""
+    seconds: float
+    """validate + queue + finish (the `validate-and-queue` task), store connected and migrated."""
+    peak_rss_mb: float
+
+
+def run_ingest_child(path: Path, db: str) -> IngestRun:
+    out = subprocess.run(
+        [sys.executable, "-c", INGEST_CHILD, str(path), db],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout.split()
+    return IngestRun(int(out[0]), int(out[1]), float(out[2]), float(out[3]), int(out[4]) / 1024)
