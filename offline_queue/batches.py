@@ -17,7 +17,7 @@ from offline_queue.formats import (
     Usage,
 )
 from offline_queue.store import queue
-from offline_queue.store.tables import Batch, Result
+from offline_queue.store.tables import Batch
 
 
 def default_outputs(input_path: Path) -> tuple[Path, Path]:
@@ -64,7 +64,7 @@ def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObj
     )
 
 
-def _line(row: Result) -> bytes:
+def _line(row: queue.ResultLine) -> bytes:
     """One file line, built around the stored body without parsing it again."""
     request_id = "req_" + row.response_id.removeprefix("batch_req_")
     head = (

@@ -9,7 +9,6 @@ keys sent to the candidate is `fraction` (a SHA-256 bucket, uniform over keys).
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,13 +126,6 @@ class TrackStats:
     @property
     def tokens_per_second(self) -> float:
         return self.output_tokens / self.seconds if self.seconds else 0.0
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def breached(guards: Guards, stable: TrackStats, candidate: TrackStats) -> str | None:

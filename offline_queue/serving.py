@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import orjson
 
 from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
-from offline_queue.formats import CHAT_URL, parse_body
+from offline_queue.formats import CHAT_URL
 from offline_queue.store import queue
 from offline_queue.store.tables import CachedResult
 
@@ -75,7 +75,7 @@ def serve_claim(
     if to_run:
         try:
             replies = engine.infer(
-                [EngineRequest(r.line_no, r.url, parse_body(r.url, r.body)) for r in to_run],
+                [EngineRequest(r.line_no, r.url, r.body) for r in to_run],
                 share,
             )
         except Exception as exc:

@@ -4,12 +4,8 @@ real vLLM engine on CPU with the bundled model (one per test session)."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,26 +23,18 @@ from offline_queue.engines.env import apply_engine_env  # noqa: E402
 
 apply_engine_env()
 
+from tests.services import (  # noqa: E402
+    BIN,
+    create_database,
+    free_port,
+    healthy,
+    postgres,
+    wait_for,
+)
+
+__all__ = ["BIN", "free_port", "wait_for"]
+
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pg_bin(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise RuntimeError(f"PostgreSQL's {name} is not installed")
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root: run it as the `postgres` user when we are root.
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 @pytest.fixture(scope="session")
@@ -56,58 +44,14 @@ def pg_server() -> Iterator[str]:
     if external:
         yield external.rstrip("/")
         return
-    root = Path(tempfile.mkdtemp(prefix="oq-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-    port = free_port()
-    subprocess.run(
-        _as_postgres([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-        check=True,
-        capture_output=True,
-    )
-    options = (
-        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
-    )
-    subprocess.run(
-        _as_postgres(
-            [
-                _pg_bin("pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(root / "log"),
-                "-w",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres() as pg:
+        yield pg.url
 
 
 @pytest.fixture
 def pg_url(pg_server: str) -> str:
     """A fresh database on the session's server for one test."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    plain = pg_server.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(f"{plain}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{pg_server}/{name}"
+    return create_database(pg_server, f"t_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
@@ -166,23 +110,11 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
     )
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError("condition not met in time")
-
-
 @pytest.fixture(scope="session")
 def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`offline-queue engine serve` on loopback for the session; yields its /v1 URL. Stopping
     it with SIGTERM must end the server and its engine process within seconds."""
     import signal
-
-    import httpx
 
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
@@ -203,7 +135,9 @@ def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         )
         try:
             wait_for(
-                lambda: proc.poll() is not None or _healthy(httpx, port), timeout=300, interval=1
+                lambda: proc.poll() is not None or healthy(f"http://127.0.0.1:{port}/health"),
+                timeout=300,
+                interval=1,
             )
             assert proc.poll() is None, log_path.read_text()[-3000:]
             yield f"http://127.0.0.1:{port}/v1"
@@ -211,11 +145,4 @@ def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
     assert code == 0, log_path.read_text()[-3000:]
-    assert not _healthy(httpx, port)
-
-
-def _healthy(httpx, port: int) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        return bool(httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200)
-    except httpx.HTTPError:
-        return False
+    assert not healthy(f"http://127.0.0.1:{port}/health")

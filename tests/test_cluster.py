@@ -16,11 +16,11 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import httpx
-import psycopg
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, free_port, wait_for
+from tests.conftest import BIN, REPO, wait_for
+from tests.services import create_database, prefect_server
 from tests.test_pipeline import line, write
 
 pytestmark = pytest.mark.slow
@@ -43,52 +43,15 @@ ARTIFACTS = Path(os.environ.get("OQ_TEST_ARTIFACTS", REPO / "test-artifacts"))
 def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`prefect server start` on PostgreSQL (loopback, its own PREFECT_HOME); yields the env
     that points Prefect commands at it."""
-    name = "prefect_cluster"
-    plain = pg_server.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(f"{plain}/postgres", autocommit=True) as conn:
-        for db in (name, "oq_cluster_store"):
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}"')
-            conn.execute(f'CREATE DATABASE "{db}"')
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = dict(os.environ)
-    env.pop("PREFECT_API_URL", None)
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_API_DATABASE_CONNECTION_URL=pg_server.replace("+psycopg", "+asyncpg") + f"/{name}",
-        PREFECT_UI_ENABLED="true",  # the browser test looks at it
-        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",  # else the UI calls port 4200
+    store = create_database(pg_server, "oq_cluster_store")
+    with prefect_server(
+        tmp_path_factory.mktemp("prefect-home"),
+        database_url=create_database(pg_server, "prefect_cluster"),
+        ui=True,  # the browser test looks at it
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # schedule new deployments at once
-    )
-    log = (home / "server.log").open("wb")
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=home,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{api}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(lambda: server.poll() is not None or healthy(), timeout=180, interval=0.5)
-        assert server.poll() is None, (home / "server.log").read_text()[-2000:]
-        env.update(
-            PREFECT_API_URL=api,
-            PREFECT_WORKER_QUERY_SECONDS="1",
-            OQ_TEST_STORE=f"{pg_server}/oq_cluster_store",
-        )
+    ) as env:
+        env.update(PREFECT_WORKER_QUERY_SECONDS="1", OQ_TEST_STORE=store)
         yield env
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @contextlib.contextmanager

@@ -151,12 +151,13 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
     db_url: str, tmp_path: Path
 ) -> None:
     bid = make_batch(db_url, tmp_path, 2)
-    policy = RetryPolicy(base_seconds=0.05, cap_seconds=0.05)
+    # Long enough that a loaded machine cannot reach the next claim before the backoff ends.
+    policy = RetryPolicy(base_seconds=0.5, cap_seconds=0.5)
     fail = Reply.error(503, "engine_unavailable", "busy", retriable=True)
     outcomes = []
     for _attempt in range(3):
         if _attempt:
-            time.sleep(0.1)  # past the longest backoff (0.05 s x 1.5 jitter)
+            time.sleep(0.8)  # past the longest backoff (0.5 s x 1.5 jitter)
         c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
         assert c is not None and len(c.requests) == 2
         outcomes.append(

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import orjson
 
-from offline_queue.formats import Body
+from offline_queue.formats import Body, parse_body
 
 
 @dataclass(slots=True)
 class EngineRequest:
+    """One request for an engine. The body stays the JSON validated at ingest until an engine
+    asks for the model: an engine that forwards JSON (a server) never pays for parsing it."""
+
     line_no: int
     url: str
-    body: Body
+    body_json: str
+    _body: Body | None = field(default=None, repr=False)
+
+    @property
+    def body(self) -> Body:
+        if self._body is None:
+            self._body = parse_body(self.url, self.body_json)
+        return self._body
 
 
 @dataclass(slots=True)

@@ -172,7 +172,7 @@ class HttpEngine:
 
     async def _one(self, request: EngineRequest, limiter: _Limiter) -> Reply:
         s = self.settings
-        payload = request.body.model_dump(mode="json", exclude_none=True, by_alias=True)
+        payload = orjson.loads(request.body_json)  # as validated and normalised at ingest
         payload["model"] = self.model
         content = orjson.dumps(payload)
         attempt, outage_started = 0, None

@@ -1,0 +1,113 @@
+"""Orchestration ceiling: requests/s through the whole flow when the engine costs nothing.
+
+    .venv/bin/python bench/ceiling.py [--requests 1000000] [--chunk-size 8192] [--db URL]
+                                      [--profile out.prof]
+
+The `batch-inference` flow runs a generated batch on the benchmark-only instant engine
+(bench/instant.py), so what is measured is ours: submit, validate + queue, claims, settles
+and the two files. Prints where the time went by phase and
+`RESULT ceiling_req_per_s <requests / (submit → last result persisted)>` and
+`RESULT ceiling_end_to_end_req_per_s <requests / whole flow incl. the output files>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from bench.instant import InstantBenchmarkEngine  # noqa: E402
+from bench.overhead import requests  # noqa: E402
+
+BLOCK = "instant-benchmark-engine/bench"
+
+
+def write_batch(path: Path, n: int, tag: str, first: int = 0) -> Path:
+    """Prompts numbered from `first`: distinct from other batches', so none is a cache hit."""
+    with path.open("w") as f:
+        for start in range(0, n, 10_000):  # streamed: the benchmark's own memory stays flat
+            for item in requests(min(10_000, n - start), tag, first + start):
+                f.write(json.dumps(item) + "\n")
+    return path
+
+
+def phases(db: str, batch_id: str) -> dict[str, float]:
+    """When each phase ended, read from the store (epoch seconds)."""
+    from sqlalchemy import func, select
+
+    from offline_queue.store.db import session
+    from offline_queue.store.tables import Batch, Result
+
+    with session(db) as s:
+        batch = s.get(Batch, batch_id)
+        assert batch is not None
+        first, last = s.execute(
+            select(func.min(Result.created_at), func.max(Result.created_at)).where(
+                Result.batch_id == batch_id
+            )
+        ).one()
+        return {"created": float(batch.created_at), "first_result": first, "last_result": last}
+
+
+def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -> dict:
+    from flows.batch import batch_inference
+
+    InstantBenchmarkEngine().save(BLOCK.split("/")[1], overwrite=True)
+    warm = write_batch(work / "warm.jsonl", 1000, "warm", first=n)
+    batch_inference(input=str(warm), db=db, engine=BLOCK, chunk_size=chunk_size)
+
+    path = write_batch(work / "ceiling.jsonl", n, "ceiling")
+    profiler = cProfile.Profile() if profile else None
+    started = time.time()
+    if profiler:
+        profiler.enable()
+    result = batch_inference(input=str(path), db=db, engine=BLOCK, chunk_size=chunk_size)
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    ended = time.time()
+    assert result["request_counts"] == {"total": n, "completed": n, "failed": 0}, result
+    assert result["run"]["inferred"] == n, result["run"]
+    at = phases(db, result["id"])
+    persisted = at["last_result"] - started
+    print(
+        f"{n:,} requests, chunk {chunk_size}, store {db.split(':')[0]}:\n"
+        f"  submit → first result  {at['first_result'] - started:6.1f} s  "
+        f"(submit, validate + queue)\n"
+        f"  first → last result    {at['last_result'] - at['first_result']:6.1f} s  "
+        f"(claims, instant engine, settles)\n"
+        f"  last result → end      {ended - at['last_result']:6.1f} s  (finalize: the two files)\n"
+        f"  whole flow             {ended - started:6.1f} s"
+    )
+    return {"persisted_s": persisted, "total_s": ended - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--chunk-size", type=int, default=8192)
+    parser.add_argument("--db", default=None, help="store URL (default: a fresh SQLite file)")
+    parser.add_argument("--profile", default=None, help="write a cProfile of the run here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="oq-ceiling-") as tmp:
+        work = Path(tmp)
+        db = args.db or f"sqlite:///{work / 'ceiling.db'}"
+        t = ceiling(args.requests, args.chunk_size, db, work, args.profile)
+    print(f"RESULT ceiling_req_per_s {args.requests / t['persisted_s']:.0f}")
+    print(f"RESULT ceiling_end_to_end_req_per_s {args.requests / t['total_s']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
