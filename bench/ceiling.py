@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import sys
 import tempfile
@@ -29,18 +28,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.instant import InstantBenchmarkEngine  # noqa: E402
-from bench.overhead import requests  # noqa: E402
+from bench.lines import write_lines  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
-
-
-def write_batch(path: Path, n: int, tag: str, first: int = 0) -> Path:
-    """Prompts numbered from `first`: distinct from other batches', so none is a cache hit."""
-    with path.open("w") as f:
-        for start in range(0, n, 10_000):  # streamed: the benchmark's own memory stays flat
-            for item in requests(min(10_000, n - start), tag, first + start):
-                f.write(json.dumps(item) + "\n")
-    return path
 
 
 def phases(db: str, batch_id: str) -> dict[str, float]:
@@ -65,10 +55,10 @@ def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -
     from flows.batch import batch_inference
 
     InstantBenchmarkEngine().save(BLOCK.split("/")[1], overwrite=True)
-    warm = write_batch(work / "warm.jsonl", 1000, "warm", first=n)
+    warm = write_lines(work / "warm.jsonl", 1000, "warm", first=n)
     batch_inference(input=str(warm), db=db, engine=BLOCK, chunk_size=chunk_size)
 
-    path = write_batch(work / "ceiling.jsonl", n, "ceiling")
+    path = write_lines(work / "ceiling.jsonl", n, "ceiling")
     profiler = cProfile.Profile() if profile else None
     started = time.time()
     if profiler:

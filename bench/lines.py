@@ -37,11 +37,12 @@ def requests(n: int, tag: str, start: int = 0) -> list[dict]:
     ]
 
 
-def write_lines(path: Path, lines: int, tag: str = "line") -> Path:
-    """A batch file of `lines` chat requests, written 10,000 at a time (the writer stays small)."""
+def write_lines(path: Path, lines: int, tag: str = "line", first: int = 0) -> Path:
+    """A batch file of `lines` chat requests numbered from `first`, written 10,000 at a time
+    (the writer stays small)."""
     with path.open("w") as f:
         for start in range(0, lines, 10_000):
-            for item in requests(min(10_000, lines - start), tag, start):
+            for item in requests(min(10_000, lines - start), tag, first + start):
                 f.write(json.dumps(item) + "\n")
     return path
 

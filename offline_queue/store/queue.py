@@ -415,13 +415,16 @@ def _insert_ignoring_conflicts(s: Session, table: Any, rows: list[dict[str, Any]
     s.execute(dialect.insert(table).on_conflict_do_nothing(), rows)
 
 
-def _guarded(s: Session, token: str, ids: list[int], **values: Any) -> set[int]:
-    """Update the rows still leased under `token`; returns which ones that was."""
-    if not ids:
+def _guarded(s: Session, token: str, ids: list[int] | None, **values: Any) -> set[int]:
+    """Update the rows still leased under `token` (`ids` of them, or None: all of them);
+    returns which ones that was. All of them is the common case, and the token's index finds
+    them without a parameter per row."""
+    if ids is not None and not ids:
         return set()
+    mine = and_(Request.lease_token == token, Request.state == "processing")
     result = s.execute(
         update(Request)
-        .where(Request.id.in_(ids), Request.lease_token == token, Request.state == "processing")
+        .where(mine if ids is None else and_(Request.id.in_(ids), mine))
         .values(lease_owner=None, lease_token=None, lease_expires=None, **values)
         .returning(Request.id)
         .execution_options(synchronize_session=False)
@@ -452,7 +455,9 @@ def settle(
             final.append(o)
     stats = Settled()
     with session(db) as s:
-        mine_done = _guarded(s, claim_.token, [o.request.id for o in done], state="completed")
+        everything = len(done) == len(claim_.requests)
+        done_ids = None if everything else [o.request.id for o in done]
+        mine_done = _guarded(s, claim_.token, done_ids, state="completed")
         mine_final = set[int]()
         for o in final:  # each carries its own last_error
             mine_final |= _guarded(
