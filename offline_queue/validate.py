@@ -151,14 +151,15 @@ def describe(line_no: int, exc: ValidationError) -> str:
     return f"line {line_no}: " + "; ".join(parts) + more
 
 
-def cache_digest(url: str, body: Body) -> str | None:
+def cache_digest(url: str, body: Body, dumped: dict[str, Any] | None = None) -> str | None:
+    """Digest of the canonical body when the request is deterministic, else None. `dumped` is
+    the body's `model_dump(mode="json", exclude_none=True, by_alias=True)` when the caller has
+    it already."""
     if not body.is_deterministic():
         return None
-    canonical = {
-        k: v
-        for k, v in body.model_dump(mode="json", exclude_none=True, by_alias=True).items()
-        if k not in _NOT_IN_CACHE_KEY
-    }
+    if dumped is None:
+        dumped = body.model_dump(mode="json", exclude_none=True, by_alias=True)
+    canonical = {k: v for k, v in dumped.items() if k not in _NOT_IN_CACHE_KEY}
     blob = url.encode() + b"\n" + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(blob).hexdigest()
 
@@ -192,13 +193,15 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
         request = REQUEST_LINE.validate_python(obj)
     except ValidationError as exc:
         return _reject(line_no, custom_id, describe(line_no, exc))
-    body_json = request.body.model_dump_json(exclude_none=True, by_alias=True)
+    # One dump serves both the stored body and the cache key (a third of a line's time was
+    # dumping the body twice).
+    dumped = request.body.model_dump(mode="json", exclude_none=True, by_alias=True)
     return Accepted(
         line_no=line_no,
         custom_id=request.custom_id,
         url=request.url,
-        body_json=body_json,
-        cache_digest=cache_digest(request.url, request.body),
+        body_json=orjson.dumps(dumped).decode(),
+        cache_digest=cache_digest(request.url, request.body, dumped),
     )
 
 

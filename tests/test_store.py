@@ -233,6 +233,91 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
     assert rejected == list(range(91, 101))
 
 
+def _ingest_file(db: str, tmp_path: Path, n: int) -> tuple[Path, str]:
+    """n lines: every 7th has a bad field, every 10th repeats the custom_id of the line before."""
+    path = tmp_path / "in.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            body: dict = {"model": "m", "messages": [{"role": "user", "content": f"q\t{i}\\"}]}
+            if i % 7 == 3:
+                body["max_tokens"] = 0
+            cid = f"r {i - 1 if i % 10 == 9 else i}"
+            line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
+            f.write(json.dumps({**line, "body": body}) + "\n")
+    info = inspect_file(path, Limits())
+    batch, _ = queue.register_batch(
+        db,
+        batch_id="batch_many",
+        content_hash=info.content_hash,
+        input_path=str(path),
+        output_path="o",
+        error_path="e",
+    )
+    return path, batch.id
+
+
+def _assert_ingested_once(db: str, batch_id: str, path: Path) -> None:
+    expected = list(validate_file(path, Limits()))  # what one undisturbed pass decides
+    accepted, total = queue.finish_ingest(db, batch_id)
+    good = [(x.line_no, x.custom_id, x.body_json) for x in expected if not hasattr(x, "error")]
+    bad = [x.line_no for x in expected if hasattr(x, "error")]
+    assert (accepted, total) == (len(good), len(expected))
+    with session(db) as s:
+        rows = s.execute(
+            select(Request.line_no, Request.custom_id, Request.body).order_by(Request.line_no)
+        ).all()
+        errors = s.execute(
+            select(Result.line_no, Result.error_message).order_by(Result.line_no)
+        ).all()
+    assert [tuple(r) for r in rows] == good
+    assert [line for line, _ in errors] == bad
+    assert "max_tokens" in errors[0][1] and errors[0][1].startswith(f"line {bad[0]}:")
+    batch = queue.get_batch(db, batch_id)
+    assert batch is not None and batch.ingested_through == len(expected)
+
+
+def test_concurrent_ingesters_converge(db_url: str, tmp_path: Path) -> None:
+    """Two workers ingest the same batch at once (groups interleave): every line once."""
+    path, bid = _ingest_file(db_url, tmp_path, 600)
+    start = threading.Barrier(2)
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            start.wait()
+            queue.ingest(db_url, bid, validate_file(path, Limits()), group_size=25)
+        except BaseException as exc:  # surfaced below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    _assert_ingested_once(db_url, bid, path)
+
+
+def test_ingester_behind_the_watermark_skips_committed_lines(db_url: str, tmp_path: Path) -> None:
+    """A worker whose pass started before another committed (it read an older watermark)
+    streams lines already queued: they are skipped, the rest queued once, the resume exact."""
+    path, bid = _ingest_file(db_url, tmp_path, 300)
+
+    def first(n: int):  # a worker that dies after n lines
+        for item in validate_file(path, Limits()):
+            if item.line_no > n:
+                raise RuntimeError("killed")
+            yield item
+
+    with pytest.raises(RuntimeError):
+        queue.ingest(db_url, bid, first(130), group_size=40)  # commits lines 1..120
+    mid = queue.get_batch(db_url, bid)
+    assert mid is not None and mid.ingested_through == 120
+    # Started at line 1 with no memory of the committed ids (its pass began before them).
+    queue.ingest(db_url, bid, validate_file(path, Limits()), group_size=33)
+    _assert_ingested_once(db_url, bid, path)
+
+
 def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None:
     """Both tracks answered the same deterministic requests: agreement counts equal answers;
     track stats count model errors, not rejected input lines."""
