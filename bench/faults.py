@@ -227,6 +227,7 @@ class Services:
         return f"{self.server.base_url}/v1"
 
     def restart_server(self) -> None:
+        # Assigned before waiting: an interrupted wait must still find (and stop) the new one.
         self.server = ServerProcess(
             self.server_args, "127.0.0.1", self._server_port, log=self.server_log
         ).start()
@@ -327,6 +328,8 @@ class Trial:
     """Committed results at which the fault is injected (proxy: not used)."""
     injected: int = 0
     """Faults actually delivered: a signal to a live process, or a non-pass proxy answer."""
+    fault_at: int = -1
+    """Results committed just before the kill (-1: no kill, or the store could not say)."""
     invocations: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -536,6 +539,41 @@ def check(
         trial.problems.append(f"run --json request_counts {counts} disagree with the files")
 
 
+def _inject(
+    svc: Services, trial: Trial, runs: Runs, rng: random.Random, kind: str, path: Path
+) -> None:
+    """Start the trial's workers, deliver its fault at the drawn moment, and see the batch
+    through to a run that exits 0 (re-running after each failure)."""
+    trigger = trial.trigger
+    for _ in range(trial.workers):
+        runs.start()
+
+    if kind != "proxy":
+        # The random moment: once `trigger` results are committed, plus a little jitter.
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: not runs.live() or committed(svc, path) >= trigger, RUN_TIMEOUT, 0.05)
+        time.sleep(rng.uniform(0, 6) if trigger == 0 else rng.uniform(0, 0.3))
+        if runs.live():
+            trial.fault_at = committed(svc, path)
+        if kind == "worker":
+            live = runs.live()
+            if live:
+                victim = rng.choice(live)
+                victim.send_signal(signal.SIGKILL)
+                trial.injected += 1
+        elif kind == "engine":
+            if runs.live() and svc.server.proc and svc.server.proc.poll() is None:
+                svc.server.kill()
+                trial.injected += 1
+                time.sleep(rng.uniform(0, 2))
+                svc.restart_server()
+        elif kind == "postgres" and runs.live() and svc.pg.kill():
+            trial.injected += 1
+            time.sleep(rng.uniform(0, 3))
+            svc.pg.start()
+    runs.finish()
+
+
 def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) -> Trial:
     rng = random.Random(f"{seed}:{kind}:{index}")
     n = rng.randint(max(8, requests // 2), requests)
@@ -562,31 +600,12 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
         svc.proxy.seen = Counter()
         engine = svc.proxy.url
     runs = Runs(svc, trial, path, engine)
-    for _ in range(workers):
-        runs.start()
-
-    if kind != "proxy":
-        # The random moment: once `trigger` results are committed, plus a little jitter.
-        with contextlib.suppress(TimeoutError):
-            _wait(lambda: not runs.live() or committed(svc, path) >= trigger, RUN_TIMEOUT, 0.05)
-        time.sleep(rng.uniform(0, 6) if trigger == 0 else rng.uniform(0, 0.3))
-        if kind == "worker":
-            live = runs.live()
-            if live:
-                victim = rng.choice(live)
-                victim.send_signal(signal.SIGKILL)
-                trial.injected += 1
-        elif kind == "engine":
-            if runs.live() and svc.server.proc and svc.server.proc.poll() is None:
-                svc.server.kill()
-                trial.injected += 1
-                time.sleep(rng.uniform(0, 2))
-                svc.restart_server()
-        elif kind == "postgres" and runs.live() and svc.pg.kill():
-            trial.injected += 1
-            time.sleep(rng.uniform(0, 3))
-            svc.pg.start()
-    runs.finish()
+    try:
+        _inject(svc, trial, runs, rng, kind, path)
+    except BaseException:  # interrupted: leave no `offline-queue run` behind
+        for p in runs.live():
+            p.kill()
+        raise
     if kind == "proxy":
         trial.injected = sum(c for f, c in svc.proxy.seen.items() if f != "pass")
         svc.proxy.plan = lambda _: "pass"
@@ -623,7 +642,7 @@ class Summary:
 
     def table(self) -> str:
         head = (
-            f"{'kind':<9} {'trials':>6} {'faults':>6} {'runs':>5} {'requests':>8} "
+            f"{'kind':<9} {'trials':>6} {'faults':>6} {'mid':>4} {'runs':>5} {'requests':>8} "
             f"{'failed':>6} {'lost':>5} {'dup':>5} {'s/trial':>7} {'problems':>8}"
         )
         rows = [head, "-" * len(head)]
@@ -634,6 +653,7 @@ class Summary:
                 continue
             rows.append(
                 f"{kind:<9} {len(ts):>6} {sum(t.injected for t in ts):>6} "
+                f"{sum(0 < t.fault_at < t.requests for t in ts):>4} "
                 f"{sum(t.invocations for t in ts):>5} {sum(t.requests for t in ts):>8} "
                 f"{sum(t.failed_requests for t in ts):>6} {sum(t.lost for t in ts):>5} "
                 f"{sum(t.duplicated for t in ts):>5} "
@@ -675,7 +695,7 @@ def run_schedule(
                     f.write(json.dumps(asdict(trial)) + "\n")
                 log(
                     f"{kind:<8} #{index:<3} n={trial.requests:<3} chunk={trial.chunk} "
-                    f"workers={trial.workers} trigger={trial.trigger:<3} "
+                    f"workers={trial.workers} trigger={trial.trigger:<3} at={trial.fault_at:<3} "
                     f"faults={trial.injected:<3} runs={trial.invocations} "
                     f"status={trial.status:<9} lost={trial.lost} dup={trial.duplicated} "
                     f"{trial.seconds:5.1f} s {'; '.join(trial.problems)}"
@@ -703,6 +723,11 @@ def main() -> int:
     )
     print()
     print(summary.table())
+    print(
+        "faults: kills delivered to a live process (proxy: injected answers); mid: kills with "
+        "some but not all results committed; runs: `offline-queue run` invocations; failed: "
+        "error-file lines (the invalid line some batches carry, or requests out of attempts)"
+    )
     for problem in summary.problems:
         print("PROBLEM", problem)
     print(f"wall time {time.monotonic() - started:.0f} s")
