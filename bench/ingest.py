@@ -21,12 +21,9 @@ databases). Prints a table, writes bench/plots/ingest.png, and ends with
 from __future__ import annotations
 
 import argparse
-import atexit
+import contextlib
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.lines import IngestRun, run_ingest_child, write_lines  # noqa: E402
+from tests.services import create_database, postgres  # noqa: E402
 
 PLOT = REPO / "bench" / "plots" / "ingest.png"
 COLUMNS = "batch_id, line_no, custom_id, url, body, cache_digest, state, attempts, not_before"
@@ -49,66 +47,38 @@ BARE_TABLE = """CREATE TABLE bare_requests (
     cache_digest varchar(64), state varchar(16), attempts integer, not_before double precision)"""
 
 
-def _pg_bin(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise SystemExit(f"PostgreSQL's {name} is not installed (or give --pg URL)")
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def start_postgres() -> str:
-    """A throw-away server on loopback (as tests/conftest.py starts it); stopped at exit."""
-    root = Path(tempfile.mkdtemp(prefix="oq-bench-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(
-        _as_postgres([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg_ctl = [_pg_bin("pg_ctl"), "-D", str(data)]
-    subprocess.run(
-        _as_postgres([*pg_ctl, "-o", options, "-l", str(root / "log"), "-w", "start"]),
-        check=True,
-        capture_output=True,
-    )
-
-    def stop() -> None:
-        subprocess.run(_as_postgres([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-    atexit.register(stop)
-    return f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-
-
 def new_database(server: str) -> str:
     """A fresh database on `server`; returns its SQLAlchemy URL."""
-    name = f"ingest_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"{plain(server)}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{server}/{name}"
+    return create_database(server, f"ingest_{uuid.uuid4().hex[:10]}")
 
 
 def plain(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
-def copy_baseline(path: Path, server: str) -> float:
-    """Seconds to COPY the file's rows into a bare table: read, parse, one row per line."""
+@dataclass
+class CopyRun:
+    seconds: float
+    cpu_seconds: float
+    server_cpu_seconds: float
+
+
+def backend_cpu(pid: int) -> float:
+    """CPU seconds of a local PostgreSQL backend (NaN when the server is not on this host)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def copy_baseline(path: Path, server: str) -> CopyRun:
+    """COPY the file's rows into a bare table: read, parse, one row per line, one commit."""
     with psycopg.connect(plain(new_database(server))) as conn:
         conn.execute(BARE_TABLE)
         conn.commit()
+        pid = conn.info.backend_pid
+        cpu, server_cpu = time.process_time(), backend_cpu(pid)
         started = time.perf_counter()
         sql = f"COPY bare_requests ({COLUMNS}) FROM STDIN"
         with path.open("rb") as f, conn.cursor() as cur, cur.copy(sql) as copy:
@@ -118,7 +88,8 @@ def copy_baseline(path: Path, server: str) -> float:
                 row = ("batch_ingest", line_no, obj["custom_id"], obj["url"], body)
                 copy.write_row((*row, None, "queued", 0, 0.0))
         conn.commit()
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        return CopyRun(seconds, time.process_time() - cpu, backend_cpu(pid) - server_cpu)
 
 
 @dataclass
@@ -127,14 +98,21 @@ class Size:
     mb: float
     pg: list[IngestRun] = field(default_factory=list)
     sqlite: list[IngestRun] = field(default_factory=list)
-    copy: list[float] = field(default_factory=list)
+    copy: list[CopyRun] = field(default_factory=list)
 
     def best(self, runs: list[IngestRun]) -> float:
         return self.lines / min(r.seconds for r in runs)
 
     @property
     def copy_rate(self) -> float:
-        return self.lines / min(self.copy)
+        return self.lines / min(r.seconds for r in self.copy)
+
+    def cpu_us(self, runs: list[IngestRun] | list[CopyRun]) -> tuple[float, float]:
+        """CPU µs per line (client, PostgreSQL backend), least of the runs: the work itself,
+        whatever else shares the machine."""
+        client = min(r.cpu_seconds for r in runs)
+        server = min(r.server_cpu_seconds for r in runs)
+        return client / self.lines * 1e6, server / self.lines * 1e6
 
     @property
     def peak_mb(self) -> float:
@@ -158,7 +136,7 @@ def measure(sizes: list[int], repeats: int, server: str, work: Path) -> list[Siz
                 print(
                     f"  {lines:>9,} lines  {side:<4} "
                     + (
-                        f"{lines / size.copy[-1]:>9,.0f} lines/s"
+                        f"{lines / size.copy[-1].seconds:>9,.0f} lines/s"
                         if side == "copy"
                         else f"{lines / size.pg[-1].seconds:>9,.0f} lines/s  "
                         f"peak RSS {size.pg[-1].peak_rss_mb:.0f} MB"
@@ -182,20 +160,24 @@ def report(sizes: list[Size]) -> None:
     print()
     print(
         "| lines | file MB | COPY lines/s | ours PG lines/s | ratio | ours SQLite lines/s "
-        "| peak RSS PG MB | peak RSS SQLite MB |"
+        "| peak RSS PG / SQLite MB | CPU µs/line COPY (client + server) "
+        "| CPU µs/line ours PG (client + server) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in sizes:
+        (cc, cs), (oc, os_) = s.cpu_us(s.copy), s.cpu_us(s.pg)
         print(
             f"| {s.lines:,} | {s.mb:.0f} | {s.copy_rate:,.0f} | {s.best(s.pg):,.0f} "
             f"| {s.best(s.pg) / s.copy_rate:.3f} | {s.best(s.sqlite):,.0f} "
-            f"| {max(r.peak_rss_mb for r in s.pg):.0f} "
-            f"| {max(r.peak_rss_mb for r in s.sqlite):.0f} |"
+            f"| {max(r.peak_rss_mb for r in s.pg):.0f} / "
+            f"{max(r.peak_rss_mb for r in s.sqlite):.0f} "
+            f"| {cc:.1f} + {cs:.1f} | {oc:.1f} + {os_:.1f} |"
         )
     inspect = sizes[-1].pg[0].inspect_seconds
     print(
         f"(submit's hash + count pass over the {sizes[-1].lines:,}-line file, not in the "
-        f"ratio: {inspect:.1f} s; {platform.machine()}, {os.cpu_count()} cores)"
+        f"ratio: {inspect:.1f} s; {platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end)"
     )
 
 
@@ -239,10 +221,11 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=PLOT)
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    server = (args.pg or start_postgres()).rstrip("/")
-    if server.startswith("postgresql://"):
-        server = "postgresql+psycopg://" + server.removeprefix("postgresql://")
-    with tempfile.TemporaryDirectory(prefix="oq-bench-ingest-") as tmp:
+    with contextlib.ExitStack() as stack:
+        server = (args.pg or stack.enter_context(postgres()).url).rstrip("/")
+        if server.startswith("postgresql://"):
+            server = "postgresql+psycopg://" + server.removeprefix("postgresql://")
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="oq-bench-ingest-"))
         results = measure(sizes, args.repeats, server, Path(tmp))
     report(results)
     plot(results, args.plot)

@@ -49,22 +49,43 @@ def write_lines(path: Path, lines: int, tag: str = "line", first: int = 0) -> Pa
 
 # What `validate-and-queue` runs (flows/batch.py), in a process of its own.
 INGEST_CHILD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
+from sqlalchemy import text
 from offline_queue.store import queue
+from offline_queue.store.db import get_engine
 from offline_queue.validate import Limits, inspect_file, validate_file
 path, db = Path(sys.argv[1]), sys.argv[2]
+
+def server_cpu():  # CPU seconds of this database's PostgreSQL backends, when they are local
+    if not db.startswith("postgresql"):
+        return 0.0
+    with get_engine(db).connect() as c:
+        pids = c.execute(text("SELECT pid FROM pg_stat_activity "
+                              "WHERE datname = current_database()")).scalars().all()
+    return sum(backend_cpu(pid) for pid in pids)
+
+def backend_cpu(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
 queue.get_batch(db, "none")  # connect and migrate before the clock starts
 t0 = time.perf_counter()
 info = inspect_file(path, Limits())
-t = time.perf_counter()
 batch, _ = queue.register_batch(db, batch_id="batch_ingest", content_hash=info.content_hash,
     input_path=str(path), output_path="o", error_path="e")
+cpu, server = time.process_time(), server_cpu()
+t = time.perf_counter()
 report = queue.ingest(db, batch.id, validate_file(path, Limits()))
 accepted, total = queue.finish_ingest(db, batch.id)
+seconds = time.perf_counter() - t
+cpu, server = time.process_time() - cpu, server_cpu() - server
 # VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across exec).
 peak_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(accepted, total, t - t0, time.perf_counter() - t, peak_kb)
+print(accepted, total, t - t0, seconds, peak_kb, cpu, server)
 """
 
 
@@ -77,6 +98,10 @@ class IngestRun:
     seconds: float
     """validate + queue + finish (the `validate-and-queue` task), store connected and migrated."""
     peak_rss_mb: float
+    cpu_seconds: float
+    """this process's CPU time during validate + queue + finish"""
+    server_cpu_seconds: float
+    """its PostgreSQL backends' CPU time meanwhile (0 on SQLite, NaN if the server is remote)"""
 
 
 def run_ingest_child(path: Path, db: str) -> IngestRun:
@@ -87,4 +112,12 @@ def run_ingest_child(path: Path, db: str) -> IngestRun:
         check=True,
         cwd=REPO,
     ).stdout.split()
-    return IngestRun(int(out[0]), int(out[1]), float(out[2]), float(out[3]), int(out[4]) / 1024)
+    return IngestRun(
+        int(out[0]),
+        int(out[1]),
+        float(out[2]),
+        float(out[3]),
+        int(out[4]) / 1024,
+        float(out[5]),
+        float(out[6]),
+    )
