@@ -1,4 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Each sets up what it needs.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -40,8 +41,15 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every benchmark, one after the other (they share 2 cores: never in parallel). Each ends with
+# `RESULT name value` lines; logs in bench/out/, plots in bench/plots/, figures in BENCHMARKS.md.
+BENCHES := overhead server ceiling ingest scheduling scale
 bench: setup
-	$(BIN)/python bench/overhead.py
+	$(BIN)/offline-queue model prepare
+	mkdir -p bench/out
+	set -o pipefail; export PYTHONUNBUFFERED=1; for b in $(BENCHES); do \
+		$(BIN)/python bench/$$b.py | tee bench/out/$$b.log || exit 1; done
+	grep -h '^RESULT' $(addprefix bench/out/,$(addsuffix .log,$(BENCHES)))
 
 # Fault schedules: SIGKILL the worker, the vLLM server, PostgreSQL, and proxy-injected engine
 # faults, 20 seeded trials of each; ends with RESULT trials|lost|duplicated (BENCHMARKS.md).
