@@ -710,17 +710,27 @@ def main() -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated")
     parser.add_argument("--requests", type=int, default=48, help="most requests per batch")
     parser.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="only print the table of a (maybe unfinished) run's OUT/trials.jsonl",
+    )
     a = parser.parse_args()
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
     started = time.monotonic()
-    print(
-        f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; "
-        f"seed {a.seed}, {a.trials_per_kind} trials per kind of {', '.join(kinds)}",
-        flush=True,
-    )
-    summary = run_schedule(
-        a.seed, a.trials_per_kind, kinds, a.requests, a.out, lambda s: print(s, flush=True)
-    )
+    if a.report:
+        records = [json.loads(x) for x in a.report.read_text().splitlines() if x.strip()]
+        summary = Summary([Trial(**r) for r in records])
+    else:
+        print(
+            f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; "
+            f"seed {a.seed}, {a.trials_per_kind} trials per kind of {', '.join(kinds)}",
+            flush=True,
+        )
+        summary = run_schedule(
+            a.seed, a.trials_per_kind, kinds, a.requests, a.out, lambda s: print(s, flush=True)
+        )
     print()
     print(summary.table())
     print(
