@@ -29,6 +29,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.instant import InstantBenchmarkEngine  # noqa: E402
 from bench.lines import write_lines  # noqa: E402
+from bench.plotting import PLOTS, pyplot  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 
@@ -81,6 +82,22 @@ def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -
         f"  last result → end      {ended - at['last_result']:6.1f} s  (finalize: the two files)\n"
         f"  whole flow             {ended - started:6.1f} s"
     )
+    spans = {
+        "submit + validate + queue": at["first_result"] - started,
+        "claims, engine, settles": at["last_result"] - at["first_result"],
+        "finalize (two files)": ended - at["last_result"],
+    }
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    left = 0.0
+    for label, seconds in spans.items():
+        ax.barh([0], [seconds], left=left, label=f"{label} {seconds:.1f} s")
+        left += seconds
+    ax.set_yticks([])
+    ax.set_xlabel(f"seconds for {n:,} requests (instant engine, chunk {chunk_size})")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOTS / "ceiling.png", dpi=120)
     return {"persisted_s": persisted, "total_s": ended - started}
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import write_lines  # noqa: E402
+from bench.plotting import PLOTS, pyplot  # noqa: E402
 from tests.services import create_database, postgres, prefect_server  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
@@ -110,6 +111,14 @@ def main() -> None:
             rates[n] = throughput(db, batch_id)
             print(f"{n} worker(s): {rates[n]:,.0f} req/s")
     base = rates[min(rates)]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([str(n) for n in sorted(rates)], [rates[n] for n in sorted(rates)])
+    ax.set_xlabel("worker processes on one batch")
+    ax.set_ylabel("requests/s (instant engine)")
+    ax.set_title(f"Scale-out, {args.requests:,} requests, PostgreSQL")
+    fig.tight_layout()
+    fig.savefig(PLOTS / "scale_out.png", dpi=120)
     for n, rate in sorted(rates.items()):
         print(f"RESULT scale_ratio_{n} {rate / base:.2f}")
     print(f"RESULT scale_req_per_s_1 {base:.0f}")

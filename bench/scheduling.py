@@ -1,7 +1,7 @@
 """How chunking and tiers behave on a shared `vllm serve`: chunk-size sweep, resume waste
 after kill -9, and a critical batch's wait while bulk batches saturate the server.
 
-    .venv/bin/python bench/scheduling.py [--only sweep,resume,priority] [--plots bench/plots]
+    .venv/bin/python bench/scheduling.py [--only sweep,resume,priority]
 
 One vLLM server (CPU build, bundled model), one PostgreSQL, one Prefect server, all on
 loopback; workers are `offline-queue run` processes, as in production. Short requests
@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import requests  # noqa: E402
+from bench.plotting import PLOTS, pyplot  # noqa: E402
 from bench.server import plain_client  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.services import BIN, free_port, postgres, prefect_server, wait_for  # noqa: E402
@@ -106,7 +107,7 @@ def services(work: Path) -> Iterator[tuple[str, str, dict]]:
         yield f"http://127.0.0.1:{port}/v1", pg.url, env
 
 
-def sweep(url: str, pg: str, env: dict, work: Path, n: int, plots: Path) -> None:
+def sweep(url: str, pg: str, env: dict, work: Path, n: int) -> None:
     from tests.services import create_database
 
     seconds, _ = asyncio.run(plain_client(url, short_items(n, "plain", 0), 32))
@@ -123,11 +124,7 @@ def sweep(url: str, pg: str, env: dict, work: Path, n: int, plots: Path) -> None
         print(f"chunk {size:5d}: {rates[size]:6.1f} req/s  ratio {rates[size] / plain_rate:.3f}")
         print(f"RESULT sweep_ratio_{size} {rates[size] / plain_rate:.3f}")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, left = plt.subplots(figsize=(7, 4))
     left.plot(SIZES, [rates[s] / plain_rate for s in SIZES], "o-", label="throughput ÷ plain")
     left.set_xscale("log", base=2)
@@ -139,7 +136,7 @@ def sweep(url: str, pg: str, env: dict, work: Path, n: int, plots: Path) -> None
     left.set_title(f"Chunk size on vllm serve ({n} requests, max {MAX_TOKENS} tokens)")
     fig.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(plots / "chunk_sweep.png", dpi=120)
+    fig.savefig(PLOTS / "chunk_sweep.png", dpi=120)
 
 
 def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None:
@@ -148,7 +145,7 @@ def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None
     for i, pct in enumerate((25, 50, 75)):
         db = create_database(pg, f"resume_{pct}")
         path = short(work / f"resume-{pct}.jsonl", n, f"resume{pct}", 100_000 * (i + 1))
-        with FaultProxy(url, lambda _: "pass") as proxy:
+        with FaultProxy(url.removesuffix("/v1"), lambda _: "pass") as proxy:
             first = run(path, db, proxy.url, env, "--chunk-size", str(chunk))
             target = n * pct // 100
             wait_for(
@@ -205,10 +202,8 @@ def main() -> None:
     parser.add_argument("--sweep-requests", type=int, default=2048)
     parser.add_argument("--resume-requests", type=int, default=512)
     parser.add_argument("--resume-chunk", type=int, default=64)
-    parser.add_argument("--plots", type=Path, default=REPO / "bench" / "plots")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    args.plots.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="oq-sched-") as tmp:
         work = Path(tmp)
         with services(work) as (url, pg, env):
@@ -218,7 +213,7 @@ def main() -> None:
             if "resume" in only:
                 resume(url, pg, env, work, args.resume_requests, args.resume_chunk)
             if "sweep" in only:
-                sweep(url, pg, env, work, args.sweep_requests, args.plots)
+                sweep(url, pg, env, work, args.sweep_requests)
 
 
 if __name__ == "__main__":
