@@ -38,9 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.lines import IngestRun, run_ingest_child, write_lines  # noqa: E402
+from bench.plotting import PLOTS, pyplot  # noqa: E402
 from tests.services import create_database, postgres  # noqa: E402
 
-PLOT = REPO / "bench" / "plots" / "ingest.png"
+PLOT = PLOTS / "ingest.png"
 COLUMNS = "batch_id, line_no, custom_id, url, body, cache_digest, state, attempts, not_before"
 BARE_TABLE = """CREATE TABLE bare_requests (
     batch_id varchar(64), line_no integer, custom_id varchar(512), url varchar(64), body text,
@@ -182,11 +183,7 @@ def report(sizes: list[Size]) -> None:
 
 
 def plot(sizes: list[Size], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x = [s.lines for s in sizes]
     fig, (rss, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
     rss.plot(x, [max(r.peak_rss_mb for r in s.pg) for s in sizes], "o-", label="PostgreSQL")
