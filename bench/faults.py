@@ -331,6 +331,8 @@ class Trial:
     fault_at: int = -1
     """Results committed just before the kill (-1: no kill, or the store could not say)."""
     invocations: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+    """Of every `offline-queue run` invocation (-9: SIGKILLed by the driver)."""
     lost: int = 0
     duplicated: int = 0
     failed_requests: int = 0
@@ -437,6 +439,7 @@ class Runs:
                     p.kill()
                     p.wait()
             codes = [p.returncode for p in self.procs]
+            self.trial.exit_codes += codes
             done = [p for p in self.procs if p.returncode == 0]
             if done:
                 out = (self.logs / f"run{done[-1].number}.out").read_text()  # type: ignore[attr-defined]
