@@ -10,8 +10,9 @@ loopback; workers are `offline-queue run` processes, as in production. Short req
 1. Sweep: the same batch at chunk sizes 64 … 4096, throughput ÷ a plain asyncio + httpx client
    at the same in-flight level (`RESULT sweep_ratio_<size>`), and the worst-case resume waste
    (one chunk) beside it; plot in bench/plots/chunk_sweep.png.
-2. Resume: kill -9 the worker at 25/50/75 % of the batch, run it again; requests the server
-   saw beyond the batch's size were inferred twice (`RESULT resume_waste_<pct>`; ≤ one chunk).
+2. Resume: kill -9 the worker once 25/50/75 % of the batch has been sent to the server (so
+   mid-chunk), run it again; requests the server saw beyond the batch's size were inferred
+   twice (`RESULT resume_waste_<pct>`; ≤ one chunk).
 3. Priority: two bulk batches fill the server; a critical batch arrives; seconds from its
    arrival to its first result against the bulk batches' chunk time
    (`RESULT priority_first_result_s`, `RESULT priority_wait_vs_bulk_chunk`).
@@ -147,10 +148,12 @@ def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None
         path = short(work / f"resume-{pct}.jsonl", n, f"resume{pct}", 100_000 * (i + 1))
         with FaultProxy(url.removesuffix("/v1"), lambda _: "pass") as proxy:
             first = run(path, db, proxy.url, env, "--chunk-size", str(chunk))
+            # Killed by what was sent, not by what was committed: mid-chunk, the worst moment.
             target = n * pct // 100
             wait_for(
-                lambda: first.poll() is not None or len(result_times(db, path)) >= target,  # noqa: B023
+                lambda: first.poll() is not None or sum(proxy.seen.values()) >= target,  # noqa: B023
                 timeout=900,
+                interval=0.02,
             )
             if first.poll() is not None:
                 raise RuntimeError(f"the worker ended before the kill: {first.stderr.read()}")
