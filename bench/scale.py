@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
-from tests.services import create_database, postgres, prefect_server  # noqa: E402
+from tests.services import create_database, exit_on_sigterm, postgres, prefect_server  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--worker", nargs=2, metavar=("FILE", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    exit_on_sigterm()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.chunk_size)
         return

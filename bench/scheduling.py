@@ -43,7 +43,15 @@ from bench.lines import requests  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
 from bench.server import plain_client  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
-from tests.services import BIN, free_port, postgres, prefect_server, wait_for  # noqa: E402
+from tests.services import (  # noqa: E402
+    BIN,
+    create_database,
+    exit_on_sigterm,
+    free_port,
+    postgres,
+    prefect_server,
+    wait_for,
+)
 
 SIZES = [64, 128, 256, 512, 1024, 2048, 4096]
 MAX_TOKENS = 4
@@ -109,8 +117,6 @@ def services(work: Path) -> Iterator[tuple[str, str, dict]]:
 
 
 def sweep(url: str, pg: str, env: dict, work: Path, n: int) -> None:
-    from tests.services import create_database
-
     seconds, _ = asyncio.run(plain_client(url, short_items(n, "plain", 0), 32))
     plain_rate = n / seconds
     print(f"plain client, 32 in flight: {plain_rate:.1f} req/s")
@@ -141,8 +147,6 @@ def sweep(url: str, pg: str, env: dict, work: Path, n: int) -> None:
 
 
 def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None:
-    from tests.services import create_database
-
     for i, pct in enumerate((25, 50, 75)):
         db = create_database(pg, f"resume_{pct}")
         path = short(work / f"resume-{pct}.jsonl", n, f"resume{pct}", 100_000 * (i + 1))
@@ -169,8 +173,6 @@ def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None
 
 
 def priority(url: str, pg: str, env: dict, work: Path) -> None:
-    from tests.services import create_database
-
     db = create_database(pg, "priority")
     bulk = [short(work / f"bulk-{i}.jsonl", 400, f"bulk{i}", 500_000 + 1000 * i) for i in (1, 2)]
     critical = short(work / "critical.jsonl", 8, "critical", 600_000)
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--resume-requests", type=int, default=512)
     parser.add_argument("--resume-chunk", type=int, default=64)
     args = parser.parse_args()
+    exit_on_sigterm()
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory(prefix="oq-sched-") as tmp:
         work = Path(tmp)

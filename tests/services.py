@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,12 @@ import httpx
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: the services' `finally` blocks
+    run, so no PostgreSQL, Prefect or vLLM server is left behind."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def free_port() -> int:
