@@ -41,6 +41,7 @@ from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
 from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
 from offline_queue.store import queue  # noqa: E402
+from offline_queue.store.db import patiently  # noqa: E402
 from offline_queue.validate import Limits, inspect_file, validate_file  # noqa: E402
 
 Tier = Literal["critical", "standard", "bulk"]
@@ -360,7 +361,7 @@ def infer_all(
     next_update = time.monotonic() + PROGRESS_SECONDS
     try:
         while True:
-            stop_reason = _stop_reason(db, batch_id)
+            stop_reason = patiently(lambda: _stop_reason(db, batch_id))
             if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
                 queue.drop_queued(db, batch_id, *stop_reason)
             report = infer_chunk(
@@ -374,11 +375,11 @@ def infer_all(
                 if time.monotonic() >= next_update:
                     update_progress_artifact(
                         artifact_id=cast(UUID, artifact),
-                        progress=_percent(queue.progress(db, batch_id), total),
+                        progress=_percent(patiently(lambda: queue.progress(db, batch_id)), total),
                     )
                     next_update = time.monotonic() + PROGRESS_SECONDS
                 continue
-            p = queue.progress(db, batch_id)
+            p = patiently(lambda: queue.progress(db, batch_id))
             if p.pending == 0:
                 update_progress_artifact(
                     artifact_id=cast(UUID, artifact), progress=_percent(p, total)

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from offline_queue.engines.base import Reply
 from offline_queue.retry import RetryPolicy
 from offline_queue.store import queue
-from offline_queue.store.db import session
+from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.validate import Limits, inspect_file, validate_file
+from tests.services import postgres
 
 
 def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r") -> str:
@@ -362,3 +364,22 @@ def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None
     assert stats.p95_ms == 10.0
     with session(db_url) as s:
         assert s.get(Batch, ids["stable"]).release_version == "v1"  # type: ignore[union-attr]
+
+
+def test_the_worker_loop_rides_through_a_postgresql_restart(tmp_path: Path) -> None:
+    """PostgreSQL killed (immediate stop) and back 2 s later: the loop's store reads wait for
+    it instead of failing the run."""
+    with postgres() as pg:
+        db = pg.create_database("outage")
+        bid = make_batch(db, tmp_path, 3)
+        pg.stop()
+        back = threading.Timer(2.0, pg.start)
+        back.start()
+        started = time.monotonic()
+        p = patiently(lambda: queue.progress(db, bid), outage_seconds=60)
+        back.join()
+        assert p.queued == 3
+        assert time.monotonic() - started >= 1.5  # it did wait for the restart
+        with pytest.raises(OperationalError):  # and gives up after its outage budget
+            pg.stop()
+            patiently(lambda: queue.progress(db, bid), outage_seconds=1)

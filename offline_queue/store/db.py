@@ -5,17 +5,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import itertools
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import platformdirs
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from offline_queue.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "OFFLINE_QUEUE_DB"
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -116,3 +124,23 @@ def migrate(engine: Engine) -> None:
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
             conn.commit()
+
+
+T = TypeVar("T")
+
+
+def patiently(call: Callable[[], T], outage_seconds: float = 120.0) -> T:
+    """`call()`, again with backoff while the store cannot be reached (a PostgreSQL restart or
+    failover), for up to `outage_seconds`. For the reads a worker's loop makes between chunks:
+    a chunk has Prefect's task retries, the loop around it has only this."""
+    deadline = time.monotonic() + outage_seconds
+    policy = RetryPolicy(base_seconds=0.5, cap_seconds=5.0)
+    for attempt in itertools.count(1):
+        try:
+            return call()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("store unreachable (%s); retrying", type(exc).__name__)
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
