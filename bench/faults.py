@@ -37,7 +37,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,10 +49,17 @@ from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
 
 from offline_queue.engines.vllm_server import ServerProcess, server_args  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.services import (  # noqa: E402
+    BIN,
+    as_postgres,
+    free_port,
+    healthy,
+    pg_bin,
+    wait_for,
+)
 
 KINDS = ("worker", "engine", "postgres", "proxy")
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
@@ -66,43 +72,6 @@ MAX_INVOCATIONS = 6  # per trial: the first run and the re-runs after faults
 
 
 # -- services ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pg_bin(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise RuntimeError(f"PostgreSQL's {name} is not installed")
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root: run it as the `postgres` user when we are root.
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError("condition not met in time")
-
-
-def _http_ok(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 class Postgres:
@@ -130,9 +99,7 @@ class Postgres:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.sock, "postgres")
         subprocess.run(
-            _as_postgres(
-                [_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
-            ),
+            as_postgres([pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]),
             check=True,
             capture_output=True,
         )
@@ -152,9 +119,9 @@ class Postgres:
         deadline = time.monotonic() + timeout
         while True:
             done = subprocess.run(
-                _as_postgres(
+                as_postgres(
                     [
-                        _pg_bin("pg_ctl"),
+                        pg_bin("pg_ctl"),
                         "-D",
                         str(self.data),
                         "-o",
@@ -191,12 +158,12 @@ class Postgres:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
-            _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 10)
+            wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 10)
         return True
 
     def stop(self) -> None:
         subprocess.run(
-            _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
+            as_postgres([pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
             capture_output=True,
         )
 
@@ -286,7 +253,7 @@ def services(work: Path, log: Callable[[str], None] = print) -> Iterator[Service
     server = ServerProcess(args, "127.0.0.1", port, log=server_log).start()
     proxy: FaultProxy | None = None
     try:
-        _wait(lambda: prefect.poll() is not None or _http_ok(f"{prefect_api}/health"), 300, 0.5)
+        wait_for(lambda: prefect.poll() is not None or healthy(f"{prefect_api}/health"), 300, 0.5)
         if prefect.poll() is not None:
             raise RuntimeError("prefect server start exited; see prefect-server.log")
         server.wait_ready(timeout=600)
@@ -560,7 +527,7 @@ def _inject(
     if kind != "proxy":
         # The random moment: once `trigger` results are committed, plus a little jitter.
         with contextlib.suppress(TimeoutError):
-            _wait(lambda: not runs.live() or committed(svc, path) >= trigger, RUN_TIMEOUT, 0.05)
+            wait_for(lambda: not runs.live() or committed(svc, path) >= trigger, RUN_TIMEOUT, 0.05)
         time.sleep(rng.uniform(0, 6) if trigger == 0 else rng.uniform(0, 0.3))
         if runs.live():
             trial.fault_at = committed(svc, path)
