@@ -70,17 +70,23 @@ def submit(
     idempotency_key: str | None,
     metadata: dict[str, str] | None = None,
 ) -> Submitted:
-    """Register the batch once: the same content (or id, or idempotency key) is the same batch."""
+    """Register the batch once: the same content written to the same files (or the same id, or
+    idempotency key) is the same batch, so a re-run resumes it. The same content run from
+    elsewhere is a batch of its own with its own files (deterministic answers still come from
+    the result cache), never a resume that writes into another directory."""
     path = Path(input).expanduser().resolve()
     info = inspect_file(path, Limits())
     out, err = default_outputs(path)
+    out_path = str(Path(output).expanduser().resolve()) if output else str(out)
+    err_path = str(Path(errors).expanduser().resolve()) if errors else str(err)
+    identity = hashlib.sha256(f"{info.content_hash}\n{out_path}\n{err_path}".encode())
     batch, created = queue.register_batch(
         db,
-        batch_id=batch_id or f"batch_{info.content_hash[:24]}",
+        batch_id=batch_id or f"batch_{identity.hexdigest()[:24]}",
         content_hash=info.content_hash,
         input_path=str(path),
-        output_path=str(Path(output).expanduser().resolve()) if output else str(out),
-        error_path=str(Path(errors).expanduser().resolve()) if errors else str(err),
+        output_path=out_path,
+        error_path=err_path,
         tier=tier,
         weight=weight,
         max_attempts=max_attempts,
