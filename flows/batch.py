@@ -36,6 +36,7 @@ from pydantic import BaseModel  # noqa: E402
 from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
 from blocks.store import store_url  # noqa: E402
 from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
+from offline_queue.cache import ResultCache  # noqa: E402
 from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
@@ -155,6 +156,7 @@ def infer_chunk(
     max_attempts: int,
     engine_block: EngineBlock,
     keeper: LeaseKeeper,
+    cache: ResultCache,
     share: ShareKeeper | None = None,
 ) -> ChunkReport | None:
     """Claim a chunk, answer it (cache, then engine) and persist it in one transaction.
@@ -164,7 +166,7 @@ def infer_chunk(
     if claim is None:
         return None
     with keeper.holding(claim.token):
-        report = serve_claim(db, batch_id, claim, engine_block.engine(), max_attempts, share)
+        report = serve_claim(db, batch_id, claim, engine_block.engine(), max_attempts, share, cache)
     s = report.settled
     get_run_logger().info(
         "chunk of %d: %d inferred, %d from cache; %d completed, %d failed, %d to retry%s",
@@ -354,6 +356,7 @@ def infer_all(
     batch_id, owner = me.batch_id, me.owner
     engine = engine_block.engine()
     keeper = LeaseKeeper(db, lease_seconds).start()
+    cache = ResultCache(db, engine.model_version)
     share = (
         ShareKeeper(db, engine.engine_key, me, engine.capacity).start() if engine.shared else None
     )
@@ -371,7 +374,7 @@ def infer_all(
             if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
                 queue.drop_queued(db, batch_id, *stop_reason)
             report = infer_chunk(
-                db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper, share
+                db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper, cache, share
             )
             if report is not None:
                 run.inferred += report.inferred
@@ -395,6 +398,7 @@ def infer_all(
             wait = (p.next_due or 0) - time.time() if p.processing == 0 else lease_seconds / 6
             time.sleep(min(max(wait, 0.05), 2.0))
     finally:
+        cache.flush()
         keeper.stop()
         if share is not None:
             share.stop()

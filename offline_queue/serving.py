@@ -4,36 +4,11 @@ a test."""
 
 from __future__ import annotations
 
-import hashlib
-import time
-import uuid
 from dataclasses import dataclass
 
-import orjson
-
+from offline_queue.cache import Entry, ResultCache
 from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
-from offline_queue.formats import CHAT_URL
 from offline_queue.store import queue
-from offline_queue.store.tables import CachedResult
-
-
-def cache_key(model_version: str, digest: str) -> str:
-    return hashlib.sha256(f"{model_version}\n{digest}".encode()).hexdigest()
-
-
-def _from_cache(url: str, hit: CachedResult) -> Reply:
-    """A cached answer under a fresh id and time: it is a new response with the same content."""
-    body = orjson.loads(hit.body)
-    body["id"] = f"{'chatcmpl' if url == CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
-    body["created"] = int(time.time())
-    return Reply(
-        ok=True,
-        body=orjson.dumps(body).decode(),
-        prompt_tokens=hit.prompt_tokens,
-        completion_tokens=hit.completion_tokens,
-        latency_ms=0.0,
-        finished_at=time.time(),
-    )
 
 
 @dataclass
@@ -57,19 +32,20 @@ def serve_claim(
     engine: Engine,
     max_attempts: int,
     share: Share | None = None,
+    cache: ResultCache | None = None,
 ) -> ChunkReport:
-    version = engine.model_version
-    keys = {r.id: cache_key(version, r.cache_digest) for r in claim.requests if r.cache_digest}
-    hits = queue.cached_results(db, list(keys.values()))
+    """`cache` is the worker's (written behind); without one, a chunk's answers are cached
+    when it settles."""
+    own_cache = cache is None
+    cache = cache or ResultCache(db, engine.model_version)
+    keys = {r.id: cache.key(r.cache_digest) for r in claim.requests if r.cache_digest}
+    hits = cache.lookup(keys.values())
     outcomes: list[queue.Outcome] = []
     to_run: list[queue.Claimed] = []
     for request in claim.requests:
-        key = keys.get(request.id)
-        hit = hits.get(key) if key else None
+        hit = hits.get(keys.get(request.id, ""))
         if hit is not None:
-            outcomes.append(
-                queue.Outcome(request, _from_cache(request.url, hit), reused=True, cache_key=key)
-            )
+            outcomes.append(queue.Outcome(request, hit.reply(request.url), reused=True))
         else:
             to_run.append(request)
     if to_run:
@@ -83,11 +59,19 @@ def serve_claim(
             faulted = [queue.Outcome(r, fault) for r in to_run]
             queue.settle(db, batch_id, claim, outcomes + faulted, max_attempts)
             raise ChunkFault(str(exc)) from exc
-        outcomes += [
-            queue.Outcome(r, reply, cache_key=keys.get(r.id), model_version=version)
-            for r, reply in zip(to_run, replies, strict=True)
-        ]
+        outcomes += [queue.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
     settled = queue.settle(db, batch_id, claim, outcomes, max_attempts)
+    cache.remember(
+        (keys[o.request.id], Entry(o.reply.body, o.reply.prompt_tokens, o.reply.completion_tokens))
+        for o in outcomes
+        if o.reply.ok
+        and not o.reused
+        and o.reply.body is not None
+        and o.request.id in keys
+        and o.request.id in settled.completed_ids
+    )
+    if own_cache:
+        cache.flush()
     return ChunkReport(
         claimed=len(claim.requests),
         inferred=len(to_run),

@@ -19,15 +19,15 @@ from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
 from offline_queue.release import TrackStats
 from offline_queue.retry import RetryPolicy
+from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import get_engine, session
-from offline_queue.store.tables import Batch, CachedResult, Request, Result
+from offline_queue.store.tables import Batch, Request, Result
 from offline_queue.validate import Accepted, Rejected
 
 
@@ -37,7 +37,7 @@ def new_owner() -> str:
 
 
 def response_id() -> str:
-    return f"batch_req_{uuid.uuid4().hex}"
+    return f"batch_req_{os.urandom(16).hex()}"
 
 
 class BatchConflict(ValueError):
@@ -130,10 +130,11 @@ def drop_queued(db: str, batch_id: str, code: str, message: str) -> int:
             .execution_options(synchronize_session=False)
         ).all()
         error = LineError(code=code, message=message)
-        _insert_ignoring_conflicts(
-            s,
-            Result.__table__,
-            [_error_result(batch_id, line, cid, error, None, now) for line, cid in rows],
+        insert_ignoring_conflicts(
+            s.connection(),
+            Result,
+            RESULT_COLUMNS,
+            [_error_row(batch_id, line, cid, error, None, now) for line, cid in rows],
         )
     return len(rows)
 
@@ -174,6 +175,20 @@ def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
 # ---- ingest -------------------------------------------------------------------------------
 
 
+REQUEST_COLUMNS = (
+    "batch_id",
+    "line_no",
+    "custom_id",
+    "url",
+    "body",
+    "cache_digest",
+    "state",
+    "attempts",
+    "not_before",
+)
+"""The columns ingest fills: the rest start empty."""
+
+
 @dataclass
 class IngestReport:
     accepted: int = 0
@@ -201,16 +216,17 @@ def ingest(
 
         return ingest_by_copy(db, batch_id, items, group_size, time.time())
     report = IngestReport()
-    requests: list[dict[str, Any]] = []
-    rejections: list[dict[str, Any]] = []
+    requests: list[tuple[Any, ...]] = []
+    rejections: list[tuple[Any, ...]] = []
     last_line = 0
 
     def flush() -> None:
         # Conflicts are ignored: two workers that start the same batch at once both stream the
         # file, derive the same rows from it, and whichever commits second inserts nothing.
         with session(db) as s:
-            _insert_ignoring_conflicts(s, Request.__table__, requests)
-            _insert_ignoring_conflicts(s, Result.__table__, rejections)
+            conn = s.connection()
+            insert_ignoring_conflicts(conn, Request, REQUEST_COLUMNS, requests)
+            insert_ignoring_conflicts(conn, Result, RESULT_COLUMNS, rejections)
             s.execute(
                 update(Batch)
                 .where(Batch.id == batch_id, Batch.ingested_through < last_line)
@@ -226,22 +242,22 @@ def ingest(
             report.accepted += 1
             report.endpoints.add(item.url)
             requests.append(
-                {
-                    "batch_id": batch_id,
-                    "line_no": item.line_no,
-                    "custom_id": item.custom_id,
-                    "url": item.url,
-                    "body": item.body_json,
-                    "cache_digest": item.cache_digest,
-                    "state": "queued",
-                    "attempts": 0,
-                    "not_before": 0.0,
-                }
+                (
+                    batch_id,
+                    item.line_no,
+                    item.custom_id,
+                    item.url,
+                    item.body_json,
+                    item.cache_digest,
+                    "queued",
+                    0,
+                    0.0,
+                )
             )
         else:
             report.rejected += 1
             rejections.append(
-                _error_result(batch_id, item.line_no, item.custom_id, item.error, None, now)
+                _error_row(batch_id, item.line_no, item.custom_id, item.error, None, now)
             )
         if len(requests) + len(rejections) >= group_size:
             flush()
@@ -366,9 +382,6 @@ class Outcome:
     request: Claimed
     reply: Reply
     reused: bool = False
-    cache_key: str | None = None
-    """Set for a deterministic request: a fresh answer is cached under it."""
-    model_version: str | None = None
 
 
 @dataclass
@@ -378,9 +391,30 @@ class Settled:
     terminated: int = 0
     lost: int = 0
     """Outcomes dropped because the lease had passed to another worker (nothing committed)."""
+    completed_ids: set[int] = field(default_factory=set)
+    """Requests whose answer this settle committed."""
 
 
-def _error_result(
+RESULT_COLUMNS = (
+    "batch_id",
+    "line_no",
+    "custom_id",
+    "response_id",
+    "ok",
+    "status_code",
+    "body",
+    "error_code",
+    "error_message",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "finished_at",
+    "reused",
+    "created_at",
+)
+
+
+def _error_row(
     batch_id: str,
     line_no: int,
     custom_id: str | None,
@@ -388,31 +422,29 @@ def _error_result(
     status_code: int | None,
     now: float,
     body: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "batch_id": batch_id,
-        "line_no": line_no,
-        "custom_id": custom_id,
-        "response_id": response_id(),
-        "ok": False,
-        "status_code": status_code,
-        "body": body,
-        "error_code": error.code,
-        "error_message": error.message,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "latency_ms": None,
-        "finished_at": None,
-        "reused": False,
-        "created_at": now,
-    }
+) -> tuple[Any, ...]:
+    """A `results` row (RESULT_COLUMNS order) for a line that ends in an error."""
+    return (
+        batch_id,
+        line_no,
+        custom_id,
+        response_id(),
+        False,
+        status_code,
+        body,
+        error.code,
+        error.message,
+        0,
+        0,
+        None,
+        None,
+        False,
+        now,
+    )
 
 
-def _insert_ignoring_conflicts(s: Session, table: Any, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
-    s.execute(dialect.insert(table).on_conflict_do_nothing(), rows)
+def _error_result(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return dict(zip(RESULT_COLUMNS, _error_row(*args, **kwargs), strict=True))
 
 
 def _guarded(s: Session, token: str, ids: list[int] | None, **values: Any) -> set[int]:
@@ -478,23 +510,23 @@ def settle(
             ):
                 stats.retried += 1
         rows = [
-            {
-                "batch_id": batch_id,
-                "line_no": o.request.line_no,
-                "custom_id": o.request.custom_id,
-                "response_id": response_id(),
-                "ok": True,
-                "status_code": 200,
-                "body": o.reply.body,
-                "error_code": None,
-                "error_message": None,
-                "prompt_tokens": o.reply.prompt_tokens,
-                "completion_tokens": o.reply.completion_tokens,
-                "latency_ms": o.reply.latency_ms,
-                "finished_at": o.reply.finished_at,
-                "reused": o.reused,
-                "created_at": now,
-            }
+            (
+                batch_id,
+                o.request.line_no,
+                o.request.custom_id,
+                response_id(),
+                True,
+                200,
+                o.reply.body,
+                None,
+                None,
+                o.reply.prompt_tokens,
+                o.reply.completion_tokens,
+                o.reply.latency_ms,
+                o.reply.finished_at,
+                o.reused,
+                now,
+            )
             for o in done
             if o.request.id in mine_done
         ]
@@ -506,7 +538,7 @@ def settle(
                     line=o.request.line_no,
                 )
                 rows.append(
-                    _error_result(
+                    _error_row(
                         batch_id,
                         o.request.line_no,
                         o.request.custom_id,
@@ -516,35 +548,12 @@ def settle(
                         o.reply.body,
                     )
                 )
-        _insert_ignoring_conflicts(s, Result.__table__, rows)
-        _insert_ignoring_conflicts(
-            s,
-            CachedResult.__table__,
-            [
-                {
-                    "key": o.cache_key,
-                    "model_version": o.model_version or "",
-                    "body": o.reply.body,
-                    "prompt_tokens": o.reply.prompt_tokens,
-                    "completion_tokens": o.reply.completion_tokens,
-                    "created_at": now,
-                }
-                for o in done
-                if o.cache_key and not o.reused and o.request.id in mine_done
-            ],
-        )
+        insert_ignoring_conflicts(s.connection(), Result, RESULT_COLUMNS, rows)
     stats.completed = len(mine_done)
+    stats.completed_ids = mine_done
     stats.terminated = len(mine_final)
     stats.lost = len(outcomes) - stats.completed - stats.terminated - stats.retried
     return stats
-
-
-def cached_results(db: str, keys: Sequence[str]) -> dict[str, CachedResult]:
-    if not keys:
-        return {}
-    with session(db, readonly=True) as s:
-        found = s.scalars(select(CachedResult).where(CachedResult.key.in_(list(set(keys)))))
-        return {row.key: row for row in found}
 
 
 # ---- progress -----------------------------------------------------------------------------

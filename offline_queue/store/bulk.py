@@ -1,0 +1,46 @@
+"""Many rows in one statement at the driver: plain tuples, `executemany`, no per-row work above
+the driver. On a fast engine, SQLAlchemy's per-row parameter processing was most of a settle's
+Python time (cProfile of bench/ceiling.py); the statements themselves stay the same on both
+stores, only the placeholder differs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+
+from offline_queue.store.tables import Base
+
+
+def _mark(conn: Connection) -> str:
+    return "?" if conn.dialect.name == "sqlite" else "%s"
+
+
+def insert_ignoring_conflicts(
+    conn: Connection, table: type[Base], columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """INSERT … ON CONFLICT DO NOTHING of `rows` (tuples in `columns` order): a row whose key is
+    there already (a replayed settle, two ingesters of one batch) is skipped, not an error."""
+    if not rows:
+        return
+    marks = ", ".join([_mark(conn)] * len(columns))
+    conn.exec_driver_sql(
+        f"INSERT INTO {table.__tablename__} ({', '.join(columns)}) VALUES ({marks}) "
+        "ON CONFLICT DO NOTHING",
+        list(rows),
+    )
+
+
+def select_in(
+    conn: Connection, sql: str, values: Sequence[Any], chunk: int = 4096
+) -> list[tuple[Any, ...]]:
+    """Rows of `sql`, whose one `{in}` stands for a list of `values`, in slices of `chunk`
+    (SQLite caps the parameters of a statement)."""
+    rows: list[tuple[Any, ...]] = []
+    mark = _mark(conn)
+    for start in range(0, len(values), chunk):
+        part = list(values[start : start + chunk])
+        found = conn.exec_driver_sql(sql.format(in_=", ".join([mark] * len(part))), tuple(part))
+        rows += [tuple(row) for row in found]
+    return rows
