@@ -27,7 +27,7 @@ from offline_queue.release import TrackStats
 from offline_queue.retry import RetryPolicy
 from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import get_engine, session
-from offline_queue.store.tables import Batch, Request, Result
+from offline_queue.store.tables import LIVE, Batch, Request, Result
 from offline_queue.validate import Accepted, Rejected
 
 
@@ -318,7 +318,7 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
         select(Request.id)
         .where(
             Request.batch_id == batch_id,
-            Request.state.in_(("queued", "processing")),
+            LIVE,
             or_(
                 and_(Request.state == "queued", Request.not_before <= now),
                 and_(Request.state == "processing", Request.lease_expires < now),
@@ -581,7 +581,7 @@ def progress(db: str, batch_id: str) -> Progress:
         p = Progress()
         for state, count, due in s.execute(
             select(Request.state, func.count(), func.min(Request.not_before))
-            .where(Request.batch_id == batch_id, Request.state.in_(("queued", "processing")))
+            .where(Request.batch_id == batch_id, LIVE)
             .group_by(Request.state)
         ):
             setattr(p, state, count)

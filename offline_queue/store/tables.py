@@ -71,6 +71,12 @@ class Batch(Base):
     expired_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
+LIVE = text("state IN ('queued', 'processing')")
+"""A request a worker may still have to serve: the predicate of the queue's partial index.
+Queries must use this very text, with literals: with bound parameters neither SQLite nor a
+generic PostgreSQL plan can prove the index applies, and every claim scanned the whole batch."""
+
+
 class Request(Base):
     """One accepted line. state: queued → processing → completed | queued (retry) | terminated."""
 
@@ -83,8 +89,8 @@ class Request(Base):
             "ix_requests_claimable",
             "batch_id",
             "id",
-            postgresql_where=text("state IN ('queued', 'processing')"),
-            sqlite_where=text("state IN ('queued', 'processing')"),
+            postgresql_where=LIVE,
+            sqlite_where=LIVE,
         ),
         Index("ix_requests_lease_token", "lease_token"),
     )
