@@ -6,9 +6,11 @@ stores, only the placeholder differs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 
 from offline_queue.store.tables import Base
 
@@ -44,3 +46,23 @@ def select_in(
         found = conn.exec_driver_sql(sql.format(in_=", ".join([mark] * len(part))), tuple(part))
         rows += [tuple(row) for row in found]
     return rows
+
+
+def driver_rows(conn: Connection, stmt: ClauseElement) -> list[tuple[Any, ...]]:
+    """Run a Core statement that returns many rows (a claim's or a settle's RETURNING) and
+    fetch them at the driver: plain tuples instead of a Row object each, which was half the
+    time of a claim of 8,192 requests. Bind values go to the driver as given (strings,
+    numbers, None), so this is for statements whose parameters need no type processing."""
+    compiled = cast(
+        SQLCompiler,
+        stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True}),
+    )
+    params: Any = compiled.params
+    if compiled.positional:
+        params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(str(compiled), params)
+        return cast(list[tuple[Any, ...]], cursor.fetchall())  # tuples from both drivers
+    finally:
+        cursor.close()

@@ -25,7 +25,7 @@ from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
 from offline_queue.release import TrackStats
 from offline_queue.retry import RetryPolicy
-from offline_queue.store.bulk import insert_ignoring_conflicts
+from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.tables import LIVE, Batch, Request, Result
 from offline_queue.validate import Accepted, Rejected
@@ -350,7 +350,7 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
         .execution_options(synchronize_session=False)
     )
     with session(db) as s:
-        rows = s.execute(stmt).all()
+        rows = driver_rows(s.connection(), stmt)
     if not rows:
         return None
     claimed = sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
@@ -454,14 +454,14 @@ def _guarded(s: Session, token: str, ids: list[int] | None, **values: Any) -> se
     if ids is not None and not ids:
         return set()
     mine = and_(Request.lease_token == token, Request.state == "processing")
-    result = s.execute(
+    rows = driver_rows(
+        s.connection(),
         update(Request)
         .where(mine if ids is None else and_(Request.id.in_(ids), mine))
         .values(lease_owner=None, lease_token=None, lease_expires=None, **values)
-        .returning(Request.id)
-        .execution_options(synchronize_session=False)
+        .returning(Request.id),
     )
-    return {row[0] for row in result}
+    return {row[0] for row in rows}
 
 
 def settle(
