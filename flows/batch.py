@@ -10,7 +10,9 @@ those pairs are one task each. Chunks, not prompts, are Prefect tasks: a task ru
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
 from uuid import UUID
@@ -56,6 +58,7 @@ class Submitted(BaseModel):
     content_hash: str
     created_at: int
     status: str
+    lines: int
 
 
 @task(name="submit", cache_policy=NO_CACHE)
@@ -106,6 +109,7 @@ def submit(
         content_hash=batch.content_hash,
         created_at=batch.created_at,
         status=batch.status,
+        lines=info.lines,
     )
 
 
@@ -306,22 +310,37 @@ def batch_inference(
     label_run(bid, tier, tenant)
     if release_track:
         queue.label_batch(db_url, bid, release_track=release_track, release_version=release_version)
-    accepted = validate_and_queue(db_url, bid, submitted.content_hash, submitted.created_at)
-
+    # Ingest streams the file in the background while the engine starts and serves the lines
+    # already queued: on a million-line file the first results come seconds after submit, not
+    # after the whole file is validated, and the engine's load overlaps the validation.
+    ingest = validate_and_queue.submit(db_url, bid, submitted.content_hash, submitted.created_at)
+    ingested = threading.Event()
+    ingest.add_done_callback(lambda _: ingested.set())
+    ingesting = IngestWatch(db_url, bid, ingested.is_set)
     stopped = _stop_reason(db_url, bid)
     if stopped:
         queue.drop_queued(db_url, bid, *stopped)
+
     run = RunStats(reused=queue.settled_requests(db_url, bid))
     model_version = None
-    if accepted > run.reused:
+    if ingesting.has_work():
         engine_block = load_engine_block(engine, model)
         model_version = engine_block.engine().model_version  # loaded once per process
         label_run(bid, tier, tenant, model_version)
         queue.set_status(db_url, bid, "in_progress", model_version=model_version)
         participant = Participant(bid, queue.new_owner(), TIERS[tier], weight)
         run = infer_all(
-            db_url, participant, chunk_size, max_attempts, engine_block, lease_seconds, run
+            db_url,
+            participant,
+            chunk_size,
+            max_attempts,
+            engine_block,
+            lease_seconds,
+            run,
+            ingesting,
+            submitted.lines,
         )
+    ingest.result()  # raises if the ingest failed: the run fails and a re-run resumes it
 
     engine_label = engine or f"vllm in process ({model or 'bundled model'})"
     return finalize(db_url, bid, model_version, run, engine_label).model_dump(mode="json")
@@ -350,9 +369,12 @@ def infer_all(
     engine_block: EngineBlock,
     lease_seconds: float,
     run: RunStats,
+    ingesting: IngestWatch,
+    lines: int,
 ) -> RunStats:
-    """Chunks until nothing is left: ours, or other workers' (we wait for their leases).
-    On a shared engine, our in-flight share is kept current by a ShareKeeper meanwhile."""
+    """Chunks until nothing is left and the ingest is over: ours, or other workers' (we wait
+    for their leases). On a shared engine, our in-flight share is kept current by a
+    ShareKeeper meanwhile."""
     batch_id, owner = me.batch_id, me.owner
     engine = engine_block.engine()
     keeper = LeaseKeeper(db, lease_seconds).start()
@@ -361,7 +383,7 @@ def infer_all(
         ShareKeeper(db, engine.engine_key, me, engine.capacity).start() if engine.shared else None
     )
     start = queue.progress(db, batch_id)
-    total = start.pending + start.completed + start.failed
+    total = max(lines, start.pending + start.completed + start.failed)  # lines: still ingesting
     artifact = create_progress_artifact(  # sync context: the id, not a coroutine
         progress=_percent(start, total),
         key=_artifact_key(batch_id, "progress"),
@@ -388,20 +410,44 @@ def infer_all(
                     )
                     next_update = time.monotonic() + PROGRESS_SECONDS
                 continue
+            ingested = ingesting.finished()  # before the count: lines may land in between
             p = patiently(lambda: queue.progress(db, batch_id))
-            if p.pending == 0:
+            if p.pending == 0 and ingested:
                 update_progress_artifact(
                     artifact_id=cast(UUID, artifact), progress=_percent(p, total)
                 )
                 return run
-            # What is left is leased by another worker or waiting for its retry time.
+            # What is left is leased by another worker, waiting for its retry time, or not
+            # ingested yet.
             wait = (p.next_due or 0) - time.time() if p.processing == 0 else lease_seconds / 6
+            if p.pending == 0:
+                wait = 0.05
             time.sleep(min(max(wait, 0.05), 2.0))
     finally:
         cache.flush()
         keeper.stop()
         if share is not None:
             share.stop()
+
+
+class IngestWatch:
+    """Whether the batch's ingest (running beside the inference) is over, and whether there is
+    anything to infer at all — a file of rejected lines, or a batch resumed after its last
+    result, never loads the engine."""
+
+    def __init__(self, db: str, batch_id: str, done: Callable[[], bool]):
+        self.db, self.batch_id, self._done = db, batch_id, done
+
+    def finished(self) -> bool:
+        return self._done()
+
+    def has_work(self) -> bool:
+        while True:
+            ingested = self.finished()
+            p = queue.progress(self.db, self.batch_id)
+            if p.pending or ingested:
+                return p.pending > 0
+            time.sleep(0.05)
 
 
 def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
