@@ -50,7 +50,10 @@ from offline_queue.validate import Limits, inspect_file, validate_file  # noqa: 
 Tier = Literal["critical", "standard", "bulk"]
 
 PROGRESS_SECONDS = 2.0
-"""How often a running batch's progress artifact is brought up to date (a count over the batch)."""
+"""How often a running batch's progress artifact is brought up to date (a count over the batch)
+— at most: the count costs time in proportion to the batch, so the interval stretches to keep
+it under PROGRESS_SHARE of the worker's time."""
+PROGRESS_SHARE = 0.02
 
 
 class Submitted(BaseModel):
@@ -404,11 +407,13 @@ def infer_all(
                 # Progress is a count over the whole batch: on a million-line batch with a
                 # fast engine, counting after every chunk would cost more than the chunks.
                 if time.monotonic() >= next_update:
+                    began = time.monotonic()
                     update_progress_artifact(
                         artifact_id=cast(UUID, artifact),
                         progress=_percent(patiently(lambda: queue.progress(db, batch_id)), total),
                     )
-                    next_update = time.monotonic() + PROGRESS_SECONDS
+                    cost = time.monotonic() - began
+                    next_update = began + max(PROGRESS_SECONDS, cost / PROGRESS_SHARE)
                 continue
             ingested = ingesting.finished()  # before the count: lines may land in between
             p = patiently(lambda: queue.progress(db, batch_id))
