@@ -1,6 +1,6 @@
 """Orchestration ceiling: requests/s through the whole flow when the engine costs nothing.
 
-    .venv/bin/python bench/ceiling.py [--requests 1000000] [--chunk-size 8192] [--db URL]
+    .venv/bin/python bench/ceiling.py [--requests 1000000] [--chunk-size 8192] [--db URL | --pg]
                                       [--profile out.prof]
 
 The `batch-inference` flow runs a generated batch on the benchmark-only instant engine
@@ -13,6 +13,7 @@ and the two files. Prints where the time went by phase and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import sys
@@ -30,6 +31,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from bench.instant import InstantBenchmarkEngine  # noqa: E402
 from bench.lines import write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
+from tests.services import exit_on_sigterm, postgres  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 
@@ -106,11 +108,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=8192)
     parser.add_argument("--db", default=None, help="store URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--pg", action="store_true", help="a PostgreSQL started for the run as the store"
+    )
     parser.add_argument("--profile", default=None, help="write a cProfile of the run here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="oq-ceiling-") as tmp:
-        work = Path(tmp)
+    exit_on_sigterm()
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oq-ceiling-")))
         db = args.db or f"sqlite:///{work / 'ceiling.db'}"
+        if args.pg:
+            db = stack.enter_context(postgres()).create_database("ceiling")
         t = ceiling(args.requests, args.chunk_size, db, work, args.profile)
     print(f"RESULT ceiling_req_per_s {args.requests / t['persisted_s']:.0f}")
     print(f"RESULT ceiling_end_to_end_req_per_s {args.requests / t['total_s']:.0f}")
