@@ -7,7 +7,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Float,
-    ForeignKey,
     Index,
     Integer,
     String,
@@ -86,11 +85,19 @@ class Request(Base):
             postgresql_where=text("state IN ('queued', 'processing')"),
             sqlite_where=text("state IN ('queued', 'processing')"),
         ),
-        Index("ix_requests_lease_token", "lease_token"),
+        # Only leased rows carry a token, and every lookup compares it to one.
+        Index(
+            "ix_requests_lease_token",
+            "lease_token",
+            postgresql_where=text("lease_token IS NOT NULL"),
+            sqlite_where=text("lease_token IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    # No foreign key to batches (migration 0005): its trigger cost a lookup per ingested row,
+    # and batches are never deleted.
+    batch_id: Mapped[str] = mapped_column(String(64))
     line_no: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(512))
     url: Mapped[str] = mapped_column(String(64))
@@ -111,9 +118,7 @@ class Result(Base):
 
     __tablename__ = "results"
 
-    batch_id: Mapped[str] = mapped_column(
-        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
-    )
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     custom_id: Mapped[str | None] = mapped_column(String(512))
     response_id: Mapped[str] = mapped_column(String(64))
