@@ -18,7 +18,7 @@ from offline_queue.retry import RetryPolicy
 from offline_queue.store import queue
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
-from offline_queue.validate import Limits, inspect_file, validate_file
+from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.services import postgres
 
 
@@ -276,6 +276,44 @@ def _assert_ingested_once(db: str, batch_id: str, path: Path) -> None:
     assert "max_tokens" in errors[0][1] and errors[0][1].startswith(f"line {bad[0]}:")
     batch = queue.get_batch(db, batch_id)
     assert batch is not None and batch.ingested_through == len(expected)
+
+
+def test_ingest_stores_any_custom_id_and_rejects_what_no_column_holds(
+    db_url: str, tmp_path: Path
+) -> None:
+    """custom_ids with COPY's special characters are stored as given; one with a NUL, or too
+    long for the column, is a rejected line whose error row is written, not a failed ingest."""
+    ids = ["tab\there", "back\\slash", "new\nline", "cr\rx", "\\N", "ü 😀", "a\x00b", "x" * 600]
+    path = tmp_path / "in.jsonl"
+    with path.open("w") as f:
+        for cid in ids:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"{cid}\\\t"}]}
+            line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
+            f.write(json.dumps({**line, "body": body}) + "\n")
+    info = inspect_file(path, Limits())
+    batch, _ = queue.register_batch(
+        db_url,
+        batch_id="batch_ids",
+        content_hash=info.content_hash,
+        input_path=str(path),
+        output_path="o",
+        error_path="e",
+    )
+    queue.ingest(db_url, batch.id, validate_file(path, Limits()), group_size=3)
+    assert queue.finish_ingest(db_url, batch.id) == (6, 8)
+    good = [
+        (x.line_no, x.custom_id, x.body_json)
+        for x in validate_file(path, Limits())
+        if isinstance(x, Accepted)
+    ]
+    with session(db_url) as s:
+        rows = s.execute(
+            select(Request.line_no, Request.custom_id, Request.body).order_by(Request.line_no)
+        ).all()
+        errors = s.execute(select(Result.line_no, Result.custom_id, Result.error_message)).all()
+    assert [tuple(r) for r in rows] == good and [cid for _, cid, _ in good] == ids[:6]
+    assert [(line, cid) for line, cid, _ in errors] == [(7, None), (8, None)]
+    assert "NUL" in errors[0][2] and "512" in errors[1][2]
 
 
 def test_concurrent_ingesters_converge(db_url: str, tmp_path: Path) -> None:

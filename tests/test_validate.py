@@ -84,6 +84,8 @@ HOSTILE: list[tuple[object, list[str]]] = [
         ["line 2", "body.logprobs"],
     ),
     ({**GOOD, "extra": 1}, ["line 2", "extra", "unknown field"]),
+    ({**GOOD, "custom_id": "a\u0000b"}, ["line 2", "custom_id", "NUL"]),
+    ({**GOOD, "custom_id": "x" * 600}, ["line 2", "custom_id", "512"]),
     (b'{"custom_id": "\xff\xfe", "method": "POST"}', ["line 2", "UTF-8"]),
 ]
 
