@@ -76,7 +76,8 @@ class Request(Base):
     __tablename__ = "requests"
     __table_args__ = (
         UniqueConstraint("batch_id", "line_no", name="uq_requests_batch_line"),
-        UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
+        # custom_id is unique per batch by validation (validate_file), not by an index whose
+        # keys arrive in random order (migration 0005).
         # The queue: a partial index over the rows a worker may still claim.
         Index(
             "ix_requests_claimable",
