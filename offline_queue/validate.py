@@ -175,10 +175,14 @@ def cache_digest(url: str, body: Body, dumped: dict[str, Any] | None = None) -> 
 
 
 def _digest(url: str, canonical: dict[str, Any]) -> str:
-    digest = hashlib.sha256(url.encode())
-    digest.update(b"\n")
+    prefix = _DIGEST_PREFIX.get(url)
+    digest = prefix.copy() if prefix else hashlib.sha256(url.encode() + b"\n")
     digest.update(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS))
     return digest.hexdigest()
+
+
+# sha256 over "url\n" already, per supported url: copying it is cheaper than starting anew.
+_DIGEST_PREFIX = {url: hashlib.sha256(url.encode() + b"\n") for url in SUPPORTED_URLS}
 
 
 def _storable_id(raw_id: object) -> str | None:
@@ -265,8 +269,10 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
     digest = None
     # body.is_deterministic(), read from the dump (which leaves out what is None)
     if dumped.get("temperature") == 0 or "seed" in dumped:
-        for key in _NOT_IN_CACHE_KEY.intersection(dumped):
-            del dumped[key]
+        del dumped["model"]  # required, so always there; the other keys seldom are
+        if not _NOT_IN_CACHE_KEY.isdisjoint(dumped):
+            for key in _NOT_IN_CACHE_KEY.intersection(dumped):
+                del dumped[key]
         digest = _digest(url, dumped)
     return Accepted(line_no, custom_id, url, body_json, digest)
 
