@@ -206,11 +206,15 @@ def ingest(
     last_line = 0
 
     def flush() -> None:
-        # Conflicts are ignored: two workers that start the same batch at once both stream the
-        # file, derive the same rows from it, and whichever commits second inserts nothing.
+        # As on PostgreSQL, only the lines past the watermark, read in this transaction (BEGIN
+        # IMMEDIATE: the one writer): the lines up to it are committed, and were decided by an
+        # ingester that saw every line before them. A resumer whose `seen` was read after
+        # another committed more can call such a line a duplicate; it must not add an error
+        # row beside the queued request. Conflicts are still ignored, as a safety net.
         with session(db) as s:
-            _insert_ignoring_conflicts(s, Request.__table__, requests)
-            _insert_ignoring_conflicts(s, Result.__table__, rejections)
+            through = s.scalar(select(Batch.ingested_through).where(Batch.id == batch_id)) or 0
+            for table, rows in ((Request.__table__, requests), (Result.__table__, rejections)):
+                _insert_ignoring_conflicts(s, table, [r for r in rows if r["line_no"] > through])
             s.execute(
                 update(Batch)
                 .where(Batch.id == batch_id, Batch.ingested_through < last_line)
