@@ -18,7 +18,7 @@ from offline_queue.retry import RetryPolicy
 from offline_queue.store import queue
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
-from offline_queue.validate import Limits, inspect_file, validate_file
+from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.services import postgres
 
 
@@ -235,8 +235,9 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
     assert rejected == list(range(91, 101))
 
 
-def _ingest_file(db: str, tmp_path: Path, n: int) -> tuple[Path, str]:
-    """n lines: every 7th has a bad field, every 10th repeats the custom_id of the line before."""
+def _ingest_file(db: str, tmp_path: Path, n: int, ids_repeat_after: int = 0) -> tuple[Path, str]:
+    """n lines: every 7th has a bad field, every 10th repeats the custom_id of the line before
+    (or, with `ids_repeat_after`, line i takes the id of line i - ids_repeat_after)."""
     path = tmp_path / "in.jsonl"
     with path.open("w") as f:
         for i in range(n):
@@ -244,6 +245,8 @@ def _ingest_file(db: str, tmp_path: Path, n: int) -> tuple[Path, str]:
             if i % 7 == 3:
                 body["max_tokens"] = 0
             cid = f"r {i - 1 if i % 10 == 9 else i}"
+            if ids_repeat_after:
+                cid = f"r {i % ids_repeat_after}"
             line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
             f.write(json.dumps({**line, "body": body}) + "\n")
     info = inspect_file(path, Limits())
@@ -276,6 +279,44 @@ def _assert_ingested_once(db: str, batch_id: str, path: Path) -> None:
     assert "max_tokens" in errors[0][1] and errors[0][1].startswith(f"line {bad[0]}:")
     batch = queue.get_batch(db, batch_id)
     assert batch is not None and batch.ingested_through == len(expected)
+
+
+def test_ingest_stores_any_custom_id_and_rejects_what_no_column_holds(
+    db_url: str, tmp_path: Path
+) -> None:
+    """custom_ids with COPY's special characters are stored as given; one with a NUL, or too
+    long for the column, is a rejected line whose error row is written, not a failed ingest."""
+    ids = ["tab\there", "back\\slash", "new\nline", "cr\rx", "\\N", "ü 😀", "a\x00b", "x" * 600]
+    path = tmp_path / "in.jsonl"
+    with path.open("w") as f:
+        for cid in ids:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"{cid}\\\t"}]}
+            line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
+            f.write(json.dumps({**line, "body": body}) + "\n")
+    info = inspect_file(path, Limits())
+    batch, _ = queue.register_batch(
+        db_url,
+        batch_id="batch_ids",
+        content_hash=info.content_hash,
+        input_path=str(path),
+        output_path="o",
+        error_path="e",
+    )
+    queue.ingest(db_url, batch.id, validate_file(path, Limits()), group_size=3)
+    assert queue.finish_ingest(db_url, batch.id) == (6, 8)
+    good = [
+        (x.line_no, x.custom_id, x.body_json)
+        for x in validate_file(path, Limits())
+        if isinstance(x, Accepted)
+    ]
+    with session(db_url) as s:
+        rows = s.execute(
+            select(Request.line_no, Request.custom_id, Request.body).order_by(Request.line_no)
+        ).all()
+        errors = s.execute(select(Result.line_no, Result.custom_id, Result.error_message)).all()
+    assert [tuple(r) for r in rows] == good and [cid for _, cid, _ in good] == ids[:6]
+    assert [(line, cid) for line, cid, _ in errors] == [(7, None), (8, None)]
+    assert "NUL" in errors[0][2] and "512" in errors[1][2]
 
 
 def test_concurrent_ingesters_converge(db_url: str, tmp_path: Path) -> None:
@@ -318,6 +359,48 @@ def test_ingester_behind_the_watermark_skips_committed_lines(db_url: str, tmp_pa
     # Started at line 1 with no memory of the committed ids (its pass began before them).
     queue.ingest(db_url, bid, validate_file(path, Limits()), group_size=33)
     _assert_ingested_once(db_url, bid, path)
+
+
+def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
+    db_url: str, tmp_path: Path
+) -> None:
+    """custom_ids are unique per batch by validation alone (no index): an ingest dies after
+    committing ids that come back later in the file, then three workers resume it at once the
+    way the flow does (watermark, then the committed ids) — every repeat is rejected, once."""
+    path, bid = _ingest_file(db_url, tmp_path, 400, ids_repeat_after=150)
+
+    def dies_after(n: int):
+        for item in validate_file(path, Limits()):
+            if item.line_no > n:
+                raise RuntimeError("killed")
+            yield item
+
+    with pytest.raises(RuntimeError):
+        queue.ingest(db_url, bid, dies_after(130), group_size=20)
+    start = threading.Barrier(3)
+    failures: list[BaseException] = []
+
+    def resume(group_size: int) -> None:  # what flows/batch.py's validate_and_queue does
+        try:
+            start.wait()
+            batch = queue.get_batch(db_url, bid)
+            assert batch is not None
+            seen = queue.known_custom_ids(db_url, bid) if batch.ingested_through else None
+            lines = validate_file(path, Limits(), batch.ingested_through, seen)
+            queue.ingest(db_url, bid, lines, group_size=group_size)
+        except BaseException as exc:  # surfaced below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=resume, args=(g,)) for g in (7, 11, 13)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    _assert_ingested_once(db_url, bid, path)
+    with session(db_url) as s:
+        ids = s.scalars(select(Request.custom_id)).all()
+    assert len(ids) == len(set(ids)) < 400
 
 
 def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None:

@@ -84,6 +84,8 @@ HOSTILE: list[tuple[object, list[str]]] = [
         ["line 2", "body.logprobs"],
     ),
     ({**GOOD, "extra": 1}, ["line 2", "extra", "unknown field"]),
+    ({**GOOD, "custom_id": "a\u0000b"}, ["line 2", "custom_id", "NUL"]),
+    ({**GOOD, "custom_id": "x" * 600}, ["line 2", "custom_id", "512"]),
     (b'{"custom_id": "\xff\xfe", "method": "POST"}', ["line 2", "UTF-8"]),
 ]
 
@@ -186,3 +188,11 @@ def test_deterministic_requests_get_a_cache_digest(tmp_path: Path) -> None:
     assert digests[0] is not None and digests[0] == digests[1]  # `user` does not change output
     assert digests[2] is not None and digests[2] != digests[0]
     assert digests[3] is None and digests[4] is None
+
+
+@pytest.mark.parametrize("custom_id", [" a", "a ", "\u3000a", "a\u00a0", "\ta", "a\u2028"])
+def test_custom_id_is_stripped_of_any_whitespace(tmp_path: Path, custom_id: str) -> None:
+    path = write(tmp_path / "in.jsonl", [chat(custom_id), chat("a"), chat("x" * 512)])
+    items = list(validate_file(path, Limits()))
+    assert [type(i) for i in items] == [Accepted, Rejected, Accepted]
+    assert items[0].custom_id == "a" and "duplicate 'a'" in items[1].error.message  # type: ignore[union-attr]

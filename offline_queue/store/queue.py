@@ -221,12 +221,20 @@ def ingest(
     last_line = 0
 
     def flush() -> None:
-        # Conflicts are ignored: two workers that start the same batch at once both stream the
-        # file, derive the same rows from it, and whichever commits second inserts nothing.
+        # As on PostgreSQL, only the lines past the watermark, read in this transaction (BEGIN
+        # IMMEDIATE: the one writer): the lines up to it are committed, and were decided by an
+        # ingester that saw every line before them. A resumer whose `seen` was read after
+        # another committed more can call such a line a duplicate; it must not add an error
+        # row beside the queued request. Conflicts are still ignored, as a safety net.
         with session(db) as s:
-            conn = s.connection()
-            insert_ignoring_conflicts(conn, Request, REQUEST_COLUMNS, requests)
-            insert_ignoring_conflicts(conn, Result, RESULT_COLUMNS, rejections)
+            through = s.scalar(select(Batch.ingested_through).where(Batch.id == batch_id)) or 0
+            conn = s.connection()  # line_no is the second column of both
+            insert_ignoring_conflicts(
+                conn, Request, REQUEST_COLUMNS, [r for r in requests if r[1] > through]
+            )
+            insert_ignoring_conflicts(
+                conn, Result, RESULT_COLUMNS, [r for r in rejections if r[1] > through]
+            )
             s.execute(
                 update(Batch)
                 .where(Batch.id == batch_id, Batch.ingested_through < last_line)
@@ -441,10 +449,6 @@ def _error_row(
         False,
         now,
     )
-
-
-def _error_result(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return dict(zip(RESULT_COLUMNS, _error_row(*args, **kwargs), strict=True))
 
 
 def _guarded(s: Session, token: str, ids: list[int] | None, **values: Any) -> set[int]:

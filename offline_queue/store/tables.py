@@ -7,7 +7,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Float,
-    ForeignKey,
     Index,
     Integer,
     String,
@@ -83,7 +82,8 @@ class Request(Base):
     __tablename__ = "requests"
     __table_args__ = (
         UniqueConstraint("batch_id", "line_no", name="uq_requests_batch_line"),
-        UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
+        # custom_id is unique per batch by validation (validate_file), not by an index whose
+        # keys arrive in random order (migration 0005).
         # The queue: a partial index over the rows a worker may still claim.
         Index(
             "ix_requests_claimable",
@@ -92,11 +92,19 @@ class Request(Base):
             postgresql_where=LIVE,
             sqlite_where=LIVE,
         ),
-        Index("ix_requests_lease_token", "lease_token"),
+        # Only leased rows carry a token, and every lookup compares it to one.
+        Index(
+            "ix_requests_lease_token",
+            "lease_token",
+            postgresql_where=text("lease_token IS NOT NULL"),
+            sqlite_where=text("lease_token IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    # No foreign key to batches (migration 0005): its trigger cost a lookup per ingested row,
+    # and batches are never deleted.
+    batch_id: Mapped[str] = mapped_column(String(64))
     line_no: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(512))
     url: Mapped[str] = mapped_column(String(64))
@@ -117,9 +125,7 @@ class Result(Base):
 
     __tablename__ = "results"
 
-    batch_id: Mapped[str] = mapped_column(
-        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
-    )
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     line_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     custom_id: Mapped[str | None] = mapped_column(String(512))
     response_id: Mapped[str] = mapped_column(String(64))
