@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from prefect.blocks.core import Block
 
 from offline_queue.engines.base import EngineRequest, Reply, Share
-from offline_queue.formats import CHAT_URL
+from offline_queue.formats import CHAT_URL, COMPLETIONS_URL
 
 MODEL = "instant-benchmark-engine"
 _CHAT = (
@@ -31,7 +31,8 @@ _COMPLETION = (
 
 
 class InstantEngine:
-    """Zero work per request: the reply is a formatted constant (a fresh id each)."""
+    """Zero work per request: every request of a call gets the same fixed completion (one
+    reply object, shared), so what is timed is the pipeline around it."""
 
     model_version = MODEL
     shared = False
@@ -39,22 +40,24 @@ class InstantEngine:
     capacity = 1 << 30
 
     def __init__(self) -> None:
-        self._ids = itertools.count()
+        self._calls = itertools.count()
 
     def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
         now = time.time()
-        created = int(now)
-        return [
-            Reply(
+        call, created = next(self._calls), int(now)
+        replies = {
+            url: Reply(
                 ok=True,
-                body=(_CHAT if r.url == CHAT_URL else _COMPLETION) % (next(self._ids), created),
+                body=template % (call, created),
                 prompt_tokens=1,
                 completion_tokens=1,
                 latency_ms=0.0,
                 finished_at=now,
             )
-            for r in requests
-        ]
+            for url, template in ((CHAT_URL, _CHAT), (COMPLETIONS_URL, _COMPLETION))
+        }
+        chat = replies[CHAT_URL]
+        return [chat if r.url == CHAT_URL else replies[COMPLETIONS_URL] for r in requests]
 
 
 _ENGINE = InstantEngine()
