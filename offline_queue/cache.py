@@ -3,11 +3,12 @@ shared by every batch on the store.
 
 Written behind, not with each chunk: a key is a hash, so every entry lands on a random page of
 the index, and on a fast engine writing them inside each settle cost more than the rest of the
-settle (bench/ceiling.py: ~17 µs of SQLite work per request at 1,000,000 entries). Entries of
-committed answers are held in memory and written in key order — every `flush_entries` entries,
-every `flush_seconds`, and when the worker stops. Crash-safe by construction: the cache is
-never the record of a result (`results` is), so an entry lost with a killed worker is only
-an answer the next identical request computes again.
+settle (bench/ceiling.py: ~17 µs of SQLite work per request at 1,000,000 entries). A worker
+notes the lines whose answers it committed, and every `flush_entries` answers, every
+`flush_seconds` and when it stops, the store copies them from `results` into the cache in key
+order, in one statement. Crash-safe by construction: the cache is never the record of a
+result (`results` is), so answers a killed worker had not copied yet are only answers the
+next identical request computes again.
 """
 
 from __future__ import annotations
@@ -17,21 +18,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
+from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from offline_queue.engines.base import Reply
 from offline_queue.formats import CHAT_URL
-from offline_queue.store.bulk import insert_ignoring_conflicts, select_in
+from offline_queue.store.bulk import select_in
 from offline_queue.store.db import get_engine
-from offline_queue.store.tables import CachedResult
 
 log = logging.getLogger(__name__)
-
-_COLUMNS = ("key", "model_version", "body", "prompt_tokens", "completion_tokens", "created_at")
 
 
 def version_tag(model_version: str) -> str:
@@ -60,8 +59,7 @@ class Entry:
 
 
 class ResultCache:
-    """One worker's view of the cache for one model version: look-ups see the store and what
-    this worker has not written yet."""
+    """One worker's view of the cache for one model version."""
 
     def __init__(
         self,
@@ -73,62 +71,87 @@ class ResultCache:
         self.db = db
         self.model_version = model_version
         self.flush_entries = flush_entries
-        """Entries held before a write: more means fewer writes — a flush rewrites most pages
-        of the key index once the cache is large, whatever its size — and more memory (~0.5 KB
-        an entry: 200,000 is ~100 MB, reached only by engines answering thousands a second)."""
+        """Answers held before a write. More means fewer writes — once the cache is large, a
+        write rewrites most pages of its key index whatever its size; a held answer costs a
+        line number in memory (its body is copied by the store from `results`)."""
         self.flush_seconds = flush_seconds
-        """At most this long before a held entry is visible to other workers and batches."""
+        """At most this long before an answer is visible to other workers and batches (and to
+        later chunks of the same batch)."""
         self._tag = version_tag(model_version)
-        self._pending: dict[str, Entry] = {}
+        self._pending: dict[str, list[int]] = {}
+        self._count = 0
         self._lock = threading.Lock()
         self._next_flush = time.monotonic() + flush_seconds
 
     def key(self, digest: str) -> str:
         """The version's tag (64 bits) in place of the first 16 hex digits of the request's
-        digest (192 bits left): no hashing per request, and no two versions share a key."""
+        digest (192 bits left): no hashing per request, and no two versions share a key.
+        `_FILL` builds the same key in SQL."""
         return self._tag + digest[16:]
 
     def lookup(self, keys: Iterable[str]) -> dict[str, Entry]:
-        wanted = set(keys)
-        with self._lock:
-            found = {k: self._pending[k] for k in wanted if k in self._pending}
-        rest = sorted(wanted - found.keys())
-        if rest:
-            with get_engine(self.db).connect() as conn:
-                conn.execution_options(readonly=True)  # SQLite: a plain BEGIN, not the writer's
-                rows = select_in(
-                    conn,
-                    "SELECT key, body, prompt_tokens, completion_tokens FROM result_cache "
-                    "WHERE key IN ({in_})",
-                    rest,
-                )
-            found.update({k: Entry(b, p, c) for k, b, p, c in rows})
-        return found
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        with get_engine(self.db).connect() as conn:
+            conn.execution_options(readonly=True)  # SQLite: a plain BEGIN, not the writer's
+            rows = select_in(
+                conn,
+                "SELECT key, body, prompt_tokens, completion_tokens FROM result_cache "
+                "WHERE key IN ({in_})",
+                wanted,
+            )
+        return {k: Entry(b, p, c) for k, b, p, c in rows}
 
-    def remember(self, entries: Iterable[tuple[str, Entry]]) -> None:
-        """Hold answers whose results are committed; written at the next flush that is due."""
+    def remember(self, batch_id: str, line_nos: Sequence[int]) -> None:
+        """Note lines whose fresh answers are committed (deterministic ones); they are copied
+        into the cache at the next flush that is due."""
         with self._lock:
-            self._pending.update(entries)
-            due = len(self._pending) >= self.flush_entries or time.monotonic() >= self._next_flush
+            self._pending.setdefault(batch_id, []).extend(line_nos)
+            self._count += len(line_nos)
+            due = self._count >= self.flush_entries or time.monotonic() >= self._next_flush
         if due:
             self.flush()
 
     def flush(self) -> int:
-        """Write what is held, in key order (neighbouring keys share index pages)."""
+        """Copy the noted answers from `results` into the cache in one statement per batch,
+        sorted by key (neighbouring keys share index pages): no body passes through Python."""
         with self._lock:
-            pending, self._pending = self._pending, {}
+            pending, self._pending, self._count = self._pending, {}, 0
             self._next_flush = time.monotonic() + self.flush_seconds
-        if not pending:
-            return 0
-        now = time.time()
-        rows = [
-            (k, self.model_version, e.body, e.prompt_tokens, e.completion_tokens, now)
-            for k, e in sorted(pending.items())
-        ]
+        written = 0
         try:
             with get_engine(self.db).begin() as conn:
-                insert_ignoring_conflicts(conn, CachedResult, _COLUMNS, rows)
+                sqlite = conn.dialect.name == "sqlite"
+                for batch_id, lines in pending.items():
+                    result = conn.execute(
+                        text(_FILL.format(lines=_SQLITE_LINES if sqlite else _PG_LINES)),
+                        {
+                            "tag": self._tag,
+                            "version": self.model_version,
+                            "now": time.time(),
+                            "batch": batch_id,
+                            "lines": orjson.dumps(lines).decode() if sqlite else lines,
+                        },
+                    )
+                    written += int(result.rowcount or 0)
         except (OperationalError, InterfaceError) as exc:  # the store is restarting
-            log.warning("result cache: %d entries not written (%s)", len(rows), exc)
+            log.warning("result cache: answers of %d batches not written (%s)", len(pending), exc)
             return 0
-        return len(rows)
+        return written
+
+
+# The cache rows for some lines of a batch: ok, fresh (not themselves from the cache) answers
+# of deterministic requests.
+_FILL = """
+INSERT INTO result_cache (key, model_version, body, prompt_tokens, completion_tokens, created_at)
+SELECT :tag || substr(q.cache_digest, 17), :version, s.body, s.prompt_tokens,
+       s.completion_tokens, :now
+FROM results s JOIN requests q ON q.batch_id = s.batch_id AND q.line_no = s.line_no
+WHERE s.batch_id = :batch AND s.line_no {lines}
+  AND s.ok AND NOT s.reused AND q.cache_digest IS NOT NULL
+ORDER BY 1
+ON CONFLICT DO NOTHING
+"""
+_SQLITE_LINES = "IN (SELECT value FROM json_each(:lines))"
+_PG_LINES = "= ANY(:lines)"

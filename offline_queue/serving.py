@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from offline_queue.cache import Entry, ResultCache
+from offline_queue.cache import ResultCache
 from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
 from offline_queue.store import queue
 
@@ -62,13 +62,15 @@ def serve_claim(
         outcomes += [queue.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
     settled = queue.settle(db, batch_id, claim, outcomes, max_attempts)
     cache.remember(
-        (keys[o.request.id], Entry(o.reply.body, o.reply.prompt_tokens, o.reply.completion_tokens))
-        for o in outcomes
-        if o.reply.ok
-        and not o.reused
-        and o.reply.body is not None
-        and o.request.id in keys
-        and o.request.id in settled.completed_ids
+        batch_id,
+        [
+            o.request.line_no
+            for o in outcomes
+            if o.reply.ok
+            and not o.reused
+            and o.request.id in keys
+            and o.request.id in settled.completed_ids
+        ],
     )
     if own_cache:
         cache.flush()

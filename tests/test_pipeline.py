@@ -160,15 +160,15 @@ def test_mixed_batch_end_to_end(db_url: str, tmp_path: Path) -> None:
 
 
 def test_rerun_reuses_everything_and_cache_serves_other_batches(
-    sqlite_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path
 ) -> None:
     first = write(
         tmp_path / "a.jsonl", [line(f"a{i}") for i in range(6)] + [line("s", temperature=1)]
     )
-    r1 = run(first, sqlite_url, chunk_size=3)
+    r1 = run(first, db_url, chunk_size=3)
     assert r1["run"] == {"inferred": 7, "reused": 0}
 
-    r2 = run(first, sqlite_url, chunk_size=3)  # the same file: the same batch, nothing redone
+    r2 = run(first, db_url, chunk_size=3)  # the same file: the same batch, nothing redone
     assert r2["id"] == r1["id"] and r2["status"] == "completed"
     assert r2["run"] == {"inferred": 0, "reused": 7}
     assert sorted(o["custom_id"] for o in read(r2["output_file"])) == sorted(
@@ -182,7 +182,7 @@ def test_rerun_reuses_everything_and_cache_serves_other_batches(
         [{**line(f"a{i}"), "custom_id": f"b{i}"} for i in range(6)]
         + [{**line("s", temperature=1), "custom_id": "bs"}],
     )
-    r3 = run(second, sqlite_url, chunk_size=3)
+    r3 = run(second, db_url, chunk_size=3)
     assert r3["id"] != r1["id"]
     assert r3["run"] == {"inferred": 1, "reused": 6}
     texts = {
