@@ -52,8 +52,8 @@ Tier = Literal["critical", "standard", "bulk"]
 PROGRESS_SECONDS = 2.0
 """How often a running batch's progress artifact is brought up to date (a count over the batch)
 — at most: the count costs time in proportion to the batch, so the interval stretches to keep
-it under PROGRESS_SHARE of the worker's time."""
-PROGRESS_SHARE = 0.02
+it under PROGRESS_SHARE (1 %) of the worker's time."""
+PROGRESS_SHARE = 0.01
 
 
 class Submitted(BaseModel):

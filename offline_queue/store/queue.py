@@ -298,8 +298,9 @@ def finish_ingest(db: str, batch_id: str) -> tuple[int, int]:
 # ---- claims -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Claimed:
+class Claimed(NamedTuple):
+    """A claimed request: the claim's RETURNING row as it comes from the driver."""
+
     id: int
     line_no: int
     custom_id: str
@@ -361,7 +362,8 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
         rows = driver_rows(s.connection(), stmt)
     if not rows:
         return None
-    claimed = sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+    rows.sort()  # by id: RETURNING order is not the claim's ORDER BY
+    claimed = list(map(Claimed._make, rows))
     return Claim(token=token, owner=owner, requests=claimed)
 
 
