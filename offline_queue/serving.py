@@ -41,13 +41,15 @@ def serve_claim(
     keys = {r.id: cache.key(r.cache_digest) for r in claim.requests if r.cache_digest}
     hits = cache.lookup(keys.values())
     outcomes: list[queue.Outcome] = []
-    to_run: list[queue.Claimed] = []
-    for request in claim.requests:
-        hit = hits.get(keys.get(request.id, ""))
-        if hit is not None:
-            outcomes.append(queue.Outcome(request, hit.reply(request.url), reused=True))
-        else:
-            to_run.append(request)
+    to_run = claim.requests
+    if hits:
+        to_run = []
+        for request in claim.requests:
+            hit = hits.get(keys.get(request.id, ""))
+            if hit is not None:
+                outcomes.append(queue.Outcome(request, hit.reply(request.url), reused=True))
+            else:
+                to_run.append(request)
     if to_run:
         try:
             replies = engine.infer(

@@ -40,6 +40,12 @@ def response_id() -> str:
     return f"batch_req_{os.urandom(16).hex()}"
 
 
+def response_ids(n: int) -> Iterator[str]:
+    """`n` response ids from one read of the random source (a chunk's worth)."""
+    pool = os.urandom(16 * n).hex()
+    return (f"batch_req_{pool[i : i + 32]}" for i in range(0, 32 * n, 32))
+
+
 class BatchConflict(ValueError):
     """An explicit batch id or idempotency key already names a batch with other content."""
 
@@ -515,12 +521,13 @@ def settle(
                 last_error=o.reply.error_message,
             ):
                 stats.retried += 1
+        ids = response_ids(len(done))
         rows = [
             (
                 batch_id,
                 o.request.line_no,
                 o.request.custom_id,
-                response_id(),
+                next(ids),
                 True,
                 200,
                 o.reply.body,
