@@ -5,10 +5,10 @@ Written behind, not with each chunk: a key is a hash, so every entry lands on a 
 the index, and on a fast engine writing them inside each settle cost more than the rest of the
 settle (bench/ceiling.py: ~17 µs of SQLite work per request at 1,000,000 entries). A worker
 notes the lines whose answers it committed, and every `flush_entries` answers, every
-`flush_seconds` and when it stops, the store copies them from `results` into the cache in key
-order, in one statement. Crash-safe by construction: the cache is never the record of a
-result (`results` is), so answers a killed worker had not copied yet are only answers the
-next identical request computes again.
+`flush_seconds` and when it stops, the store adds entries pointing at those `results` rows, in
+key order, in one statement. Crash-safe by construction: the cache is never the record of a
+result (`results` is), so answers a killed worker had not pointed to yet are only answers
+the next identical request computes again.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ResultCache:
         self.flush_entries = flush_entries
         """Answers held before a write. More means fewer writes — once the cache is large, a
         write rewrites most pages of its key index whatever its size; a held answer costs a
-        line number in memory (~40 bytes; its body is copied by the store from `results`).
+        line number in memory (~40 bytes; the entry points at its `results` row).
         Only an engine answering thousands a second reaches it before `flush_seconds`."""
         self.flush_seconds = flush_seconds
         """At most this long before an answer is visible to other workers and batches (and to
@@ -98,8 +98,9 @@ class ResultCache:
             conn.execution_options(readonly=True)  # SQLite: a plain BEGIN, not the writer's
             rows = select_in(
                 conn,
-                "SELECT key, body, prompt_tokens, completion_tokens FROM result_cache "
-                "WHERE key IN ({in_})",
+                "SELECT c.key, s.body, s.prompt_tokens, s.completion_tokens "
+                "FROM result_cache c JOIN results s "
+                "ON s.batch_id = c.batch_id AND s.line_no = c.line_no WHERE c.key IN ({in_})",
                 wanted,
             )
         return {k: Entry(b, p, c) for k, b, p, c in rows}
@@ -115,8 +116,9 @@ class ResultCache:
             self.flush()
 
     def flush(self) -> int:
-        """Copy the noted answers from `results` into the cache in one statement per batch,
-        sorted by key (neighbouring keys share index pages): no body passes through Python."""
+        """Point the cache at the noted answers in `results`, one statement per batch, sorted
+        by key (neighbouring keys share index pages): no answer passes through Python or is
+        copied."""
         with self._lock:
             pending, self._pending, self._count = self._pending, {}, 0
             self._next_flush = time.monotonic() + self.flush_seconds
@@ -145,9 +147,8 @@ class ResultCache:
 # The cache rows for some lines of a batch: ok, fresh (not themselves from the cache) answers
 # of deterministic requests.
 _FILL = """
-INSERT INTO result_cache (key, model_version, body, prompt_tokens, completion_tokens, created_at)
-SELECT :tag || substr(q.cache_digest, 17), :version, s.body, s.prompt_tokens,
-       s.completion_tokens, :now
+INSERT INTO result_cache (key, model_version, batch_id, line_no, created_at)
+SELECT :tag || substr(q.cache_digest, 17), :version, s.batch_id, s.line_no, :now
 FROM results s JOIN requests q ON q.batch_id = s.batch_id AND q.line_no = s.line_no
 WHERE s.batch_id = :batch AND s.line_no {lines}
   AND s.ok AND NOT s.reused AND q.cache_digest IS NOT NULL

@@ -144,15 +144,15 @@ class Result(Base):
 
 
 class CachedResult(Base):
-    """Answers to deterministic requests, by model version and canonical body."""
+    """Answers to deterministic requests, by model version and canonical body (see
+    offline_queue/cache.py): each points at the `results` row that holds the answer."""
 
     __tablename__ = "result_cache"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(256))
-    body: Mapped[str] = mapped_column(Text)
-    prompt_tokens: Mapped[int] = mapped_column(Integer)
-    completion_tokens: Mapped[int] = mapped_column(Integer)
+    batch_id: Mapped[str] = mapped_column(String(64))
+    line_no: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
 
 
