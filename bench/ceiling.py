@@ -1,6 +1,6 @@
 """Orchestration ceiling: requests/s through the whole flow when the engine costs nothing.
 
-    .venv/bin/python bench/ceiling.py [--requests 1000000] [--chunk-size 8192] [--db URL | --pg]
+    .venv/bin/python bench/ceiling.py [--requests 1000000] [--chunk-size 32768] [--db URL | --pg]
                                       [--profile out.prof]
 
 The `batch-inference` flow runs a generated batch on the benchmark-only instant engine
@@ -106,7 +106,7 @@ def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1_000_000)
-    parser.add_argument("--chunk-size", type=int, default=8192)
+    parser.add_argument("--chunk-size", type=int, default=32768)
     parser.add_argument("--db", default=None, help="store URL (default: a fresh SQLite file)")
     parser.add_argument(
         "--pg", action="store_true", help="a PostgreSQL started for the run as the store"
