@@ -52,7 +52,7 @@ PoolsFile = Annotated[
 ]
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages name paths: never cut them mid-line
 
 DbOption = Annotated[
     str | None,
