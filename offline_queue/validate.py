@@ -163,21 +163,17 @@ def describe(line_no: int, exc: ValidationError) -> str:
     return f"line {line_no}: " + "; ".join(parts) + more
 
 
-def cache_digest(url: str, body: Body, dumped: dict[str, Any] | None = None) -> str | None:
+def cache_digest(url: str, body: Body, dumped: dict[str, Any]) -> str | None:
     """Digest of the canonical body when the request is deterministic, else None. `dumped` is
-    the body's `model_dump(mode="json", exclude_none=True, by_alias=True)` when the caller has
-    it already."""
+    the body's `model_dump(mode="json", exclude_none=True, by_alias=True)`, already serialized
+    by the caller: it is consumed (the keys left out of the key are deleted from it)."""
     if not body.is_deterministic():
         return None
-    if dumped is None:
-        dumped = body.model_dump(mode="json", exclude_none=True, by_alias=True)
-    return _digest(url, {k: v for k, v in dumped.items() if k not in _NOT_IN_CACHE_KEY})
-
-
-def _digest(url: str, canonical: dict[str, Any]) -> str:
+    for key in _NOT_IN_CACHE_KEY.intersection(dumped):
+        del dumped[key]
     prefix = _DIGEST_PREFIX.get(url)
     digest = prefix.copy() if prefix else hashlib.sha256(url.encode() + b"\n")
-    digest.update(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS))
+    digest.update(orjson.dumps(dumped, option=orjson.OPT_SORT_KEYS))
     return digest.hexdigest()
 
 
@@ -266,14 +262,7 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
     # One dump serves both the stored body and the cache key.
     dumped = _dump_body[type(body)](body, mode="json", exclude_none=True, by_alias=True)
     body_json = orjson.dumps(dumped).decode()
-    digest = None
-    # body.is_deterministic(), read from the dump (which leaves out what is None)
-    if dumped.get("temperature") == 0 or "seed" in dumped:
-        del dumped["model"]  # required, so always there; the other keys seldom are
-        if not _NOT_IN_CACHE_KEY.isdisjoint(dumped):
-            for key in _NOT_IN_CACHE_KEY.intersection(dumped):
-                del dumped[key]
-        digest = _digest(url, dumped)
+    digest = cache_digest(url, body, dumped)
     return Accepted(line_no, custom_id, url, body_json, digest)
 
 
