@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -179,12 +178,13 @@ def patiently(call: Callable[[], T], outage_seconds: float = 120.0) -> T:
     a chunk has Prefect's task retries, the loop around it has only this."""
     deadline = time.monotonic() + outage_seconds
     policy = RetryPolicy(base_seconds=0.5, cap_seconds=5.0)
-    for attempt in itertools.count(1):
+    attempt = 0
+    while True:
         try:
             return call()
         except (OperationalError, InterfaceError) as exc:
             if time.monotonic() > deadline:
                 raise
+            attempt += 1
             log.warning("store unreachable (%s); retrying", type(exc).__name__)
             time.sleep(policy.delay(attempt))
-    raise AssertionError("unreachable")

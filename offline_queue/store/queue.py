@@ -36,14 +36,14 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def response_id() -> str:
-    return f"batch_req_{os.urandom(16).hex()}"
-
-
 def response_ids(n: int) -> Iterator[str]:
     """`n` response ids from one read of the random source (a chunk's worth)."""
     pool = os.urandom(16 * n).hex()
     return (f"batch_req_{pool[i : i + 32]}" for i in range(0, 32 * n, 32))
+
+
+def response_id() -> str:
+    return next(response_ids(1))
 
 
 class BatchConflict(ValueError):
