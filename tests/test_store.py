@@ -199,15 +199,7 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
         for i in range(100)
     ]  # r0..r9 appear twice: lines 91..100 are duplicates
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    info = inspect_file(path, Limits())
-    batch, _ = queue.register_batch(
-        db_url,
-        batch_id="batch_resume",
-        content_hash=info.content_hash,
-        input_path=str(path),
-        output_path="o",
-        error_path="e",
-    )
+    batch_id = _register_file(db_url, path, "batch_resume")
 
     class Crash(Exception):
         pass
@@ -219,20 +211,34 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
             yield item
 
     with pytest.raises(Crash):
-        queue.ingest(db_url, batch.id, crashing(validate_file(path, Limits())), group_size=20)
-    mid = queue.get_batch(db_url, batch.id)
+        queue.ingest(db_url, batch_id, crashing(validate_file(path, Limits())), group_size=20)
+    mid = queue.get_batch(db_url, batch_id)
     assert mid is not None and mid.ingested_through == 40  # two whole groups committed
 
-    seen = queue.known_custom_ids(db_url, batch.id)
+    seen = queue.known_custom_ids(db_url, batch_id)
     queue.ingest(
-        db_url, batch.id, validate_file(path, Limits(), mid.ingested_through, seen), group_size=20
+        db_url, batch_id, validate_file(path, Limits(), mid.ingested_through, seen), group_size=20
     )
-    accepted, total = queue.finish_ingest(db_url, batch.id)
+    accepted, total = queue.finish_ingest(db_url, batch_id)
     assert (accepted, total) == (90, 100)
     with session(db_url) as s:
         assert s.scalar(select(func.count()).select_from(Request)) == 90
         rejected = s.scalars(select(Result.line_no).order_by(Result.line_no)).all()
     assert rejected == list(range(91, 101))
+
+
+def _register_file(db: str, path: Path, batch_id: str) -> str:
+    """Register the batch file at `path` under `batch_id`; returns the id."""
+    info = inspect_file(path, Limits())
+    batch, _ = queue.register_batch(
+        db,
+        batch_id=batch_id,
+        content_hash=info.content_hash,
+        input_path=str(path),
+        output_path="o",
+        error_path="e",
+    )
+    return batch.id
 
 
 def _ingest_file(db: str, tmp_path: Path, n: int, ids_repeat_after: int = 0) -> tuple[Path, str]:
@@ -249,16 +255,8 @@ def _ingest_file(db: str, tmp_path: Path, n: int, ids_repeat_after: int = 0) -> 
                 cid = f"r {i % ids_repeat_after}"
             line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
             f.write(json.dumps({**line, "body": body}) + "\n")
-    info = inspect_file(path, Limits())
-    batch, _ = queue.register_batch(
-        db,
-        batch_id="batch_many",
-        content_hash=info.content_hash,
-        input_path=str(path),
-        output_path="o",
-        error_path="e",
-    )
-    return path, batch.id
+    batch_id = _register_file(db, path, "batch_many")
+    return path, batch_id
 
 
 def _assert_ingested_once(db: str, batch_id: str, path: Path) -> None:
@@ -293,17 +291,9 @@ def test_ingest_stores_any_custom_id_and_rejects_what_no_column_holds(
             body = {"model": "m", "messages": [{"role": "user", "content": f"{cid}\\\t"}]}
             line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
             f.write(json.dumps({**line, "body": body}) + "\n")
-    info = inspect_file(path, Limits())
-    batch, _ = queue.register_batch(
-        db_url,
-        batch_id="batch_ids",
-        content_hash=info.content_hash,
-        input_path=str(path),
-        output_path="o",
-        error_path="e",
-    )
-    queue.ingest(db_url, batch.id, validate_file(path, Limits()), group_size=3)
-    assert queue.finish_ingest(db_url, batch.id) == (6, 8)
+    batch_id = _register_file(db_url, path, "batch_ids")
+    queue.ingest(db_url, batch_id, validate_file(path, Limits()), group_size=3)
+    assert queue.finish_ingest(db_url, batch_id) == (6, 8)
     good = [
         (x.line_no, x.custom_id, x.body_json)
         for x in validate_file(path, Limits())
