@@ -7,7 +7,6 @@ import fcntl
 import functools
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,11 +54,8 @@ def _sqlite_hooks(engine: Engine) -> None:
     """SQLite has one writer: take the write lock at BEGIN (IMMEDIATE) so a claim's read and
     write are atomic, and wait for the lock instead of failing with "database is locked".
 
-    Writers in the same process (the ingest beside the inference, the lease keeper) queue on
-    a Python lock first: SQLite's own wait polls with sleeps of up to 100 ms, which cost a
-    claim more than the transaction it waited for. Other processes still meet at SQLite's."""
-    writer = threading.RLock()
-    holding = threading.local()
+    (Writers in one process once queued on a Python lock before SQLite's: it did not pay — the
+    ceiling ran 22,467 req/s with it and 23,687 without, median of three alternated runs.)"""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -77,41 +73,8 @@ def _sqlite_hooks(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        if conn.get_execution_options().get("readonly", False):
-            conn.exec_driver_sql("BEGIN")
-            return
-        # Bounded: should a lock ever leak (a connection dropped mid-transaction), writers
-        # fall back to SQLite's wait instead of hanging.
-        if writer.acquire(timeout=10):
-            holding.depth = getattr(holding, "depth", 0) + 1
-        try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        except BaseException:
-            _release()
-            raise
-
-    def _release() -> None:
-        if getattr(holding, "depth", 0):
-            holding.depth -= 1
-            writer.release()
-
-    dialect = engine.dialect
-    commit, rollback = dialect.do_commit, dialect.do_rollback
-
-    def do_commit(dbapi_conn: Any) -> None:
-        try:
-            commit(dbapi_conn)
-        finally:
-            _release()
-
-    def do_rollback(dbapi_conn: Any) -> None:
-        try:
-            rollback(dbapi_conn)
-        finally:
-            _release()
-
-    dialect.do_commit = do_commit  # type: ignore[method-assign, assignment]
-    dialect.do_rollback = do_rollback  # type: ignore[method-assign, assignment]
+        readonly = conn.get_execution_options().get("readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 @functools.cache
