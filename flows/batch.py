@@ -41,11 +41,12 @@ from offline_queue.batches import batch_object, default_outputs, write_files  # 
 from offline_queue.cache import ResultCache  # noqa: E402
 from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
+from offline_queue.queue_file import queue_batch_file  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
 from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
 from offline_queue.store import queue  # noqa: E402
 from offline_queue.store.db import patiently  # noqa: E402
-from offline_queue.validate import Limits, inspect_file, validate_file  # noqa: E402
+from offline_queue.validate import Limits, inspect_file  # noqa: E402
 
 Tier = Literal["critical", "standard", "bulk"]
 
@@ -136,13 +137,9 @@ def _ingest_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
 )
 def validate_and_queue(db: str, batch_id: str, content_hash: str, created_at: int) -> int:
     """Stream the file once: valid lines queued, bad ones recorded with line and field.
-    Resumable: an interrupted pass continues after its last committed group."""
-    batch = queue.get_batch(db, batch_id)
-    assert batch is not None
-    if not batch.ingest_done:
-        seen = queue.known_custom_ids(db, batch_id) if batch.ingested_through else None
-        lines = validate_file(Path(batch.input_path), Limits(), batch.ingested_through, seen)
-        queue.ingest(db, batch_id, lines)
+    Resumable: an interrupted pass continues after its last committed group. A large file is
+    queued in a process of its own, so the inference beside it keeps this one's interpreter."""
+    queue_batch_file(db, batch_id)
     accepted, total = queue.finish_ingest(db, batch_id)
     get_run_logger().info("%s of %s lines queued, %s rejected", accepted, total, total - accepted)
     return accepted

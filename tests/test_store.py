@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from offline_queue.engines.base import Reply
+from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
 from offline_queue.retry import RetryPolicy
 from offline_queue.store import queue
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
-from tests.services import postgres
+from tests.conftest import REPO
+from tests.services import postgres, wait_for
 
 
 def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r") -> str:
@@ -370,7 +374,7 @@ def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
     start = threading.Barrier(3)
     failures: list[BaseException] = []
 
-    def resume(group_size: int) -> None:  # what flows/batch.py's validate_and_queue does
+    def resume(group_size: int) -> None:  # what queue_file.queue_batch_file does
         try:
             start.wait()
             batch = queue.get_batch(db_url, bid)
@@ -391,6 +395,54 @@ def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
     with session(db_url) as s:
         ids = s.scalars(select(Request.custom_id)).all()
     assert len(ids) == len(set(ids)) < 400
+
+
+def _ingested_through(db: str, batch_id: str) -> int:
+    batch = queue.get_batch(db, batch_id)
+    assert batch is not None
+    return batch.ingested_through
+
+
+def test_a_file_queued_in_its_own_process_is_queued_the_same(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size rule sends the file to a process of its own (floor 0 here); the store ends up
+    as one undisturbed pass in this process decides."""
+    path, bid = _ingest_file(db_url, tmp_path, 600)
+    monkeypatch.setenv("OFFLINE_QUEUE_OWN_PROCESS_MIN_BYTES", "0")
+    queue_batch_file(db_url, bid)
+    _assert_ingested_once(db_url, bid, path)
+
+
+def test_a_failed_ingest_process_raises_with_its_reason(db_url: str, tmp_path: Path) -> None:
+    path, bid = _ingest_file(db_url, tmp_path, 20)
+    path.unlink()
+    with pytest.raises(IngestProcessFailed, match=f"FileNotFoundError.*{path.name}"):
+        queue_batch_file(db_url, bid, own_process=True)
+    batch = queue.get_batch(db_url, bid)
+    assert batch is not None and batch.ingested_through == 0 and not batch.ingest_done
+
+
+def test_a_killed_worker_takes_its_ingest_process_along(db_url: str, tmp_path: Path) -> None:
+    """kill -9 of the worker mid-ingest: its ingest process exits too (no orphan queues on
+    behind a resumed run), and the resume queues every line once."""
+    path, bid = _ingest_file(db_url, tmp_path, 150_000)
+    code = "import sys; from offline_queue.queue_file import queue_batch_file as q; " + (
+        "q(*sys.argv[1:], own_process=True)"
+    )
+    worker = psutil.Popen([sys.executable, "-c", code, db_url, bid], cwd=REPO)
+    try:
+        wait_for(lambda: _ingested_through(db_url, bid) > 0, timeout=120, interval=0.05)
+        (child,) = worker.children()
+        assert "offline_queue.queue_file" in child.cmdline()
+    finally:
+        worker.kill()
+        worker.wait()
+    child.wait(timeout=10)  # raises if the child ingests on
+    through = _ingested_through(db_url, bid)
+    assert 0 < through < 150_000, "the ingest finished before it could be killed"
+    queue_batch_file(db_url, bid, own_process=False)
+    _assert_ingested_once(db_url, bid, path)
 
 
 def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+"""Validate and queue a batch's file — resumably, and for a large file in a process of its own.
+
+Why a process of its own: validation is Python work (~10 µs a line), and the worker's claims
+and settles are Python work too. In one process they take turns on one interpreter lock while
+the machine's other core idles; in two, ingest and inference each get a core. On the
+1,000,000-line orchestration ceiling that was 36–37k req/s against 25–26k (bench/ceiling.py,
+alternated runs). The price is a Python start (~1 s) and its memory, which a small file does
+not repay: below `OWN_PROCESS_MIN_BYTES` the file is queued in the caller's process.
+
+The child is `python -m offline_queue.queue_file BATCH_ID`, not a multiprocessing child:
+multiprocessing's spawn re-imports the parent's `__main__` in the child, and a user's script
+without a main guard would run again there. The store URL goes in the environment, not on the
+command line, where `ps` would show its password. The child reads its stdin until it closes,
+which happens when the worker dies however it dies (kill -9 included), and then exits: an
+orphan never ingests on. Either way nothing is lost or queued twice — an interrupted ingest
+rolls back its open group and the next pass resumes after the last committed one
+(`queue.ingest`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from offline_queue.store import queue
+from offline_queue.store.db import ENV_VAR
+from offline_queue.validate import Limits, validate_file
+
+OWN_PROCESS_MIN_BYTES = 16 << 20
+"""Files at least this large (~75,000 chat lines) are queued in a process of their own; the
+environment variable OFFLINE_QUEUE_OWN_PROCESS_MIN_BYTES overrides it (0: always)."""
+_MIN_BYTES_VAR = "OFFLINE_QUEUE_OWN_PROCESS_MIN_BYTES"
+_ERROR_TAIL = 4000
+
+
+class IngestProcessFailed(RuntimeError):
+    """The ingest process exited with an error; its stderr's end is in the message."""
+
+
+def queue_batch_file(db: str, batch_id: str, own_process: bool | None = None) -> None:
+    """Validate the batch's file and queue its lines, from where an earlier pass stopped.
+
+    `own_process` None decides by the file's size (OWN_PROCESS_MIN_BYTES)."""
+    batch = queue.get_batch(db, batch_id)
+    if batch is None:
+        raise KeyError(batch_id)
+    if batch.ingest_done:
+        return
+    if own_process is None:
+        floor = int(os.environ.get(_MIN_BYTES_VAR, OWN_PROCESS_MIN_BYTES))
+        own_process = Path(batch.input_path).stat().st_size >= floor
+    if own_process:
+        _in_own_process(db, batch_id)
+        return
+    seen = queue.known_custom_ids(db, batch_id) if batch.ingested_through else None
+    lines = validate_file(Path(batch.input_path), Limits(), batch.ingested_through, seen)
+    queue.ingest(db, batch_id, lines)
+
+
+def _in_own_process(db: str, batch_id: str) -> None:
+    # This checkout first on the child's path: it must run the code its parent runs.
+    here = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, ENV_VAR: db, "PYTHONPATH": path}
+    with tempfile.TemporaryFile() as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "offline_queue.queue_file", batch_id],
+            stdin=subprocess.PIPE,  # held open while we wait: its end tells the child we died
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+        )
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:  # we were interrupted (a cancelled run): so is the child
+                child.kill()
+                child.wait()
+            assert child.stdin is not None
+            child.stdin.close()
+        if code != 0:
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-_ERROR_TAIL:]
+            raise IngestProcessFailed(
+                f"ingest of {batch_id} in its own process exited with {code}:\n{tail}"
+            )
+
+
+def _exit_when_parent_dies() -> None:
+    # The raw descriptor, not sys.stdin: a daemon thread blocked in a buffered read holds its
+    # lock, and the interpreter's shutdown would abort on it.
+    while os.read(0, 4096):
+        pass  # the parent never writes; only the end of file (its end closed) matters
+    os._exit(75)
+
+
+def main() -> None:
+    threading.Thread(target=_exit_when_parent_dies, daemon=True).start()
+    queue_batch_file(os.environ[ENV_VAR], sys.argv[1], own_process=False)
+
+
+if __name__ == "__main__":
+    main()
