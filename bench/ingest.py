@@ -5,16 +5,19 @@
 For each size, a generated OpenAI Batch file of chat requests (bench/lines.py), measured on
 both sides in this run, interleaved (ours, COPY, COPY, ours, ...; best of `--repeats`):
 
-- ours: `validate_file` + `queue.ingest` + `finish_ingest` — what the `validate-and-queue` task
-  runs — in a fresh process per run, into a fresh PostgreSQL database (and once into SQLite
+- ours: `queue_batch_file` + `finish_ingest` — what the `validate-and-queue` task runs (in
+  the ingest process of its own, for a file this size) — in a fresh process per run, into a fresh PostgreSQL database (and once into SQLite
   for reference), with that process's peak RSS;
 - baseline: psycopg `COPY` of the same rows (the columns our requests table gets) into a bare
-  table with no index, key or constraint, fed from Python reading and parsing the same file.
+  table with no index, key or constraint, fed from Python reading and parsing the same file;
+- diagnostic: the same COPY into our migrated `requests` table, which splits the gap into what
+  the queue's keys and partial index cost and what validation costs.
 
 PostgreSQL is started for the run (fsync off, as the tests run it) unless `--pg` gives a
 server URL (`postgresql+psycopg://user@host:port`; the user must be allowed to create
 databases). Prints a table, writes bench/plots/ingest.png, and ends with
-`RESULT ingest_vs_copy_ratio <ours lines/s ÷ COPY lines/s, largest size, PostgreSQL>` and
+`RESULT ingest_vs_copy_ratio <ours lines/s ÷ COPY lines/s, largest size, PostgreSQL>`,
+`RESULT queue_table_copy_vs_copy_ratio <the diagnostic ÷ COPY>` and
 `RESULT ingest_peak_rss_mb_<size> <MB>` per size (the larger of the PostgreSQL and SQLite runs).
 """
 
@@ -39,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.lines import IngestRun, run_ingest_child, write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
+from offline_queue.store.db import get_engine  # noqa: E402
 from tests.services import create_database, postgres  # noqa: E402
 
 PLOT = PLOTS / "ingest.png"
@@ -73,15 +77,23 @@ def backend_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def copy_baseline(path: Path, server: str) -> CopyRun:
-    """COPY the file's rows into a bare table: read, parse, one row per line, one commit."""
-    with psycopg.connect(plain(new_database(server))) as conn:
-        conn.execute(BARE_TABLE)
-        conn.commit()
+def copy_baseline(path: Path, server: str, queue_table: bool = False) -> CopyRun:
+    """COPY the file's rows into a bare table: read, parse, one row per line, one commit.
+
+    `queue_table`: into our migrated `requests` table instead — what its keys and the queue's
+    partial index cost on their own, before any validation (a diagnostic, not the baseline)."""
+    url = new_database(server)
+    if queue_table:
+        get_engine(url)  # migrated to head
+    with psycopg.connect(plain(url)) as conn:
+        if not queue_table:
+            conn.execute(BARE_TABLE)
+            conn.commit()
         pid = conn.info.backend_pid
         cpu, server_cpu = time.process_time(), backend_cpu(pid)
         started = time.perf_counter()
-        sql = f"COPY bare_requests ({COLUMNS}) FROM STDIN"
+        table = "requests" if queue_table else "bare_requests"
+        sql = f"COPY {table} ({COLUMNS}) FROM STDIN"
         with path.open("rb") as f, conn.cursor() as cur, cur.copy(sql) as copy:
             for line_no, raw in enumerate(f, 1):
                 obj = orjson.loads(raw)
@@ -100,6 +112,7 @@ class Size:
     pg: list[IngestRun] = field(default_factory=list)
     sqlite: list[IngestRun] = field(default_factory=list)
     copy: list[CopyRun] = field(default_factory=list)
+    queue_copy: list[CopyRun] = field(default_factory=list)
 
     def best(self, runs: list[IngestRun]) -> float:
         return self.lines / min(r.seconds for r in runs)
@@ -107,6 +120,10 @@ class Size:
     @property
     def copy_rate(self) -> float:
         return self.lines / min(r.seconds for r in self.copy)
+
+    @property
+    def queue_copy_rate(self) -> float:
+        return self.lines / min(r.seconds for r in self.queue_copy)
 
     def cpu_us(self, runs: list[IngestRun] | list[CopyRun]) -> tuple[float, float]:
         """CPU µs per line (client, PostgreSQL backend), least of the runs: the work itself,
@@ -144,6 +161,7 @@ def measure(sizes: list[int], repeats: int, server: str, work: Path) -> list[Siz
                     ),
                     flush=True,
                 )
+            size.queue_copy.append(copy_baseline(path, server, queue_table=True))
         run = run_ingest_child(path, f"sqlite:///{work / f'ingest-{lines}.db'}")
         assert run.accepted == run.total == lines, run
         size.sqlite.append(run)
@@ -162,17 +180,20 @@ def report(sizes: list[Size]) -> None:
     print(
         "| lines | file MB | COPY lines/s | ours PG lines/s | ratio | ours SQLite lines/s "
         "| peak RSS PG / SQLite MB | CPU µs/line COPY (client + server) "
-        "| CPU µs/line ours PG (client + server) |"
+        "| CPU µs/line ours PG (client + server) "
+        "| COPY into our `requests` table lines/s (÷ COPY) | its CPU µs/line |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in sizes:
-        (cc, cs), (oc, os_) = s.cpu_us(s.copy), s.cpu_us(s.pg)
+        (cc, cs), (oc, os_), (qc, qs) = s.cpu_us(s.copy), s.cpu_us(s.pg), s.cpu_us(s.queue_copy)
         print(
             f"| {s.lines:,} | {s.mb:.0f} | {s.copy_rate:,.0f} | {s.best(s.pg):,.0f} "
             f"| {s.best(s.pg) / s.copy_rate:.3f} | {s.best(s.sqlite):,.0f} "
             f"| {max(r.peak_rss_mb for r in s.pg):.0f} / "
             f"{max(r.peak_rss_mb for r in s.sqlite):.0f} "
-            f"| {cc:.1f} + {cs:.1f} | {oc:.1f} + {os_:.1f} |"
+            f"| {cc:.1f} + {cs:.1f} | {oc:.1f} + {os_:.1f} "
+            f"| {s.queue_copy_rate:,.0f} ({s.queue_copy_rate / s.copy_rate:.2f}) "
+            f"| {qc:.1f} + {qs:.1f} |"
         )
     inspect = sizes[-1].pg[0].inspect_seconds
     print(
@@ -194,6 +215,7 @@ def plot(sizes: list[Size], path: Path) -> None:
     rss.set_title("Ingest memory")
     rss.legend()
     rate.plot(x, [s.copy_rate for s in sizes], "^-", label="COPY into a bare table (baseline)")
+    rate.plot(x, [s.queue_copy_rate for s in sizes], "v:", label="COPY into our requests table")
     rate.plot(x, [s.best(s.pg) for s in sizes], "o-", label="ours, PostgreSQL")
     rate.plot(x, [s.best(s.sqlite) for s in sizes], "s--", label="ours, SQLite")
     for s in sizes:
@@ -236,6 +258,7 @@ def main() -> None:
     plot(results, args.plot)
     last = results[-1]
     print(f"RESULT ingest_vs_copy_ratio {last.best(last.pg) / last.copy_rate:.3f}")
+    print(f"RESULT queue_table_copy_vs_copy_ratio {last.queue_copy_rate / last.copy_rate:.3f}")
     for s in results:
         print(f"RESULT ingest_peak_rss_mb_{s.lines} {s.peak_mb:.0f}")
 

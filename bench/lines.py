@@ -54,7 +54,8 @@ from pathlib import Path
 from sqlalchemy import text
 from offline_queue.store import queue
 from offline_queue.store.db import get_engine
-from offline_queue.validate import Limits, inspect_file, validate_file
+from offline_queue.queue_file import queue_batch_file
+from offline_queue.validate import Limits, inspect_file
 path, db = Path(sys.argv[1]), sys.argv[2]
 
 def server_cpu():  # CPU seconds of this database's PostgreSQL backends, when they are local
@@ -79,7 +80,9 @@ batch, _ = queue.register_batch(db, batch_id="batch_ingest", content_hash=info.c
     input_path=str(path), output_path="o", error_path="e")
 cpu, server = time.process_time(), server_cpu()
 t = time.perf_counter()
-report = queue.ingest(db, batch.id, validate_file(path, Limits()))
+# What the ingest process of a large file runs (offline_queue/queue_file.py), here in this
+# process so its CPU and peak are this process's own.
+queue_batch_file(db, batch.id, own_process=False)
 accepted, total = queue.finish_ingest(db, batch.id)
 seconds = time.perf_counter() - t
 cpu, server = time.process_time() - cpu, server_cpu() - server
