@@ -6,8 +6,8 @@ For each size, a generated OpenAI Batch file of chat requests (bench/lines.py), 
 both sides in this run, interleaved (ours, COPY, COPY, ours, ...; best of `--repeats`):
 
 - ours: `queue_batch_file` + `finish_ingest` — what the `validate-and-queue` task runs (in
-  the ingest process of its own, for a file this size) — in a fresh process per run, into a fresh PostgreSQL database (and once into SQLite
-  for reference), with that process's peak RSS;
+  the ingest process of its own, for a file this size) — in a fresh process per run, into a
+  fresh PostgreSQL database (and once into SQLite for reference), with that process's peak RSS;
 - baseline: psycopg `COPY` of the same rows (the columns our requests table gets) into a bare
   table with no index, key or constraint, fed from Python reading and parsing the same file;
 - diagnostic: the same COPY into our migrated `requests` table, which splits the gap into what

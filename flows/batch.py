@@ -279,7 +279,8 @@ def batch_inference(
         model: Model folder for the in-process engine. Empty: the bundled SmolLM2-135M.
         chunk_size: Requests per task. Larger chunks cost less orchestration; a crash wastes
             at most one chunk per worker.
-        max_attempts: Tries per request (retriable failures) before it is terminated.
+        max_attempts: Tries per request before it is terminated: retriable failures, and
+            workers that died or lost the lease while it ran (then `worker_lost`).
         idempotency_key: The same key again resumes the same batch instead of a new one.
         batch_id: Explicit batch id. Default: derived from the file's content.
         db: Store URL (postgresql+psycopg://... or sqlite:///...). Default: the `store`

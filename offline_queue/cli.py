@@ -483,7 +483,9 @@ def run(
     batch_id: Annotated[
         str | None, typer.Option(help="Explicit id. Default: derived from the content.")
     ] = None,
-    max_attempts: Annotated[int, typer.Option(min=1, help="Tries per request.")] = 3,
+    max_attempts: Annotated[
+        int, typer.Option(min=1, help="Tries per request (retriable failures, lost workers).")
+    ] = 3,
     tier: Annotated[str, typer.Option(help="critical, standard or bulk.")] = "standard",
     weight: Annotated[int, typer.Option(min=1, help="Share within the tier.")] = 1,
     lease_seconds: Annotated[

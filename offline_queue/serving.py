@@ -38,13 +38,17 @@ def serve_claim(
     when it settles."""
     own_cache = cache is None
     cache = cache or ResultCache(db, engine.model_version)
-    keys = {r.id: cache.key(r.cache_digest) for r in claim.requests if r.cache_digest}
+    outcomes = queue.abandoned(claim, max_attempts)
+    requests = claim.requests
+    if outcomes:
+        given_up = {o.request.id for o in outcomes}
+        requests = [r for r in requests if r.id not in given_up]
+    keys = {r.id: cache.key(r.cache_digest) for r in requests if r.cache_digest}
     hits = cache.lookup(keys.values())
-    outcomes: list[queue.Outcome] = []
-    to_run = claim.requests
+    to_run = requests
     if hits:
         to_run = []
-        for request in claim.requests:
+        for request in requests:
             hit = hits.get(keys.get(request.id, ""))
             if hit is not None:
                 outcomes.append(queue.Outcome(request, hit.reply(request.url), reused=True))
@@ -79,6 +83,6 @@ def serve_claim(
     return ChunkReport(
         claimed=len(claim.requests),
         inferred=len(to_run),
-        reused=len(claim.requests) - len(to_run),
+        reused=len(requests) - len(to_run),
         settled=settled,
     )

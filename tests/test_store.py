@@ -179,6 +179,27 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
     assert (p.pending, p.completed, p.failed) == (0, 0, 2)
 
 
+def test_a_request_whose_workers_all_die_ends_as_an_error(db_url: str, tmp_path: Path) -> None:
+    """A request whose every worker died on it (the lease ran out each time) is not claimed
+    forever: past max_attempts it settles as a `worker_lost` error, exactly once."""
+    bid = make_batch(db_url, tmp_path, 3)
+    for attempt in range(1, 4):  # max_attempts 2: two tries, both workers die
+        c = queue.claim(db_url, bid, f"dies-{attempt}", 10, lease_seconds=0.05)
+        assert c is not None and {r.attempts for r in c.requests} == {attempt}
+        given_up = queue.abandoned(c, max_attempts=2)
+        assert len(given_up) == (3 if attempt == 3 else 0)
+        time.sleep(0.1)  # the lease runs out: the worker is gone
+    settled = queue.settle(db_url, bid, c, given_up, max_attempts=2)
+    assert settled.terminated == 3 and settled.retried == 0
+    assert queue.claim(db_url, bid, "next", 10, lease_seconds=60) is None
+    with session(db_url) as s:
+        rows = s.execute(select(Result.error_code, Result.error_message)).all()
+    assert [code for code, _ in rows] == ["worker_lost"] * 3
+    assert "2 tries ended without an answer" in rows[0][1]
+    p = queue.progress(db_url, bid)
+    assert (p.pending, p.completed, p.failed) == (0, 0, 3)
+
+
 def test_terminal_failure_is_not_retried(db_url: str, tmp_path: Path) -> None:
     bid = make_batch(db_url, tmp_path, 1)
     c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)

@@ -400,6 +400,25 @@ class Outcome:
     reused: bool = False
 
 
+def abandoned(claim_: Claim, max_attempts: int) -> list[Outcome]:
+    """Error outcomes for the claimed requests that have had all their tries: each worker that
+    took one lost its lease before answering — it died or stalled, perhaps on this very
+    request. They end here, as errors, instead of taking down worker after worker."""
+    return [
+        Outcome(
+            r,
+            Reply.error(
+                500,
+                "worker_lost",
+                f"line {r.line_no}: {r.attempts - 1} tries ended without an answer (each "
+                f"worker that took it stopped or lost its lease); max_attempts is {max_attempts}",
+            ),
+        )
+        for r in claim_.requests
+        if r.attempts > max_attempts
+    ]
+
+
 @dataclass
 class Settled:
     completed: int = 0
