@@ -7,7 +7,7 @@ the machine's other core idles; in two, ingest and inference each get a core. On
 alternated runs). The price is a Python start (~1 s) and its memory, which a small file does
 not repay: below `OWN_PROCESS_MIN_BYTES` the file is queued in the caller's process.
 
-The child is `python -m offline_queue.queue_file BATCH_ID`, not a multiprocessing child:
+The child is `python -m offline_queue.queue_file BATCH_ID GROUP_SIZE`, not a multiprocessing child:
 multiprocessing's spawn re-imports the parent's `__main__` in the child, and a user's script
 without a main guard would run again there. The store URL goes in the environment, not on the
 command line, where `ps` would show its password. The child reads its stdin until it closes,
@@ -41,8 +41,11 @@ class IngestProcessFailed(RuntimeError):
     """The ingest process exited with an error; its stderr's end is in the message."""
 
 
-def queue_batch_file(db: str, batch_id: str, own_process: bool | None = None) -> None:
-    """Validate the batch's file and queue its lines, from where an earlier pass stopped.
+def queue_batch_file(
+    db: str, batch_id: str, own_process: bool | None = None, group_size: int = 5000
+) -> None:
+    """Validate the batch's file and queue its lines, from where an earlier pass stopped,
+    `group_size` lines per transaction (see `queue.ingest`).
 
     `own_process` None decides by the file's size (OWN_PROCESS_MIN_BYTES)."""
     batch = queue.get_batch(db, batch_id)
@@ -54,21 +57,21 @@ def queue_batch_file(db: str, batch_id: str, own_process: bool | None = None) ->
         floor = int(os.environ.get(_MIN_BYTES_VAR, OWN_PROCESS_MIN_BYTES))
         own_process = Path(batch.input_path).stat().st_size >= floor
     if own_process:
-        _in_own_process(db, batch_id)
+        _in_own_process(db, batch_id, group_size)
         return
     seen = queue.known_custom_ids(db, batch_id) if batch.ingested_through else None
     lines = validate_file(Path(batch.input_path), Limits(), batch.ingested_through, seen)
-    queue.ingest(db, batch_id, lines)
+    queue.ingest(db, batch_id, lines, group_size)
 
 
-def _in_own_process(db: str, batch_id: str) -> None:
+def _in_own_process(db: str, batch_id: str, group_size: int) -> None:
     # This checkout first on the child's path: it must run the code its parent runs.
     here = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, ENV_VAR: db, "PYTHONPATH": path}
     with tempfile.TemporaryFile() as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "offline_queue.queue_file", batch_id],
+            [sys.executable, "-m", "offline_queue.queue_file", batch_id, str(group_size)],
             stdin=subprocess.PIPE,  # held open while we wait: its end tells the child we died
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -100,7 +103,8 @@ def _exit_when_parent_dies() -> None:
 
 def main() -> None:
     threading.Thread(target=_exit_when_parent_dies, daemon=True).start()
-    queue_batch_file(os.environ[ENV_VAR], sys.argv[1], own_process=False)
+    batch_id, group_size = sys.argv[1], int(sys.argv[2])
+    queue_batch_file(os.environ[ENV_VAR], batch_id, own_process=False, group_size=group_size)
 
 
 if __name__ == "__main__":

@@ -240,10 +240,7 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
     mid = queue.get_batch(db_url, batch_id)
     assert mid is not None and mid.ingested_through == 40  # two whole groups committed
 
-    seen = queue.known_custom_ids(db_url, batch_id)
-    queue.ingest(
-        db_url, batch_id, validate_file(path, Limits(), mid.ingested_through, seen), group_size=20
-    )
+    queue_batch_file(db_url, batch_id, own_process=False, group_size=20)  # the resume
     accepted, total = queue.finish_ingest(db_url, batch_id)
     assert (accepted, total) == (90, 100)
     with session(db_url) as s:
@@ -395,14 +392,10 @@ def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
     start = threading.Barrier(3)
     failures: list[BaseException] = []
 
-    def resume(group_size: int) -> None:  # what queue_file.queue_batch_file does
+    def resume(group_size: int) -> None:
         try:
             start.wait()
-            batch = queue.get_batch(db_url, bid)
-            assert batch is not None
-            seen = queue.known_custom_ids(db_url, bid) if batch.ingested_through else None
-            lines = validate_file(path, Limits(), batch.ingested_through, seen)
-            queue.ingest(db_url, bid, lines, group_size=group_size)
+            queue_batch_file(db_url, bid, own_process=False, group_size=group_size)
         except BaseException as exc:  # surfaced below
             failures.append(exc)
 
