@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from offline_queue.content import ContentHash
 from offline_queue.formats import (
     BODY_TYPES,
     REQUEST_LINE,
@@ -77,19 +78,28 @@ class Rejected:
     error: LineError
 
 
-def iter_raw_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number from 1, bytes without the newline, whether it was cut at the size limit)."""
+def iter_raw_lines(
+    path: Path, max_line_bytes: int, tap: Callable[[bytes], None] | None = None
+) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number from 1, bytes without the newline, whether it was cut at the size limit).
+
+    `tap` sees every byte read, the drained rest of an over-long line included: the content
+    hash is of the whole file, taken in the same pass."""
     with path.open("rb") as handle:
         line_no = 0
         while True:
             raw = handle.readline(max_line_bytes + 1)
             if not raw:
                 return
+            if tap is not None:
+                tap(raw)
             line_no += 1
             too_long = len(raw) > max_line_bytes and not raw.endswith(b"\n")
             if too_long:  # drain the rest of the line without holding it
                 while True:
                     rest = handle.readline(_READ_BLOCK)
+                    if tap is not None:
+                        tap(rest)
                     if not rest or rest.endswith(b"\n"):
                         break
             yield line_no, raw.rstrip(b"\r\n"), too_long
@@ -107,14 +117,12 @@ def inspect_file(path: Path, limits: Limits) -> FileInfo:
             f"{path}: {size} bytes is over the limit of {limits.max_file_bytes} bytes "
             "(max_file_bytes)"
         )
-    digest = hashlib.sha256()
+    digest = ContentHash()
     lines = 0
     sniffed = 0
     saw_json = False
-    for _, raw, too_long in iter_raw_lines(path, limits.max_line_bytes):
+    for _, raw, too_long in iter_raw_lines(path, limits.max_line_bytes, digest.update):
         lines += 1
-        digest.update(raw)
-        digest.update(b"\n")
         if lines > limits.max_lines:
             raise FileRefused(f"{path}: more than {limits.max_lines} lines (max_lines)")
         if not saw_json and sniffed < limits.sniff_lines and raw.strip() and not too_long:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from offline_queue.api.files import store_upload
+from offline_queue.content import ContentHash
 from offline_queue.validate import (
     Accepted,
     FileRefused,
@@ -170,6 +174,52 @@ def test_content_hash_is_stable_and_content_sensitive(tmp_path: Path) -> None:
     c = write(tmp_path / "c.jsonl", [chat("1"), chat("3")])
     assert inspect_file(a, Limits()).content_hash == inspect_file(b, Limits()).content_hash
     assert inspect_file(a, Limits()).content_hash != inspect_file(c, Limits()).content_hash
+
+
+def _upload_hash(data: bytes, directory: Path, block: int) -> str:
+    async def blocks() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), block):
+            yield data[i : i + block]
+
+    return asyncio.run(store_upload(blocks(), directory, Limits())).sha256
+
+
+def test_one_content_hash_for_any_line_end_and_upload_blocking(tmp_path: Path) -> None:
+    """An upload and the flow name a file by the same hash, whether its lines end in LF or
+    CRLF and whether the last one has a newline — else the flow refuses the API's batch as
+    "other content" (the batch stalled in `validating`)."""
+    lines = [json.dumps(chat(str(i))).encode() for i in range(3)]
+    variants = {
+        "lf": b"\n".join(lines) + b"\n",
+        "no-final-newline": b"\n".join(lines),
+        "crlf": b"\r\n".join(lines) + b"\r\n",
+        "crlf-no-final-newline": b"\r\n".join(lines),
+    }
+    hashes = set()
+    for name, data in variants.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        from_file = inspect_file(path, Limits()).content_hash
+        hashes.add(from_file)
+        for block in (1, 2, 7, 1 << 20):  # a CR and its LF in different blocks, too
+            assert _upload_hash(data, tmp_path / "up", block) == from_file, (name, block)
+    assert len(hashes) == 1
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(variants["lf"].replace(b'"2"', b'"3"'))
+    assert inspect_file(other, Limits()).content_hash not in hashes
+    # A blank line is content: it is not folded away with the line ends.
+    h = ContentHash()
+    h.update(variants["lf"] + b"\n")
+    assert h.hexdigest() not in hashes
+
+
+def test_content_hash_covers_the_whole_of_an_over_long_line(tmp_path: Path) -> None:
+    limits = Limits(max_line_bytes=160)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    head = json.dumps(chat("1")).encode() + b"\n"
+    a.write_bytes(head + b"x" * 400 + b"A\n")
+    b.write_bytes(head + b"x" * 400 + b"B\n")
+    assert inspect_file(a, limits).content_hash != inspect_file(b, limits).content_hash
 
 
 def test_deterministic_requests_get_a_cache_digest(tmp_path: Path) -> None:

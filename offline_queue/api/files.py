@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from offline_queue.content import ContentHash
 from offline_queue.validate import Limits
 
 
@@ -26,6 +26,8 @@ class Stored:
     bytes: int
     lines: int
     sha256: str
+    """The content hash (offline_queue/content.py): what a worker computes from the same file,
+    whatever its line ends."""
 
 
 async def store_upload(chunks: AsyncIterator[bytes], directory: Path, limits: Limits) -> Stored:
@@ -35,7 +37,7 @@ async def store_upload(chunks: AsyncIterator[bytes], directory: Path, limits: Li
     file_id = f"file-{uuid.uuid4().hex[:24]}"
     final = directory / f"{file_id}.jsonl"
     partial = directory / f".{file_id}.part"
-    digest = hashlib.sha256()
+    digest = ContentHash()
     size = lines = line_len = 0
     try:
         with partial.open("wb") as out:

@@ -1,0 +1,58 @@
+"""A batch file's content hash: one definition, fed in blocks, for every place that names a file
+by its content (an upload through the API, a file a worker opens, a re-run of either).
+
+The hash is over the file's lines, not its bytes: a line end is a line end whether it is `\\n` or
+`\\r\\n`, and a last line with no newline after it is the same line as with one. The API once
+hashed the raw upload and the flow the lines, so a file saved by an editor without a final
+newline (or with CRLF ends) got two hashes, the flow refused its own batch as "other content",
+and the batch sat in `validating` for ever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+_LF = b"\n"
+_CR = b"\r"
+
+
+class ContentHash:
+    """sha256 of the content with every line ended by one `\\n` (CRLF and a missing final
+    newline normalised), fed block by block so a 200 MB file never sits in memory."""
+
+    __slots__ = ("_digest", "_pending_cr", "_ends_line")
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pending_cr = False  # a block ended in \r: it may be the first half of \r\n
+        self._ends_line = True  # nothing fed yet, or the last byte fed ended a line
+
+    def update(self, block: bytes) -> None:
+        if not block:
+            return
+        if self._pending_cr:
+            block = _CR + block
+            self._pending_cr = False
+        if block.endswith(_CR):
+            block = block[:-1]
+            self._pending_cr = True
+            if not block:
+                return
+        block = block.replace(b"\r\n", _LF)
+        self._digest.update(block)
+        self._ends_line = block.endswith(_LF)
+
+    def hexdigest(self) -> str:
+        digest = self._digest.copy()
+        if self._pending_cr:  # a lone \r at the very end ends the last line, as \r\n would
+            digest.update(_LF)
+        elif not self._ends_line:
+            digest.update(_LF)
+        return digest.hexdigest()
+
+
+def content_hash(data: bytes) -> str:
+    """The content hash of bytes held in memory (tests, small inputs)."""
+    h = ContentHash()
+    h.update(data)
+    return h.hexdigest()
