@@ -20,7 +20,7 @@ class ContentHash:
     """sha256 of the content with every line ended by one `\\n` (CRLF and a missing final
     newline normalised), fed block by block so a 200 MB file never sits in memory."""
 
-    __slots__ = ("_digest", "_pending_cr", "_ends_line")
+    __slots__ = ("_digest", "_ends_line", "_pending_cr")
 
     def __init__(self) -> None:
         self._digest = hashlib.sha256()
@@ -44,9 +44,8 @@ class ContentHash:
 
     def hexdigest(self) -> str:
         digest = self._digest.copy()
-        if self._pending_cr:  # a lone \r at the very end ends the last line, as \r\n would
-            digest.update(_LF)
-        elif not self._ends_line:
+        # The last line ends here: after no newline at all, or after a lone \r (as \r\n would).
+        if self._pending_cr or not self._ends_line:
             digest.update(_LF)
         return digest.hexdigest()
 
