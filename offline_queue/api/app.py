@@ -27,7 +27,7 @@ from offline_queue.api.auth import tenant_for_key
 from offline_queue.api.files import UploadRefused, store_upload
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, TERMINAL_STATUSES, BatchObject
-from offline_queue.store import queue
+from offline_queue.store import batches
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, StoredFile
 from offline_queue.validate import Limits
@@ -119,7 +119,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return f
 
     def own_batch(batch_id: str, who: str) -> Batch:
-        b = queue.get_batch(settings.db, batch_id)
+        b = batches.get_batch(settings.db, batch_id)
         if b is None or b.tenant != who:
             raise _error(404, f"no batch {batch_id}", "not_found")
         return b
@@ -327,7 +327,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def cancel(batch_id: str, who: Tenant) -> dict[str, Any]:
         b = own_batch(batch_id, who)
         if b.status not in TERMINAL_STATUSES and b.status != "cancelling":
-            queue.request_cancel(settings.db, batch_id)
+            batches.request_cancel(settings.db, batch_id)
         return api_batch(own_batch(batch_id, who))
 
     @app.on_event("shutdown")
