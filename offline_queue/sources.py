@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import select
 
 from offline_queue.batches import batch_object
 from offline_queue.store import batches
-from offline_queue.store.db import session
-from offline_queue.store.tables import Batch
 
 
 class BatchSource(Protocol):
@@ -32,8 +29,7 @@ class StoreSource:
         return batch_object(self.db, batch).model_dump(mode="json") if batch else None
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
-        with session(self.db, readonly=True) as s:
-            rows = list(s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)))
+        rows = batches.recent_batches(self.db, limit)
         return [batch_object(self.db, b).model_dump(mode="json") for b in rows]
 
     def cancel(self, batch_id: str) -> dict[str, Any] | None:
