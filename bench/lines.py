@@ -52,7 +52,7 @@ INGEST_CHILD = """
 import os, sys, time
 from pathlib import Path
 from sqlalchemy import text
-from offline_queue.store import queue
+from offline_queue.store import batches, ingest
 from offline_queue.store.db import get_engine
 from offline_queue.queue_file import queue_batch_file
 from offline_queue.validate import Limits, inspect_file
@@ -73,17 +73,17 @@ def backend_cpu(pid):
         return float("nan")
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
-queue.get_batch(db, "none")  # connect and migrate before the clock starts
+batches.get_batch(db, "none")  # connect and migrate before the clock starts
 t0 = time.perf_counter()
 info = inspect_file(path, Limits())
-batch, _ = queue.register_batch(db, batch_id="batch_ingest", content_hash=info.content_hash,
+batch, _ = batches.register_batch(db, batch_id="batch_ingest", content_hash=info.content_hash,
     input_path=str(path), output_path="o", error_path="e")
 cpu, server = time.process_time(), server_cpu()
 t = time.perf_counter()
 # What the ingest process of a large file runs (offline_queue/queue_file.py), here in this
 # process so its CPU and peak are this process's own.
 queue_batch_file(db, batch.id, own_process=False)
-accepted, total = queue.finish_ingest(db, batch.id)
+accepted, total = ingest.finish_ingest(db, batch.id)
 seconds = time.perf_counter() - t
 cpu, server = time.process_time() - cpu, server_cpu() - server
 # VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across exec).

@@ -44,7 +44,7 @@ from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.queue_file import queue_batch_file  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
 from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
-from offline_queue.store import queue  # noqa: E402
+from offline_queue.store import batches, claims, ingest, results, stats  # noqa: E402
 from offline_queue.store.db import patiently  # noqa: E402
 from offline_queue.validate import Limits, inspect_file  # noqa: E402
 
@@ -88,7 +88,7 @@ def submit(
     out_path = str(Path(output).expanduser().resolve()) if output else str(out)
     err_path = str(Path(errors).expanduser().resolve()) if errors else str(err)
     identity = hashlib.sha256(f"{info.content_hash}\n{out_path}\n{err_path}".encode())
-    batch, created = queue.register_batch(
+    batch, created = batches.register_batch(
         db,
         batch_id=batch_id or f"batch_{identity.hexdigest()[:24]}",
         content_hash=info.content_hash,
@@ -140,7 +140,7 @@ def validate_and_queue(db: str, batch_id: str, content_hash: str, created_at: in
     Resumable: an interrupted pass continues after its last committed group. A large file is
     queued in a process of its own, so the inference beside it keeps this one's interpreter."""
     queue_batch_file(db, batch_id)
-    accepted, total = queue.finish_ingest(db, batch_id)
+    accepted, total = ingest.finish_ingest(db, batch_id)
     get_run_logger().info("%s of %s lines queued, %s rejected", accepted, total, total - accepted)
     return accepted
 
@@ -166,7 +166,7 @@ def infer_chunk(
     """Claim a chunk, answer it (cache, then engine) and persist it in one transaction.
     None when nothing is claimable right now. A whole-chunk fault hands the chunk back and
     raises, and Prefect retries the task with backoff."""
-    claim = queue.claim(db, batch_id, owner, chunk_size, keeper.lease_seconds)
+    claim = claims.claim(db, batch_id, owner, chunk_size, keeper.lease_seconds)
     if claim is None:
         return None
     with keeper.holding(claim.token):
@@ -190,29 +190,29 @@ def finalize(
     db: str, batch_id: str, model_version: str | None, run: RunStats, engine: str
 ) -> BatchObject:
     """Output and error files from the store, final counts, and a summary for the UI."""
-    batch = queue.get_batch(db, batch_id)
+    batch = batches.get_batch(db, batch_id)
     assert batch is not None
     stopped = _stop_reason(db, batch_id)
     if batch.status not in TERMINAL_STATUSES:
-        queue.set_status(db, batch_id, "finalizing")
+        batches.set_status(db, batch_id, "finalizing")
     outputs, errors = write_files(db, batch)
     status = "completed" if outputs or not errors else "failed"
     if stopped:
         status = "cancelled" if stopped[0] == "batch_cancelled" else "expired"
     if batch.status in TERMINAL_STATUSES:
         status = batch.status
-    queue.set_status(
+    batches.set_status(
         db,
         batch_id,
         status,
         model_version=model_version or batch.model_version,
-        errors_json=queue.first_errors_json(db, batch_id) if status == "failed" else None,
+        errors_json=results.first_errors_json(db, batch_id) if status == "failed" else None,
     )
-    final = queue.get_batch(db, batch_id)
+    final = batches.get_batch(db, batch_id)
     assert final is not None
     obj = batch_object(db, final, run)
     counts = obj.request_counts
-    speed = queue.batch_stats(db, [batch_id])
+    speed = stats.batch_stats(db, [batch_id])
     summary: list[dict[str, Any]] = [
         {"field": "status", "value": obj.status},
         {"field": "requests", "value": counts.total},
@@ -310,26 +310,30 @@ def batch_inference(
     bid = submitted.batch_id
     label_run(bid, tier, tenant)
     if release_track:
-        queue.label_batch(db_url, bid, release_track=release_track, release_version=release_version)
+        batches.label_batch(
+            db_url, bid, release_track=release_track, release_version=release_version
+        )
     # Ingest streams the file in the background while the engine starts and serves the lines
     # already queued: on a million-line file the first results come seconds after submit, not
     # after the whole file is validated, and the engine's load overlaps the validation.
-    ingest = validate_and_queue.submit(db_url, bid, submitted.content_hash, submitted.created_at)
+    ingest_run = validate_and_queue.submit(
+        db_url, bid, submitted.content_hash, submitted.created_at
+    )
     ingested = threading.Event()
-    ingest.add_done_callback(lambda _: ingested.set())
+    ingest_run.add_done_callback(lambda _: ingested.set())
     ingesting = IngestWatch(db_url, bid, ingested.is_set)
     stopped = _stop_reason(db_url, bid)
     if stopped:
-        queue.drop_queued(db_url, bid, *stopped)
+        results.drop_queued(db_url, bid, *stopped)
 
-    run = RunStats(reused=queue.settled_requests(db_url, bid))
+    run = RunStats(reused=results.settled_requests(db_url, bid))
     model_version = None
     if ingesting.has_work():
         engine_block = load_engine_block(engine, model)
         model_version = engine_block.engine().model_version  # loaded once per process
         label_run(bid, tier, tenant, model_version)
-        queue.set_status(db_url, bid, "in_progress", model_version=model_version)
-        participant = Participant(bid, queue.new_owner(), TIERS[tier], weight)
+        batches.set_status(db_url, bid, "in_progress", model_version=model_version)
+        participant = Participant(bid, claims.new_owner(), TIERS[tier], weight)
         run = infer_all(
             db_url,
             participant,
@@ -341,7 +345,7 @@ def batch_inference(
             ingesting,
             submitted.lines,
         )
-    ingest.result()  # raises if the ingest failed: the run fails and a re-run resumes it
+    ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
 
     engine_label = engine or f"vllm in process ({model or 'bundled model'})"
     return finalize(db_url, bid, model_version, run, engine_label).model_dump(mode="json")
@@ -383,7 +387,7 @@ def infer_all(
     share = (
         ShareKeeper(db, engine.engine_key, me, engine.capacity).start() if engine.shared else None
     )
-    start = queue.progress(db, batch_id)
+    start = results.progress(db, batch_id)
     total = max(lines, start.pending + start.completed + start.failed)  # lines: still ingesting
     artifact = create_progress_artifact(  # sync context: the id, not a coroutine
         progress=_percent(start, total),
@@ -395,7 +399,7 @@ def infer_all(
         while True:
             stop_reason = patiently(lambda: _stop_reason(db, batch_id))
             if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
-                queue.drop_queued(db, batch_id, *stop_reason)
+                results.drop_queued(db, batch_id, *stop_reason)
             report = infer_chunk(
                 db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper, cache, share
             )
@@ -408,13 +412,13 @@ def infer_all(
                     began = time.monotonic()
                     update_progress_artifact(
                         artifact_id=cast(UUID, artifact),
-                        progress=_percent(patiently(lambda: queue.progress(db, batch_id)), total),
+                        progress=_percent(patiently(lambda: results.progress(db, batch_id)), total),
                     )
                     cost = time.monotonic() - began
                     next_update = began + max(PROGRESS_SECONDS, cost / PROGRESS_SHARE)
                 continue
             ingested = ingesting.finished()  # before the count: lines may land in between
-            p = patiently(lambda: queue.progress(db, batch_id))
+            p = patiently(lambda: results.progress(db, batch_id))
             if p.pending == 0 and ingested:
                 update_progress_artifact(
                     artifact_id=cast(UUID, artifact), progress=_percent(p, total)
@@ -447,14 +451,14 @@ class IngestWatch:
     def has_work(self) -> bool:
         while True:
             ingested = self.finished()
-            p = queue.progress(self.db, self.batch_id)
+            p = results.progress(self.db, self.batch_id)
             if p.pending or ingested:
                 return p.pending > 0
             time.sleep(0.05)
 
 
 def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
-    batch = queue.get_batch(db, batch_id)
+    batch = batches.get_batch(db, batch_id)
     if batch is None:
         return None
     if batch.status == "cancelling":
@@ -464,5 +468,5 @@ def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
     return None
 
 
-def _percent(p: queue.Progress, total: int) -> float:
+def _percent(p: results.Progress, total: int) -> float:
     return 100.0 * (p.completed + p.failed) / total if total else 100.0

@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from blocks.release import ReleasePolicy, load_policy, save_policy
 from blocks.store import store_url
 from offline_queue.release import RouteKey, TrackStats, breached, route
-from offline_queue.store import queue
+from offline_queue.store import stats
 
 ROLLBACK_EVENT = "offline-queue.release.rolled-back"
 
@@ -58,10 +58,10 @@ def check_guards(policy_name: str, db: str) -> str | None:
     if block.stage == "off" or not block.candidate_version:
         return None
     since = time.time() - block.window_hours * 3600
-    stable = queue.track_stats(db, "stable", block.stable_version, since)
-    candidate = queue.track_stats(db, "candidate", block.candidate_version, since)
+    stable = stats.track_stats(db, "stable", block.stable_version, since)
+    candidate = stats.track_stats(db, "candidate", block.candidate_version, since)
     rows = _stats_rows(stable, candidate)
-    pairs, same = queue.track_agreement(db, block.stable_version, block.candidate_version, since)
+    pairs, same = stats.track_agreement(db, block.stable_version, block.candidate_version, since)
     agreement = f"{same}/{pairs} ({same / pairs:.0%})" if pairs else "no shared requests"
     for row in rows:
         row["same answer as the other track"] = agreement

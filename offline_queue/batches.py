@@ -16,7 +16,7 @@ from offline_queue.formats import (
     RunStats,
     Usage,
 )
-from offline_queue.store import queue
+from offline_queue.store import results
 from offline_queue.store.tables import Batch
 
 
@@ -29,7 +29,7 @@ def default_outputs(input_path: Path) -> tuple[Path, Path]:
 
 
 def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObject:
-    p = queue.progress(db, batch.id)
+    p = results.progress(db, batch.id)
     total = batch.total_lines if batch.ingest_done else p.completed + p.failed + p.pending
     finished = batch.status in TERMINAL_STATUSES
     errors = None
@@ -64,7 +64,7 @@ def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObj
     )
 
 
-def _line(row: queue.ResultLine) -> bytes:
+def _line(row: results.ResultLine) -> bytes:
     """One file line, built around the stored body without parsing it again."""
     request_id = "req_" + row.response_id.removeprefix("batch_req_")
     head = (
@@ -106,7 +106,7 @@ def write_files(db: str, batch: Batch) -> tuple[int, int]:
     err_path.parent.mkdir(parents=True, exist_ok=True)
     outputs = errors = 0
     with out_tmp.open("wb") as out, err_tmp.open("wb") as err:
-        for row in queue.iter_results(db, batch.id):
+        for row in results.iter_results(db, batch.id):
             if row.ok:
                 out.write(_line(row))
                 outputs += 1

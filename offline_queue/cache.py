@@ -22,13 +22,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from offline_queue.engines.base import Reply
 from offline_queue.formats import CHAT_URL
-from offline_queue.store.bulk import select_in
-from offline_queue.store.db import get_engine
+from offline_queue.store import cache as cache_rows
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +85,14 @@ class ResultCache:
     def key(self, digest: str) -> str:
         """The version's tag (64 bits) in place of the first 16 hex digits of the request's
         digest (192 bits left): no hashing per request, and no two versions share a key.
-        `_FILL` builds the same key in SQL."""
+        The store's fill statement builds the same key in SQL."""
         return self._tag + digest[16:]
 
     def lookup(self, keys: Iterable[str]) -> dict[str, Entry]:
         wanted = sorted(set(keys))
         if not wanted:
             return {}
-        with get_engine(self.db).connect() as conn:
-            conn.execution_options(readonly=True)  # SQLite: a plain BEGIN, not the writer's
-            rows = select_in(
-                conn,
-                "SELECT c.key, s.body, s.prompt_tokens, s.completion_tokens "
-                "FROM result_cache c JOIN results s "
-                "ON s.batch_id = c.batch_id AND s.line_no = c.line_no WHERE c.key IN ({in_})",
-                wanted,
-            )
-        return {k: Entry(b, p, c) for k, b, p, c in rows}
+        return {k: Entry(b, p, c) for k, b, p, c in cache_rows.lookup(self.db, wanted)}
 
     def remember(self, batch_id: str, line_nos: Sequence[int]) -> None:
         """Note lines whose fresh answers are committed (deterministic ones); they are copied
@@ -122,38 +111,8 @@ class ResultCache:
         with self._lock:
             pending, self._pending, self._count = self._pending, {}, 0
             self._next_flush = time.monotonic() + self.flush_seconds
-        written = 0
         try:
-            with get_engine(self.db).begin() as conn:
-                sqlite = conn.dialect.name == "sqlite"
-                for batch_id, lines in pending.items():
-                    result = conn.execute(
-                        text(_FILL.format(lines=_SQLITE_LINES if sqlite else _PG_LINES)),
-                        {
-                            "tag": self._tag,
-                            "version": self.model_version,
-                            "now": time.time(),
-                            "batch": batch_id,
-                            "lines": orjson.dumps(lines).decode() if sqlite else lines,
-                        },
-                    )
-                    written += int(result.rowcount or 0)
+            return cache_rows.fill(self.db, self._tag, self.model_version, pending)
         except (OperationalError, InterfaceError) as exc:  # the store is restarting
             log.warning("result cache: answers of %d batches not written (%s)", len(pending), exc)
             return 0
-        return written
-
-
-# The cache rows for some lines of a batch: ok, fresh (not themselves from the cache) answers
-# of deterministic requests.
-_FILL = """
-INSERT INTO result_cache (key, model_version, batch_id, line_no, created_at)
-SELECT :tag || substr(q.cache_digest, 17), :version, s.batch_id, s.line_no, :now
-FROM results s JOIN requests q ON q.batch_id = s.batch_id AND q.line_no = s.line_no
-WHERE s.batch_id = :batch AND s.line_no {lines}
-  AND s.ok AND NOT s.reused AND q.cache_digest IS NOT NULL
-ORDER BY 1
-ON CONFLICT DO NOTHING
-"""
-_SQLITE_LINES = "IN (SELECT value FROM json_each(:lines))"
-_PG_LINES = "= ANY(:lines)"

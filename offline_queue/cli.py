@@ -497,7 +497,7 @@ def run(
 
     Running the same file again resumes it (or, once it is done, only rewrites the files)."""
     from offline_queue.model import ModelError, prepare_bundled_model
-    from offline_queue.store.queue import BatchConflict
+    from offline_queue.store.batches import BatchConflict
     from offline_queue.validate import FileRefused, Limits, inspect_file
 
     try:

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from offline_queue.store import queue
+from offline_queue.store import claims
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,6 @@ class LeaseKeeper:
             with self._lock:
                 tokens = list(self._tokens)
             try:
-                queue.renew_leases(self.db, tokens, self.lease_seconds)
+                claims.renew_leases(self.db, tokens, self.lease_seconds)
             except Exception as exc:  # the store may be restarting: try again next beat
                 log.warning("lease renewal failed: %s", exc)

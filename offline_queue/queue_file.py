@@ -14,7 +14,7 @@ command line, where `ps` would show its password. The child reads its stdin unti
 which happens when the worker dies however it dies (kill -9 included), and then exits: an
 orphan never ingests on. Either way nothing is lost or queued twice — an interrupted ingest
 rolls back its open group and the next pass resumes after the last committed one
-(`queue.ingest`).
+(`offline_queue.store.ingest`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from offline_queue.store import queue
+from offline_queue.store import batches, ingest
 from offline_queue.store.db import ENV_VAR
 from offline_queue.validate import Limits, validate_file
 
@@ -45,10 +45,10 @@ def queue_batch_file(
     db: str, batch_id: str, own_process: bool | None = None, group_size: int = 5000
 ) -> None:
     """Validate the batch's file and queue its lines, from where an earlier pass stopped,
-    `group_size` lines per transaction (see `queue.ingest`).
+    `group_size` lines per transaction (see `offline_queue.store.ingest`).
 
     `own_process` None decides by the file's size (OWN_PROCESS_MIN_BYTES)."""
-    batch = queue.get_batch(db, batch_id)
+    batch = batches.get_batch(db, batch_id)
     if batch is None:
         raise KeyError(batch_id)
     if batch.ingest_done:
@@ -59,9 +59,9 @@ def queue_batch_file(
     if own_process:
         _in_own_process(db, batch_id, group_size)
         return
-    seen = queue.known_custom_ids(db, batch_id) if batch.ingested_through else None
+    seen = ingest.known_custom_ids(db, batch_id) if batch.ingested_through else None
     lines = validate_file(Path(batch.input_path), Limits(), batch.ingested_through, seen)
-    queue.ingest(db, batch_id, lines, group_size)
+    ingest.ingest(db, batch_id, lines, group_size)
 
 
 def _in_own_process(db: str, batch_id: str, group_size: int) -> None:

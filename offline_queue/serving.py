@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from offline_queue.cache import ResultCache
 from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
-from offline_queue.store import queue
+from offline_queue.store import claims
 
 
 @dataclass
@@ -18,7 +18,7 @@ class ChunkReport:
     """Sent to the engine by this chunk."""
     reused: int
     """Answered from the result cache."""
-    settled: queue.Settled
+    settled: claims.Settled
 
 
 class ChunkFault(RuntimeError):
@@ -28,7 +28,7 @@ class ChunkFault(RuntimeError):
 def serve_claim(
     db: str,
     batch_id: str,
-    claim: queue.Claim,
+    claim: claims.Claim,
     engine: Engine,
     max_attempts: int,
     share: Share | None = None,
@@ -38,7 +38,7 @@ def serve_claim(
     when it settles."""
     own_cache = cache is None
     cache = cache or ResultCache(db, engine.model_version)
-    outcomes = queue.abandoned(claim, max_attempts)
+    outcomes = claims.abandoned(claim, max_attempts)
     requests = claim.requests
     if outcomes:
         given_up = {o.request.id for o in outcomes}
@@ -51,7 +51,7 @@ def serve_claim(
         for request in requests:
             hit = hits.get(keys.get(request.id, ""))
             if hit is not None:
-                outcomes.append(queue.Outcome(request, hit.reply(request.url), reused=True))
+                outcomes.append(claims.Outcome(request, hit.reply(request.url), reused=True))
             else:
                 to_run.append(request)
     if to_run:
@@ -62,11 +62,11 @@ def serve_claim(
             )
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)
-            faulted = [queue.Outcome(r, fault) for r in to_run]
-            queue.settle(db, batch_id, claim, outcomes + faulted, max_attempts)
+            faulted = [claims.Outcome(r, fault) for r in to_run]
+            claims.settle(db, batch_id, claim, outcomes + faulted, max_attempts)
             raise ChunkFault(str(exc)) from exc
-        outcomes += [queue.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
-    settled = queue.settle(db, batch_id, claim, outcomes, max_attempts)
+        outcomes += [claims.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
+    settled = claims.settle(db, batch_id, claim, outcomes, max_attempts)
     cache.remember(
         batch_id,
         [

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
-
-from offline_queue.store.db import session
-from offline_queue.store.tables import EngineShare
+from offline_queue.store import shares as share_rows
 
 log = logging.getLogger(__name__)
 
@@ -53,44 +48,6 @@ def slots_for(me: Participant, active: list[Participant], capacity: int, floor: 
     return max(floor, round(room * (me.weight / workers[me.batch_id]) / total))
 
 
-def beat(db: str, engine_key: str, me: Participant, stale_seconds: float) -> list[Participant]:
-    """Refresh our row; return everyone live on this engine (us included)."""
-    now = time.time()
-    with session(db) as s:
-        dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
-        insert = dialect.insert(EngineShare).values(
-            engine_key=engine_key,
-            batch_id=me.batch_id,
-            owner=me.owner,
-            tier=me.tier,
-            weight=me.weight,
-            heartbeat=now,
-        )
-        s.execute(
-            insert.on_conflict_do_update(
-                index_elements=["engine_key", "batch_id", "owner"],
-                set_={"heartbeat": now, "tier": me.tier, "weight": me.weight},
-            )
-        )
-        rows = s.execute(
-            select(EngineShare.batch_id, EngineShare.owner, EngineShare.tier, EngineShare.weight)
-            .where(EngineShare.engine_key == engine_key)
-            .where(EngineShare.heartbeat > now - stale_seconds)
-        ).all()
-    return [Participant(*row) for row in rows]
-
-
-def leave(db: str, engine_key: str, me: Participant) -> None:
-    with session(db) as s:
-        s.execute(
-            delete(EngineShare).where(
-                EngineShare.engine_key == engine_key,
-                EngineShare.batch_id == me.batch_id,
-                EngineShare.owner == me.owner,
-            )
-        )
-
-
 class ShareKeeper:
     """Beats every `interval` seconds and keeps `slots` current for the engine's limiter."""
 
@@ -110,8 +67,11 @@ class ShareKeeper:
         self._thread = threading.Thread(target=self._run, name="share-keeper", daemon=True)
 
     def refresh(self) -> int:
-        active = beat(self.db, self.engine_key, self.me, self.stale_seconds)
-        self.slots = slots_for(self.me, active, self.capacity)
+        me = self.me
+        rows = share_rows.beat(
+            self.db, self.engine_key, me.batch_id, me.owner, me.tier, me.weight, self.stale_seconds
+        )
+        self.slots = slots_for(me, [Participant(*row) for row in rows], self.capacity)
         return self.slots
 
     def start(self) -> ShareKeeper:
@@ -123,7 +83,7 @@ class ShareKeeper:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            leave(self.db, self.engine_key, self.me)
+            share_rows.leave(self.db, self.engine_key, self.me.batch_id, self.me.owner)
         except Exception as exc:  # a stale row stops counting by itself
             log.warning("could not leave the engine share table: %s", exc)
 

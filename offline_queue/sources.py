@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import select
 
 from offline_queue.batches import batch_object
-from offline_queue.store import queue
-from offline_queue.store.db import session
-from offline_queue.store.tables import Batch
+from offline_queue.store import batches
 
 
 class BatchSource(Protocol):
@@ -28,16 +25,15 @@ class StoreSource:
         self.db = db
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
-        batch = queue.get_batch(self.db, batch_id)
+        batch = batches.get_batch(self.db, batch_id)
         return batch_object(self.db, batch).model_dump(mode="json") if batch else None
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
-        with session(self.db, readonly=True) as s:
-            rows = list(s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)))
+        rows = batches.recent_batches(self.db, limit)
         return [batch_object(self.db, b).model_dump(mode="json") for b in rows]
 
     def cancel(self, batch_id: str) -> dict[str, Any] | None:
-        queue.request_cancel(self.db, batch_id)
+        batches.request_cancel(self.db, batch_id)
         return self.get(batch_id)
 
     def download(self, batch: dict[str, Any], which: str, dest: Path) -> int:

@@ -204,7 +204,7 @@ def test_file_with_only_bad_lines_fails_with_errors_listed(db_url: str, tmp_path
 
 
 def test_explicit_batch_id_with_other_content_is_refused(sqlite_url: str, tmp_path: Path) -> None:
-    from offline_queue.store.queue import BatchConflict
+    from offline_queue.store.batches import BatchConflict
 
     a = write(tmp_path / "a.jsonl", [line("a", max_tokens=2)])
     b = write(tmp_path / "b.jsonl", [line("b", max_tokens=2)])

@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from offline_queue.engines.base import Reply
 from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
 from offline_queue.retry import RetryPolicy
-from offline_queue.store import queue
+from offline_queue.store import batches, claims, ingest, results, stats
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
@@ -45,7 +45,7 @@ def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "
                 + "\n"
             )
     info = inspect_file(path, Limits())
-    batch, created = queue.register_batch(
+    batch, created = batches.register_batch(
         db,
         batch_id=f"batch_{info.content_hash[:16]}",
         content_hash=info.content_hash,
@@ -54,8 +54,8 @@ def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "
         error_path=str(tmp_path / "err.jsonl"),
     )
     assert created
-    queue.ingest(db, batch.id, validate_file(path, Limits()), group_size=100)
-    queue.finish_ingest(db, batch.id)
+    ingest.ingest(db, batch.id, validate_file(path, Limits()), group_size=100)
+    ingest.finish_ingest(db, batch.id)
     return batch.id
 
 
@@ -70,9 +70,9 @@ def result_rows(db: str, batch_id: str) -> list[tuple[int, bool]]:
 
 def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path: Path) -> None:
     bid = make_batch(db_url, tmp_path, 5)
-    batch = queue.get_batch(db_url, bid)
+    batch = batches.get_batch(db_url, bid)
     assert batch is not None
-    again, created = queue.register_batch(
+    again, created = batches.register_batch(
         db_url,
         batch_id=bid,
         content_hash=batch.content_hash,
@@ -81,8 +81,8 @@ def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path:
         error_path=batch.error_path,
     )
     assert not created and again.id == bid
-    with pytest.raises(queue.BatchConflict, match="different content"):
-        queue.register_batch(
+    with pytest.raises(batches.BatchConflict, match="different content"):
+        batches.register_batch(
             db_url,
             batch_id=bid,
             content_hash="0" * 64,
@@ -97,13 +97,13 @@ def test_concurrent_claims_never_overlap(db_url: str, tmp_path: Path) -> None:
     claimed: list[list[int]] = [[] for _ in range(4)]
 
     def worker(k: int) -> None:
-        owner = queue.new_owner()
+        owner = claims.new_owner()
         while True:
-            c = queue.claim(db_url, bid, owner, 7, lease_seconds=60)
+            c = claims.claim(db_url, bid, owner, 7, lease_seconds=60)
             if c is None:
                 return
             claimed[k] += [r.id for r in c.requests]
-            queue.settle(db_url, bid, c, [queue.Outcome(r, ok_reply()) for r in c.requests], 3)
+            claims.settle(db_url, bid, c, [claims.Outcome(r, ok_reply()) for r in c.requests], 3)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:
@@ -118,26 +118,26 @@ def test_concurrent_claims_never_overlap(db_url: str, tmp_path: Path) -> None:
 
 def test_settle_from_a_lost_lease_commits_nothing(db_url: str, tmp_path: Path) -> None:
     bid = make_batch(db_url, tmp_path, 10)
-    first = queue.claim(db_url, bid, "worker-a", 10, lease_seconds=0.05)
+    first = claims.claim(db_url, bid, "worker-a", 10, lease_seconds=0.05)
     assert first is not None and len(first.requests) == 10
-    assert queue.claim(db_url, bid, "worker-b", 10, lease_seconds=60) is None  # still leased
+    assert claims.claim(db_url, bid, "worker-b", 10, lease_seconds=60) is None  # still leased
     time.sleep(0.1)
-    second = queue.claim(db_url, bid, "worker-b", 10, lease_seconds=60)
+    second = claims.claim(db_url, bid, "worker-b", 10, lease_seconds=60)
     assert second is not None and {r.id for r in second.requests} == {r.id for r in first.requests}
     assert all(r.attempts == 2 for r in second.requests)
 
-    late = queue.settle(
-        db_url, bid, first, [queue.Outcome(r, ok_reply()) for r in first.requests], 5
+    late = claims.settle(
+        db_url, bid, first, [claims.Outcome(r, ok_reply()) for r in first.requests], 5
     )
     assert late.completed == 0 and late.lost == 10
     assert result_rows(db_url, bid) == []
 
-    done = queue.settle(
-        db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5
+    done = claims.settle(
+        db_url, bid, second, [claims.Outcome(r, ok_reply()) for r in second.requests], 5
     )
     assert done.completed == 10
-    replay = queue.settle(
-        db_url, bid, second, [queue.Outcome(r, ok_reply()) for r in second.requests], 5
+    replay = claims.settle(
+        db_url, bid, second, [claims.Outcome(r, ok_reply()) for r in second.requests], 5
     )
     assert replay.completed == 0 and replay.lost == 10
     assert len(result_rows(db_url, bid)) == 10
@@ -145,12 +145,12 @@ def test_settle_from_a_lost_lease_commits_nothing(db_url: str, tmp_path: Path) -
 
 def test_renewed_lease_is_not_claimed_again(db_url: str, tmp_path: Path) -> None:
     bid = make_batch(db_url, tmp_path, 3)
-    c = queue.claim(db_url, bid, "a", 10, lease_seconds=0.3)
+    c = claims.claim(db_url, bid, "a", 10, lease_seconds=0.3)
     assert c is not None
     for _ in range(4):
         time.sleep(0.15)
-        assert queue.renew_leases(db_url, [c.token], 0.3) == 3
-        assert queue.claim(db_url, bid, "b", 10, lease_seconds=60) is None
+        assert claims.renew_leases(db_url, [c.token], 0.3) == 3
+        assert claims.claim(db_url, bid, "b", 10, lease_seconds=60) is None
 
 
 def test_retriable_failures_back_off_then_terminate_with_one_error(
@@ -164,18 +164,18 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
     for _attempt in range(3):
         if _attempt:
             time.sleep(0.8)  # past the longest backoff (0.5 s x 1.5 jitter)
-        c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
+        c = claims.claim(db_url, bid, "w", 10, lease_seconds=60)
         assert c is not None and len(c.requests) == 2
         outcomes.append(
-            queue.settle(db_url, bid, c, [queue.Outcome(r, fail) for r in c.requests], 3, policy)
+            claims.settle(db_url, bid, c, [claims.Outcome(r, fail) for r in c.requests], 3, policy)
         )
-        assert queue.claim(db_url, bid, "w", 10, lease_seconds=60) is None  # backing off
+        assert claims.claim(db_url, bid, "w", 10, lease_seconds=60) is None  # backing off
     assert [o.retried for o in outcomes] == [2, 2, 0]
     assert outcomes[-1].terminated == 2
-    assert queue.claim(db_url, bid, "w", 10, lease_seconds=60) is None
+    assert claims.claim(db_url, bid, "w", 10, lease_seconds=60) is None
     rows = result_rows(db_url, bid)
     assert sorted(rows) == [(1, False), (2, False)]
-    p = queue.progress(db_url, bid)
+    p = results.progress(db_url, bid)
     assert (p.pending, p.completed, p.failed) == (0, 0, 2)
 
 
@@ -184,28 +184,28 @@ def test_a_request_whose_workers_all_die_ends_as_an_error(db_url: str, tmp_path:
     forever: past max_attempts it settles as a `worker_lost` error, exactly once."""
     bid = make_batch(db_url, tmp_path, 3)
     for attempt in range(1, 4):  # max_attempts 2: two tries, both workers die
-        c = queue.claim(db_url, bid, f"dies-{attempt}", 10, lease_seconds=0.05)
+        c = claims.claim(db_url, bid, f"dies-{attempt}", 10, lease_seconds=0.05)
         assert c is not None and {r.attempts for r in c.requests} == {attempt}
-        given_up = queue.abandoned(c, max_attempts=2)
+        given_up = claims.abandoned(c, max_attempts=2)
         assert len(given_up) == (3 if attempt == 3 else 0)
         time.sleep(0.1)  # the lease runs out: the worker is gone
-    settled = queue.settle(db_url, bid, c, given_up, max_attempts=2)
+    settled = claims.settle(db_url, bid, c, given_up, max_attempts=2)
     assert settled.terminated == 3 and settled.retried == 0
-    assert queue.claim(db_url, bid, "next", 10, lease_seconds=60) is None
+    assert claims.claim(db_url, bid, "next", 10, lease_seconds=60) is None
     with session(db_url) as s:
         rows = s.execute(select(Result.error_code, Result.error_message)).all()
     assert [code for code, _ in rows] == ["worker_lost"] * 3
     assert "2 tries ended without an answer" in rows[0][1]
-    p = queue.progress(db_url, bid)
+    p = results.progress(db_url, bid)
     assert (p.pending, p.completed, p.failed) == (0, 0, 3)
 
 
 def test_terminal_failure_is_not_retried(db_url: str, tmp_path: Path) -> None:
     bid = make_batch(db_url, tmp_path, 1)
-    c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
+    c = claims.claim(db_url, bid, "w", 10, lease_seconds=60)
     assert c is not None
     bad = Reply.error(400, "context_length_exceeded", "too long")
-    s = queue.settle(db_url, bid, c, [queue.Outcome(r, bad) for r in c.requests], 3)
+    s = claims.settle(db_url, bid, c, [claims.Outcome(r, bad) for r in c.requests], 3)
     assert s.terminated == 1
     with session(db_url) as ss:
         row = ss.scalars(select(Result)).one()
@@ -236,12 +236,12 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
             yield item
 
     with pytest.raises(Crash):
-        queue.ingest(db_url, batch_id, crashing(validate_file(path, Limits())), group_size=20)
-    mid = queue.get_batch(db_url, batch_id)
+        ingest.ingest(db_url, batch_id, crashing(validate_file(path, Limits())), group_size=20)
+    mid = batches.get_batch(db_url, batch_id)
     assert mid is not None and mid.ingested_through == 40  # two whole groups committed
 
     queue_batch_file(db_url, batch_id, own_process=False, group_size=20)  # the resume
-    accepted, total = queue.finish_ingest(db_url, batch_id)
+    accepted, total = ingest.finish_ingest(db_url, batch_id)
     assert (accepted, total) == (90, 100)
     with session(db_url) as s:
         assert s.scalar(select(func.count()).select_from(Request)) == 90
@@ -252,7 +252,7 @@ def test_interrupted_ingest_resumes_without_duplicates(db_url: str, tmp_path: Pa
 def _register_file(db: str, path: Path, batch_id: str) -> str:
     """Register the batch file at `path` under `batch_id`; returns the id."""
     info = inspect_file(path, Limits())
-    batch, _ = queue.register_batch(
+    batch, _ = batches.register_batch(
         db,
         batch_id=batch_id,
         content_hash=info.content_hash,
@@ -283,7 +283,7 @@ def _ingest_file(db: str, tmp_path: Path, n: int, ids_repeat_after: int = 0) -> 
 
 def _assert_ingested_once(db: str, batch_id: str, path: Path) -> None:
     expected = list(validate_file(path, Limits()))  # what one undisturbed pass decides
-    accepted, total = queue.finish_ingest(db, batch_id)
+    accepted, total = ingest.finish_ingest(db, batch_id)
     good = [(x.line_no, x.custom_id, x.body_json) for x in expected if not hasattr(x, "error")]
     bad = [x.line_no for x in expected if hasattr(x, "error")]
     assert (accepted, total) == (len(good), len(expected))
@@ -297,7 +297,7 @@ def _assert_ingested_once(db: str, batch_id: str, path: Path) -> None:
     assert [tuple(r) for r in rows] == good
     assert [line for line, _ in errors] == bad
     assert "max_tokens" in errors[0][1] and errors[0][1].startswith(f"line {bad[0]}:")
-    batch = queue.get_batch(db, batch_id)
+    batch = batches.get_batch(db, batch_id)
     assert batch is not None and batch.ingested_through == len(expected)
 
 
@@ -314,8 +314,8 @@ def test_ingest_stores_any_custom_id_and_rejects_what_no_column_holds(
             line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions"}
             f.write(json.dumps({**line, "body": body}) + "\n")
     batch_id = _register_file(db_url, path, "batch_ids")
-    queue.ingest(db_url, batch_id, validate_file(path, Limits()), group_size=3)
-    assert queue.finish_ingest(db_url, batch_id) == (6, 8)
+    ingest.ingest(db_url, batch_id, validate_file(path, Limits()), group_size=3)
+    assert ingest.finish_ingest(db_url, batch_id) == (6, 8)
     good = [
         (x.line_no, x.custom_id, x.body_json)
         for x in validate_file(path, Limits())
@@ -340,7 +340,7 @@ def test_concurrent_ingesters_converge(db_url: str, tmp_path: Path) -> None:
     def worker() -> None:
         try:
             start.wait()
-            queue.ingest(db_url, bid, validate_file(path, Limits()), group_size=25)
+            ingest.ingest(db_url, bid, validate_file(path, Limits()), group_size=25)
         except BaseException as exc:  # surfaced below
             failures.append(exc)
 
@@ -365,11 +365,11 @@ def test_ingester_behind_the_watermark_skips_committed_lines(db_url: str, tmp_pa
             yield item
 
     with pytest.raises(RuntimeError):
-        queue.ingest(db_url, bid, first(130), group_size=40)  # commits lines 1..120
-    mid = queue.get_batch(db_url, bid)
+        ingest.ingest(db_url, bid, first(130), group_size=40)  # commits lines 1..120
+    mid = batches.get_batch(db_url, bid)
     assert mid is not None and mid.ingested_through == 120
     # Started at line 1 with no memory of the committed ids (its pass began before them).
-    queue.ingest(db_url, bid, validate_file(path, Limits()), group_size=33)
+    ingest.ingest(db_url, bid, validate_file(path, Limits()), group_size=33)
     _assert_ingested_once(db_url, bid, path)
 
 
@@ -388,7 +388,7 @@ def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
             yield item
 
     with pytest.raises(RuntimeError):
-        queue.ingest(db_url, bid, dies_after(130), group_size=20)
+        ingest.ingest(db_url, bid, dies_after(130), group_size=20)
     start = threading.Barrier(3)
     failures: list[BaseException] = []
 
@@ -412,7 +412,7 @@ def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
 
 
 def _ingested_through(db: str, batch_id: str) -> int:
-    batch = queue.get_batch(db, batch_id)
+    batch = batches.get_batch(db, batch_id)
     assert batch is not None
     return batch.ingested_through
 
@@ -433,7 +433,7 @@ def test_a_failed_ingest_process_raises_with_its_reason(db_url: str, tmp_path: P
     path.unlink()
     with pytest.raises(IngestProcessFailed, match=f"FileNotFoundError.*{path.name}"):
         queue_batch_file(db_url, bid, own_process=True)
-    batch = queue.get_batch(db_url, bid)
+    batch = batches.get_batch(db_url, bid)
     assert batch is not None and batch.ingested_through == 0 and not batch.ingest_done
 
 
@@ -477,14 +477,14 @@ def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None
         (tmp_path / track).mkdir()
         bid = make_batch(db_url, tmp_path / track, 4, bad_every=4, tag=track)  # line 1 rejected
         ids[track] = bid
-        queue.label_batch(db_url, bid, release_track=track, release_version=version)
-        c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
+        batches.label_batch(db_url, bid, release_track=track, release_version=version)
+        c = claims.claim(db_url, bid, "w", 10, lease_seconds=60)
         assert c is not None and len(c.requests) == 3
         with session(db_url) as s:  # the same canonical bodies in both batches
             for r in c.requests:
                 s.get(Request, r.id).cache_digest = f"digest-{r.line_no}"  # type: ignore[union-attr]
         outcomes = [
-            queue.Outcome(
+            claims.Outcome(
                 r,
                 Reply(
                     ok=True,
@@ -496,11 +496,15 @@ def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None
             )
             for r, t in zip(c.requests, texts, strict=True)
         ]
-        queue.settle(db_url, bid, c, outcomes, 3)
-    assert queue.track_agreement(db_url, "v1", "v2", 0) == (3, 2)
-    stats = queue.track_stats(db_url, "candidate", "v2", 0)
-    assert (stats.batches, stats.requests, stats.failed) == (1, 3, 0)  # rejected line not counted
-    assert stats.p95_ms == 10.0
+        claims.settle(db_url, bid, c, outcomes, 3)
+    assert stats.track_agreement(db_url, "v1", "v2", 0) == (3, 2)
+    candidate = stats.track_stats(db_url, "candidate", "v2", 0)
+    assert (candidate.batches, candidate.requests, candidate.failed) == (
+        1,
+        3,
+        0,
+    )  # rejected line not counted
+    assert candidate.p95_ms == 10.0
     with session(db_url) as s:
         assert s.get(Batch, ids["stable"]).release_version == "v1"  # type: ignore[union-attr]
 
@@ -515,10 +519,10 @@ def test_the_worker_loop_rides_through_a_postgresql_restart(tmp_path: Path) -> N
         back = threading.Timer(2.0, pg.start)
         back.start()
         started = time.monotonic()
-        p = patiently(lambda: queue.progress(db, bid), outage_seconds=60)
+        p = patiently(lambda: results.progress(db, bid), outage_seconds=60)
         back.join()
         assert p.queued == 3
         assert time.monotonic() - started >= 1.5  # it did wait for the restart
         with pytest.raises(OperationalError):  # and gives up after its outage budget
             pg.stop()
-            patiently(lambda: queue.progress(db, bid), outage_seconds=1)
+            patiently(lambda: results.progress(db, bid), outage_seconds=1)

@@ -10,25 +10,21 @@ or batch is a 404.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select, text
 
 from offline_queue.api.auth import tenant_for_key
 from offline_queue.api.files import UploadRefused, store_upload
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, TERMINAL_STATUSES, BatchObject
-from offline_queue.store import queue
-from offline_queue.store.db import session
+from offline_queue.store import batches, files
 from offline_queue.store.tables import Batch, StoredFile
 from offline_queue.validate import Limits
 
@@ -112,14 +108,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         }
 
     def own_file(file_id: str, who: str) -> StoredFile:
-        with session(settings.db, readonly=True) as s:
-            f = s.get(StoredFile, file_id)
+        f = files.get_file(settings.db, file_id)
         if f is None or f.tenant != who:
             raise _error(404, f"no file {file_id}", "not_found")
         return f
 
     def own_batch(batch_id: str, who: str) -> Batch:
-        b = queue.get_batch(settings.db, batch_id)
+        b = batches.get_batch(settings.db, batch_id)
         if b is None or b.tenant != who:
             raise _error(404, f"no batch {batch_id}", "not_found")
         return b
@@ -162,19 +157,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
             stored = await store_upload(chunks(), files_dir, settings.limits)
         except UploadRefused as exc:
             raise _error(exc.status, str(exc), "limit_exceeded") from exc
-        row = StoredFile(
-            id=stored.file_id,
+        row = files.add_file(
+            settings.db,
+            file_id=stored.file_id,
             tenant=who,
             filename=file.filename or "batch.jsonl",
             purpose=purpose,
-            bytes=stored.bytes,
+            size=stored.bytes,
             lines=stored.lines,
             sha256=stored.sha256,
             path=str(stored.path),
-            created_at=int(time.time()),
         )
-        with session(settings.db) as s:
-            s.add(row)
         return file_object(row)
 
     @app.get("/v1/files/{file_id}")
@@ -219,51 +212,30 @@ def create_app(settings: ApiSettings) -> FastAPI:
         key = f"{who}:{idempotency_key}" if idempotency_key else None
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         seconds = int(window.group(1)) * _UNIT[window.group(2)]
-        with session(settings.db) as s:
-            if s.get_bind().dialect.name == "postgresql":  # one admission check per tier at once
-                s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"tier:{tier}"})
-            if key:
-                existing = s.scalar(select(Batch).where(Batch.idempotency_key == key))
-                if existing is not None:
-                    return api_batch(existing)
-            waiting = s.scalar(
-                select(func.coalesce(func.sum(Batch.total_lines), 0)).where(
-                    Batch.tier == tier, Batch.status.not_in(list(TERMINAL_STATUSES))
-                )
+        try:
+            batch, created = batches.admit_batch(
+                settings.db,
+                max_queued=settings.max_queued[tier],
+                batch_id=batch_id,
+                tenant=who,
+                input_file_id=f.id,
+                content_hash=f.sha256,
+                input_path=f.path,
+                output_path=str(outputs_dir / f"{batch_id}.output.jsonl"),
+                error_path=str(outputs_dir / f"{batch_id}.errors.jsonl"),
+                endpoint=body.endpoint,
+                tier=tier,
+                weight=weight,
+                metadata=meta,
+                idempotency_key=key,
+                total_lines=f.lines,
+                completion_window=body.completion_window,
+                window_seconds=seconds,
             )
-            if int(waiting or 0) + f.lines > settings.max_queued[tier]:
-                raise _error(
-                    429,
-                    f"the {tier} tier has {waiting} requests waiting "
-                    f"(limit {settings.max_queued[tier]}): retry later",
-                    "rate_limit_exceeded",
-                    {"Retry-After": "30"},
-                )
-            now = int(time.time())
-            s.add(
-                Batch(
-                    id=batch_id,
-                    content_hash=f.sha256,
-                    idempotency_key=key,
-                    input_path=f.path,
-                    output_path=str(outputs_dir / f"{batch_id}.output.jsonl"),
-                    error_path=str(outputs_dir / f"{batch_id}.errors.jsonl"),
-                    status="validating",
-                    endpoint=body.endpoint,
-                    tier=tier,
-                    weight=weight,
-                    max_attempts=3,
-                    metadata_json=orjson.dumps(meta).decode() if meta else None,
-                    total_lines=f.lines,
-                    ingested_through=0,
-                    ingest_done=False,
-                    created_at=now,
-                    tenant=who,
-                    input_file_id=f.id,
-                    completion_window=body.completion_window,
-                    expires_at=now + seconds,
-                )
-            )
+        except batches.AdmissionRefused as exc:
+            raise _error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "30"}) from exc
+        if not created:
+            return api_batch(batch)
         start_batch(batch_id, f.path, who, tier, weight, meta.get("user_group"))
         return api_batch(own_batch(batch_id, who))
 
@@ -302,32 +274,21 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.get("/v1/batches")
     def list_batches(who: Tenant, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         limit = max(1, min(limit, 100))
-        with session(settings.db, readonly=True) as s:
-            q = select(Batch).where(Batch.tenant == who)
-            if after:
-                anchor = s.get(Batch, after)
-                if anchor is not None and anchor.tenant == who:
-                    q = q.where(
-                        (Batch.created_at < anchor.created_at)
-                        | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id))
-                    )
-            rows = list(
-                s.scalars(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
-            )
-        data = [api_batch(b) for b in rows[:limit]]
+        page, has_more = batches.tenant_batches(settings.db, who, limit, after)
+        data = [api_batch(b) for b in page]
         return {
             "object": "list",
             "data": data,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None,
-            "has_more": len(rows) > limit,
+            "has_more": has_more,
         }
 
     @app.post("/v1/batches/{batch_id}/cancel")
     def cancel(batch_id: str, who: Tenant) -> dict[str, Any]:
         b = own_batch(batch_id, who)
         if b.status not in TERMINAL_STATUSES and b.status != "cancelling":
-            queue.request_cancel(settings.db, batch_id)
+            batches.request_cancel(settings.db, batch_id)
         return api_batch(own_batch(batch_id, who))
 
     @app.on_event("shutdown")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 
-from offline_queue.store.db import session
-from offline_queue.store.tables import ApiKey
+from offline_queue.store import keys
 
 
 def _digest(key: str) -> str:
@@ -16,12 +14,9 @@ def _digest(key: str) -> str:
 
 def create_key(db: str, tenant: str) -> str:
     key = f"oq-{secrets.token_urlsafe(32)}"
-    with session(db) as s:
-        s.add(ApiKey(key_hash=_digest(key), tenant=tenant, created_at=int(time.time())))
+    keys.add_key(db, _digest(key), tenant)
     return key
 
 
 def tenant_for_key(db: str, key: str) -> str | None:
-    with session(db, readonly=True) as s:
-        row = s.get(ApiKey, _digest(key))
-        return row.tenant if row else None
+    return keys.tenant_of(db, _digest(key))

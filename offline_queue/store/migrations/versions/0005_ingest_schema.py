@@ -14,7 +14,7 @@ entry for every queued row though only leased rows carry a token, ~0.3 µs.
 - custom_ids are unique per batch by validation: `validate_file` rejects every repeat of an
   accepted id, across a resume too (`known_custom_ids` seeds it), and concurrent ingesters
   decide alike because each has seen every line before the ones it commits (see
-  store/copy_ingest.py). (batch_id, line_no) stays unique: it is what makes a replayed or
+  store/ingest.py). (batch_id, line_no) stays unique: it is what makes a replayed or
   concurrent ingest insert nothing twice.
 - Every query on `lease_token` compares it to a value, which the partial index answers on
   both PostgreSQL and SQLite.

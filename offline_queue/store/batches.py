@@ -1,0 +1,271 @@
+"""Batches: the one row per batch — created once (by a run's submit, or by the API's admission
+check), labelled, cancelled, moved through its statuses — and the lists of batches the CLI and
+the API show.
+
+Every batch row is built by `_new_batch`, so a batch from `offline-queue run` and one from
+POST /v1/batches start in the same state with the same fields.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from sqlalchemy import func, select, text, update
+
+from offline_queue.formats import TERMINAL_STATUSES
+from offline_queue.store.db import session
+from offline_queue.store.tables import Batch
+
+
+class BatchConflict(ValueError):
+    """An explicit batch id or idempotency key already names a batch with other content."""
+
+
+class AdmissionRefused(Exception):
+    """A tier has too many requests waiting to take a new batch now: the API's 429."""
+
+    def __init__(self, tier: str, waiting: int, limit: int):
+        super().__init__(
+            f"the {tier} tier has {waiting} requests waiting (limit {limit}): retry later"
+        )
+        self.tier, self.waiting, self.limit = tier, waiting, limit
+
+
+def _new_batch(
+    *,
+    batch_id: str,
+    content_hash: str,
+    input_path: str,
+    output_path: str,
+    error_path: str,
+    tier: str,
+    weight: int,
+    max_attempts: int,
+    metadata: dict[str, str] | None,
+    idempotency_key: str | None,
+    created_at: int,
+    total_lines: int = 0,
+    endpoint: str | None = None,
+    tenant: str | None = None,
+    input_file_id: str | None = None,
+    completion_window: str | None = None,
+    expires_at: int | None = None,
+) -> Batch:
+    """A new batch row, `validating`, nothing ingested yet."""
+    return Batch(
+        id=batch_id,
+        content_hash=content_hash,
+        idempotency_key=idempotency_key,
+        input_path=input_path,
+        output_path=output_path,
+        error_path=error_path,
+        status="validating",
+        endpoint=endpoint,
+        tier=tier,
+        weight=weight,
+        max_attempts=max_attempts,
+        metadata_json=orjson.dumps(metadata).decode() if metadata else None,
+        total_lines=total_lines,
+        ingested_through=0,
+        ingest_done=False,
+        created_at=created_at,
+        tenant=tenant,
+        input_file_id=input_file_id,
+        completion_window=completion_window,
+        expires_at=expires_at,
+    )
+
+
+def register_batch(
+    db: str,
+    *,
+    batch_id: str,
+    content_hash: str,
+    input_path: str,
+    output_path: str,
+    error_path: str,
+    tier: str = "standard",
+    weight: int = 1,
+    max_attempts: int = 3,
+    metadata: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Batch, bool]:
+    """The batch for this content, created if new. Returns (batch, created).
+
+    Submitting the same content (or the same idempotency key) again returns the batch that
+    exists, so a re-run resumes it instead of duplicating it.
+    """
+    with session(db) as s:
+        existing = s.get(Batch, batch_id)
+        if existing is None and idempotency_key:
+            existing = s.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.content_hash != content_hash:
+                raise BatchConflict(
+                    f"batch {existing.id} was submitted with different content "
+                    f"(sha256 {existing.content_hash[:12]}…, this file {content_hash[:12]}…)"
+                )
+            return existing, False
+        batch = _new_batch(
+            batch_id=batch_id,
+            content_hash=content_hash,
+            input_path=input_path,
+            output_path=output_path,
+            error_path=error_path,
+            tier=tier,
+            weight=weight,
+            max_attempts=max_attempts,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            created_at=int(time.time()),
+        )
+        s.add(batch)
+    return batch, True
+
+
+def admit_batch(
+    db: str,
+    *,
+    max_queued: int,
+    batch_id: str,
+    tenant: str,
+    input_file_id: str,
+    content_hash: str,
+    input_path: str,
+    output_path: str,
+    error_path: str,
+    endpoint: str,
+    tier: str,
+    weight: int,
+    metadata: dict[str, str] | None,
+    idempotency_key: str | None,
+    total_lines: int,
+    completion_window: str,
+    window_seconds: int,
+) -> tuple[Batch, bool]:
+    """A batch from the API, if its tier has room: (batch, created).
+
+    The batch that already holds `idempotency_key` is returned as it is (whatever its file).
+    Otherwise the batch is admitted only while the tier's unfinished batches and this one stay
+    within `max_queued` lines; else AdmissionRefused. On PostgreSQL one admission per tier runs
+    at a time (an advisory lock held to the commit), so concurrent submitters cannot all pass
+    the same check."""
+    with session(db) as s:
+        if s.get_bind().dialect.name == "postgresql":  # one admission check per tier at once
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"tier:{tier}"})
+        if idempotency_key:
+            existing = s.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
+            if existing is not None:
+                return existing, False
+        waiting = int(
+            s.scalar(
+                select(func.coalesce(func.sum(Batch.total_lines), 0)).where(
+                    Batch.tier == tier, Batch.status.not_in(list(TERMINAL_STATUSES))
+                )
+            )
+            or 0
+        )
+        if waiting + total_lines > max_queued:
+            raise AdmissionRefused(tier, waiting, max_queued)
+        now = int(time.time())
+        batch = _new_batch(
+            batch_id=batch_id,
+            content_hash=content_hash,
+            input_path=input_path,
+            output_path=output_path,
+            error_path=error_path,
+            tier=tier,
+            weight=weight,
+            max_attempts=3,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            created_at=now,
+            total_lines=total_lines,
+            endpoint=endpoint,
+            tenant=tenant,
+            input_file_id=input_file_id,
+            completion_window=completion_window,
+            expires_at=now + window_seconds,
+        )
+        s.add(batch)
+    return batch, True
+
+
+def label_batch(db: str, batch_id: str, **fields: Any) -> None:
+    """Set descriptive fields of a batch (release track and version, ...)."""
+    with session(db) as s:
+        s.execute(update(Batch).where(Batch.id == batch_id).values(**fields))
+
+
+def request_cancel(db: str, batch_id: str) -> None:
+    """Ask a batch to stop: its worker cancels what is still queued at the next chunk."""
+    with session(db) as s:
+        s.execute(
+            update(Batch)
+            .where(
+                Batch.id == batch_id,
+                Batch.status.not_in(["completed", "failed", "cancelled", "expired"]),
+            )
+            .values(status="cancelling", cancelling_at=int(time.time()))
+        )
+
+
+def get_batch(db: str, batch_id: str) -> Batch | None:
+    with session(db, readonly=True) as s:
+        return s.get(Batch, batch_id)
+
+
+def recent_batches(db: str, limit: int) -> list[Batch]:
+    """The newest batches of the store, every tenant's (the CLI's `--db` view)."""
+    with session(db, readonly=True) as s:
+        return list(s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)))
+
+
+def tenant_batches(
+    db: str, tenant: str, limit: int, after: str | None = None
+) -> tuple[list[Batch], bool]:
+    """A page of a tenant's batches, newest first, and whether more follow. `after` is the
+    last id of the previous page; another tenant's id (or an unknown one) is ignored."""
+    with session(db, readonly=True) as s:
+        q = select(Batch).where(Batch.tenant == tenant)
+        if after:
+            anchor = s.get(Batch, after)
+            if anchor is not None and anchor.tenant == tenant:
+                q = q.where(
+                    (Batch.created_at < anchor.created_at)
+                    | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id))
+                )
+        rows = list(
+            s.scalars(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
+        )
+    return rows[:limit], len(rows) > limit
+
+
+_STAMPS = {
+    "in_progress": "in_progress_at",
+    "finalizing": "finalizing_at",
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "cancelled": "cancelled_at",
+    "expired": "expired_at",
+}
+
+
+def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
+    """Move a batch to `status`, stamping `<status>_at` the first time it gets there.
+
+    A cancel that arrived meanwhile wins over a run starting: `cancelling` is not moved back
+    to `in_progress` (the worker drops the queued requests at its next chunk)."""
+    with session(db) as s:
+        batch = s.get(Batch, batch_id)
+        if batch is None:
+            raise KeyError(batch_id)
+        if batch.status == "cancelling" and status == "in_progress":
+            status = "cancelling"
+        for key, value in {"status": status, **fields}.items():
+            setattr(batch, key, value)
+        stamp = _STAMPS.get(status)
+        if stamp and getattr(batch, stamp) is None:
+            setattr(batch, stamp, int(time.time()))

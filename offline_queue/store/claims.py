@@ -1,0 +1,270 @@
+"""Claims: leasing chunks of a batch's requests to a worker, keeping the leases alive, and
+settling them — results and state changes of a chunk in one transaction, guarded by the
+claim's token.
+
+The guard is what keeps the invariants: a settle only touches rows still leased to the claim
+it came from, and `results` has one primary key per line, so a late or replayed settle from a
+worker whose lease expired inserts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from offline_queue.engines.base import Reply
+from offline_queue.formats import LineError
+from offline_queue.retry import RetryPolicy
+from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
+from offline_queue.store.db import session
+from offline_queue.store.results import RESULT_COLUMNS, error_row, response_ids
+from offline_queue.store.tables import LIVE, Request, Result
+
+
+def new_owner() -> str:
+    """A worker identity: host and pid for people, a random suffix so pid reuse never collides."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Claimed(NamedTuple):
+    """A claimed request: the claim's RETURNING row as it comes from the driver."""
+
+    id: int
+    line_no: int
+    custom_id: str
+    url: str
+    body: str
+    cache_digest: str | None
+    attempts: int
+
+
+@dataclass
+class Claim:
+    token: str
+    owner: str
+    requests: list[Claimed]
+
+
+def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) -> Claim | None:
+    """Lease up to `limit` requests of a batch: queued ones that are due, and those whose
+    lease ran out (a crashed or stalled worker). PostgreSQL skips rows another worker is
+    claiming right now (SKIP LOCKED); SQLite serialises claims with BEGIN IMMEDIATE."""
+    now = time.time()
+    token = uuid.uuid4().hex
+    claimable = (
+        select(Request.id)
+        .where(
+            Request.batch_id == batch_id,
+            LIVE,
+            or_(
+                and_(Request.state == "queued", Request.not_before <= now),
+                and_(Request.state == "processing", Request.lease_expires < now),
+            ),
+        )
+        .order_by(Request.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(Request)
+        .where(Request.id.in_(claimable.scalar_subquery()))
+        .values(
+            state="processing",
+            attempts=Request.attempts + 1,
+            lease_owner=owner,
+            lease_token=token,
+            lease_expires=now + lease_seconds,
+        )
+        .returning(
+            Request.id,
+            Request.line_no,
+            Request.custom_id,
+            Request.url,
+            Request.body,
+            Request.cache_digest,
+            Request.attempts,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    with session(db) as s:
+        rows = driver_rows(s.connection(), stmt)
+    if not rows:
+        return None
+    rows.sort()  # by id: RETURNING order is not the claim's ORDER BY
+    claimed = list(map(Claimed._make, rows))
+    return Claim(token=token, owner=owner, requests=claimed)
+
+
+def renew_leases(db: str, tokens: Sequence[str], lease_seconds: float) -> int:
+    """Extend the leases of claims still being worked on: the heartbeat that keeps a slow
+    chunk from being claimed again, while a dead worker's chunk expires within one lease.
+
+    By token, not by owner: a claim its worker gave up on (say, its settle failed) must
+    expire even though the worker lives on."""
+    if not tokens:
+        return 0
+    with session(db) as s:
+        result = s.execute(
+            update(Request)
+            .where(Request.lease_token.in_(list(tokens)), Request.state == "processing")
+            .values(lease_expires=time.time() + lease_seconds)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one claimed request, and whether it came from earlier work."""
+
+    request: Claimed
+    reply: Reply
+    reused: bool = False
+
+
+def abandoned(claim_: Claim, max_attempts: int) -> list[Outcome]:
+    """Error outcomes for the claimed requests that have had all their tries: each worker that
+    took one lost its lease before answering — it died or stalled, perhaps on this very
+    request. They end here, as errors, instead of taking down worker after worker."""
+    return [
+        Outcome(
+            r,
+            Reply.error(
+                500,
+                "worker_lost",
+                f"line {r.line_no}: {r.attempts - 1} tries ended without an answer (each "
+                f"worker that took it stopped or lost its lease); max_attempts is {max_attempts}",
+            ),
+        )
+        for r in claim_.requests
+        if r.attempts > max_attempts
+    ]
+
+
+@dataclass
+class Settled:
+    completed: int = 0
+    retried: int = 0
+    terminated: int = 0
+    lost: int = 0
+    """Outcomes dropped because the lease had passed to another worker (nothing committed)."""
+    completed_ids: set[int] = field(default_factory=set)
+    """Requests whose answer this settle committed."""
+
+
+def _guarded(s: Session, token: str, ids: list[int] | None, **values: Any) -> set[int]:
+    """Update the rows still leased under `token` (`ids` of them, or None: all of them);
+    returns which ones that was. All of them is the common case, and the token's index finds
+    them without a parameter per row."""
+    if ids is not None and not ids:
+        return set()
+    mine = and_(Request.lease_token == token, Request.state == "processing")
+    rows = driver_rows(
+        s.connection(),
+        update(Request)
+        .where(mine if ids is None else and_(Request.id.in_(ids), mine))
+        .values(lease_owner=None, lease_token=None, lease_expires=None, **values)
+        .returning(Request.id),
+    )
+    return {row[0] for row in rows}
+
+
+def settle(
+    db: str,
+    batch_id: str,
+    claim_: Claim,
+    outcomes: Sequence[Outcome],
+    max_attempts: int,
+    retry: RetryPolicy | None = None,
+) -> Settled:
+    """Commit a chunk: results, state changes and cache entries in one transaction."""
+    retry = retry or RetryPolicy()
+    now = time.time()
+    done: list[Outcome] = []
+    again: list[Outcome] = []
+    final: list[Outcome] = []
+    for o in outcomes:
+        if o.reply.ok:
+            done.append(o)
+        elif o.reply.retriable and o.request.attempts < max_attempts:
+            again.append(o)
+        else:
+            final.append(o)
+    stats = Settled()
+    with session(db) as s:
+        everything = len(done) == len(claim_.requests)
+        done_ids = None if everything else [o.request.id for o in done]
+        mine_done = _guarded(s, claim_.token, done_ids, state="completed")
+        mine_final = set[int]()
+        for o in final:  # each carries its own last_error
+            mine_final |= _guarded(
+                s,
+                claim_.token,
+                [o.request.id],
+                state="terminated",
+                last_error=o.reply.error_message,
+            )
+        for o in again:
+            if _guarded(
+                s,
+                claim_.token,
+                [o.request.id],
+                state="queued",
+                not_before=now + retry.delay(o.request.attempts),
+                last_error=o.reply.error_message,
+            ):
+                stats.retried += 1
+        ids = response_ids(len(done))
+        rows = [
+            (
+                batch_id,
+                o.request.line_no,
+                o.request.custom_id,
+                next(ids),
+                True,
+                200,
+                o.reply.body,
+                None,
+                None,
+                o.reply.prompt_tokens,
+                o.reply.completion_tokens,
+                o.reply.latency_ms,
+                o.reply.finished_at,
+                o.reused,
+                now,
+            )
+            for o in done
+            if o.request.id in mine_done
+        ]
+        for o in final:
+            if o.request.id in mine_final:
+                error = LineError(
+                    code=o.reply.error_code or "engine_error",
+                    message=o.reply.error_message or "the engine failed",
+                    line=o.request.line_no,
+                )
+                rows.append(
+                    error_row(
+                        batch_id,
+                        o.request.line_no,
+                        o.request.custom_id,
+                        error,
+                        o.reply.status_code,
+                        now,
+                        o.reply.body,
+                    )
+                )
+        insert_ignoring_conflicts(s.connection(), Result, RESULT_COLUMNS, rows)
+    stats.completed = len(mine_done)
+    stats.completed_ids = mine_done
+    stats.terminated = len(mine_final)
+    stats.lost = len(outcomes) - stats.completed - stats.terminated - stats.retried
+    return stats
