@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import os
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,41 +50,66 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.write_eof()
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close at once; a TCP peer gets a reset (linger 0), not an end of file it could take for
+    a complete answer. A Unix socket has no reset: its peer sees the close."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 async def _splice(one: Streams, other: Streams) -> None:
     (a_reader, a_writer), (b_reader, b_writer) = one, other
     pipes = [
         asyncio.create_task(_pipe(a_reader, b_writer)),
         asyncio.create_task(_pipe(b_reader, a_writer)),
     ]
+    failed = True
     try:
         done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
-        if any(not t.cancelled() and t.exception() is not None for t in done):
-            # A reset (or a write after the peer went away) on one side: the other side is
-            # reset too, so nobody waits for bytes that will never come.
-            a_writer.transport.abort()
-            b_writer.transport.abort()
+        failed = any(not t.cancelled() and t.exception() is not None for t in done)
     finally:
         for task in pipes:
             task.cancel()
         await asyncio.gather(*pipes, return_exceptions=True)
         for writer in (a_writer, b_writer):
-            writer.close()
-            with contextlib.suppress(OSError, RuntimeError):
-                await writer.wait_closed()
+            if failed:
+                # A reset (or a write after the peer went away) on one side, or the bridge
+                # shutting down: both sides are reset, so nobody waits for bytes that will
+                # never come.
+                _reset(writer)
+            else:
+                writer.close()  # after what is still buffered has been sent
 
 
-def _handler(
-    connect: Callable[[], Awaitable[Streams]],
-) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _Forwarder:
+    """Splices each accepted connection to a new one upstream. It holds every connection's
+    task: asyncio keeps only weak references to tasks, and a connection whose both ends are
+    quiet is otherwise garbage, collected (and closed) in mid-flight."""
+
+    def __init__(self, connect: Callable[[], Awaitable[Streams]]) -> None:
+        self.connect = connect
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
         try:
-            upstream = await connect()
-        except OSError:
-            writer.transport.abort()  # the client sees a reset, as with the service down
-            return
-        await _splice((reader, writer), upstream)
+            try:
+                upstream = await self.connect()
+            except OSError:
+                _reset(writer)  # the client sees a reset, as with the service down
+                return
+            await _splice((reader, writer), upstream)
+        finally:
+            self.tasks.discard(task)
 
-    return handle
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
@@ -104,8 +130,9 @@ async def serve(mode: str, listen: str, connect: str) -> None:
         socket_path = Path(listen)
         host, port = loopback(connect)
         socket_path.unlink(missing_ok=True)
+        forwarder = _Forwarder(lambda: asyncio.open_connection(host, port, limit=BUFFER))
         server = await asyncio.start_unix_server(
-            _handler(lambda: asyncio.open_connection(host, port, limit=BUFFER)),
+            forwarder.handle,
             path=str(socket_path),
             backlog=1024,
             limit=BUFFER,
@@ -113,8 +140,9 @@ async def serve(mode: str, listen: str, connect: str) -> None:
         socket_path.chmod(0o666)
     elif mode == "tcp-to-unix":
         host, port = loopback(listen)
+        forwarder = _Forwarder(lambda: asyncio.open_unix_connection(connect, limit=BUFFER))
         server = await asyncio.start_server(
-            _handler(lambda: asyncio.open_unix_connection(connect, limit=BUFFER)),
+            forwarder.handle,
             host,
             port,
             backlog=1024,
@@ -130,6 +158,7 @@ async def serve(mode: str, listen: str, connect: str) -> None:
     finally:
         watcher.cancel()
         server.close()
+        await forwarder.close()
         if socket_path is not None:
             socket_path.unlink(missing_ok=True)
 
