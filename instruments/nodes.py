@@ -103,7 +103,7 @@ def _await_ready(proc: subprocess.Popen[bytes], what: str, timeout: float) -> No
     proc.kill()
     proc.wait()
     detail = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    raise RuntimeError(f"{what} did not start within {timeout:.0f} s: {detail.strip()}")
+    raise RuntimeError(f"{what} did not start (waited up to {timeout:.0f} s): {detail.strip()}")
 
 
 def _bridge_command(mode: str, listen: str, connect: str) -> list[str]:

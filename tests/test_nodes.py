@@ -1,10 +1,11 @@
 """Simulated nodes (instruments.nodes): a node's files are its own, its installed software is
-the host's (read-only), a node with its own network namespace reaches the session's PostgreSQL
-and an HTTP server on the host only through Unix sockets, and its process handles are the
-real processes."""
+the host's (read-only), a node with its own network namespace reaches the session's PostgreSQL,
+the session's Prefect server and an HTTP server on the host only through Unix sockets, two
+nodes bind the same 127.0.0.1 port, and a node's process handles are the real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import http.server
@@ -14,8 +15,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from instruments.loopback import free_port
 from instruments.nodes import REPO, Cluster, Node, namespaces_refused
@@ -135,6 +139,35 @@ def test_own_loopback_reaches_postgres_through_its_socket(
         "    print(c.execute(sa.text('SELECT 1')).scalar())\n"
     )
     assert out(node, PYTHON, "-c", query, pg_instance.socket_url(name)) == "1"
+
+
+def test_a_flow_in_a_node_reports_to_the_sessions_prefect_server(
+    cluster: Cluster, prefect_api: str
+) -> None:
+    """The Prefect server at the same URL as on the host, through the bridge pair."""
+    port = urlsplit(prefect_api).port
+    assert port is not None
+    node = cluster.node("prefect", netns=True, reach=[port])
+    tag = uuid.uuid4().hex[:8]
+    code = f"from prefect import flow\n@flow(name='node-{tag}')\ndef f(): return 42\nprint(f())"
+    done = node.run(
+        [PYTHON, "-c", code],
+        env=node.env(PREFECT_API_URL=prefect_api),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "42"
+
+    async def runs() -> list[str]:
+        async with get_client() as client:
+            found = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[f"node-{tag}"]))
+            )
+            return [str(r.state_type.value) if r.state_type else "" for r in found]
+
+    assert asyncio.run(runs()) == ["COMPLETED"]
 
 
 def test_each_node_has_its_own_127_0_0_1_port(cluster: Cluster) -> None:
