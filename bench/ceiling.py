@@ -31,7 +31,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from bench.instant import InstantBenchmarkEngine  # noqa: E402
 from bench.lines import write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
-from tests.services import exit_on_sigterm, postgres  # noqa: E402
+from instruments.postgres import postgres  # noqa: E402
+from instruments.processes import exit_on_sigterm  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 

@@ -23,29 +23,30 @@ from offline_queue.engines.env import apply_engine_env  # noqa: E402
 
 apply_engine_env()
 
-from tests.services import (  # noqa: E402
-    BIN,
-    create_database,
-    free_port,
-    healthy,
-    postgres,
-    wait_for,
-)
-
-__all__ = ["BIN", "free_port", "wait_for"]
+from instruments.loopback import free_port, healthy  # noqa: E402
+from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
+from instruments.processes import BIN, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A PostgreSQL server on loopback for this session; yields its base URL (no database)."""
-    external = os.environ.get("OFFLINE_QUEUE_TEST_PG")
-    if external:
-        yield external.rstrip("/")
+def pg_instance() -> Iterator[Postgres | None]:
+    """The PostgreSQL server this session starts on loopback (its Unix socket where simulated
+    nodes reach it), or None when OFFLINE_QUEUE_TEST_PG names an external one."""
+    if os.environ.get("OFFLINE_QUEUE_TEST_PG"):
+        yield None
         return
     with postgres() as pg:
-        yield pg.url
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_instance: Postgres | None) -> str:
+    """The session's PostgreSQL server's base URL (no database)."""
+    if pg_instance is None:
+        return os.environ["OFFLINE_QUEUE_TEST_PG"].rstrip("/")
+    return pg_instance.url
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ import pytest
 import uvicorn
 from sqlalchemy import func, select
 
+from instruments.loopback import free_port
+from instruments.processes import wait_for
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
 from offline_queue.validate import Limits
-from tests.conftest import free_port, wait_for
 from tests.test_pipeline import line, write
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

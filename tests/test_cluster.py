@@ -19,8 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, wait_for
-from tests.services import create_database, prefect_server
+from instruments.postgres import create_database
+from instruments.prefect_server import prefect_server
+from instruments.processes import BIN, wait_for
+from tests.conftest import REPO
 from tests.test_pipeline import line, write
 
 pytestmark = pytest.mark.slow
@@ -288,9 +290,9 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
     from sqlalchemy import select
 
     from blocks.engines import OpenAIServer
+    from instruments.faultproxy import FaultProxy
     from offline_queue.store.db import session
     from offline_queue.store.tables import Batch
-    from tests.faultproxy import FaultProxy
 
     env, oq = deployed, str(BIN / "offline-queue")
     store = env["OQ_TEST_STORE"]

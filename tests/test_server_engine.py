@@ -15,10 +15,12 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from sqlalchemy import select
 
+from instruments.faultproxy import FaultProxy
+from instruments.loopback import free_port
+from instruments.processes import BIN, wait_for
 from offline_queue.store.db import session
 from offline_queue.store.tables import Result
-from tests.conftest import BIN, REPO, cli_env, free_port, wait_for
-from tests.faultproxy import FaultProxy
+from tests.conftest import REPO, cli_env
 from tests.test_pipeline import line, mixed_batch, read, run, write
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

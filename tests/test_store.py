@@ -15,6 +15,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from instruments.postgres import postgres
+from instruments.processes import wait_for
 from offline_queue.engines.base import Reply
 from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
 from offline_queue.retry import RetryPolicy
@@ -23,7 +25,6 @@ from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.conftest import REPO
-from tests.services import postgres, wait_for
 
 
 def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r") -> str:
