@@ -13,7 +13,6 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, cast
 from uuid import UUID
 
@@ -37,13 +36,14 @@ from pydantic import BaseModel  # noqa: E402
 
 from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
 from blocks.store import store_url  # noqa: E402
-from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
+from offline_queue.batches import batch_object, place_batch, write_files  # noqa: E402
 from offline_queue.cache import ResultCache  # noqa: E402
 from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.queue_file import queue_batch_file  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
 from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
+from offline_queue.storage import locate, resolve  # noqa: E402
 from offline_queue.store import batches, claims, ingest, results, stats  # noqa: E402
 from offline_queue.store.db import patiently  # noqa: E402
 from offline_queue.validate import Limits, inspect_file  # noqa: E402
@@ -82,17 +82,13 @@ def submit(
     idempotency key) is the same batch, so a re-run resumes it. The same content run from
     elsewhere is a batch of its own with its own files (deterministic answers still come from
     the result cache), never a resume that writes into another directory."""
-    path = Path(input).expanduser().resolve()
-    info = inspect_file(path, Limits())
-    out, err = default_outputs(path)
-    out_path = str(Path(output).expanduser().resolve()) if output else str(out)
-    err_path = str(Path(errors).expanduser().resolve()) if errors else str(err)
-    identity = hashlib.sha256(f"{info.content_hash}\n{out_path}\n{err_path}".encode())
+    info = inspect_file(locate(resolve(input), db), Limits())
+    bid, path, out_path, err_path = place_batch(input, output, errors, info.content_hash, batch_id)
     batch, created = batches.register_batch(
         db,
-        batch_id=batch_id or f"batch_{identity.hexdigest()[:24]}",
+        batch_id=bid,
         content_hash=info.content_hash,
-        input_path=str(path),
+        input_path=path,
         output_path=out_path,
         error_path=err_path,
         tier=tier,
@@ -270,9 +266,10 @@ def batch_inference(
     """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
 
     Args:
-        input: Path of the OpenAI Batch JSONL file.
-        output: Output file. Default: <input>.output.jsonl next to the input.
-        errors: Error file. Default: <input>.errors.jsonl next to the input.
+        input: The OpenAI Batch JSONL file: a path, an object-storage URL (s3://bucket/key;
+            gs://, az:// with their extras), or store://<file id> for a file in the store.
+        output: Output file (a path or URL). Default: <input>.output.jsonl next to the input.
+        errors: Error file (a path or URL). Default: <input>.errors.jsonl next to the input.
         tier: Priority tier: critical, standard or bulk.
         weight: Share of a shared engine within the tier (proportional).
         engine: Engine block name (e.g. `vllm/a100`). Empty: vLLM in this process.

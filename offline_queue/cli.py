@@ -465,9 +465,11 @@ def _print_batch(batch: BatchObject, as_json: bool) -> None:
 
 @app.command()
 def run(
-    input: Annotated[Path, typer.Argument(help="OpenAI Batch JSONL file.")],
-    output: Annotated[Path | None, typer.Option(help="Default: <input>.output.jsonl")] = None,
-    errors: Annotated[Path | None, typer.Option(help="Default: <input>.errors.jsonl")] = None,
+    input: Annotated[
+        str, typer.Argument(help="OpenAI Batch JSONL file: a path, s3://… (any fsspec URL).")
+    ],
+    output: Annotated[str | None, typer.Option(help="Default: <input>.output.jsonl")] = None,
+    errors: Annotated[str | None, typer.Option(help="Default: <input>.errors.jsonl")] = None,
     db: DbOption = None,
     model: Annotated[
         str | None, typer.Option(help="Model folder. Default: the bundled SmolLM2-135M.")
@@ -514,9 +516,9 @@ def run(
 
     try:
         result = batch_inference(
-            input=str(input),
-            output=str(output) if output else None,
-            errors=str(errors) if errors else None,
+            input=input,
+            output=output,
+            errors=errors,
             tier=cast(Tier, tier),
             weight=weight,
             engine=engine,

@@ -184,10 +184,12 @@ class ResultLine(NamedTuple):
     error_message: str | None
 
 
-def iter_results(db: str, batch_id: str, chunk: int = 5000) -> Iterator[ResultLine]:
-    """Every result row of a batch in line order, streamed (a million rows never in memory)
-    and fetched at the driver: building a SQLAlchemy row, let alone an ORM object, per line
-    was most of finalize."""
+def iter_results(
+    db: str, batch_id: str, chunk: int = 5000, ok: bool | None = None
+) -> Iterator[ResultLine]:
+    """Every result row of a batch in line order (only the outputs, or only the errors, when
+    `ok` says), streamed (a million rows never in memory) and fetched at the driver: building
+    a SQLAlchemy row, let alone an ORM object, per line was most of finalize."""
     stmt = (
         select(
             Result.line_no,
@@ -202,6 +204,8 @@ def iter_results(db: str, batch_id: str, chunk: int = 5000) -> Iterator[ResultLi
         .where(Result.batch_id == batch_id)
         .order_by(Result.line_no)
     )
+    if ok is not None:
+        stmt = stmt.where(Result.ok.is_(ok))
     with session(db, readonly=True) as s:
         for rows in driver_stream(s.connection(), stmt, chunk):
             yield from map(ResultLine._make, rows)

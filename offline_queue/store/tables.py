@@ -9,6 +9,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -68,6 +69,11 @@ class Batch(Base):
     cancelling_at: Mapped[int | None] = mapped_column(BigInteger)
     cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
     expired_at: Mapped[int | None] = mapped_column(BigInteger)
+    output_expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    """OpenAI's `output_expires_after` on create: past it, the clean-up removes the batch's
+    output and error contents (offline_queue/expiry.py). None: kept."""
+    outputs_removed_at: Mapped[int | None] = mapped_column(BigInteger)
+    """When the clean-up removed them: the files are gone, not empty."""
 
 
 LIVE = text("state IN ('queued', 'processing')")
@@ -181,10 +187,12 @@ class ApiKey(Base):
 
 
 class StoredFile(Base):
-    """A file uploaded through /v1/files (streamed to disk; this row points at it)."""
+    """A file uploaded through /v1/files. `path` is where its bytes are: `store://<id>` for bytes
+    held in `file_chunks` (the default: every node reads them), else a path or an object-storage
+    URL (offline_queue/storage.py)."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_tenant", "tenant"),)
+    __table_args__ = (Index("ix_files_tenant", "tenant", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128))
@@ -195,3 +203,20 @@ class StoredFile(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), server_default="ready")
+    """`writing` while an upload streams its chunks in (invisible to every reader), `ready`
+    once it is whole."""
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    """Past it, the clean-up deletes the file. None: kept."""
+
+
+class FileChunk(Base):
+    """The bytes of a file held in the store, in order, about a MiB each (offline_queue/store/
+    files.py): one row a MiB keeps a row well under what either database holds comfortably,
+    and a reader fetches a few at a time."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
