@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -31,6 +32,9 @@ from tests.services import (  # noqa: E402
     postgres,
     wait_for,
 )
+
+if TYPE_CHECKING:
+    from offline_queue.engines.vllm_local import LocalVLLM
 
 __all__ = ["BIN", "free_port", "wait_for"]
 
@@ -86,7 +90,7 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir: Path):  # type: ignore[no-untyped-def]
+def engine(model_dir: Path) -> LocalVLLM:
     """The real in-process vLLM engine, started once and shared by the session's tests."""
     from offline_queue.engines.vllm_local import VLLMSettings, local_engine
 

@@ -65,7 +65,8 @@ def ok_reply() -> Reply:
 
 def result_rows(db: str, batch_id: str) -> list[tuple[int, bool]]:
     with session(db) as s:
-        return list(s.execute(select(Result.line_no, Result.ok).where(Result.batch_id == batch_id)))
+        rows = s.execute(select(Result.line_no, Result.ok).where(Result.batch_id == batch_id))
+        return [(line_no, ok) for line_no, ok in rows]
 
 
 def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path: Path) -> None:
@@ -189,6 +190,7 @@ def test_a_request_whose_workers_all_die_ends_as_an_error(db_url: str, tmp_path:
         given_up = queue.abandoned(c, max_attempts=2)
         assert len(given_up) == (3 if attempt == 3 else 0)
         time.sleep(0.1)  # the lease runs out: the worker is gone
+    assert c is not None
     settled = queue.settle(db_url, bid, c, given_up, max_attempts=2)
     assert settled.terminated == 3 and settled.retried == 0
     assert queue.claim(db_url, bid, "next", 10, lease_seconds=60) is None
