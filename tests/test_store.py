@@ -164,7 +164,7 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
     outcomes = []
     for _attempt in range(3):
         if _attempt:
-            time.sleep(0.8)  # past the longest backoff (0.5 s x 1.5 jitter)
+            time.sleep(0.8)  # past the longest backoff (the 0.5 s cap)
         c = queue.claim(db_url, bid, "w", 10, lease_seconds=60)
         assert c is not None and len(c.requests) == 2
         outcomes.append(
