@@ -250,7 +250,8 @@ class BatchObject(BaseModel):
     endpoint: str | None
     errors: BatchErrors | None = None
     input_file_id: str
-    completion_window: str = "24h"
+    completion_window: str | None = "24h"
+    """None for a batch run from the CLI: it has no window and never expires."""
     status: BatchStatus
     output_file_id: str | None = None
     error_file_id: str | None = None
