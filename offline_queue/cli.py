@@ -453,6 +453,9 @@ def _print_batch(batch: BatchObject, as_json: bool) -> None:
         "requests", f"{counts.total} total, {counts.completed} completed, {counts.failed} failed"
     )
     table.add_row("tokens", f"{batch.usage.input_tokens} in, {batch.usage.output_tokens} out")
+    if batch.expires_at is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(batch.expires_at))
+        table.add_row("expires", f"{when} ({batch.completion_window} window)")
     if batch.run is not None:
         table.add_row("this run", f"{batch.run.inferred} inferred, {batch.run.reused} reused")
     if batch.model_version:
