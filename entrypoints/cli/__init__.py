@@ -22,7 +22,7 @@ from offline_queue.formats import BatchObject
 if TYPE_CHECKING:
     from blocks.release import ReleasePolicy
     from deployments.topology import Topology
-    from offline_queue.sources import BatchSource
+    from entrypoints.cli.sources import BatchSource
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -45,7 +45,7 @@ app.add_typer(keys_app, name="keys")
 release_app = typer.Typer(no_args_is_help=True, help="Gray release of model versions.")
 app.add_typer(release_app, name="release")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 POOLS_FILE = REPO_ROOT / "deployments" / "pools.yaml"
 PoolsFile = Annotated[
     Path, typer.Argument(help="The cluster file. Default: deployments/pools.yaml.")
@@ -237,7 +237,7 @@ def keys_create(
     db: DbOption = None,
 ) -> None:
     """Make an API key for TENANT and print it (once: only its hash is stored)."""
-    from offline_queue.api.auth import create_key
+    from entrypoints.api.auth import create_key
     from offline_queue.store.db import resolve_url
 
     print(create_key(resolve_url(db), tenant))
@@ -264,7 +264,7 @@ def api_serve(
     import platformdirs
     import uvicorn
 
-    from offline_queue.api.app import ApiSettings, create_app
+    from entrypoints.api.app import ApiSettings, create_app
     from offline_queue.store.db import resolve_url
 
     for key, value in _PREFECT_DEFAULTS.items():
@@ -546,7 +546,7 @@ TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 def _source(api: str | None, db: str | None) -> BatchSource:
-    from offline_queue.sources import ApiSource, StoreSource
+    from entrypoints.cli.sources import ApiSource, StoreSource
     from offline_queue.store.db import resolve_url
 
     if api:
@@ -693,7 +693,7 @@ def submit(
 ) -> None:
     """Submit a batch to the batch API and print its id (with --wait, follow it to the end).
     Without an API, use `offline-queue run` (it runs the batch in this process)."""
-    from offline_queue.sources import ApiSource
+    from entrypoints.cli.sources import ApiSource
 
     if not api:
         err.print("[red]error:[/red] submit needs --api (or OFFLINE_QUEUE_API); `run` runs locally")

@@ -20,8 +20,8 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from offline_queue.api.auth import tenant_for_key
-from offline_queue.api.files import UploadRefused, store_upload
+from entrypoints.api.auth import tenant_for_key
+from entrypoints.api.uploads import UploadRefused, store_upload
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, TERMINAL_STATUSES, BatchObject
 from offline_queue.store import batches, files
