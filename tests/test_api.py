@@ -31,7 +31,7 @@ class Api:
         self.url, self.db = url, db
 
     def key(self, tenant: str) -> str:
-        from offline_queue.api.auth import create_key
+        from entrypoints.api.auth import create_key
 
         return create_key(self.db, tenant)
 
@@ -42,7 +42,7 @@ class Api:
 @pytest.fixture
 def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
     """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine."""
-    from offline_queue.api.app import ApiSettings, create_app
+    from entrypoints.api.app import ApiSettings, create_app
 
     settings = ApiSettings(
         db=pg_url,
