@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
@@ -24,6 +24,7 @@ from offline_queue.api.auth import tenant_for_key
 from offline_queue.api.files import UploadRefused, store_upload
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, TERMINAL_STATUSES, BatchObject
+from offline_queue.runs import BatchRun, Tier
 from offline_queue.store import batches, files
 from offline_queue.store.tables import Batch, StoredFile
 from offline_queue.validate import Limits
@@ -242,30 +243,32 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def start_batch(
         batch_id: str, path: str, who: str, tier: str, weight: int, group: str | None
     ) -> None:
-        params: dict[str, Any] = {
-            "input": path,
-            "batch_id": batch_id,
-            "tier": tier,
-            "weight": weight,
-            "tenant": who,
-        }
+        run = BatchRun(
+            input=path,
+            batch_id=batch_id,
+            tier=cast(Tier, tier),  # one of settings.max_queued's: checked by create_batch
+            weight=weight,
+            tenant=who,
+            db=settings.db,
+        )
         if settings.deployment:
             from prefect.deployments import run_deployment
 
+            params = run.parameters()
             if settings.deployment.startswith("route-batch/") and group:
                 params["user_group"] = group
-            params["db"] = settings.db
             run_deployment(settings.deployment, parameters=params, timeout=0)
             return
         from flows.batch import batch_inference
 
-        params.update(
-            db=settings.db,
-            engine=settings.engine,
-            model=settings.model,
-            chunk_size=settings.chunk_size,
+        here = run.model_copy(
+            update={
+                "engine": settings.engine,
+                "model": settings.model,
+                "chunk_size": settings.chunk_size,
+            }
         )
-        runner.submit(lambda: batch_inference(**params))
+        runner.submit(lambda: batch_inference(**here.parameters()))
 
     @app.get("/v1/batches/{batch_id}")
     def get_batch(batch_id: str, who: Tenant) -> dict[str, Any]:
