@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from entrypoints.api.deps import Tenant, api_error, own_batch, own_file, settings_of
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, TERMINAL_STATUSES, BatchObject
+from offline_queue.runs import BatchRun, Tier
 from offline_queue.store import batches
 from offline_queue.store.tables import Batch
 
@@ -126,30 +127,32 @@ def start_batch(
     weight: int,
     group: str | None,
 ) -> None:
-    params: dict[str, Any] = {
-        "input": path,
-        "batch_id": batch_id,
-        "tier": tier,
-        "weight": weight,
-        "tenant": who,
-    }
+    run = BatchRun(
+        input=path,
+        batch_id=batch_id,
+        tier=cast(Tier, tier),  # one of settings.max_queued's: checked by create_batch
+        weight=weight,
+        tenant=who,
+        db=settings.db,
+    )
     if settings.deployment:
         from prefect.deployments import run_deployment
 
+        params = run.parameters()
         if settings.deployment.startswith("route-batch/") and group:
             params["user_group"] = group
-        params["db"] = settings.db
         run_deployment(settings.deployment, parameters=params, timeout=0)
         return
     from flows.batch import batch_inference
 
-    params.update(
-        db=settings.db,
-        engine=settings.engine,
-        model=settings.model,
-        chunk_size=settings.chunk_size,
+    here = run.model_copy(
+        update={
+            "engine": settings.engine,
+            "model": settings.model,
+            "chunk_size": settings.chunk_size,
+        }
     )
-    runner.submit(lambda: batch_inference(**params))
+    runner.submit(lambda: batch_inference(**here.parameters()))
 
 
 @router.get("/v1/batches/{batch_id}")

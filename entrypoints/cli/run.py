@@ -65,23 +65,25 @@ def run(
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
     use_prefect_defaults()
-    from flows.batch import Tier, batch_inference
+    from flows.batch import batch_inference
+    from offline_queue.runs import BatchRun, Tier
 
+    batch_run = BatchRun(
+        input=str(input),
+        output=str(output) if output else None,
+        errors=str(errors) if errors else None,
+        tier=cast(Tier, tier),
+        weight=weight,
+        engine=engine,
+        model=model,
+        chunk_size=chunk_size,
+        max_attempts=max_attempts,
+        batch_id=batch_id,
+        db=db,
+        lease_seconds=lease_seconds,
+    )
     try:
-        result = batch_inference(
-            input=str(input),
-            output=str(output) if output else None,
-            errors=str(errors) if errors else None,
-            tier=cast(Tier, tier),
-            weight=weight,
-            engine=engine,
-            model=model,
-            chunk_size=chunk_size,
-            max_attempts=max_attempts,
-            batch_id=batch_id,
-            db=db,
-            lease_seconds=lease_seconds,
-        )
+        result = batch_inference(**batch_run.parameters())
     except (FileRefused, BatchConflict) as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
