@@ -25,7 +25,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
-from tests.services import create_database, exit_on_sigterm, postgres, prefect_server  # noqa: E402
+from instruments.postgres import create_database, postgres  # noqa: E402
+from instruments.prefect_server import prefect_server  # noqa: E402
+from instruments.processes import exit_on_sigterm  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 

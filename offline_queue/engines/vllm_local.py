@@ -23,7 +23,7 @@ from offline_queue.formats import ChatCompletionBody, CompletionBody
 from offline_queue.model import model_version, resolve_model
 
 # On CPU: fp32 (no bf16 in hardware, ~3x slower), a fixed KV cache (the default wants 92 % of
-# RAM), eager mode and the in-process executor (ENGINES.md).
+# RAM), eager mode and the in-process executor (docs/engines.md).
 CPU_KV_CACHE_BYTES = 512 * 2**20
 CPU_MAX_MODEL_LEN = 2048
 

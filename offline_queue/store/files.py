@@ -1,5 +1,5 @@
 """The `files` table: files uploaded through /v1/files. The bytes are on disk (written by
-offline_queue/api/files.py before the row exists); the row says whose they are and where."""
+entrypoints/api/uploads.py before the row exists); the row says whose they are and where."""
 
 from __future__ import annotations
 
