@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 from uuid import UUID
 
 from offline_queue.engines.env import apply_engine_env
@@ -39,16 +39,15 @@ from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
 from blocks.store import store_url  # noqa: E402
 from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
 from offline_queue.cache import ResultCache  # noqa: E402
-from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats  # noqa: E402
+from offline_queue.formats import BatchObject, RunStats  # noqa: E402
 from offline_queue.leases import LeaseKeeper  # noqa: E402
 from offline_queue.queue_file import queue_batch_file  # noqa: E402
 from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
-from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
+from offline_queue.shares import Participant, ShareKeeper  # noqa: E402
+from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier  # noqa: E402
 from offline_queue.store import batches, claims, ingest, results, stats  # noqa: E402
 from offline_queue.store.db import patiently  # noqa: E402
 from offline_queue.validate import Limits, inspect_file  # noqa: E402
-
-Tier = Literal["critical", "standard", "bulk"]
 
 PROGRESS_SECONDS = 2.0
 """How often a running batch's progress artifact is brought up to date (a count over the batch)
@@ -194,19 +193,21 @@ def finalize(
     assert batch is not None
     stopped = _stop_reason(db, batch_id)
     if batch.status not in TERMINAL_STATUSES:
-        batches.set_status(db, batch_id, "finalizing")
+        batches.set_status(db, batch_id, BatchStatus.FINALIZING)
     outputs, errors = write_files(db, batch)
-    status = "completed" if outputs or not errors else "failed"
+    status = BatchStatus.COMPLETED if outputs or not errors else BatchStatus.FAILED
     if stopped:
-        status = "cancelled" if stopped[0] == "batch_cancelled" else "expired"
+        status = BatchStatus.CANCELLED if stopped[0] == "batch_cancelled" else BatchStatus.EXPIRED
     if batch.status in TERMINAL_STATUSES:
-        status = batch.status
+        status = BatchStatus(batch.status)
     batches.set_status(
         db,
         batch_id,
         status,
         model_version=model_version or batch.model_version,
-        errors_json=results.first_errors_json(db, batch_id) if status == "failed" else None,
+        errors_json=results.first_errors_json(db, batch_id)
+        if status == BatchStatus.FAILED
+        else None,
     )
     final = batches.get_batch(db, batch_id)
     assert final is not None
@@ -251,7 +252,7 @@ def batch_inference(
     input: str,
     output: str | None = None,
     errors: str | None = None,
-    tier: Tier = "standard",
+    tier: Tier = Tier.STANDARD,
     weight: int = 1,
     engine: str | None = None,
     model: str | None = None,
@@ -332,8 +333,8 @@ def batch_inference(
         engine_block = load_engine_block(engine, model)
         model_version = engine_block.engine().model_version  # loaded once per process
         label_run(bid, tier, tenant, model_version)
-        batches.set_status(db_url, bid, "in_progress", model_version=model_version)
-        participant = Participant(bid, claims.new_owner(), TIERS[tier], weight)
+        batches.set_status(db_url, bid, BatchStatus.IN_PROGRESS, model_version=model_version)
+        participant = Participant(bid, claims.new_owner(), Tier(tier).rank, weight)
         run = infer_all(
             db_url,
             participant,
@@ -461,7 +462,7 @@ def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
     batch = batches.get_batch(db, batch_id)
     if batch is None:
         return None
-    if batch.status == "cancelling":
+    if batch.status == BatchStatus.CANCELLING:
         return "batch_cancelled", "the batch was cancelled before this request ran"
     if batch.expires_at and time.time() > batch.expires_at:
         return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"

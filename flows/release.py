@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from blocks.release import ReleasePolicy, load_policy, save_policy
 from blocks.store import store_url
 from offline_queue.release import RouteKey, TrackStats, breached, route
+from offline_queue.states import Tier
 from offline_queue.store import stats
 
 ROLLBACK_EVENT = "offline-queue.release.rolled-back"
@@ -110,7 +111,7 @@ def route_batch(
     input: str,
     tenant: str | None = None,
     user_group: str | None = None,
-    tier: str = "standard",
+    tier: Tier = Tier.STANDARD,
     weight: int = 1,
     policy: str = "default",
     idempotency_key: str | None = None,

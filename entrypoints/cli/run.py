@@ -18,6 +18,7 @@ from entrypoints.cli.shared import (
     use_prefect_defaults,
 )
 from offline_queue.formats import BatchObject
+from offline_queue.states import Tier
 
 
 def run(
@@ -42,7 +43,7 @@ def run(
     max_attempts: Annotated[
         int, typer.Option(min=1, help="Tries per request (retriable failures, lost workers).")
     ] = 3,
-    tier: Annotated[str, typer.Option(help="critical, standard or bulk.")] = "standard",
+    tier: Annotated[Tier, typer.Option(help="Priority tier.")] = Tier.STANDARD,
     weight: Annotated[int, typer.Option(min=1, help="Share within the tier.")] = 1,
     lease_seconds: Annotated[
         float, typer.Option(help="A dead worker's chunk is claimed again after this long.")
