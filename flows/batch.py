@@ -34,10 +34,11 @@ from pydantic import BaseModel
 from blocks.engines import load_engine_block
 from blocks.store import store_url
 from offline_queue.batches import batch_object, default_outputs, write_files
-from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats
+from offline_queue.formats import BatchObject, RunStats
 from offline_queue.queue_file import queue_batch_file
-from offline_queue.runs import BatchRun, Tier, with_field_docs
+from offline_queue.runs import BatchRun, with_field_docs
 from offline_queue.serving import ChunkReport
+from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import batches, ingest, results, stats
 from offline_queue.store.db import patiently
 from offline_queue.validate import Limits, inspect_file
@@ -56,7 +57,7 @@ def batch_inference(
     input: str,
     output: str | None = None,
     errors: str | None = None,
-    tier: Tier = "standard",
+    tier: Tier = Tier.STANDARD,
     weight: int = 1,
     engine: str | None = None,
     model: str | None = None,
@@ -103,7 +104,7 @@ def batch_inference(
         chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
         model_version = chosen.model_version
         label_run(bid, run.tier, run.tenant, model_version)
-        batches.set_status(db_url, bid, "in_progress", model_version=model_version)
+        batches.set_status(db_url, bid, BatchStatus.IN_PROGRESS, model_version=model_version)
         # Chunks until nothing is left and the ingest is over: ours, or other workers' (we
         # wait for their leases).
         with ChunkWorker(
@@ -260,19 +261,21 @@ def finalize(
     assert batch is not None
     stopped = _stop_reason(db, batch_id)
     if batch.status not in TERMINAL_STATUSES:
-        batches.set_status(db, batch_id, "finalizing")
+        batches.set_status(db, batch_id, BatchStatus.FINALIZING)
     outputs, errors = write_files(db, batch)
-    status = "completed" if outputs or not errors else "failed"
+    status = BatchStatus.COMPLETED if outputs or not errors else BatchStatus.FAILED
     if stopped:
-        status = "cancelled" if stopped[0] == "batch_cancelled" else "expired"
+        status = BatchStatus.CANCELLED if stopped[0] == "batch_cancelled" else BatchStatus.EXPIRED
     if batch.status in TERMINAL_STATUSES:
-        status = batch.status
+        status = BatchStatus(batch.status)
     batches.set_status(
         db,
         batch_id,
         status,
         model_version=model_version or batch.model_version,
-        errors_json=results.first_errors_json(db, batch_id) if status == "failed" else None,
+        errors_json=(
+            results.first_errors_json(db, batch_id) if status == BatchStatus.FAILED else None
+        ),
     )
     final = batches.get_batch(db, batch_id)
     assert final is not None
@@ -397,7 +400,7 @@ def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
     batch = batches.get_batch(db, batch_id)
     if batch is None:
         return None
-    if batch.status == "cancelling":
+    if batch.status == BatchStatus.CANCELLING:
         return "batch_cancelled", "the batch was cancelled before this request ran"
     if batch.expires_at and time.time() > batch.expires_at:
         return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"

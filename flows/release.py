@@ -8,7 +8,7 @@ open-source Prefect server has no traffic split and no rollback; this flow is ou
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -23,7 +23,8 @@ from prefect.runtime import flow_run
 from blocks.release import ReleasePolicy, load_policy, save_policy
 from blocks.store import store_url
 from offline_queue.release import RouteKey, TrackStats, breached, route
-from offline_queue.runs import BatchRun, Tier
+from offline_queue.runs import BatchRun
+from offline_queue.states import Tier
 from offline_queue.store import stats
 
 ROLLBACK_EVENT = "offline-queue.release.rolled-back"
@@ -111,7 +112,7 @@ def route_batch(
     input: str,
     tenant: str | None = None,
     user_group: str | None = None,
-    tier: str = "standard",
+    tier: Tier = Tier.STANDARD,
     weight: int = 1,
     policy: str = "default",
     idempotency_key: str | None = None,
@@ -152,7 +153,7 @@ def route_batch(
     _tag_self(tags)
     run = BatchRun(
         input=input,
-        tier=cast(Tier, tier),  # validated here, before a run is started
+        tier=Tier(tier),
         weight=weight,
         tenant=tenant,
         idempotency_key=idempotency_key,

@@ -8,7 +8,6 @@ from pathlib import Path
 import orjson
 
 from offline_queue.formats import (
-    TERMINAL_STATUSES,
     BatchErrors,
     BatchObject,
     LineError,
@@ -16,6 +15,7 @@ from offline_queue.formats import (
     RunStats,
     Usage,
 )
+from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store import results
 from offline_queue.store.tables import Batch
 

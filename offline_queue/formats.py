@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
 
+from offline_queue.states import BatchStatus
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -227,19 +229,6 @@ class RunStats(BaseModel):
 
     inferred: int = 0
     reused: int = 0
-
-
-BatchStatus = Literal[
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
-]
-TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
 
 
 class BatchObject(BaseModel):

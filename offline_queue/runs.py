@@ -14,11 +14,12 @@ the first thing the flow does is build the model from them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-Tier = Literal["critical", "standard", "bulk"]
+from offline_queue.states import Tier
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -33,7 +34,9 @@ class BatchRun(BaseModel):
     errors: str | None = Field(
         default=None, description="Error file. Default: <input>.errors.jsonl next to the input."
     )
-    tier: Tier = Field(default="standard", description="Priority tier: critical, standard or bulk.")
+    tier: Tier = Field(
+        default=Tier.STANDARD, description="Priority tier: critical, standard or bulk."
+    )
     weight: int = Field(
         default=1, description="Share of a shared engine within the tier (proportional)."
     )

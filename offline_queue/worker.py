@@ -16,7 +16,8 @@ from offline_queue.cache import ResultCache
 from offline_queue.engines.base import Engine
 from offline_queue.leases import LeaseKeeper
 from offline_queue.serving import ChunkReport, serve_claim
-from offline_queue.shares import TIERS, Participant, ShareKeeper
+from offline_queue.shares import Participant, ShareKeeper
+from offline_queue.states import Tier
 from offline_queue.store import claims
 
 
@@ -44,7 +45,7 @@ class ChunkWorker:
     ):
         self.db, self.batch_id, self.engine = db, batch_id, engine
         self.owner = claims.new_owner()
-        self.participant = Participant(batch_id, self.owner, TIERS[tier], weight)
+        self.participant = Participant(batch_id, self.owner, Tier(tier).rank, weight)
         self.max_attempts = max_attempts
         self.keeper = LeaseKeeper(db, lease_seconds)
         self.cache = ResultCache(db, engine.model_version)

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from instruments.loopback import free_port
 from instruments.processes import wait_for
+from offline_queue.states import TERMINAL_STATUSES, Tier
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
 from offline_queue.validate import Limits
@@ -51,7 +52,7 @@ def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
         workers=4,
         chunk_size=16,
         limits=Limits(max_line_bytes=4096, max_lines=300, max_file_bytes=2_000_000),
-        max_queued={"critical": 1000, "standard": 40, "bulk": 1000},
+        max_queued={Tier.CRITICAL: 1000, Tier.STANDARD: 40, Tier.BULK: 1000},
     )
     port = free_port()
     server = uvicorn.Server(
@@ -74,11 +75,7 @@ def upload(client: openai.OpenAI, path: Path) -> Any:
 
 def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 300) -> Any:
     return wait_for(
-        lambda: (
-            (b := client.batches.retrieve(batch_id)).status
-            in ("completed", "failed", "cancelled", "expired")
-            and b
-        ),
+        lambda: (b := client.batches.retrieve(batch_id)).status in TERMINAL_STATUSES and b,
         timeout=timeout,
         interval=0.5,
     )

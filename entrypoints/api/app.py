@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from entrypoints.api import batches, files
+from offline_queue.states import Tier
 from offline_queue.validate import Limits
 
 
@@ -33,8 +34,12 @@ class ApiSettings(BaseModel):
     workers: int = Field(default=1, ge=1, description="Batches run at once in this process.")
     chunk_size: int = 256
     limits: Limits = Field(default_factory=Limits)
-    max_queued: dict[str, int] = Field(
-        default_factory=lambda: {"critical": 100_000, "standard": 2_000_000, "bulk": 10_000_000},
+    max_queued: dict[Tier, int] = Field(
+        default_factory=lambda: {
+            Tier.CRITICAL: 100_000,
+            Tier.STANDARD: 2_000_000,
+            Tier.BULK: 10_000_000,
+        },
         description="Requests waiting per tier (all tenants) before new batches get 429.",
     )
 

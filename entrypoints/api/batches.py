@@ -10,15 +10,16 @@ from __future__ import annotations
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel
 
 from entrypoints.api.deps import Tenant, api_error, own_batch, own_file, settings_of
 from offline_queue.batches import batch_object
-from offline_queue.formats import SUPPORTED_URLS, TERMINAL_STATUSES, BatchObject
-from offline_queue.runs import BatchRun, Tier
+from offline_queue.formats import SUPPORTED_URLS, BatchObject
+from offline_queue.runs import BatchRun
+from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import batches
 from offline_queue.store.tables import Batch
 
@@ -68,9 +69,12 @@ def create_batch(
     if not window:
         raise api_error(400, "completion_window: like 24h, 30m, 90s", "invalid_completion_window")
     meta = body.metadata or {}
-    tier = meta.get("tier", "standard")
-    if tier not in settings.max_queued:
-        raise api_error(400, f"metadata.tier {tier!r}: critical, standard or bulk", "invalid_tier")
+    try:
+        tier = Tier(meta.get("tier", Tier.STANDARD))
+    except ValueError as exc:
+        raise api_error(
+            400, f"metadata.tier {meta.get('tier')!r}: critical, standard or bulk", "invalid_tier"
+        ) from exc
     try:
         weight = int(meta.get("weight", "1"))
     except ValueError as exc:
@@ -123,14 +127,14 @@ def start_batch(
     batch_id: str,
     path: str,
     who: str,
-    tier: str,
+    tier: Tier,
     weight: int,
     group: str | None,
 ) -> None:
     run = BatchRun(
         input=path,
         batch_id=batch_id,
-        tier=cast(Tier, tier),  # one of settings.max_queued's: checked by create_batch
+        tier=tier,
         weight=weight,
         tenant=who,
         db=settings.db,
@@ -182,6 +186,6 @@ def list_batches(
 def cancel(batch_id: str, who: Tenant, request: Request) -> dict[str, Any]:
     settings = settings_of(request)
     b = own_batch(settings, batch_id, who)
-    if b.status not in TERMINAL_STATUSES and b.status != "cancelling":
+    if b.status not in TERMINAL_STATUSES and b.status != BatchStatus.CANCELLING:
         batches.request_cancel(settings.db, batch_id)
     return api_batch(settings, own_batch(settings, batch_id, who))

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 
 from entrypoints.api.deps import Tenant, api_error, own_batch, own_file, settings_of
 from entrypoints.api.uploads import UploadRefused, store_upload
-from offline_queue.formats import TERMINAL_STATUSES
+from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store import files
 from offline_queue.store.tables import StoredFile
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from entrypoints.cli.shared import DbOption, JsonOption, err, out, print_batch
 from offline_queue.formats import BatchObject
+from offline_queue.states import TERMINAL_STATUSES, Tier
 
 if TYPE_CHECKING:
     from entrypoints.cli.sources import BatchSource
@@ -27,7 +28,6 @@ ApiOption = Annotated[
         "Default: read the store directly.",
     ),
 ]
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 def _source(api: str | None, db: str | None) -> BatchSource:
@@ -125,7 +125,7 @@ def watch(
                 rate=f"{rate:.1f}",
                 description=f"{batch_id} {batch['status']}",
             )
-            if batch["status"] in TERMINAL:
+            if batch["status"] in TERMINAL_STATUSES:
                 break
             time.sleep(interval)
             batch = _found(source.get(batch_id), batch_id)
@@ -165,7 +165,7 @@ def cancel(
 
 def submit(
     input: Annotated[Path, typer.Argument(help="OpenAI Batch JSONL file.")],
-    tier: Annotated[str, typer.Option(help="critical, standard or bulk.")] = "standard",
+    tier: Annotated[Tier, typer.Option(help="Priority tier.")] = Tier.STANDARD,
     wait: Annotated[
         bool, typer.Option(help="Follow it with a progress bar until it ends.")
     ] = False,

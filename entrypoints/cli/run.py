@@ -4,7 +4,7 @@ or only checked."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import orjson
 import typer
@@ -18,6 +18,7 @@ from entrypoints.cli.shared import (
     use_prefect_defaults,
 )
 from offline_queue.formats import BatchObject
+from offline_queue.states import Tier
 
 
 def run(
@@ -42,7 +43,7 @@ def run(
     max_attempts: Annotated[
         int, typer.Option(min=1, help="Tries per request (retriable failures, lost workers).")
     ] = 3,
-    tier: Annotated[str, typer.Option(help="critical, standard or bulk.")] = "standard",
+    tier: Annotated[Tier, typer.Option(help="Priority tier.")] = Tier.STANDARD,
     weight: Annotated[int, typer.Option(min=1, help="Share within the tier.")] = 1,
     lease_seconds: Annotated[
         float, typer.Option(help="A dead worker's chunk is claimed again after this long.")
@@ -66,13 +67,13 @@ def run(
         raise typer.Exit(2) from exc
     use_prefect_defaults()
     from flows.batch import batch_inference
-    from offline_queue.runs import BatchRun, Tier
+    from offline_queue.runs import BatchRun
 
     batch_run = BatchRun(
         input=str(input),
         output=str(output) if output else None,
         errors=str(errors) if errors else None,
-        tier=cast(Tier, tier),
+        tier=tier,
         weight=weight,
         engine=engine,
         model=model,
