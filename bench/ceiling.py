@@ -68,7 +68,7 @@ def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -
     if profiler:
         profiler.enable()
     result = batch_inference(input=str(path), db=db, engine=BLOCK, chunk_size=chunk_size)
-    if profiler:
+    if profiler is not None and profile is not None:
         profiler.disable()
         profiler.dump_stats(profile)
     ended = time.time()

@@ -54,9 +54,9 @@ from instruments.loopback import free_port, healthy  # noqa: E402
 from instruments.postgres import Postgres, postgres  # noqa: E402
 from instruments.processes import BIN, wait_for  # noqa: E402
 from offline_queue.engines.vllm_server import ServerProcess, server_args  # noqa: E402
+from offline_queue.states import TERMINAL_STATUSES  # noqa: E402
 
 KINDS = ("worker", "engine", "postgres", "proxy")
-TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 LEASE_SECONDS = 5  # a killed worker's chunk is claimed again after this long
 # One `offline-queue run` invocation, counted from its start or from the end of the last
 # service restart, whichever is later (a vLLM restart alone took 6.7 min on a loaded machine);
@@ -363,7 +363,7 @@ def check(
         trial.lost = len(expected)
         return
     batch_id, trial.status = rows[0]
-    if trial.status not in TERMINAL:
+    if trial.status not in TERMINAL_STATUSES:
         trial.problems.append(f"batch status {trial.status}")
     twice = _query(
         svc.store_plain,

@@ -45,10 +45,12 @@ def queue_batch(path: Path, db: str) -> str:
     from prefect import flow
 
     from flows.batch import submit, validate_and_queue
+    from offline_queue.runs import BatchRun
+    from offline_queue.states import Tier
 
     @flow(name="bench-queue-batch")
     def queue_only() -> str:
-        s = submit(str(path), None, None, db, None, "bulk", 1, 3, None, None)
+        s = submit(BatchRun(input=str(path), tier=Tier.BULK), db)
         validate_and_queue(db, s.batch_id, s.content_hash, s.created_at)
         return s.batch_id
 

@@ -161,7 +161,8 @@ def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None
                 interval=0.02,
             )
             if first.poll() is not None:
-                raise RuntimeError(f"the worker ended before the kill: {first.stderr.read()}")
+                _, err = first.communicate()
+                raise RuntimeError(f"the worker ended before the kill: {err}")
             first.send_signal(signal.SIGKILL)
             first.wait()
             done_at_kill = len(result_times(db, path))

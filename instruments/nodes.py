@@ -265,8 +265,11 @@ class Node:
 
     def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
         """`base` (default: this process's environment) pointed at the node's private places:
-        HOME, TMPDIR, PREFECT_HOME, no XDG overrides leading into the host's."""
+        HOME, TMPDIR, PREFECT_HOME, no XDG overrides leading into the host's; this checkout first
+        on PYTHONPATH, so a node runs the code its test runs (the instruments too, which the
+        installed package does not hold)."""
         env = {k: v for k, v in (base or os.environ).items() if not k.startswith("XDG_")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.update(
             HOME=str(self.home),
             TMPDIR="/tmp",

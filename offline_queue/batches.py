@@ -16,7 +16,6 @@ from typing import BinaryIO, Literal
 import orjson
 
 from offline_queue.formats import (
-    TERMINAL_STATUSES,
     BatchErrors,
     BatchObject,
     LineError,
@@ -24,6 +23,7 @@ from offline_queue.formats import (
     RunStats,
     Usage,
 )
+from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.storage import locate, resolve, sibling
 from offline_queue.store import results
 from offline_queue.store.files import STORE_SCHEME
@@ -73,6 +73,8 @@ def place_batch(
 
 
 def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObject:
+    """The batch as OpenAI shows it. Its window and expiry are the batch's own (a 30m batch
+    expires 30 minutes after creation); a batch run from the CLI has no window and no expiry."""
     p = results.progress(db, batch.id)
     total = batch.total_lines if batch.ingest_done else p.completed + p.failed + p.pending
     finished = batch.status in TERMINAL_STATUSES
@@ -83,16 +85,20 @@ def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObj
         id=batch.id,
         endpoint=batch.endpoint,
         errors=errors,
-        input_file_id=f"file-{batch.content_hash[:24]}",
+        input_file_id=batch.input_file_id or f"file-{batch.content_hash[:24]}",
+        completion_window=batch.completion_window,
         status=batch.status,  # type: ignore[arg-type]
         output_file_id=f"{batch.id}-output" if finished else None,
         error_file_id=f"{batch.id}-errors" if finished else None,
         created_at=batch.created_at,
         in_progress_at=batch.in_progress_at,
-        expires_at=batch.created_at + 24 * 3600,
+        expires_at=batch.expires_at,
         finalizing_at=batch.finalizing_at,
         completed_at=batch.completed_at,
         failed_at=batch.failed_at,
+        expired_at=batch.expired_at,
+        cancelling_at=batch.cancelling_at,
+        cancelled_at=batch.cancelled_at,
         request_counts=RequestCounts(total=total, completed=p.completed, failed=p.failed),
         metadata=orjson.loads(batch.metadata_json) if batch.metadata_json else None,
         usage=Usage(

@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,6 +27,9 @@ apply_engine_env()
 from instruments.loopback import free_port, healthy  # noqa: E402
 from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
 from instruments.processes import BIN, wait_for  # noqa: E402
+
+if TYPE_CHECKING:
+    from offline_queue.engines.vllm_local import LocalVLLM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +91,7 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir: Path):  # type: ignore[no-untyped-def]
+def engine(model_dir: Path) -> LocalVLLM:
     """The real in-process vLLM engine, started once and shared by the session's tests."""
     from offline_queue.engines.vllm_local import VLLMSettings, local_engine
 

@@ -197,7 +197,9 @@ def _finished(db: str, batch_id: str) -> list[float]:
 
     with session(db) as s:
         bid = s.scalar(select(Batch.id).where(Batch.input_path == batch_id))
-        return sorted(s.scalars(select(Result.finished_at).where(Result.batch_id == bid)).all())
+        times = s.scalars(select(Result.finished_at).where(Result.batch_id == bid)).all()
+    assert None not in times, "every stored result has its finish time"
+    return sorted(t for t in times if t is not None)
 
 
 def test_weights_share_one_server_in_proportion(

@@ -33,6 +33,7 @@ from offline_queue.batches import (
 from offline_queue.engines.base import Reply
 from offline_queue.files import UploadRefused, delete_file, store_upload
 from offline_queue.queue_file import queue_batch_file
+from offline_queue.states import BatchStatus
 from offline_queue.storage import (
     OPTIONS_VAR,
     RemoteFile,
@@ -373,7 +374,7 @@ def finished_batch(db: str, tmp_path: Path, output: str | None = None) -> str:
     assert c is not None
     reply = Reply(ok=True, body='{"ok": true}', prompt_tokens=3, completion_tokens=2)
     claims.settle(db, bid, c, [claims.Outcome(r, reply) for r in c.requests], 3)
-    batches.set_status(db, bid, "completed")
+    batches.set_status(db, bid, BatchStatus.COMPLETED)
     return bid
 
 

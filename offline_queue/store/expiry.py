@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
-from offline_queue.formats import TERMINAL_STATUSES
+from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, CachedResult, Result, StoredFile
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from sqlalchemy import delete, insert, select, update
 
-from offline_queue.formats import TERMINAL_STATUSES
+from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, FileChunk, StoredFile
 

@@ -18,6 +18,7 @@ import orjson
 from sqlalchemy import case, func, select, update
 
 from offline_queue.formats import LineError
+from offline_queue.states import SETTLED_STATES, RequestState
 from offline_queue.store.bulk import driver_stream, insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.tables import LIVE, Request, Result
@@ -87,8 +88,8 @@ def drop_queued(db: str, batch_id: str, code: str, message: str) -> int:
     with session(db) as s:
         rows = s.execute(
             update(Request)
-            .where(Request.batch_id == batch_id, Request.state == "queued")
-            .values(state="terminated", last_error=message)
+            .where(Request.batch_id == batch_id, Request.state == RequestState.QUEUED)
+            .values(state=RequestState.TERMINATED, last_error=message)
             .returning(Request.line_no, Request.custom_id)
             .execution_options(synchronize_session=False)
         ).all()
@@ -128,7 +129,7 @@ def progress(db: str, batch_id: str) -> Progress:
             .group_by(Request.state)
         ):
             setattr(p, state, count)
-            if state == "queued":
+            if state == RequestState.QUEUED:
                 p.next_due = due
         row = s.execute(
             select(
@@ -150,7 +151,7 @@ def settled_requests(db: str, batch_id: str) -> int:
         return int(
             s.scalar(
                 select(func.count()).where(
-                    Request.batch_id == batch_id, Request.state.in_(("completed", "terminated"))
+                    Request.batch_id == batch_id, Request.state.in_(SETTLED_STATES)
                 )
             )
             or 0

@@ -17,6 +17,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from offline_queue.states import LIVE_STATES, RequestState, Tier
+
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants 64 bits for a million-line
 # batch every night.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -42,7 +44,7 @@ class Batch(Base):
     status: Mapped[str] = mapped_column(String(16))
     endpoint: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(256))
-    tier: Mapped[str] = mapped_column(String(16), default="standard")
+    tier: Mapped[str] = mapped_column(String(16), default=Tier.STANDARD)
     weight: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     metadata_json: Mapped[str | None] = mapped_column(Text)
@@ -76,7 +78,7 @@ class Batch(Base):
     """When the clean-up removed them: the files are gone, not empty."""
 
 
-LIVE = text("state IN ('queued', 'processing')")
+LIVE = text(f"state IN ({', '.join(repr(str(state)) for state in LIVE_STATES)})")
 """A request a worker may still have to serve: the predicate of the queue's partial index.
 Queries must use this very text, with literals: with bound parameters neither SQLite nor a
 generic PostgreSQL plan can prove the index applies, and every claim scanned the whole batch."""
@@ -116,7 +118,7 @@ class Request(Base):
     url: Mapped[str] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text)
     cache_digest: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=RequestState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
