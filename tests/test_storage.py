@@ -15,8 +15,6 @@ from typing import Any
 
 import psutil
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from instruments.loopback import free_port
@@ -42,9 +40,9 @@ from offline_queue.storage import (
     locate,
 )
 from offline_queue.store import batches, claims, expiry, files, ingest
-from offline_queue.store.db import get_engine, session
+from offline_queue.store.db import session
 from offline_queue.store.files import CHUNK_BYTES, FileInUse, FileWriter, open_chunks
-from offline_queue.store.tables import Base, FileChunk, Request, StoredFile
+from offline_queue.store.tables import FileChunk, Request, StoredFile
 from offline_queue.validate import FileRefused, Limits, inspect_file, validate_file
 from tests.conftest import cli_env, run_cli
 
@@ -443,12 +441,6 @@ def test_the_clean_up_removes_expired_outputs_and_files_and_says_so(
             row.created_at -= expiry.STALE_UPLOAD_SECONDS + 1
     assert cleanup.remove_expired(db_url).files == 1
     assert cleanup.remove_expired(db_url) == cleanup.Removed(0, 0, 0, 0)
-
-
-def test_the_migrations_build_the_tables_as_declared(db_url: str) -> None:
-    with get_engine(db_url).connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-    assert diff == []
 
 
 # -- streaming ----------------------------------------------------------------------------------
