@@ -27,6 +27,8 @@ from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
 from tests.conftest import REPO, cli_env, run_cli
 from tests.test_cli import custom_ids
+from tests.test_cluster import api as prefect_at
+from tests.test_cluster import cluster, deployed, workers  # noqa: F401  # fixtures
 from tests.test_pipeline import line, write
 from tests.test_store import make_batch
 
@@ -134,7 +136,7 @@ def test_a_run_that_raises_in_the_api_fails_its_batch_with_the_reason(
 ) -> None:
     client = broken_api.client("acme")
     batch = _create(client, write(tmp_path / "in.jsonl", [line(f"r{i}") for i in range(3)]))
-    done = wait_for(
+    done: Any = wait_for(  # the SDK's Batch
         lambda: (b := client.batches.retrieve(batch.id)).status in TERMINAL_STATUSES and b,
         timeout=120,
         interval=0.5,
@@ -237,3 +239,60 @@ def test_kill_9_of_the_api_leaves_a_failed_batch_that_a_rerun_completes(
     with session(pg_url) as s:
         left = s.query(Request).filter(Request.state != RequestState.COMPLETED).count()
     assert left == 0
+
+
+@pytest.mark.slow
+def test_cancel_of_a_deployment_run_in_prefect_fails_its_batch_with_the_reason(
+    request: pytest.FixtureRequest, tmp_path: Path, vllm_server: str
+) -> None:
+    """A deployment's run on a worker (`offline-queue worker start`), cancelled through the
+    Prefect API as the UI's Cancel does while its chunk is in flight: the worker stops the
+    flow's process and runs its on_cancellation hook, and the batch ends `failed` with
+    `run_cancelled` naming the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+    from sqlalchemy import select
+
+    env: dict[str, str] = request.getfixturevalue("deployed")  # test_cluster's, imported
+    store = env["OQ_TEST_STORE"]
+    path = write(tmp_path / "cancel.jsonl", [line(f"c{i}", max_tokens=4) for i in range(4)])
+
+    def batch() -> Batch | None:
+        with session(store) as s:
+            return s.scalar(select(Batch).where(Batch.input_path == str(path)))
+
+    with (
+        FaultProxy(vllm_server.removesuffix("/v1"), lambda n: "stall", stall_seconds=600) as hang,
+        workers(env, tmp_path, "cpu-local"),
+        prefect_at(env),
+    ):
+        started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
+            "batch-inference/local",
+            parameters={"input": str(path), "engine": hang.url},
+            timeout=0,
+        )
+        wait_for(lambda: hang.seen["stall"] > 0, timeout=300, interval=1)
+        running = batch()
+        assert running is not None and running.status == BatchStatus.IN_PROGRESS
+        assert running.owner_run_id == str(started.id)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(started.id, Cancelling(message="cancelled by a test"))
+            ended = wait_for(
+                lambda: (
+                    (r := client.read_flow_run(started.id)).state and r.state.is_final() and r.state
+                ),
+                timeout=120,
+                interval=1,
+            )
+        assert ended and ended.is_cancelled(), ended
+        failed = wait_for(
+            lambda: (b := batch()) is not None and b.status == BatchStatus.FAILED and b,
+            timeout=60,
+            interval=1,
+        )
+    assert failed
+    (error,) = json.loads(failed.errors_json or "[]")
+    assert error["code"] == batches.RUN_CANCELLED
+    assert str(started.id) in error["message"], error["message"]
