@@ -10,12 +10,14 @@ those pairs are one task each. Chunks, not prompts, are Prefect tasks: a task ru
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import threading
 import time
 from typing import Any, cast
 from uuid import UUID
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, State, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -24,8 +26,10 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
+from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
@@ -34,6 +38,7 @@ from blocks.engines import load_engine_block
 from blocks.store import store_url
 from offline_queue.batches import batch_object, place_batch, write_files
 from offline_queue.formats import BatchObject, RunStats
+from offline_queue.leases import OwnerHeartbeat
 from offline_queue.queue_file import queue_batch_file
 from offline_queue.runs import BatchRun, with_field_docs
 from offline_queue.serving import ChunkReport
@@ -94,47 +99,52 @@ def batch_inference(
         db_url, bid, submitted.content_hash, submitted.created_at
     )
     backlog = Backlog(db_url, bid, ingest_run)
-    stopped = _stop_reason(db_url, bid)
-    if stopped:
-        results.drop_queued(db_url, bid, *stopped)
+    # The batch shows this run as its owner, alive, until the run ends: a run killed where no
+    # hook sees it (kill -9) leaves a silent owner, which reap_orphans settles after a lease.
+    with OwnerHeartbeat(db_url, bid, *_run_owner(), run.lease_seconds):
+        stopped = _stop_reason(db_url, bid)
+        if stopped:
+            results.drop_queued(db_url, bid, *stopped)
 
-    tally = RunStats(reused=results.settled_requests(db_url, bid))
-    model_version = None
-    if backlog.has_work():
-        chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
-        model_version = chosen.model_version
-        label_run(bid, run.tier, run.tenant, model_version)
-        batches.set_status(db_url, bid, BatchStatus.IN_PROGRESS, model_version=model_version)
-        # Chunks until nothing is left and the ingest is over: ours, or other workers' (we
-        # wait for their leases).
-        with ChunkWorker(
-            db_url,
-            bid,
-            chosen,
-            tier=run.tier,
-            weight=run.weight,
-            max_attempts=run.max_attempts,
-            lease_seconds=run.lease_seconds,
-        ) as worker:
-            progress = ProgressArtifact(db_url, bid, submitted.lines)
-            while True:
-                stop_reason = patiently(lambda: _stop_reason(db_url, bid))
-                if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
-                    results.drop_queued(db_url, bid, *stop_reason)
-                report = infer_chunk(bid, worker.owner, run.chunk_size)
-                if report is not None:
-                    tally.inferred += report.inferred
-                    tally.reused += report.reused
-                    progress.after_chunk()
-                    continue
-                final = backlog.settled_or_wait(run.lease_seconds)
-                if final is not None:
-                    progress.show(final)
-                    break
-    ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
+        tally = RunStats(reused=results.settled_requests(db_url, bid))
+        model_version = None
+        if backlog.has_work():
+            chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
+            model_version = chosen.model_version
+            label_run(bid, run.tier, run.tenant, model_version)
+            batches.set_status(db_url, bid, BatchStatus.IN_PROGRESS, model_version=model_version)
+            # Chunks until nothing is left and the ingest is over: ours, or other workers' (we
+            # wait for their leases).
+            with ChunkWorker(
+                db_url,
+                bid,
+                chosen,
+                tier=run.tier,
+                weight=run.weight,
+                max_attempts=run.max_attempts,
+                lease_seconds=run.lease_seconds,
+            ) as worker:
+                progress = ProgressArtifact(db_url, bid, submitted.lines)
+                while True:
+                    stop_reason = patiently(lambda: _stop_reason(db_url, bid))
+                    if (
+                        stop_reason
+                    ):  # cancelled or expired: what is queued leaves, in-flight finishes
+                        results.drop_queued(db_url, bid, *stop_reason)
+                    report = infer_chunk(bid, worker.owner, run.chunk_size)
+                    if report is not None:
+                        tally.inferred += report.inferred
+                        tally.reused += report.reused
+                        progress.after_chunk()
+                        continue
+                    final = backlog.settled_or_wait(run.lease_seconds)
+                    if final is not None:
+                        progress.show(final)
+                        break
+        ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
 
-    engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
-    return finalize(db_url, bid, model_version, tally, engine_label).model_dump(mode="json")
+        engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
+        return finalize(db_url, bid, model_version, tally, engine_label).model_dump(mode="json")
 
 
 # -- the tasks, in the order the flow runs them ----------------------------------------------
@@ -154,6 +164,7 @@ def submit(run: BatchRun, db: str) -> Submitted:
     idempotency key) is the same batch, so a re-run resumes it. The same content run from
     elsewhere is a batch of its own with its own files (deterministic answers still come from
     the result cache), never a resume that writes into another directory."""
+    batches.reap_orphans(db)  # a batch this run resumes was lost: it shows why, then reopens
     info = inspect_file(locate(resolve(run.input), db), Limits())
     bid, path, out_path, err_path = place_batch(
         run.input, run.output, run.errors, info.content_hash, run.batch_id
@@ -258,13 +269,15 @@ def finalize(
     batch = batches.get_batch(db, batch_id)
     assert batch is not None
     stopped = _stop_reason(db, batch_id)
-    if batch.status not in TERMINAL_STATUSES:
+    # A batch reaped while this run was alive (its heartbeat late) is this run's to finish.
+    over = batch.status in TERMINAL_STATUSES and not batches.failed_by_run(batch)
+    if not over:
         batches.set_status(db, batch_id, BatchStatus.FINALIZING)
     outputs, errors = write_files(db, batch)
     status = BatchStatus.COMPLETED if outputs or not errors else BatchStatus.FAILED
     if stopped:
         status = BatchStatus.CANCELLED if stopped[0] == "batch_cancelled" else BatchStatus.EXPIRED
-    if batch.status in TERMINAL_STATUSES:
+    if over:
         status = BatchStatus(batch.status)
     batches.set_status(
         db,
@@ -392,6 +405,46 @@ def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = 
     with get_client(sync_client=True) as client:
         name = batch_id if batch_id.startswith("batch") else f"batch-{batch_id}"
         client.update_flow_run(UUID(run_id), name=f"{name}-{tier}", tags=sorted(tags))
+
+
+def _run_owner() -> tuple[str, str | None]:
+    """Who this run is, as the batch row shows it, and its flow run id (what hooks find)."""
+    run_id = flow_run.get_id()
+    where = f"{socket.gethostname()} (pid {os.getpid()})"
+    return (f"flow run {flow_run.get_name()} ({run_id}) on {where}" if run_id else where), run_id
+
+
+@batch_inference.on_failure
+@batch_inference.on_crashed
+@batch_inference.on_cancellation
+def record_run_end(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """A flow run that ends before its batch does leaves the reason on the batch: `failed`
+    with RUN_FAILED / RUN_CRASHED / RUN_CANCELLED and Prefect's state message in `errors`.
+
+    Where it runs: `on_failure` in the flow's own process. For a deployment's run on a
+    process worker, Prefect 3.7 starts the flow in a subprocess with its cancellation and
+    crash hooks turned off there (PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS=false); the
+    worker's runner loads the flow from the deployment's entrypoint and runs `on_cancellation`
+    after it has stopped the process, and `on_crashed` after the process exited non-zero —
+    so this hook runs in the worker, from the run's parameters, and finds the batch by the
+    flow run id the batch's owner carries (or by the `batch_id` parameter if the run died
+    before it took the batch). A kill -9 of the worker itself runs no hook: reap_orphans."""
+    if state.is_crashed():
+        code, verb = batches.RUN_CRASHED, "crashed"
+    elif state.is_cancelling() or state.is_cancelled():
+        code, verb = batches.RUN_CANCELLED, "was cancelled"
+    else:
+        code, verb = batches.RUN_FAILED, "failed"
+    params = flow_run.parameters
+    db = store_url(params.get("db"), params.get("store"))
+    message = (
+        f"Prefect flow run {flow_run.name} ({flow_run.id}) {verb}: {state.message or state.name}"
+    )
+    failed = batches.fail_run(
+        db, code, message, run_id=str(flow_run.id), batch_id=params.get("batch_id")
+    )
+    for batch_id in failed:
+        flow_run_logger(flow_run, flow).warning("batch %s failed: %s", batch_id, message)
 
 
 def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:

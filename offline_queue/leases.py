@@ -1,4 +1,5 @@
-"""The heartbeat that keeps this worker's claims alive while it works on them."""
+"""The heartbeats of a run: its claims stay alive while it works on them (LeaseKeeper), and
+its batch shows an owner that is alive (OwnerHeartbeat)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from offline_queue.store import claims
+from offline_queue.store import batches, claims
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,41 @@ class LeaseKeeper:
                 claims.renew_leases(self.db, tokens, self.lease_seconds)
             except Exception as exc:  # the store may be restarting: try again next beat
                 log.warning("lease renewal failed: %s", exc)
+
+
+class OwnerHeartbeat:
+    """Owns a batch for one run and beats its heartbeat every `lease_seconds / 3`, from the
+    run's start (before the engine loads: that can take minutes) to its end.
+
+    A run killed with -9 stops beating, and `store.batches.reap_orphans` settles its batch
+    once the owner has been silent for longer than a lease: whatever notices first (the next
+    worker, the API, `status`) says why the batch stopped, instead of it staying `in_progress`.
+    """
+
+    def __init__(self, db: str, batch_id: str, owner: str, run_id: str | None, lease: float):
+        self.db, self.batch_id, self.owner, self.run_id = db, batch_id, owner, run_id
+        self.lease_seconds = lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="owner-heartbeat", daemon=True)
+
+    def __enter__(self) -> OwnerHeartbeat:
+        self._beat()  # owned (a batch failed by a lost run reopened) before anything runs
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> bool:
+        return batches.take_ownership(
+            self.db, self.batch_id, self.owner, self.run_id, self.lease_seconds
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                if not self._beat():
+                    return  # the batch is over: nothing left to own
+            except Exception as exc:  # the store may be restarting: try again next beat
+                log.warning("batch heartbeat failed: %s", exc)

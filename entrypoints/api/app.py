@@ -1,7 +1,8 @@
 """The OpenAI-compatible batch API: /v1/files and /v1/batches, per-tenant API keys, limits and
 backpressure. The official `openai` SDK works against it unchanged.
 
-This module assembles the app: its settings and runner threads on `app.state`, the routes of
+This module assembles the app: its settings, runner threads and the watch over lost runs
+(runs.py) on `app.state`, the routes of
 files.py and batches.py, and the handler that turns every HTTPException into OpenAI's error
 shape. Everything a tenant sees is scoped to it (deps.py): another tenant's file or batch is a
 404.
@@ -9,6 +10,7 @@ shape. Everything a tenant sees is scoped to it (deps.py): another tenant's file
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from entrypoints.api import batches, files
+from entrypoints.api import batches, files, runs
 from offline_queue.states import Tier
 from offline_queue.validate import Limits
 
@@ -33,6 +35,10 @@ class ApiSettings(BaseModel):
     )
     workers: int = Field(default=1, ge=1, description="Batches run at once in this process.")
     chunk_size: int = 256
+    lease_seconds: float = Field(
+        default=60.0,
+        description="Lease of the runs started here: a dead run's batch is reaped after it.",
+    )
     limits: Limits = Field(default_factory=Limits)
     max_queued: dict[Tier, int] = Field(
         default_factory=lambda: {
@@ -61,8 +67,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batches.router)
 
+    @app.on_event("startup")
+    async def _start_watch() -> None:
+        app.state.watch = asyncio.create_task(runs.watch(settings.db))
+
     @app.on_event("shutdown")
     def _stop_runner() -> None:
+        app.state.watch.cancel()
         runner.shutdown(wait=False, cancel_futures=True)
 
     return app

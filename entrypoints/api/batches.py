@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel
 
+from entrypoints.api import runs
 from entrypoints.api.deps import Tenant, api_error, own_batch, own_file, settings_of
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, BatchObject
@@ -138,6 +139,7 @@ def start_batch(
         weight=weight,
         tenant=who,
         db=settings.db,
+        lease_seconds=settings.lease_seconds,
     )
     if settings.deployment:
         from prefect.deployments import run_deployment
@@ -145,10 +147,9 @@ def start_batch(
         params = run.parameters()
         if settings.deployment.startswith("route-batch/") and group:
             params["user_group"] = group
-        run_deployment(settings.deployment, parameters=params, timeout=0)
+        started = run_deployment(settings.deployment, parameters=params, timeout=0)
+        runs.awaiting(settings, batch_id, started)  # type: ignore[arg-type]  # sync: a FlowRun
         return
-    from flows.batch import batch_inference
-
     here = run.model_copy(
         update={
             "engine": settings.engine,
@@ -156,7 +157,7 @@ def start_batch(
             "chunk_size": settings.chunk_size,
         }
     )
-    runner.submit(lambda: batch_inference(**here.parameters()))
+    runs.run_here(settings, runner, batch_id, here.parameters())
 
 
 @router.get("/v1/batches/{batch_id}")

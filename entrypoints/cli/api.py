@@ -42,6 +42,9 @@ def api_serve(
         Path | None, typer.Option(help="Uploads and results. Default: the user's data dir.")
     ] = None,
     workers: Annotated[int, typer.Option(help="Batches run at once in this process.")] = 1,
+    lease_seconds: Annotated[
+        float, typer.Option(help="A batch run here whose process died is reaped after this.")
+    ] = 60.0,
 ) -> None:
     """Serve /v1/files and /v1/batches (OpenAI's Batch API) for the `openai` SDK and curl."""
     import platformdirs
@@ -57,5 +60,6 @@ def api_serve(
         engine=engine,
         deployment=deployment,
         workers=workers,
+        lease_seconds=lease_seconds,
     )
     uvicorn.run(create_app(settings), host=host, port=port)

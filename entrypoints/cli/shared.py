@@ -56,6 +56,8 @@ def print_batch(batch: BatchObject, as_json: bool) -> None:
         "requests", f"{counts.total} total, {counts.completed} completed, {counts.failed} failed"
     )
     table.add_row("tokens", f"{batch.usage.input_tokens} in, {batch.usage.output_tokens} out")
+    for error in batch.errors.data if batch.errors else []:
+        table.add_row("error", f"{error.code}: {error.message}")
     if batch.expires_at is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(batch.expires_at))
         table.add_row("expires", f"{when} ({batch.completion_window} window)")

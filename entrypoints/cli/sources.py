@@ -21,14 +21,19 @@ class BatchSource(Protocol):
 
 
 class StoreSource:
+    """Reading the store directly settles lost runs first (`reap_orphans`): a batch whose run
+    died shows `failed` with the reason even where no API or worker is left to notice."""
+
     def __init__(self, db: str):
         self.db = db
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
+        batches.reap_orphans(self.db)
         batch = batches.get_batch(self.db, batch_id)
         return batch_object(self.db, batch).model_dump(mode="json") if batch else None
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
+        batches.reap_orphans(self.db)
         rows = batches.recent_batches(self.db, limit)
         return [batch_object(self.db, b).model_dump(mode="json") for b in rows]
 

@@ -76,6 +76,15 @@ class Batch(Base):
     output and error contents (offline_queue/expiry.py). None: kept."""
     outputs_removed_at: Mapped[int | None] = mapped_column(BigInteger)
     """When the clean-up removed them: the files are gone, not empty."""
+    # Who runs the batch now (see store/batches.py `reap_orphans`): a run beats the heartbeat
+    # every third of its lease; a non-terminal batch whose owner is silent for longer than the
+    # lease is settled as `failed` (`run_lost`). No heartbeat yet: nobody has started it.
+    owner: Mapped[str | None] = mapped_column(String(256))
+    """The last run that took the batch: its Prefect flow run (if any), host and pid."""
+    owner_run_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    """The owner's Prefect flow run id: what a flow run's state hook finds its batch by."""
+    owner_heartbeat: Mapped[float | None] = mapped_column(Float)
+    owner_lease: Mapped[float | None] = mapped_column(Float)
 
 
 LIVE = text(f"state IN ({', '.join(repr(str(state)) for state in LIVE_STATES)})")

@@ -1,0 +1,77 @@
+"""The runs of the batches this API starts, and its watch over every batch's run.
+
+A batch run here waits in the runner's queue owned by this process (`API_OWNER`, its heartbeat
+beaten by the watch), then by its flow run: a kill -9 of the API leaves batches that
+`reap_orphans` settles, never ones that wait forever for a thread that is gone. A run that
+raises, even before its flow has started, fails its batch with the reason (the runner's future
+is read, not dropped). A batch started as a deployment's run names that flow run as the owner
+it waits for, with no heartbeat: waiting for a worker is not being lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from offline_queue.store import batches
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+    from entrypoints.api.app import ApiSettings
+
+log = logging.getLogger(__name__)
+
+API_OWNER = f"offline-queue api on {socket.gethostname()} (pid {os.getpid()})"
+"""This process, as the owner of the batches waiting for its runner threads."""
+WATCH_SECONDS = 5.0
+"""How often the API beats for its waiting batches and reaps the store's lost ones."""
+
+
+def run_here(
+    settings: ApiSettings, runner: ThreadPoolExecutor, batch_id: str, parameters: dict[str, Any]
+) -> None:
+    """Run the batch in this process's runner threads; its failure lands on the batch."""
+    from flows.batch import batch_inference
+
+    batches.take_ownership(settings.db, batch_id, API_OWNER, None, settings.lease_seconds)
+    future = runner.submit(lambda: batch_inference(**parameters))
+    future.add_done_callback(partial(_record_failure, settings.db, batch_id))
+
+
+def _record_failure(db: str, batch_id: str, future: Future[Any]) -> None:
+    """A run that raised before its flow took the batch (the flow's own hook records the rest;
+    a run cancelled by the API's shutdown is left to the reaper: its owner stops beating)."""
+    if future.cancelled() or (exc := future.exception()) is None:
+        return
+    message = f"the API's run of this batch failed: {type(exc).__name__}: {exc}"
+    if batches.fail_run(db, batches.RUN_FAILED, message, batch_id=batch_id):
+        log.warning("batch %s failed: %s", batch_id, message)
+
+
+def awaiting(settings: ApiSettings, batch_id: str, started: FlowRun) -> None:
+    """The batch waits for the deployment's flow run `started` (Scheduled until a worker
+    takes it): shown as its owner, found by the flow run's hooks."""
+    owner = f"Prefect flow run {started.name} ({started.id}), waiting for a worker"
+    batches.await_run(settings.db, batch_id, str(started.id), owner)
+
+
+def watch_once(db: str) -> None:
+    batches.beat_owned(db, API_OWNER)
+    for lost in batches.reap_orphans(db):
+        log.warning("batch %s lost its run (owner %s)", lost.batch_id, lost.owner)
+
+
+async def watch(db: str) -> None:
+    """Every WATCH_SECONDS while the API runs: `watch_once`, off the event loop."""
+    while True:
+        try:
+            await asyncio.to_thread(watch_once, db)
+        except Exception as exc:  # the store may be restarting: look again next time
+            log.warning("batch watch failed: %s", exc)
+        await asyncio.sleep(WATCH_SECONDS)
