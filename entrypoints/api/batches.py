@@ -236,15 +236,16 @@ def start_batch(
     def run() -> None:
         from flows.batch import batch_inference
 
+        reason = "the run ended without finishing the batch"
         try:
             batch_inference(**params)
         except BaseException as exc:
             log.exception("batch %s: the run failed", batch_id)
-            batches.end_unfinished(settings.db, batch_id, "run_failed", _reason(exc, path, file_id))
-            return
-        batches.end_unfinished(
-            settings.db, batch_id, "run_failed", "the run ended without finishing the batch"
-        )
+            reason = _reason(exc, path, file_id)
+        try:
+            batches.end_unfinished(settings.db, batch_id, "run_failed", reason)
+        except Exception:  # the store is gone too: a re-run or an operator ends it
+            log.exception("batch %s: could not record how its run ended", batch_id)
 
     threading.Thread(target=run, name=f"run-{batch_id}", daemon=True).start()
 

@@ -8,6 +8,7 @@ dependency could only say 401 after a 60 MB upload had been spooled."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -32,7 +33,14 @@ def access_log(settings: ApiSettings) -> logging.Logger:
     runs when the first batch starts in this process) replaces uvicorn's and the root's
     handlers, and uvicorn's access log went silent with them. Re-asserted on every call, so
     nothing configured later can switch it off."""
-    log = logging.getLogger(ACCESS_LOGGER)
+    target = str(settings.access_log or "")
+    # A log file of its own has a logger of its own (two apps in one process, as in tests).
+    name = (
+        f"{ACCESS_LOGGER}.{hashlib.sha256(target.encode()).hexdigest()[:8]}"
+        if target
+        else ACCESS_LOGGER
+    )
+    log = logging.getLogger(name)
     if not any(getattr(h, "offline_queue_access", False) for h in log.handlers):
         handler: logging.Handler = (
             logging.FileHandler(settings.access_log)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from entrypoints.cli.shared import DbOption, err, out, use_prefect_defaults
+from entrypoints.cli.shared import DbOption, err, use_prefect_defaults
 
 api_app = typer.Typer(no_args_is_help=True, help="The OpenAI-compatible batch API.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys (one tenant each).")
@@ -66,28 +66,28 @@ def keys_list(
     db: DbOption = None,
 ) -> None:
     """Every key: its id (for `keys revoke`), tenant, rights and whether it is revoked."""
-    from rich.table import Table
-
     from offline_queue.store import keys
     from offline_queue.store.db import resolve_url
 
-    table = Table(
-        "id", "tenant", "created", "tiers", "max weight", "max waiting", "max bytes", "revoked"
-    )
+    def when(stamp: int | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+
+    def value(v: object) -> str:
+        return "default" if v is None else str(v)
+
+    print("id\ttenant\tcreated\ttiers\tmax_weight\tmax_waiting\tmax_stored_bytes\trevoked")
     for row in keys.list_keys(resolve_url(db), tenant):
-        table.add_row(
+        fields = [
             row.key_hash[:KEY_ID_CHARS],
             row.tenant,
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(row.created_at)),
-            row.tiers or "default",
-            str(row.max_weight or "default"),
-            str(row.max_waiting if row.max_waiting is not None else "default"),
-            str(row.max_stored_bytes if row.max_stored_bytes is not None else "default"),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(row.revoked_at))
-            if row.revoked_at
-            else "",
-        )
-    out.print(table)
+            when(row.created_at),
+            value(row.tiers),
+            value(row.max_weight),
+            value(row.max_waiting),
+            value(row.max_stored_bytes),
+            when(row.revoked_at),
+        ]
+        print("\t".join(fields))
 
 
 @keys_app.command("revoke")
