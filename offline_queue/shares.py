@@ -18,6 +18,16 @@ from offline_queue.store import shares as share_rows
 
 log = logging.getLogger(__name__)
 
+MAX_WEIGHT = 1000
+"""The largest weight a batch can carry (the API refuses more, and a larger stored one counts as
+this much): a weight is a share between a handful of batches, not a count."""
+
+
+def _weight(p: Participant) -> int:
+    """A weight in 1..MAX_WEIGHT whatever the store holds: 0 or less would divide by zero or
+    take more than the engine has (another tenant's batch included)."""
+    return min(max(int(p.weight), 1), MAX_WEIGHT)
+
 
 @dataclass(frozen=True)
 class Participant:
@@ -33,7 +43,7 @@ def slots_for(me: Participant, active: list[Participant], capacity: int, floor: 
 
     Only the best tier present shares the engine, in proportion to weight (a batch's weight is
     split between its workers); every batch below it keeps `floor` slots so it still moves and
-    resumes at once when the tier above is done.
+    resumes at once when the tier above is done. Weights are clamped to 1..MAX_WEIGHT.
     """
     everyone = [p for p in active if (p.batch_id, p.owner) != (me.batch_id, me.owner)] + [me]
     best = min(p.tier for p in everyone)
@@ -41,10 +51,10 @@ def slots_for(me: Participant, active: list[Participant], capacity: int, floor: 
         return floor
     top = [p for p in everyone if p.tier == best]
     workers = Counter(p.batch_id for p in top)
-    total = sum(p.weight / workers[p.batch_id] for p in top)
+    total = sum(_weight(p) / workers[p.batch_id] for p in top)
     below = sum(1 for p in everyone if p.tier > best)
     room = max(capacity - below * floor, floor)
-    return max(floor, round(room * (me.weight / workers[me.batch_id]) / total))
+    return max(floor, min(room, round(room * (_weight(me) / workers[me.batch_id]) / total)))
 
 
 class ShareKeeper:

@@ -114,6 +114,48 @@ def iter_raw_lines(
             yield line_no, raw.rstrip(b"\r\n"), too_long
 
 
+class Sniffer:
+    """Whether a file is a batch at all, from its first lines: fed line by line (by
+    `inspect_file` from disk, by the API as an upload streams in), it refuses a file with no
+    request line (only blank lines) and one none of whose first `sniff_lines` non-blank lines is
+    JSON (gzip, binary, CSV, ...). It also notes the url of the first request line, so a batch
+    can be checked against the endpoint its lines are for."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.sniffed = 0
+        self.saw_json = False
+        self.url: str | None = None
+        """The first line's url that names a supported endpoint, if one came before the end of
+        the sniff."""
+
+    @property
+    def done(self) -> bool:
+        return self.url is not None or self.sniffed >= self.limits.sniff_lines
+
+    def line(self, raw: bytes, too_long: bool) -> None:
+        if self.done or too_long or not raw.strip():
+            return
+        self.sniffed += 1
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        self.saw_json = True
+        if isinstance(obj, dict) and obj.get("url") in SUPPORTED_URLS:
+            self.url = obj["url"]
+
+    def verdict(self, name: str) -> None:
+        """Raise FileRefused if what was fed is not a batch file."""
+        if self.saw_json:
+            return
+        if self.sniffed == 0:
+            raise FileRefused(f"{name}: the file has no request lines (only blank lines)")
+        raise FileRefused(
+            f"{name}: not JSONL: none of the first {self.sniffed} non-blank lines is JSON"
+        )
+
+
 def inspect_file(source: Source, limits: Limits) -> FileInfo:
     """One streaming pass: content hash, line count, and the whole-file refusals."""
     try:
@@ -132,23 +174,13 @@ def inspect_file(source: Source, limits: Limits) -> FileInfo:
         )
     digest = ContentHash()
     lines = 0
-    sniffed = 0
-    saw_json = False
+    sniffer = Sniffer(limits)
     for _, raw, too_long in iter_raw_lines(path, limits.max_line_bytes, digest.update):
         lines += 1
         if lines > limits.max_lines:
             raise FileRefused(f"{path}: more than {limits.max_lines} lines (max_lines)")
-        if not saw_json and sniffed < limits.sniff_lines and raw.strip() and not too_long:
-            sniffed += 1
-            try:
-                orjson.loads(raw)
-                saw_json = True
-            except orjson.JSONDecodeError:
-                pass
-    if not saw_json:
-        if sniffed == 0:
-            raise FileRefused(f"{path}: the file has no request lines (only blank lines)")
-        raise FileRefused(f"{path}: not JSONL: none of the first {sniffed} non-blank lines is JSON")
+        sniffer.line(raw, too_long)
+    sniffer.verdict(str(path))
     return FileInfo(content_hash=digest.hexdigest(), size=size, lines=lines)
 
 

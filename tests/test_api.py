@@ -8,82 +8,38 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from sqlalchemy import func, select
 
-from instruments.loopback import free_port
 from instruments.processes import wait_for
-from offline_queue.states import TERMINAL_STATUSES, Tier
+from offline_queue.states import Tier
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
 from offline_queue.validate import Limits
+from tests.api_helpers import Api, lines_of, serve_api, upload, wait_terminal
 from tests.test_pipeline import line, write
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-class Api:
-    def __init__(self, url: str, db: str):
-        self.url, self.db = url, db
-
-    def key(self, tenant: str) -> str:
-        from entrypoints.api.auth import create_key
-
-        return create_key(self.db, tenant)
-
-    def client(self, tenant: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=self.key(tenant), max_retries=0)
-
-
 @pytest.fixture
 def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
     """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine."""
-    from entrypoints.api.app import ApiSettings, create_app
+    from entrypoints.api.settings import ApiSettings
 
     settings = ApiSettings(
         db=pg_url,
         data_dir=tmp_path / "api",
         engine=vllm_server,
-        workers=4,
         chunk_size=16,
         limits=Limits(max_line_bytes=4096, max_lines=300, max_file_bytes=2_000_000),
         max_queued={Tier.CRITICAL: 1000, Tier.STANDARD: 40, Tier.BULK: 1000},
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30)
-    try:
-        yield Api(f"http://127.0.0.1:{port}/v1", pg_url)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def upload(client: openai.OpenAI, path: Path) -> Any:
-    with path.open("rb") as f:
-        return client.files.create(file=f, purpose="batch")
-
-
-def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 300) -> Any:
-    return wait_for(
-        lambda: (b := client.batches.retrieve(batch_id)).status in TERMINAL_STATUSES and b,
-        timeout=timeout,
-        interval=0.5,
-    )
-
-
-def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
-    assert file_id
-    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+    with serve_api(settings) as api:
+        yield api
 
 
 def test_sdk_round_trip(api: Api, tmp_path: Path) -> None:

@@ -104,7 +104,8 @@ class InThreadApi:
 @pytest.fixture
 def broken_api(tmp_path: Path, pg_url: str, prefect_api: str) -> Iterator[InThreadApi]:
     """The API's app under uvicorn, its runs on an engine that cannot be built (no model)."""
-    from entrypoints.api.app import ApiSettings, create_app
+    from entrypoints.api.app import create_app
+    from entrypoints.api.settings import ApiSettings
 
     settings = ApiSettings(
         db=pg_url, data_dir=tmp_path / "api", model=str(tmp_path / "no-such-model")

@@ -1,79 +1,55 @@
-"""The OpenAI-compatible batch API: /v1/files and /v1/batches, per-tenant API keys, limits and
-backpressure. The official `openai` SDK works against it unchanged.
+"""The OpenAI-compatible batch API: /v1/files and /v1/batches, per-tenant API keys with rights,
+limits and backpressure. The official `openai` SDK works against it unchanged.
 
-This module assembles the app: its settings, runner threads and the watch over lost runs
-(runs.py) on `app.state`, the routes of
-files.py and batches.py, and the handler that turns every HTTPException into OpenAI's error
-shape. Everything a tenant sees is scoped to it (deps.py): another tenant's file or batch is a
-404.
+This module assembles the app: its settings (settings.py) and the watch over lost runs (runs.py)
+on `app.state`, the gate every request passes before a route reads its body (gate.py: key,
+sizes, access log), the routes of files.py and batches.py, and the handlers that put every error
+in OpenAI's shape (errors.py). Everything a tenant sees is scoped to it (deps.py): another
+tenant's file or batch is a 404.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import FastAPI
 
 from entrypoints.api import batches, files, runs
-from offline_queue.states import Tier
-from offline_queue.validate import Limits
-
-
-class ApiSettings(BaseModel):
-    db: str
-    data_dir: Path
-    engine: str | None = Field(default=None, description="Engine URL or block for local runs.")
-    model: str | None = None
-    deployment: str | None = Field(
-        default=None,
-        description="Start batches as runs of this deployment (e.g. route-batch/default) "
-        "instead of in this process.",
-    )
-    workers: int = Field(default=1, ge=1, description="Batches run at once in this process.")
-    chunk_size: int = 256
-    lease_seconds: float = Field(
-        default=60.0,
-        description="Lease of the runs started here: a dead run's batch is reaped after it.",
-    )
-    limits: Limits = Field(default_factory=Limits)
-    max_queued: dict[Tier, int] = Field(
-        default_factory=lambda: {
-            Tier.CRITICAL: 100_000,
-            Tier.STANDARD: 2_000_000,
-            Tier.BULK: 10_000_000,
-        },
-        description="Requests waiting per tier (all tenants) before new batches get 429.",
-    )
-
-    model_config = {"arbitrary_types_allowed": True}
-
-
-async def _openai_errors(_: Request, exc: HTTPException) -> JSONResponse:
-    body = exc.detail if isinstance(exc.detail, dict) else {"error": {"message": str(exc.detail)}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+from entrypoints.api.errors import install_error_handlers
+from entrypoints.api.gate import Gate, access_log
+from entrypoints.api.settings import ApiSettings
+from entrypoints.api.uploads import private_dir
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
-    app = FastAPI(title="offline-queue", version="0.1.0")
-    app.state.settings = settings
-    app.state.runner = runner = ThreadPoolExecutor(
-        max_workers=settings.workers, thread_name_prefix="batch"
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watch = asyncio.create_task(runs.watch(settings.db))
+        try:
+            yield
+        finally:
+            watch.cancel()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="offline-queue",
+        version="0.1.0",
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
-    app.exception_handler(HTTPException)(_openai_errors)
+    app.state.settings = settings
+    for directory in (
+        settings.data_dir,
+        settings.data_dir / "files",
+        settings.data_dir / "outputs",
+    ):
+        private_dir(directory)
+    access_log(settings)
+    install_error_handlers(app)
     app.include_router(files.router)
     app.include_router(batches.router)
-
-    @app.on_event("startup")
-    async def _start_watch() -> None:
-        app.state.watch = asyncio.create_task(runs.watch(settings.db))
-
-    @app.on_event("shutdown")
-    def _stop_runner() -> None:
-        app.state.watch.cancel()
-        runner.shutdown(wait=False, cancel_futures=True)
-
+    app.add_middleware(Gate, settings=settings)
     return app

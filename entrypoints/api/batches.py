@@ -1,43 +1,70 @@
-"""/v1/batches: create (admitted in the store within the tier's backpressure, then started),
-look, list, cancel.
+"""/v1/batches: create (validated, then admitted in the store within the caller's rights and the
+tier's backpressure, then started), look, list, cancel.
 
 A created batch is registered in the store in the same request (so it is never lost), then
-started: by a Prefect deployment when one is configured (`run_deployment(timeout=0)`), else in
-this process's runner threads (`app.state.runner`)."""
+started: by a Prefect deployment when one is configured (`run_deployment(timeout=0)`), else on
+a thread of its own in this process — one per batch, so a batch stuck on a dead engine holds up
+no other (runs.py). A run that ends without finishing its batch (the flow raised, or could not
+be started) ends the batch at once (`failed` with the reason, or `cancelled`)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Header, Request
-from pydantic import BaseModel
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from entrypoints.api import runs
-from entrypoints.api.deps import Tenant, api_error, own_batch, own_file, settings_of
+from entrypoints.api.deps import BATCH_ID, Caller, Rights, Tenant, own_batch, own_file, settings_of
+from entrypoints.api.errors import api_error
 from offline_queue.batches import batch_object
 from offline_queue.formats import SUPPORTED_URLS, BatchObject
 from offline_queue.runs import BatchRun
+from offline_queue.shares import MAX_WEIGHT
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import batches
 from offline_queue.store.tables import Batch
 
 if TYPE_CHECKING:
-    from entrypoints.api.app import ApiSettings
+    from entrypoints.api.settings import ApiSettings
 
-_WINDOW = re.compile(r"^(\d+)([smhd])$")
+log = logging.getLogger(__name__)
+
+_WINDOW = re.compile(r"\A([1-9][0-9]{0,5})([smhd])\Z", re.ASCII)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_SECONDS = 7 * 86400
+"""OpenAI takes only `24h`; this server takes any window from 1s to 7d."""
+_WEIGHT = re.compile(r"\A[1-9][0-9]{0,3}\Z", re.ASCII)
+_IDEMPOTENCY_KEY = re.compile(r"\A[\x21-\x7e]{1,255}\Z")
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 
 router = APIRouter()
 
 
 class CreateBatch(BaseModel):
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(max_length=64)
+    completion_window: str = Field(default="24h", max_length=16)
     metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _openai_metadata(cls, meta: dict[str, str] | None) -> dict[str, str] | None:
+        if meta is None:
+            return None
+        if len(meta) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        for key, value in meta.items():
+            if not 0 < len(key) <= MAX_METADATA_KEY or "\x00" in key:
+                raise ValueError(f"keys are 1 to {MAX_METADATA_KEY} characters, no NUL")
+            if len(value) > MAX_METADATA_VALUE or "\x00" in value:
+                raise ValueError(f"values are at most {MAX_METADATA_VALUE} characters, no NUL")
+        return meta
 
 
 def api_batch(settings: ApiSettings, b: Batch) -> dict[str, Any]:
@@ -52,43 +79,93 @@ def api_batch(settings: ApiSettings, b: Batch) -> dict[str, Any]:
     return data
 
 
-@router.post("/v1/batches")
-def create_batch(
-    body: CreateBatch,
-    who: Tenant,
-    request: Request,
-    idempotency_key: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
-    settings = settings_of(request)
-    if body.endpoint not in SUPPORTED_URLS:
+def window_seconds(window: str) -> int:
+    found = _WINDOW.match(window)
+    seconds = int(found.group(1)) * _UNIT[found.group(2)] if found else 0
+    if not 0 < seconds <= MAX_WINDOW_SECONDS:
         raise api_error(
             400,
-            f"endpoint {body.endpoint!r}: supported are {', '.join(SUPPORTED_URLS)}",
-            "invalid_endpoint",
+            "completion_window: a duration like 24h, 30m or 90s, from 1s to 7d",
+            "invalid_completion_window",
+            param="completion_window",
         )
-    window = _WINDOW.match(body.completion_window)
-    if not window:
-        raise api_error(400, "completion_window: like 24h, 30m, 90s", "invalid_completion_window")
-    meta = body.metadata or {}
+    return seconds
+
+
+def tier_and_weight(meta: dict[str, str], rights: Rights) -> tuple[Tier, int]:
+    """`metadata.tier` and `metadata.weight`: requests within the key's rights."""
     try:
         tier = Tier(meta.get("tier", Tier.STANDARD))
     except ValueError as exc:
         raise api_error(
-            400, f"metadata.tier {meta.get('tier')!r}: critical, standard or bulk", "invalid_tier"
+            400, "metadata.tier: critical, standard or bulk", "invalid_tier", param="metadata"
         ) from exc
-    try:
-        weight = int(meta.get("weight", "1"))
-    except ValueError as exc:
-        raise api_error(400, "metadata.weight: a whole number", "invalid_weight") from exc
+    if tier not in rights.tiers:
+        raise api_error(
+            403,
+            f"this key may not use the {tier} tier (it may use: {', '.join(rights.tiers)})",
+            "tier_not_allowed",
+            param="metadata",
+        )
+    raw = meta.get("weight", "1")
+    if not _WEIGHT.match(raw) or int(raw) > MAX_WEIGHT:
+        raise api_error(
+            400,
+            f"metadata.weight: a whole number from 1 to {MAX_WEIGHT}",
+            "invalid_weight",
+            param="metadata",
+        )
+    weight = int(raw)
+    if weight > rights.max_weight:
+        raise api_error(
+            403,
+            f"this key may ask for a weight of at most {rights.max_weight}",
+            "weight_not_allowed",
+            param="metadata",
+        )
+    return tier, weight
+
+
+@router.post("/v1/batches")
+def create_batch(
+    body: CreateBatch,
+    caller: Caller,
+    request: Request,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    settings = settings_of(request)
+    who = caller.tenant
+    if body.endpoint not in SUPPORTED_URLS:
+        raise api_error(
+            400,
+            f"endpoint: supported are {', '.join(SUPPORTED_URLS)}",
+            "invalid_endpoint",
+            param="endpoint",
+        )
+    seconds = window_seconds(body.completion_window)
+    meta = body.metadata or {}
+    tier, weight = tier_and_weight(meta, caller)
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+        raise api_error(
+            400,
+            "Idempotency-Key: 1 to 255 visible ASCII characters",
+            "invalid_idempotency_key",
+        )
     f = own_file(settings, body.input_file_id, who)
-    key = f"{who}:{idempotency_key}" if idempotency_key else None
+    if f.endpoint and f.endpoint != body.endpoint:
+        raise api_error(
+            400,
+            f"the file's requests are for {f.endpoint}: create the batch for that endpoint",
+            "endpoint_mismatch",
+            param="endpoint",
+        )
     batch_id = f"batch_{uuid.uuid4().hex[:24]}"
-    seconds = int(window.group(1)) * _UNIT[window.group(2)]
     outputs_dir = settings.data_dir / "outputs"
     try:
         batch, created = batches.admit_batch(
             settings.db,
             max_queued=settings.max_queued[tier],
+            max_waiting=caller.max_waiting,
             batch_id=batch_id,
             tenant=who,
             input_file_id=f.id,
@@ -100,32 +177,25 @@ def create_batch(
             tier=tier,
             weight=weight,
             metadata=meta,
-            idempotency_key=key,
+            idempotency_key=idempotency_key,
             total_lines=f.lines,
             completion_window=body.completion_window,
             window_seconds=seconds,
         )
     except batches.AdmissionRefused as exc:
         raise api_error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "30"}) from exc
+    except batches.IdempotencyConflict as exc:
+        raise api_error(409, str(exc), "idempotency_key_reused") from exc
     if not created:
         return api_batch(settings, batch)
-    start_batch(
-        settings,
-        request.app.state.runner,
-        batch_id,
-        f.path,
-        who,
-        tier,
-        weight,
-        meta.get("user_group"),
-    )
+    start_batch(settings, batch_id, f.id, f.path, who, tier, weight, meta.get("user_group"))
     return api_batch(settings, own_batch(settings, batch_id, who))
 
 
 def start_batch(
     settings: ApiSettings,
-    runner: ThreadPoolExecutor,
     batch_id: str,
+    file_id: str,
     path: str,
     who: str,
     tier: Tier,
@@ -147,7 +217,17 @@ def start_batch(
         params = run.parameters()
         if settings.deployment.startswith("route-batch/") and group:
             params["user_group"] = group
-        started = run_deployment(settings.deployment, parameters=params, timeout=0)
+        try:
+            started = run_deployment(settings.deployment, parameters=params, timeout=0)
+        except Exception as exc:
+            log.exception("batch %s could not be started", batch_id)
+            batches.fail_run(
+                settings.db,
+                batches.RUN_FAILED,
+                f"the batch could not be started: {runs.reason(exc, path, file_id)}",
+                batch_id=batch_id,
+            )
+            return
         runs.awaiting(settings, batch_id, started)  # type: ignore[arg-type]  # sync: a FlowRun
         return
     here = run.model_copy(
@@ -157,7 +237,7 @@ def start_batch(
             "chunk_size": settings.chunk_size,
         }
     )
-    runs.run_here(settings, runner, batch_id, here.parameters())
+    runs.run_here(settings, batch_id, here.parameters(), path, file_id)
 
 
 @router.get("/v1/batches/{batch_id}")
@@ -168,10 +248,14 @@ def get_batch(batch_id: str, who: Tenant, request: Request) -> dict[str, Any]:
 
 @router.get("/v1/batches")
 def list_batches(
-    who: Tenant, request: Request, after: str | None = None, limit: int = 20
+    who: Tenant,
+    request: Request,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     settings = settings_of(request)
-    limit = max(1, min(limit, 100))
+    if after is not None and not BATCH_ID.match(after):
+        raise api_error(400, "after: a batch id (batch_…)", "invalid_after", param="after")
     page, has_more = batches.tenant_batches(settings.db, who, limit, after)
     data = [api_batch(settings, b) for b in page]
     return {

@@ -1,28 +1,38 @@
-"""What every route needs before it does anything: the caller's tenant (from the bearer key),
-the app's settings, errors in OpenAI's shape, and the caller's own files and batches — another
-tenant's is a 404, exactly as if it did not exist."""
+"""What every route needs before it does anything: the caller's tenant and rights (the gate,
+gate.py, found them from the bearer key before the body was read), the app's settings, and the
+caller's own files and batches — another tenant's is a 404, exactly as if it did not exist."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Request
 
-from entrypoints.api.auth import tenant_for_key
+from entrypoints.api.errors import api_error
 from offline_queue.store import batches, files
+from offline_queue.store.keys import KeyRights
 from offline_queue.store.tables import Batch, StoredFile
 
 if TYPE_CHECKING:
-    from entrypoints.api.app import ApiSettings
+    from entrypoints.api.settings import ApiSettings
+
+FILE_ID = re.compile(r"\Afile-[A-Za-z0-9_-]{1,59}\Z")
+BATCH_ID = re.compile(r"\Abatch_[A-Za-z0-9_-]{1,58}\Z")
+"""The ids this API hands out, and so the only ones it looks up: anything else (a NUL, 10 kB,
+another charset) is a 404 before it reaches the store."""
 
 
-def api_error(
-    status: int, message: str, code: str, headers: dict[str, str] | None = None
-) -> HTTPException:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return HTTPException(
-        status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers
-    )
+@dataclass(frozen=True)
+class Rights:
+    """What the caller's key may do, the server's defaults filled in."""
+
+    tenant: str
+    tiers: tuple[str, ...]
+    max_weight: int
+    max_waiting: int
+    max_stored_bytes: int
 
 
 def settings_of(request: Request) -> ApiSettings:
@@ -30,20 +40,37 @@ def settings_of(request: Request) -> ApiSettings:
     return settings
 
 
-def current_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The tenant of the bearer key; 401 without a valid key."""
-    if not authorization or not authorization.lower().startswith("bearer "):
+def current_rights(request: Request) -> Rights:
+    stored: KeyRights | None = getattr(request.state, "rights", None)
+    if stored is None:  # the gate lets no request through without a key
         raise api_error(401, "no API key: send Authorization: Bearer <key>", "invalid_api_key")
-    found = tenant_for_key(settings_of(request).db, authorization.split(" ", 1)[1].strip())
-    if found is None:
-        raise api_error(401, "invalid API key", "invalid_api_key")
-    return found
+    s = settings_of(request)
+    return Rights(
+        tenant=stored.tenant,
+        tiers=stored.tiers if stored.tiers is not None else s.default_tiers,
+        max_weight=stored.max_weight if stored.max_weight is not None else s.default_max_weight,
+        max_waiting=(
+            stored.max_waiting if stored.max_waiting is not None else s.default_max_waiting
+        ),
+        max_stored_bytes=(
+            stored.max_stored_bytes
+            if stored.max_stored_bytes is not None
+            else s.default_max_stored_bytes
+        ),
+    )
+
+
+def current_tenant(rights: Annotated[Rights, Depends(current_rights)]) -> str:
+    return rights.tenant
 
 
 Tenant = Annotated[str, Depends(current_tenant)]
+Caller = Annotated[Rights, Depends(current_rights)]
 
 
 def own_file(settings: ApiSettings, file_id: str, who: str) -> StoredFile:
+    if not FILE_ID.match(file_id):
+        raise api_error(404, "no such file", "not_found")
     f = files.get_file(settings.db, file_id)
     if f is None or f.tenant != who:
         raise api_error(404, f"no file {file_id}", "not_found")
@@ -51,6 +78,8 @@ def own_file(settings: ApiSettings, file_id: str, who: str) -> StoredFile:
 
 
 def own_batch(settings: ApiSettings, batch_id: str, who: str) -> Batch:
+    if not BATCH_ID.match(batch_id):
+        raise api_error(404, "no such batch", "not_found")
     b = batches.get_batch(settings.db, batch_id)
     if b is None or b.tenant != who:
         raise api_error(404, f"no batch {batch_id}", "not_found")

@@ -1,17 +1,21 @@
-"""/v1/files: upload a batch file (streamed to disk within the limits, entrypoints/api/uploads.py),
-look at it, download it — and download a batch's output and error files, which OpenAI also
-serves as files."""
+"""/v1/files: upload a batch file (its form parsed as it streams, forms.py; the file written
+within the limits by entrypoints/api/uploads.py), look at it, download it — and download a
+batch's output and error files, which OpenAI also serves as files."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from entrypoints.api.deps import Tenant, api_error, own_batch, own_file, settings_of
+from entrypoints.api.deps import Caller, Tenant, own_batch, own_file, settings_of
+from entrypoints.api.errors import api_error
+from entrypoints.api.forms import FileSniff, Form
 from entrypoints.api.uploads import UploadRefused, store_upload
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store import files
@@ -33,42 +37,53 @@ def file_object(f: StoredFile) -> dict[str, Any]:
 
 
 @router.post("/v1/files")
-async def upload(
-    who: Tenant,
-    request: Request,
-    file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form()],
-) -> dict[str, Any]:
+async def upload(caller: Caller, request: Request) -> dict[str, Any]:
+    """Async, so the body streams through; every store call goes to the thread pool, so an
+    upload never holds the event loop (nor another tenant's requests) on a database write."""
     settings = settings_of(request)
-    if purpose != "batch":
-        raise api_error(400, f"purpose {purpose!r}: only 'batch' is supported", "invalid_purpose")
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > settings.limits.max_file_bytes + 65536:
-        raise api_error(
-            413,
-            f"file is over {settings.limits.max_file_bytes} bytes (max_file_bytes)",
-            "file_too_large",
-        )
+    try:
+        form = Form(request.headers.get("content-type", ""))
+    except UploadRefused as exc:
+        raise api_error(exc.status, str(exc), "invalid_upload") from exc
+    sniff = FileSniff(settings.limits)
 
     async def chunks() -> AsyncIterator[bytes]:
-        while block := await file.read(1 << 20):
-            yield block
+        async for block in request.stream():
+            for piece in form.feed(block):
+                sniff.feed(piece)
+                yield piece
+        form.finish()
+        sniff.finish()
 
     try:
         stored = await store_upload(chunks(), settings.data_dir / "files", settings.limits)
     except UploadRefused as exc:
-        raise api_error(exc.status, str(exc), "limit_exceeded") from exc
-    row = files.add_file(
-        settings.db,
-        file_id=stored.file_id,
-        tenant=who,
-        filename=file.filename or "batch.jsonl",
-        purpose=purpose,
-        size=stored.bytes,
-        lines=stored.lines,
-        sha256=stored.sha256,
-        path=str(stored.path),
-    )
+        code = "limit_exceeded" if exc.status == 413 else "invalid_file"
+        raise api_error(exc.status, str(exc), code) from exc
+    except ClientDisconnect as exc:
+        raise api_error(400, "the upload ended early", "invalid_upload") from exc
+    try:
+        row = await run_in_threadpool(
+            lambda: files.add_file(
+                settings.db,
+                file_id=stored.file_id,
+                tenant=caller.tenant,
+                filename=form.filename or "batch.jsonl",
+                purpose="batch",
+                size=stored.bytes,
+                lines=stored.lines,
+                sha256=stored.sha256,
+                path=str(stored.path),
+                endpoint=sniff.url,
+                max_stored_bytes=caller.max_stored_bytes,
+            )
+        )
+    except files.StorageQuotaExceeded as exc:
+        Path(stored.path).unlink(missing_ok=True)
+        raise api_error(413, str(exc), "quota_exceeded") from exc
+    except BaseException:
+        Path(stored.path).unlink(missing_ok=True)  # no row points at it: no orphan
+        raise
     return file_object(row)
 
 

@@ -1,11 +1,11 @@
 """The runs of the batches this API starts, and its watch over every batch's run.
 
-A batch run here waits in the runner's queue owned by this process (`API_OWNER`, its heartbeat
-beaten by the watch), then by its flow run: a kill -9 of the API leaves batches that
-`reap_orphans` settles, never ones that wait forever for a thread that is gone. A run that
-raises, even before its flow has started, fails its batch with the reason (the runner's future
-is read, not dropped). A batch started as a deployment's run names that flow run as the owner
-it waits for, with no heartbeat: waiting for a worker is not being lost.
+A batch run here runs on a thread of its own — one per batch, so a batch stuck on a dead engine
+holds up no other — owned by this process (`API_OWNER`, its heartbeat beaten by the watch) until
+its flow run takes it: a kill -9 of the API leaves batches that `reap_orphans` settles, never
+ones that wait forever for a thread that is gone. A run that raises, even before its flow has
+started, fails its batch with the reason. A batch started as a deployment's run names that flow
+run as the owner it waits for, with no heartbeat: waiting for a worker is not being lost.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import asyncio
 import logging
 import os
 import socket
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+import threading
 from typing import TYPE_CHECKING, Any
 
 from offline_queue.store import batches
@@ -23,7 +22,7 @@ from offline_queue.store import batches
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
-    from entrypoints.api.app import ApiSettings
+    from entrypoints.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +33,38 @@ WATCH_SECONDS = 5.0
 
 
 def run_here(
-    settings: ApiSettings, runner: ThreadPoolExecutor, batch_id: str, parameters: dict[str, Any]
+    settings: ApiSettings, batch_id: str, parameters: dict[str, Any], path: str, file_id: str
 ) -> None:
-    """Run the batch in this process's runner threads; its failure lands on the batch."""
-    from flows.batch import batch_inference
-
+    """Run the batch on a thread of its own; a failure lands on the batch."""
     batches.take_ownership(settings.db, batch_id, API_OWNER, None, settings.lease_seconds)
-    future = runner.submit(lambda: batch_inference(**parameters))
-    future.add_done_callback(partial(_record_failure, settings.db, batch_id))
+
+    def run() -> None:
+        from flows.batch import batch_inference
+
+        try:
+            batch_inference(**parameters)
+        except BaseException as exc:
+            log.exception("batch %s: the run failed", batch_id)
+            _record_failure(settings.db, batch_id, reason(exc, path, file_id))
+
+    threading.Thread(target=run, name=f"run-{batch_id}", daemon=True).start()
 
 
-def _record_failure(db: str, batch_id: str, future: Future[Any]) -> None:
-    """A run that raised before its flow took the batch (the flow's own hook records the rest;
-    a run cancelled by the API's shutdown is left to the reaper: its owner stops beating)."""
-    if future.cancelled() or (exc := future.exception()) is None:
-        return
-    message = f"the API's run of this batch failed: {type(exc).__name__}: {exc}"
-    if batches.fail_run(db, batches.RUN_FAILED, message, batch_id=batch_id):
-        log.warning("batch %s failed: %s", batch_id, message)
+def reason(exc: BaseException, path: str, file_id: str) -> str:
+    """Why a run ended, as the tenant may read it: no server paths."""
+    text = str(exc).replace(path, file_id)[:500]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _record_failure(db: str, batch_id: str, why: str) -> None:
+    """A run that raised before its flow took the batch (the flow's own hooks record the rest;
+    a run whose process dies is left to the reaper: its owner stops beating)."""
+    message = f"the API's run of this batch failed: {why}"
+    try:
+        if batches.fail_run(db, batches.RUN_FAILED, message, batch_id=batch_id):
+            log.warning("batch %s failed: %s", batch_id, message)
+    except Exception:  # the store is gone too: the reaper or a re-run ends it
+        log.exception("batch %s: could not record how its run ended", batch_id)
 
 
 def awaiting(settings: ApiSettings, batch_id: str, started: FlowRun) -> None:

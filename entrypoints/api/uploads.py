@@ -30,17 +30,24 @@ class Stored:
     whatever its line ends."""
 
 
+def private_dir(directory: Path) -> None:
+    """`directory`, made if missing, readable by this user only (0700)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+
+
 async def store_upload(chunks: AsyncIterator[bytes], directory: Path, limits: Limits) -> Stored:
     """Write the upload to `directory` block by block; refuse (and delete) it as soon as it
     breaks a limit: 413 for size (file or line), 400 for too many lines."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     file_id = f"file-{uuid.uuid4().hex[:24]}"
     final = directory / f"{file_id}.jsonl"
     partial = directory / f".{file_id}.part"
     digest = ContentHash()
     size = lines = line_len = 0
     try:
-        with partial.open("wb") as out:
+        # 0600: a tenant's data is nobody else's on this machine either
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > limits.max_file_bytes:

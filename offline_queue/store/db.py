@@ -77,6 +77,14 @@ def _sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
+def _private_file(path: Path) -> None:
+    """The SQLite store is created readable by this user only (0600; SQLite gives its -wal and
+    -shm files the same mode) in a directory made 0700 if it is new: it holds every tenant's
+    requests and answers."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 @functools.cache
 def get_engine(url: str) -> Engine:
     """The process's engine for `url`, with the schema migrated to head."""
@@ -84,7 +92,7 @@ def get_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if sa_url.get_backend_name() == "sqlite":
         if sa_url.database and sa_url.database != ":memory:":
-            Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(sa_url.database))
         kwargs["connect_args"] = {"timeout": 120, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
     if is_sqlite(engine):
@@ -114,7 +122,8 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(_MIGRATIONS))
     if is_sqlite(engine):
         lock_path = f"{engine.url.database}.migrate.lock"
-        with open(lock_path, "w") as lock, engine.connect() as conn:
+        lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(lock_fd, "w") as lock, engine.connect() as conn:
             fcntl.flock(lock, fcntl.LOCK_EX)
             config.attributes["connection"] = conn
             command.upgrade(config, "head")

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 from typing import Any, Literal
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, text, update
 
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store.db import session
@@ -54,6 +54,16 @@ def store_path(file_id: str) -> str:
     return STORE_SCHEME + file_id
 
 
+class StorageQuotaExceeded(Exception):
+    """The tenant's files would hold more bytes than its key allows: the API's 413."""
+
+    def __init__(self, stored: int, limit: int):
+        super().__init__(
+            f"your files hold {stored} bytes; with this one they would pass your quota of "
+            f"{limit} bytes (max_stored_bytes)"
+        )
+
+
 def add_file(
     db: str,
     *,
@@ -66,8 +76,12 @@ def add_file(
     sha256: str,
     path: str,
     expires_at: int | None = None,
+    endpoint: str | None = None,
+    max_stored_bytes: int | None = None,
 ) -> StoredFile:
-    """The row of a file whose bytes are already whole elsewhere (`path`)."""
+    """The row of a file whose bytes are already whole elsewhere (`path`); with
+    `max_stored_bytes`, only while the tenant's files stay within it (one check per tenant at a
+    time on PostgreSQL; SQLite has one writer anyway)."""
     row = StoredFile(
         id=file_id,
         tenant=tenant,
@@ -80,8 +94,24 @@ def add_file(
         created_at=int(time.time()),
         status="ready",
         expires_at=expires_at,
+        endpoint=endpoint,
     )
     with session(db) as s:
+        if max_stored_bytes is not None:
+            if s.get_bind().dialect.name == "postgresql":
+                s.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"files:{tenant}"}
+                )
+            stored = int(
+                s.scalar(
+                    select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+                        StoredFile.tenant == tenant
+                    )
+                )
+                or 0
+            )
+            if stored + size > max_stored_bytes:
+                raise StorageQuotaExceeded(stored, max_stored_bytes)
         s.add(row)
     return row
 

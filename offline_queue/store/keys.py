@@ -1,20 +1,93 @@
-"""The `api_keys` table: which tenant a key's hash belongs to. The key itself never reaches
-the store (entrypoints/api/auth.py makes and hashes keys)."""
+"""The `api_keys` table: which tenant a key's hash belongs to, what the key may do, and whether
+it was revoked. The key itself never reaches the store (entrypoints/api/auth.py makes and hashes
+keys)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
 
 from offline_queue.store.db import session
 from offline_queue.store.tables import ApiKey
 
 
-def add_key(db: str, key_hash: str, tenant: str) -> None:
+@dataclass(frozen=True)
+class KeyRights:
+    """A live key's tenant and rights as stored; None where the server's default applies."""
+
+    tenant: str
+    tiers: tuple[str, ...] | None
+    max_weight: int | None
+    max_waiting: int | None
+    max_stored_bytes: int | None
+
+
+def add_key(
+    db: str,
+    key_hash: str,
+    tenant: str,
+    *,
+    tiers: tuple[str, ...] | None = None,
+    max_weight: int | None = None,
+    max_waiting: int | None = None,
+    max_stored_bytes: int | None = None,
+) -> None:
     with session(db) as s:
-        s.add(ApiKey(key_hash=key_hash, tenant=tenant, created_at=int(time.time())))
+        s.add(
+            ApiKey(
+                key_hash=key_hash,
+                tenant=tenant,
+                created_at=int(time.time()),
+                tiers=",".join(tiers) if tiers is not None else None,
+                max_weight=max_weight,
+                max_waiting=max_waiting,
+                max_stored_bytes=max_stored_bytes,
+            )
+        )
 
 
-def tenant_of(db: str, key_hash: str) -> str | None:
+def rights_of(db: str, key_hash: str) -> KeyRights | None:
+    """The rights of a key that exists and is not revoked, else None."""
     with session(db, readonly=True) as s:
         row = s.get(ApiKey, key_hash)
-        return row.tenant if row else None
+        if row is None or row.revoked_at is not None:
+            return None
+        return KeyRights(
+            tenant=row.tenant,
+            tiers=tuple(t for t in row.tiers.split(",") if t) if row.tiers is not None else None,
+            max_weight=row.max_weight,
+            max_waiting=row.max_waiting,
+            max_stored_bytes=row.max_stored_bytes,
+        )
+
+
+def list_keys(db: str, tenant: str | None = None) -> list[ApiKey]:
+    """Every key (or a tenant's), oldest first, revoked ones included."""
+    with session(db, readonly=True) as s:
+        q = select(ApiKey).order_by(ApiKey.created_at, ApiKey.key_hash)
+        if tenant is not None:
+            q = q.where(ApiKey.tenant == tenant)
+        return list(s.scalars(q))
+
+
+def revoke_keys(db: str, hash_prefix: str) -> list[ApiKey]:
+    """Revoke the live keys whose hash starts with `hash_prefix` (the id `keys list` shows);
+    returns them. The caller refuses a prefix that names more than one key."""
+    with session(db) as s:
+        rows = list(
+            s.scalars(
+                select(ApiKey).where(
+                    ApiKey.key_hash.startswith(hash_prefix, autoescape=True),
+                    ApiKey.revoked_at.is_(None),
+                )
+            )
+        )
+        if len(rows) == 1:
+            s.execute(
+                update(ApiKey)
+                .where(ApiKey.key_hash == rows[0].key_hash)
+                .values(revoked_at=int(time.time()))
+            )
+        return rows

@@ -33,11 +33,22 @@ class Batch(Base):
     __table_args__ = (
         Index("ix_batches_release", "release_track", "release_version"),
         Index("ix_batches_tenant_created", "tenant", "created_at"),
+        # An API batch's idempotency key is its tenant's own: unique per (tenant, key), so no
+        # tenant's key can name another's batch. Batches run from the CLI have no tenant and
+        # share one key space.
+        UniqueConstraint("tenant", "idempotency_key", name="uq_batches_tenant_idempotency"),
+        Index(
+            "uq_batches_local_idempotency",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("tenant IS NULL"),
+            sqlite_where=text("tenant IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
     input_path: Mapped[str] = mapped_column(Text)
     output_path: Mapped[str] = mapped_column(Text)
     error_path: Mapped[str] = mapped_column(Text)
@@ -195,6 +206,15 @@ class ApiKey(Base):
     """SHA-256 of the key: the key itself is shown once and never stored."""
     tenant: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # What the key may do; NULL: the server's defaults (ApiSettings).
+    tiers: Mapped[str | None] = mapped_column(String(64))
+    """Comma-separated tiers the key may ask for in `metadata.tier`."""
+    max_weight: Mapped[int | None] = mapped_column(Integer)
+    max_waiting: Mapped[int | None] = mapped_column(BigInteger)
+    """Requests of the tenant's unfinished batches (all tiers) beyond which a create is a 429."""
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Bytes of the tenant's uploaded files beyond which an upload is a 413."""
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class StoredFile(Base):
@@ -219,6 +239,8 @@ class StoredFile(Base):
     once it is whole."""
     expires_at: Mapped[int | None] = mapped_column(BigInteger)
     """Past it, the clean-up deletes the file. None: kept."""
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    """The url of the file's first request line: a batch of the file must be for it."""
 
 
 class FileChunk(Base):

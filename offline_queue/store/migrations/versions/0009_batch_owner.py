@@ -1,7 +1,7 @@
 """batch owner: who is running a batch, when it was last seen alive, and its lease
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 A batch whose run died (kill -9, a crashed node) stayed `validating` or `in_progress` with no
 error anywhere a user looks. The run that works on a batch now beats a heartbeat on its row;
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
