@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from offline_queue.content import ContentHash
 from offline_queue.storage import locate
@@ -79,10 +79,15 @@ async def store_upload(
     purpose: str,
     root: str | None = None,
     expires_at: int | None = None,
+    endpoint: Callable[[], str | None] = lambda: None,
+    max_stored_bytes: int | None = None,
 ) -> StoredFile:
     """Stream the upload into the store (or under `root`), checking the limits on the way, and
-    return the file's row: visible to readers only now that it is whole. Writes run in a
-    thread, so the event loop serves other requests while a block goes to the database."""
+    return the file's row: visible to readers only now that it is whole, and only within the
+    tenant's `max_stored_bytes` (else store.files.StorageQuotaExceeded, nothing kept).
+    `endpoint` tells, once the blocks are through, the url its request lines are for (the API's
+    sniff of the stream). Writes run in a thread, so the event loop serves other requests while
+    a block goes to the database."""
     check = UploadCheck(limits)
     if root is None:
         writer = await asyncio.to_thread(
@@ -98,6 +103,8 @@ async def store_upload(
                 lines=lines,
                 sha256=check.digest.hexdigest(),
                 expires_at=expires_at,
+                endpoint=endpoint(),
+                max_stored_bytes=max_stored_bytes,
             )
         except BaseException:
             await asyncio.to_thread(writer.abort)
@@ -113,18 +120,25 @@ async def store_upload(
             await asyncio.to_thread(out.write, block)
         lines = check.lines()
         await asyncio.to_thread(stack.close)  # the file appears whole (an upload completes)
-    return files.add_file(
-        db,
-        file_id=file_id,
-        tenant=tenant,
-        filename=filename,
-        purpose=purpose,
-        size=check.size,
-        lines=lines,
-        sha256=check.digest.hexdigest(),
-        path=path,
-        expires_at=expires_at,
-    )
+    try:
+        return await asyncio.to_thread(
+            files.add_file,
+            db,
+            file_id=file_id,
+            tenant=tenant,
+            filename=filename,
+            purpose=purpose,
+            size=check.size,
+            lines=lines,
+            sha256=check.digest.hexdigest(),
+            path=path,
+            expires_at=expires_at,
+            endpoint=endpoint(),
+            max_stored_bytes=max_stored_bytes,
+        )
+    except BaseException:  # no row points at the bytes: no orphan
+        locate(path, db).remove()
+        raise
 
 
 def delete_file(db: str, file_id: str) -> bool:

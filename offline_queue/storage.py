@@ -109,9 +109,11 @@ class LocalFile(Location):
         # Beside the final name (same file system: the rename is atomic), named per process so
         # two workers finishing one batch never write into each other's file.
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 in a new directory of 0700: a tenant's requests and answers are nobody else's.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            with tmp.open("wb") as out:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
                 yield out
             os.replace(tmp, self.path)
         finally:

@@ -6,6 +6,7 @@ that can be revoked, and no batch left running."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -14,7 +15,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from instruments.postgres import create_database
 from instruments.processes import wait_for
+from offline_queue.files import store_upload
 from offline_queue.shares import Participant, slots_for
 from offline_queue.states import Tier
 from offline_queue.store.db import session
@@ -835,11 +837,10 @@ def test_a_batch_the_flow_refuses_fails_at_once(hostile: Hostile) -> None:
     t = hostile.tenant()
     fid = t.file_id(2)
     with session(hostile.api.db) as s:
-        from offline_queue.store.tables import StoredFile
+        from offline_queue.store.tables import FileChunk
 
-        stored = s.get(StoredFile, fid)
-        assert stored is not None
-        Path(stored.path).unlink()  # the file is gone from under the batch
+        # the file's bytes are gone from under the batch
+        s.execute(delete(FileChunk).where(FileChunk.file_id == fid))
     created = t.create(input_file_id=fid)
     assert created.status_code == 200, created.text
     bid = created.json()["id"]
@@ -922,15 +923,31 @@ def test_access_log_names_tenant_and_status_never_the_key(hostile: Hostile) -> N
     assert t.key not in log and "oq-" not in log
 
 
-def test_files_are_private(hostile: Hostile) -> None:
+def test_files_are_private(hostile: Hostile, tmp_path: Path) -> None:
     t = hostile.tenant()
-    fid = t.file_id()
-    files = hostile.data_dir / "files"
-    assert stat.S_IMODE(files.stat().st_mode) == 0o700
+    t.file_id()  # held in the store: the store file is private, and so is the data dir
     assert stat.S_IMODE(hostile.data_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE((files / f"{fid}.jsonl").stat().st_mode) == 0o600
     if hostile.db_file is not None:
         assert stat.S_IMODE(hostile.db_file.stat().st_mode) == 0o600
+    # Uploads kept in a directory (`files_root`) are 0600 in a directory of 0700.
+    root = tmp_path / "uploads"
+
+    async def one_block() -> AsyncIterator[bytes]:
+        yield b'{"custom_id": "a"}\n'
+
+    row = asyncio.run(
+        store_upload(
+            one_block(),
+            Limits(),
+            db=hostile.api.db,
+            tenant=t.name,
+            filename="f",
+            purpose="batch",
+            root=str(root),
+        )
+    )
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(Path(row.path).stat().st_mode) == 0o600
 
 
 def test_keys_list_and_revoke(hostile: Hostile, prefect_api: str) -> None:

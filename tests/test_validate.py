@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from entrypoints.api.uploads import store_upload
 from offline_queue.content import ContentHash
+from offline_queue.files import store_upload
 from offline_queue.validate import (
     Accepted,
     FileRefused,
@@ -181,7 +181,11 @@ def _upload_hash(data: bytes, directory: Path, block: int) -> str:
         for i in range(0, len(data), block):
             yield data[i : i + block]
 
-    return asyncio.run(store_upload(blocks(), directory, Limits())).sha256
+    db = f"sqlite:///{directory.parent / 'store.db'}"
+    row = asyncio.run(
+        store_upload(blocks(), Limits(), db=db, tenant="t", filename="f", purpose="batch")
+    )
+    return row.sha256
 
 
 def test_one_content_hash_for_any_line_end_and_upload_blocking(tmp_path: Path) -> None:

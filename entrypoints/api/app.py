@@ -20,7 +20,6 @@ from entrypoints.api import batches, files, runs
 from entrypoints.api.errors import install_error_handlers
 from entrypoints.api.gate import Gate, access_log
 from entrypoints.api.settings import ApiSettings
-from entrypoints.api.uploads import private_dir
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -41,12 +40,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
-    for directory in (
-        settings.data_dir,
-        settings.data_dir / "files",
-        settings.data_dir / "outputs",
-    ):
-        private_dir(directory)
+    # Readable by this user only (the access log may live here).
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)
     access_log(settings)
     install_error_handlers(app)
     app.include_router(files.router)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from entrypoints.api import runs
 from entrypoints.api.deps import BATCH_ID, Caller, Rights, Tenant, own_batch, own_file, settings_of
 from entrypoints.api.errors import api_error
-from offline_queue.batches import batch_object
+from offline_queue.batches import batch_object, virtual_outputs
 from offline_queue.formats import SUPPORTED_URLS, BatchObject
 from offline_queue.runs import BatchRun
 from offline_queue.shares import MAX_WEIGHT
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import batches
+from offline_queue.store.expiry import set_output_expiry
 from offline_queue.store.tables import Batch
 
 if TYPE_CHECKING:
@@ -44,6 +45,16 @@ MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI'
 router = APIRouter()
 
 
+class OutputExpiry(BaseModel):
+    """OpenAI's `output_expires_after`: the batch's output and error files are removed this many
+    seconds after the anchor (OpenAI: 1 hour to 30 days)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=30 * 86400)
+
+
 class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +62,7 @@ class CreateBatch(BaseModel):
     endpoint: str = Field(max_length=64)
     completion_window: str = Field(default="24h", max_length=16)
     metadata: dict[str, str] | None = None
+    output_expires_after: OutputExpiry | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -160,7 +172,8 @@ def create_batch(
             param="endpoint",
         )
     batch_id = f"batch_{uuid.uuid4().hex[:24]}"
-    outputs_dir = settings.data_dir / "outputs"
+    # The output and error files are the batch's result rows: any node's API serves them.
+    output_path, error_path = virtual_outputs(batch_id)
     try:
         batch, created = batches.admit_batch(
             settings.db,
@@ -171,8 +184,8 @@ def create_batch(
             input_file_id=f.id,
             content_hash=f.sha256,
             input_path=f.path,
-            output_path=str(outputs_dir / f"{batch_id}.output.jsonl"),
-            error_path=str(outputs_dir / f"{batch_id}.errors.jsonl"),
+            output_path=output_path,
+            error_path=error_path,
             endpoint=body.endpoint,
             tier=tier,
             weight=weight,
@@ -188,6 +201,8 @@ def create_batch(
         raise api_error(409, str(exc), "idempotency_key_reused") from exc
     if not created:
         return api_batch(settings, batch)
+    if body.output_expires_after is not None:
+        set_output_expiry(settings.db, batch_id, body.output_expires_after.seconds)
     start_batch(settings, batch_id, f.id, f.path, who, tier, weight, meta.get("user_group"))
     return api_batch(settings, own_batch(settings, batch_id, who))
 

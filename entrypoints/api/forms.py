@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from entrypoints.api.uploads import UploadRefused
+from offline_queue.files import UploadRefused
 from offline_queue.validate import FileRefused, Limits, Sniffer
 
 MAX_PARTS = 8

@@ -17,6 +17,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from offline_queue.expiry import remove_expired
 from offline_queue.store import batches
 
 if TYPE_CHECKING:
@@ -75,9 +76,11 @@ def awaiting(settings: ApiSettings, batch_id: str, started: FlowRun) -> None:
 
 
 def watch_once(db: str) -> None:
+    """Beat for the batches waiting here, settle lost runs, remove what has expired."""
     batches.beat_owned(db, API_OWNER)
     for lost in batches.reap_orphans(db):
         log.warning("batch %s lost its run (owner %s)", lost.batch_id, lost.owner)
+    remove_expired(db)  # logs what it removed
 
 
 async def watch(db: str) -> None:

@@ -22,6 +22,12 @@ class ApiSettings(BaseModel):
         description="Start batches as runs of this deployment (e.g. route-batch/default) "
         "instead of in this process (a thread per batch).",
     )
+    files_root: str | None = Field(
+        default=None,
+        description="Where uploads' bytes go: None keeps them in the store (every node reads "
+        "them with nothing else shared); a directory on a shared mount or an object-storage "
+        "prefix (s3://bucket/uploads) keeps large files out of the database.",
+    )
     chunk_size: int = 256
     lease_seconds: float = Field(
         default=60.0,

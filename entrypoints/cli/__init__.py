@@ -4,7 +4,7 @@ Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need
 `status` answers in well under a second while a run is going on.
 
 This module only assembles the commands; each group lives in a module of its own: run.py (run,
-validate), batches.py (submit, status, watch, results, cancel), engine.py (model, engine),
+validate), batches.py (submit, status, watch, results, cancel, cleanup), engine.py (model, engine),
 cluster.py (pools, worker), api.py (keys, api), release.py (release).
 """
 
@@ -26,6 +26,7 @@ for command in (
     batches.results,
     batches.cancel,
     batches.submit,
+    batches.cleanup,
     run.validate,
 ):
     app.command()(command)

@@ -1,4 +1,4 @@
-"""`submit`, `status`, `watch`, `results`, `cancel`: a batch seen through the batch API
+"""`submit`, `status`, `watch`, `results`, `cancel`, `cleanup`: a batch seen through the batch API
 (`--api`) or read from the store (`--db`); none of them needs a Prefect server."""
 
 from __future__ import annotations
@@ -161,6 +161,23 @@ def cancel(
     """Stop a batch: queued requests are cancelled (in the error file), in-flight ones finish."""
     batch = _found(_source(api, db).cancel(batch_id), batch_id)
     out.print(f"{batch_id}: {batch['status']}", highlight=False)
+
+
+def cleanup(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Remove what has expired: outputs of batches past their `output_expires_after`, uploaded
+    files past their expiry, uploads that never finished. Says what it removed."""
+    from offline_queue.expiry import remove_expired
+    from offline_queue.store.db import resolve_url
+
+    removed = remove_expired(resolve_url(db))
+    if as_json:
+        out.print_json(orjson.dumps(removed.__dict__).decode())
+        return
+    out.print(
+        f"removed: outputs of {removed.batches} batches ({removed.output_files} files, "
+        f"{removed.result_rows} result rows cleared), {removed.files} uploaded files",
+        highlight=False,
+    )
 
 
 def submit(

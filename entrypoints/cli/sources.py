@@ -3,13 +3,12 @@ the store directly (`--db`). Both give batch objects in OpenAI's shape."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
-from offline_queue.batches import batch_object
+from offline_queue.batches import batch_object, output_source
 from offline_queue.store import batches
 
 
@@ -42,11 +41,16 @@ class StoreSource:
         return self.get(batch_id)
 
     def download(self, batch: dict[str, Any], which: str, dest: Path) -> int:
-        path = batch.get("output_file" if which == "output" else "error_file")
-        if not path:
+        """Streamed from wherever the file is: its result rows (an API batch), a path, or
+        object storage."""
+        row = batches.get_batch(self.db, batch["id"])
+        if row is None or not batch.get("output_file" if which == "output" else "error_file"):
             raise FileNotFoundError(f"{batch['id']} has no {which} file yet ({batch['status']})")
-        shutil.copyfile(path, dest)
-        return dest.stat().st_size
+        size = 0
+        with dest.open("wb") as out:
+            for block in output_source(self.db, row, "output" if which == "output" else "errors"):
+                size += out.write(block)
+        return size
 
 
 class ApiSource:

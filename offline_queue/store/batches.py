@@ -495,7 +495,9 @@ def fail_run(
                 continue
             batch.status = BatchStatus.FAILED
             batch.failed_at = batch.failed_at or int(time.time())
-            batch.errors_json = _errors(code, message)
+            # A tenant reads this: its file by the id it knows, never by a path of ours.
+            seen = message.replace(batch.input_path, batch.input_file_id or "the input file")
+            batch.errors_json = _errors(code, seen)
     return [b.id for b in rows]
 
 

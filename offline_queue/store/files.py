@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.orm import Session
 
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store.db import session
@@ -97,23 +98,29 @@ def add_file(
         endpoint=endpoint,
     )
     with session(db) as s:
-        if max_stored_bytes is not None:
-            if s.get_bind().dialect.name == "postgresql":
-                s.execute(
-                    text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"files:{tenant}"}
-                )
-            stored = int(
-                s.scalar(
-                    select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-                        StoredFile.tenant == tenant
-                    )
-                )
-                or 0
-            )
-            if stored + size > max_stored_bytes:
-                raise StorageQuotaExceeded(stored, max_stored_bytes)
+        _within_quota(s, tenant, size, max_stored_bytes)
         s.add(row)
     return row
+
+
+def _within_quota(s: Session, tenant: str, size: int, max_stored_bytes: int | None) -> None:
+    """Raise StorageQuotaExceeded unless the tenant's files and `size` more stay within
+    `max_stored_bytes` (None: no quota). One check per tenant at a time on PostgreSQL (an
+    advisory lock held to the commit); SQLite has one writer anyway."""
+    if max_stored_bytes is None:
+        return
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"files:{tenant}"})
+    stored = int(
+        s.scalar(
+            select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+                StoredFile.tenant == tenant, StoredFile.status == "ready"
+            )
+        )
+        or 0
+    )
+    if stored + size > max_stored_bytes:
+        raise StorageQuotaExceeded(stored, max_stored_bytes)
 
 
 def get_file(db: str, file_id: str) -> StoredFile | None:
@@ -209,7 +216,7 @@ class FileWriter:
         purpose: str,
         file_id: str | None = None,
     ):
-        self.db = db
+        self.db, self.tenant = db, tenant
         self.file_id = file_id or new_file_id()
         self.bytes = 0
         self._buffer = bytearray()
@@ -256,14 +263,25 @@ class FileWriter:
         self._seq += len(rows)
         self._pending = []
 
-    def commit(self, *, lines: int, sha256: str, expires_at: int | None = None) -> StoredFile:
-        """The last chunks and the row's `ready` in one transaction: the file appears whole."""
+    def commit(
+        self,
+        *,
+        lines: int,
+        sha256: str,
+        expires_at: int | None = None,
+        endpoint: str | None = None,
+        max_stored_bytes: int | None = None,
+    ) -> StoredFile:
+        """The last chunks and the row's `ready` in one transaction: the file appears whole —
+        only while the tenant's files stay within `max_stored_bytes` (else StorageQuotaExceeded,
+        and the caller aborts)."""
         if not self._open:
             raise ValueError(f"{self.file_id}: the writer is closed")
         if self._buffer:
             self._pending.append(bytes(self._buffer))
             self._buffer.clear()
         with session(self.db) as s:
+            _within_quota(s, self.tenant, self.bytes, max_stored_bytes)
             self._insert_pending(s)
             done = s.execute(
                 update(StoredFile)
@@ -274,6 +292,7 @@ class FileWriter:
                     sha256=sha256,
                     status="ready",
                     expires_at=expires_at,
+                    endpoint=endpoint,
                 )
             )
             if not getattr(done, "rowcount", 0):  # the clean-up took it: it was too slow
