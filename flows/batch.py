@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from blocks.engines import load_engine_block
 from blocks.store import store_url
-from flows.shard import GpuSlot, default_parallelism, launch_shards
+from flows.shard import GpuSlot, Turn, default_parallelism, launch_shards, start_shard
 from offline_queue.batches import batch_object, default_outputs, write_files
 from offline_queue.formats import BatchObject, RunStats
 from offline_queue.queue_file import queue_batch_file
@@ -314,8 +314,20 @@ def serve(
     engine (loaded once per process) for when the slot comes back."""
     slot = GpuSlot.on_this_node(db, claims.new_owner(), batch_id, Tier(run.tier).rank)
     model_version = None
+    may_move = True
     try:
-        while slot is None or slot.acquire(backlog.open):
+        while True:
+            turn = Turn.HELD if slot is None else slot.acquire(backlog.open, may_move)
+            if turn is Turn.NOT_NEEDED:
+                break
+            if turn is Turn.ELSEWHERE:  # a run of ours where a GPU is free: a shard moves,
+                may_move = False  # the first run (which finalizes) stays and sends one more
+                moved = run.shard or (run.parallelism or default_parallelism())
+                start_shard(run, batch_id, moved, f"{flow_run.get_id()}-moved-{moved}")
+                get_run_logger().info("another node has a free GPU: shard %d goes there", moved)
+                if run.shard:
+                    break
+                continue
             chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
             model_version = chosen.model_version
             label_run(batch_id, run.tier, run.tenant, model_version)

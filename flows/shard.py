@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from enum import Enum
 from uuid import UUID
 
 import httpx
@@ -35,6 +36,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run
 
 from deployments.apply import gpu_limit_name, node_gpu_limit_name
@@ -65,34 +67,68 @@ def default_parallelism() -> int:
     return (_limit_size(gpu_limit_name(group)) or 1) if group else 1
 
 
+class Turn(Enum):
+    """How a wait for a GPU ended."""
+
+    HELD = "held"
+    NOT_NEEDED = "not needed"
+    """The batch has nothing left for another shard."""
+    ELSEWHERE = "elsewhere"
+    """Nothing here will come to us, and another node of the group has a free GPU."""
+
+
+def free_gpu_elsewhere(group: str, node: str) -> bool:
+    """Whether a node of the group other than `node` has a GPU slot free (its limit says)."""
+    prefix, mine = f"gpu:{group}:", node_gpu_limit_name(group, node)
+    with get_client(sync_client=True) as client:
+        limits = client.read_global_concurrency_limits(limit=200)
+    return any(
+        lim.name.startswith(prefix) and lim.name != mine and lim.active_slots < lim.limit
+        for lim in limits
+    )
+
+
+def start_shard(run: BatchRun, batch_id: str, shard: int, key: str) -> UUID | None:
+    """One more shard of the batch as a run of this run's deployment (None outside one)."""
+    deployment = this_deployment.get_id()
+    if deployment is None:
+        return None
+    started = run_deployment(
+        UUID(str(deployment)),
+        parameters={**run.parameters(), "batch_id": batch_id, "parallelism": 1, "shard": shard},
+        timeout=0,
+        idempotency_key=key,
+        tags=[f"batch:{batch_id}", f"shard:{shard}"],
+    )
+    return started.id  # type: ignore[union-attr]  # sync: not a coroutine
+
+
 def launch_shards(run: BatchRun, batch_id: str, parallelism: int) -> list[UUID]:
     """Start the batch's other `parallelism - 1` shards as runs of this run's deployment (none
     when this run is not a deployment's); returns their flow run ids. Idempotent per parent
     run, so a retried parent starts no second set."""
-    deployment = flow_run.get_deployment_id()
     parent = flow_run.get_id()
-    if deployment is None or parent is None or parallelism <= 1:
+    if parent is None or parallelism <= 1:
         return []
-    params = {**run.parameters(), "batch_id": batch_id, "parallelism": 1}
-    started = []
-    for shard in range(1, parallelism):
-        started_run = run_deployment(
-            UUID(str(deployment)),
-            parameters={**params, "shard": shard},
-            timeout=0,
-            idempotency_key=f"{parent}-shard-{shard}",
-            tags=[f"batch:{batch_id}", f"shard:{shard}"],
-        )
-        started.append(started_run.id)  # type: ignore[union-attr]  # sync: not a coroutine
-    return started
+    started = [start_shard(run, batch_id, n, f"{parent}-shard-{n}") for n in range(1, parallelism)]
+    return [s for s in started if s is not None]
 
 
 class GpuSlot:
     """A shard's GPU: its seat at the node's GPUs (tier, waiting or holding) and, while it
     holds, one slot of the node's and the group's Prefect limits."""
 
-    def __init__(self, seat: Seat, names: list[str], poll_seconds: float = 0.5):
-        self.seat, self.names, self.poll_seconds = seat, names, poll_seconds
+    def __init__(
+        self,
+        seat: Seat,
+        names: list[str],
+        group: str,
+        node: str,
+        poll_seconds: float = 0.5,
+        look_around_seconds: float = 5.0,
+    ):
+        self.seat, self.names, self.group, self.node = seat, names, group, node
+        self.poll_seconds, self.look_around_seconds = poll_seconds, look_around_seconds
         self._held: contextlib.ExitStack | None = None
 
     @classmethod
@@ -108,21 +144,28 @@ class GpuSlot:
             return None
         names = [name] + ([gpu_limit_name(group)] if _limit_size(gpu_limit_name(group)) else [])
         seat = Seat(db, name, gpus, shard, batch_id, tier).start()
-        return cls(seat, names)
+        return cls(seat, names, group, node)
 
     @property
     def holding(self) -> bool:
         return self._held is not None
 
-    def acquire(self, wanted: Callable[[], bool]) -> bool:
-        """Wait for our turn at the node's GPUs and take a slot; False when `wanted()` says
-        the batch no longer needs us before that."""
+    def acquire(self, wanted: Callable[[], bool], may_move: bool = True) -> Turn:
+        """Wait for our turn at the node's GPUs and take a slot; NOT_NEEDED when `wanted()`
+        says the batch no longer needs us before that; ELSEWHERE (if `may_move`) when we are
+        stuck here while another node has a free GPU — Prefect gave this run to a worker whose
+        GPUs its own batch holds, and no worker is chosen by its free GPUs."""
+        look_around = time.monotonic() + self.look_around_seconds
         while wanted():
             if self.seat.may_take() and self._take():
                 self.seat.set_holding(True)
-                return True
+                return Turn.HELD
+            if may_move and time.monotonic() > look_around:
+                look_around = time.monotonic() + self.look_around_seconds
+                if self.seat.stuck() and free_gpu_elsewhere(self.group, self.node):
+                    return Turn.ELSEWHERE
             time.sleep(self.poll_seconds)
-        return False
+        return Turn.NOT_NEEDED
 
     def _take(self) -> bool:
         """One try at the slots, no waiting in Prefect's client (the seats order the waiters;

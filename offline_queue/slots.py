@@ -94,8 +94,11 @@ class Seat:
 
     def look(self) -> Plan:
         """Beat, and the plan over the live seats."""
+        return plan(self._beat(), self.gpus)
+
+    def _beat(self) -> list[SeatRow]:
         with self._lock:
-            rows = seat_rows.beat(
+            return seat_rows.beat(
                 self.db,
                 self.limit,
                 self.shard,
@@ -105,10 +108,17 @@ class Seat:
                 self.since,
                 self.stale_seconds,
             )
-        return plan(rows, self.gpus)
 
     def may_take(self) -> bool:
         return self.shard in self.look().granted
+
+    def stuck(self) -> bool:
+        """Waiting, with every GPU here held by shards of our tier or a higher one: nothing
+        here will be handed to us before one of them ends (a batch's own shards, say)."""
+        rows = self._beat()
+        return self.shard not in plan(rows, self.gpus).granted and not any(
+            r.holding and r.tier > self.tier for r in rows
+        )
 
     def must_yield(self) -> bool:
         return self.shard in self.look().yielding

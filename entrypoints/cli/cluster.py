@@ -111,4 +111,6 @@ def worker_start(
     args = [str(prefect), "worker", "start", "--pool", group, "--type", "process"]
     if name:
         args += ["--name", name]
+    if "--limit" not in ctx.args:  # its GPUs' shards, and one waiting to take a GPU over
+        args += ["--limit", str(gpus + 1)]
     os.execv(args[0], [*args, *ctx.args])
