@@ -35,8 +35,23 @@ class Change:
 
 
 def gpu_limit_name(group: str) -> str:
-    """The global concurrency limit that guards a group's GPUs."""
+    """The global concurrency limit that counts a group's GPUs (pools.yaml's `gpu_slots`): a
+    serving shard holds one of its slots, so the UI shows how many of the group's GPUs serve,
+    and a batch gets this many shards unless told otherwise."""
     return f"gpu:{group}"
+
+
+def node_gpu_limit_name(group: str, node: str) -> str:
+    """The global concurrency limit that guards one node's GPUs (its worker creates it): a
+    shard serves only while it holds one of its slots."""
+    return f"gpu:{group}:{node}"
+
+
+def node_gpu_limit(group: str, node: str, gpus: int) -> Change:
+    """Create or update the node's GPU limit: a node says how many GPUs it has when its worker
+    starts (the cluster file names groups, not their nodes)."""
+    with get_client(sync_client=True) as client:
+        return _limit(client, node_gpu_limit_name(group, node), gpus)
 
 
 def _pool(client: SyncPrefectClient, name: str, limit: int, description: str) -> Change:

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 from uuid import UUID
 
@@ -36,6 +37,7 @@ from pydantic import BaseModel
 
 from blocks.engines import load_engine_block
 from blocks.store import store_url
+from flows.shard import GpuSlot, Turn, default_parallelism, launch_shards, start_shard
 from offline_queue.batches import batch_object, place_batch, write_files
 from offline_queue.formats import BatchObject, RunStats
 from offline_queue.leases import OwnerHeartbeat
@@ -44,7 +46,7 @@ from offline_queue.runs import BatchRun, with_field_docs
 from offline_queue.serving import ChunkReport
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.storage import locate, resolve
-from offline_queue.store import batches, ingest, results, stats
+from offline_queue.store import batches, claims, ingest, results, stats
 from offline_queue.store.db import patiently
 from offline_queue.validate import Limits, inspect_file
 from offline_queue.worker import ChunkWorker
@@ -77,6 +79,8 @@ def batch_inference(
     release_track: str | None = None,
     release_version: str | None = None,
     lease_seconds: float = 60.0,
+    parallelism: int | None = None,
+    shard: int = 0,
 ) -> dict[str, Any]:
     """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
 
@@ -85,6 +89,8 @@ def batch_inference(
     """
     run = BatchRun(**locals())  # nothing else is defined yet: locals() are the parameters
     db_url = store_url(run.db, run.store)
+    if run.shard:  # started by the batch's first run: serve, and leave the rest to it
+        return serve_shard(run, db_url)
     submitted = submit(run, db_url)
     bid = submitted.batch_id
     label_run(bid, run.tier, run.tenant)
@@ -98,7 +104,7 @@ def batch_inference(
     ingest_run = validate_and_queue.submit(
         db_url, bid, submitted.content_hash, submitted.created_at
     )
-    backlog = Backlog(db_url, bid, ingest_run)
+    backlog = Backlog.beside(db_url, bid, ingest_run)
     # The batch shows this run as its owner, alive, until the run ends: a run killed where no
     # hook sees it (kill -9) leaves a silent owner, which reap_orphans settles after a lease.
     with OwnerHeartbeat(db_url, bid, *_run_owner(), run.lease_seconds):
@@ -109,38 +115,9 @@ def batch_inference(
         tally = RunStats(reused=results.settled_requests(db_url, bid))
         model_version = None
         if backlog.has_work():
-            chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
-            model_version = chosen.model_version
-            label_run(bid, run.tier, run.tenant, model_version)
-            batches.set_status(db_url, bid, BatchStatus.IN_PROGRESS, model_version=model_version)
-            # Chunks until nothing is left and the ingest is over: ours, or other workers' (we
-            # wait for their leases).
-            with ChunkWorker(
-                db_url,
-                bid,
-                chosen,
-                tier=run.tier,
-                weight=run.weight,
-                max_attempts=run.max_attempts,
-                lease_seconds=run.lease_seconds,
-            ) as worker:
-                progress = ProgressArtifact(db_url, bid, submitted.lines)
-                while True:
-                    stop_reason = patiently(lambda: _stop_reason(db_url, bid))
-                    if (
-                        stop_reason
-                    ):  # cancelled or expired: what is queued leaves, in-flight finishes
-                        results.drop_queued(db_url, bid, *stop_reason)
-                    report = infer_chunk(bid, worker.owner, run.chunk_size)
-                    if report is not None:
-                        tally.inferred += report.inferred
-                        tally.reused += report.reused
-                        progress.after_chunk()
-                        continue
-                    final = backlog.settled_or_wait(run.lease_seconds)
-                    if final is not None:
-                        progress.show(final)
-                        break
+            launch_shards(run, bid, run.parallelism or default_parallelism())
+            progress = ProgressArtifact(db_url, bid, submitted.lines)
+            model_version = serve(run, db_url, bid, backlog, tally, progress)
         ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
 
         engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
@@ -329,20 +306,140 @@ def _artifact_key(batch_id: str, what: str) -> str:
 # -- what the flow leans on ------------------------------------------------------------------
 
 
+def serve(
+    run: BatchRun,
+    db: str,
+    batch_id: str,
+    backlog: Backlog,
+    tally: RunStats,
+    progress: ProgressArtifact | None = None,
+) -> str | None:
+    """Serve chunks of the batch until nothing is left; returns the engine's model version.
+
+    On a node whose worker made its GPU limit, chunks are served only while this shard holds
+    one of the node's GPUs (flows/shard.py): the engine is loaded once a slot is held (an
+    in-process engine needs the GPU), and at each chunk boundary a shard of a lower tier that a
+    waiting higher tier needs hands the slot over and waits for it again. The process keeps its
+    engine (loaded once per process) for when the slot comes back."""
+    slot = GpuSlot.on_this_node(db, claims.new_owner(), batch_id, Tier(run.tier).rank)
+    model_version = None
+    may_move = True
+    try:
+        while True:
+            turn = Turn.HELD if slot is None else slot.acquire(backlog.open, may_move)
+            if turn is Turn.NOT_NEEDED:
+                break
+            if turn is Turn.ELSEWHERE:  # a run of ours where a GPU is free: a shard moves,
+                may_move = False  # the first run (which finalizes) stays and sends one more
+                moved = run.shard or (run.parallelism or default_parallelism())
+                start_shard(run, batch_id, moved, f"{flow_run.get_id()}-moved-{moved}")
+                get_run_logger().info("another node has a free GPU: shard %d goes there", moved)
+                if run.shard:
+                    break
+                continue
+            chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
+            model_version = chosen.model_version
+            label_run(batch_id, run.tier, run.tenant, model_version)
+            batches.set_status(db, batch_id, BatchStatus.IN_PROGRESS, model_version=model_version)
+            with ChunkWorker(
+                db,
+                batch_id,
+                chosen,
+                tier=run.tier,
+                weight=run.weight,
+                max_attempts=run.max_attempts,
+                lease_seconds=run.lease_seconds,
+            ) as worker:
+                done = _serve_chunks(run, db, worker, backlog, tally, slot, progress)
+            if done or slot is None:
+                break
+            slot.release()
+            get_run_logger().info("handed the GPU to a waiting higher tier; waiting for it again")
+    finally:
+        if slot is not None:
+            slot.close()
+    return model_version
+
+
+def _serve_chunks(
+    run: BatchRun,
+    db: str,
+    worker: ChunkWorker,
+    backlog: Backlog,
+    tally: RunStats,
+    slot: GpuSlot | None,
+    progress: ProgressArtifact | None,
+) -> bool:
+    """Chunks until nothing is left and the ingest is over — ours, or other workers' (we wait
+    for their leases): True; or until the GPU slot is to be handed over: False."""
+    bid = worker.batch_id
+    while True:
+        stop_reason = patiently(lambda: _stop_reason(db, bid))
+        if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
+            results.drop_queued(db, bid, *stop_reason)
+        report = infer_chunk(bid, worker.owner, run.chunk_size)
+        if report is not None:
+            tally.inferred += report.inferred
+            tally.reused += report.reused
+            if progress is not None:
+                progress.after_chunk()
+        else:
+            final = backlog.settled_or_wait(run.lease_seconds)
+            if final is not None:
+                if progress is not None:
+                    progress.show(final)
+                return True
+        if slot is not None and patiently(slot.must_yield):  # the chunk boundary
+            return False
+
+
+def serve_shard(run: BatchRun, db: str) -> dict[str, Any]:
+    """A shard the batch's first run started: serve until nothing is left (the first run
+    finalizes)."""
+    assert run.batch_id is not None, "a shard is started with its batch's id"
+    bid = run.batch_id
+    label_run(bid, run.tier, run.tenant)
+    tally = RunStats()
+    backlog = Backlog(db, bid, lambda: _ingest_done(db, bid))
+    if backlog.has_work():
+        with OwnerHeartbeat(db, bid, *_run_owner(), run.lease_seconds):  # alive while it serves
+            serve(run, db, bid, backlog, tally)
+    get_run_logger().info("shard %d of %s: %d inferred", run.shard, bid, tally.inferred)
+    return {"batch_id": bid, "shard": run.shard, **tally.model_dump(mode="json")}
+
+
+def _ingest_done(db: str, batch_id: str) -> bool:
+    batch = batches.get_batch(db, batch_id)
+    return batch is None or batch.ingest_done or BatchStatus(batch.status).terminal
+
+
 class Backlog:
     """What is left of the batch to infer while its ingest runs beside the inference: whether
     there is anything at all — a file of rejected lines, or a batch resumed after its last
     result, never loads the engine — and, when nothing is claimable, whether the batch is
-    done."""
+    done. `ingested()` says whether the ingest is over (the first run knows from its task; a
+    shard from the store)."""
 
-    def __init__(self, db: str, batch_id: str, ingest_run: PrefectFuture[int]):
-        self.db, self.batch_id = db, batch_id
-        self._ingested = threading.Event()
-        ingest_run.add_done_callback(lambda _: self._ingested.set())
+    def __init__(self, db: str, batch_id: str, ingested: Callable[[], bool]):
+        self.db, self.batch_id, self._ingested = db, batch_id, ingested
+
+    @classmethod
+    def beside(cls, db: str, batch_id: str, ingest_run: PrefectFuture[int]) -> Backlog:
+        """The backlog of the run whose ingest task is `ingest_run`."""
+        ingested = threading.Event()
+        ingest_run.add_done_callback(lambda _: ingested.set())
+        return cls(db, batch_id, ingested.is_set)
+
+    def open(self) -> bool:
+        """Whether the batch may still have work for a shard (one look, no wait)."""
+        ingested = self._ingested()
+        return (
+            not ingested or patiently(lambda: results.progress(self.db, self.batch_id)).pending > 0
+        )
 
     def has_work(self) -> bool:
         while True:
-            ingested = self._ingested.is_set()
+            ingested = self._ingested()
             p = results.progress(self.db, self.batch_id)
             if p.pending or ingested:
                 return p.pending > 0
@@ -352,7 +449,7 @@ class Backlog:
         """The batch's progress once nothing is pending and the ingest is over; else None,
         after a wait for what is left: leased by another worker, waiting for its retry time,
         or not ingested yet."""
-        ingested = self._ingested.is_set()  # before the count: lines may land in between
+        ingested = self._ingested()  # before the count: lines may land in between
         p = patiently(lambda: results.progress(self.db, self.batch_id))
         if p.pending == 0 and ingested:
             return p
@@ -407,6 +504,21 @@ def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = 
         client.update_flow_run(UUID(run_id), name=f"{name}-{tier}", tags=sorted(tags))
 
 
+def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
+    batch = batches.get_batch(db, batch_id)
+    if batch is None:
+        return None
+    if batch.status == BatchStatus.CANCELLING:
+        return "batch_cancelled", "the batch was cancelled before this request ran"
+    if batch.expires_at and time.time() > batch.expires_at:
+        return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"
+    return None
+
+
+def _percent(p: results.Progress, total: int) -> float:
+    return 100.0 * (p.completed + p.failed) / total if total else 100.0
+
+
 def _run_owner() -> tuple[str, str | None]:
     """Who this run is, as the batch row shows it, and its flow run id (what hooks find)."""
     run_id = flow_run.get_id()
@@ -445,18 +557,3 @@ def record_run_end(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -
     )
     for batch_id in failed:
         flow_run_logger(flow_run, flow).warning("batch %s failed: %s", batch_id, message)
-
-
-def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
-    batch = batches.get_batch(db, batch_id)
-    if batch is None:
-        return None
-    if batch.status == BatchStatus.CANCELLING:
-        return "batch_cancelled", "the batch was cancelled before this request ran"
-    if batch.expires_at and time.time() > batch.expires_at:
-        return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"
-    return None
-
-
-def _percent(p: results.Progress, total: int) -> float:
-    return 100.0 * (p.completed + p.failed) / total if total else 100.0

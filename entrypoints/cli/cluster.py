@@ -83,10 +83,18 @@ def worker_start(
     ctx: typer.Context,
     group: Annotated[str, typer.Option(help="The node group (work pool) this node belongs to.")],
     name: Annotated[str | None, typer.Option(help="Worker name. Default: Prefect's.")] = None,
+    gpus: Annotated[
+        int, typer.Option(min=1, help="GPUs on this node: the slots of its `gpu:` limit.")
+    ] = 1,
 ) -> None:
     """`prefect worker start` for this node's group, with what a node needs set: the checkout
-    the deployments' pull step moves to (OFFLINE_QUEUE_HOME), the engine environment, and
-    quick pick-up of new runs. Arguments after `--` go to `prefect worker start`."""
+    the deployments' pull step moves to (OFFLINE_QUEUE_HOME), the engine environment, quick
+    pick-up of new runs, and the node's GPU limit `gpu:GROUP:HOST` (GPUS slots), which the
+    shards it runs hold while they serve. Arguments after `--` go to `prefect worker start`."""
+    import socket
+
+    from deployments.apply import node_gpu_limit
+    from flows.shard import GPU_GROUP_ENV, GPU_NODE_ENV
     from offline_queue.engines.env import apply_engine_env
 
     apply_engine_env()
@@ -95,8 +103,14 @@ def worker_start(
     use_prefect_defaults()
     if not os.environ.get("PREFECT_API_URL"):
         err.print("[yellow]PREFECT_API_URL is not set: a worker needs a Prefect server.[/yellow]")
+    node = socket.gethostname()
+    change = node_gpu_limit(group, node, gpus)
+    out.print(f"{change.kind} {change.name}: {change.action} ({change.detail})")
+    os.environ.update({GPU_GROUP_ENV: group, GPU_NODE_ENV: node})  # the flow runs inherit it
     prefect = Path(sys.executable).with_name("prefect")
     args = [str(prefect), "worker", "start", "--pool", group, "--type", "process"]
     if name:
         args += ["--name", name]
+    if "--limit" not in ctx.args:  # its GPUs' shards, and one waiting to take a GPU over
+        args += ["--limit", str(gpus + 1)]
     os.execv(args[0], [*args, *ctx.args])

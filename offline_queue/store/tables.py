@@ -253,3 +253,23 @@ class FileChunk(Base):
     file_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class GpuSeat(Base):
+    """A shard at a node's GPUs: holding one of them, or waiting for one, kept alive by a
+    heartbeat. Prefect's global concurrency limit (`gpu_limit`) is what holds the GPU; this row is
+    what it cannot say — the tier of whoever waits — so that holders of a lower tier see, at
+    their chunk boundary, whom to hand their GPU to (offline_queue/slots.py)."""
+
+    __tablename__ = "gpu_seats"
+
+    gpu_limit: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The node's `gpu:` limit: its GPUs are the seats."""
+    shard: Mapped[str] = mapped_column(String(128), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(64), index=True)
+    tier: Mapped[int] = mapped_column(Integer)
+    """The batch's Tier.rank: 1 is the most urgent."""
+    holding: Mapped[bool] = mapped_column(Boolean)
+    since: Mapped[float] = mapped_column(Float)
+    """When the shard began to hold, or to wait (first come first served within a tier)."""
+    heartbeat: Mapped[float] = mapped_column(Float, index=True)
