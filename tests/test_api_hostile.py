@@ -277,6 +277,7 @@ simple("auth-other-path", {401}, lambda t: anon(t).get("/files/file-abc"))
 simple("auth-unknown-path", {401}, lambda t: anon(t).get("/nothing/here"))
 simple("auth-docs", {401}, lambda t: httpx.get(t.h.root + "/docs"))
 simple("auth-openapi", {401}, lambda t: httpx.get(t.h.root + "/openapi.json"))
+simple("health-post-needs-a-key", {401}, lambda t: httpx.post(t.h.root + "/health"))
 simple("auth-redoc", {401}, lambda t: httpx.get(t.h.root + "/redoc"))
 simple(
     "auth-upload-before-body",

@@ -189,7 +189,7 @@ def test_kill_9_of_the_api_leaves_a_failed_batch_that_a_rerun_completes(
             cwd=REPO,
         )
         try:
-            wait_for(lambda: healthy(f"http://127.0.0.1:{port}/openapi.json"), timeout=60)
+            wait_for(lambda: healthy(f"http://127.0.0.1:{port}/health"), timeout=60)
             from entrypoints.api.auth import create_key
 
             client = openai.OpenAI(

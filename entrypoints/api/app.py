@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from entrypoints.api import batches, files, runs
 from entrypoints.api.errors import install_error_handlers
-from entrypoints.api.gate import Gate, access_log
+from entrypoints.api.gate import HEALTH, Gate, access_log
 from entrypoints.api.settings import ApiSettings
 
 
@@ -45,6 +45,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
     settings.data_dir.chmod(0o700)
     access_log(settings)
     install_error_handlers(app)
+    @app.get(HEALTH, include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
     app.include_router(files.router)
     app.include_router(batches.router)
     app.add_middleware(Gate, settings=settings)
