@@ -58,11 +58,14 @@ def run(
 
     Running the same file again resumes it (or, once it is done, only rewrites the files)."""
     from offline_queue.model import ModelError, prepare_bundled_model
+    from offline_queue.storage import locate
     from offline_queue.store.batches import BatchConflict
+    from offline_queue.store.db import resolve_url
     from offline_queue.validate import FileRefused, Limits, inspect_file
 
     try:
-        inspect_file(input, Limits())  # refuse a bad file before starting anything
+        # refuse a bad file before starting anything (a store:// file is in the store we use)
+        inspect_file(locate(input, resolve_url(db)), Limits())
         if not model and not engine:
             with err.status("Preparing the bundled model (once, ~20 s)…"):
                 prepare_bundled_model()
