@@ -1,5 +1,6 @@
 """How operators run it: a Prefect server on PostgreSQL, `pools apply`, `prefect deploy --all`,
-a worker, `prefect deployment run --watch`, queue priority, and the nightly schedule."""
+a worker, `prefect deployment run --watch`, queue priority, the nightly schedule, and the API
+on one machine starting runs that a worker on another (a simulated node) executes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import os
 import re
 import subprocess
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -19,9 +23,12 @@ import httpx
 import pytest
 import yaml
 
+from instruments.loopback import free_port
+from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
+from tests.api_helpers import Api, lines_of, wait_terminal
 from tests.conftest import REPO
 from tests.test_pipeline import line, write
 
@@ -79,24 +86,33 @@ def deployed(cluster: dict[str, str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def workers(env: dict[str, str], cwd: Path, *groups: str) -> Iterator[None]:
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "offline-queue"), "worker", "start", "--group", g],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=cwd,
-        )
-        for g in groups
-    ]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+def workers(
+    env: dict[str, str],
+    cwd: Path | None,
+    *groups: str,
+    node: Node | None = None,
+    log: Path | None = None,
+) -> Iterator[None]:
+    """`offline-queue worker start --group G` for each group: here, or in `node` (with `env`
+    pointed at the node's private places, `cwd` as the node sees it, default its HOME). Their
+    output goes to `log` (a file here, even for a node's workers), else nowhere."""
+    with log.open("ab") if log else open(os.devnull, "wb") as out:
+
+        def start(group: str) -> subprocess.Popen[bytes]:
+            command = [str(BIN / "offline-queue"), "worker", "start", "--group", group]
+            streams: dict[str, Any] = {"stdout": out, "stderr": subprocess.STDOUT}
+            if node is not None:
+                return node.popen(command, env=node.env(env), cwd=cwd, **streams)
+            return subprocess.Popen(command, env=env, cwd=cwd, **streams)
+
+        procs = [start(g) for g in groups]
+        try:
+            yield
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
 
 
 def cmd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -397,3 +413,129 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
         timeout=10,
     ).json()
     assert events["events"], events
+
+
+@contextlib.contextmanager
+def api_serve(env: dict[str, str], store: str, data_dir: Path, log: Path) -> Iterator[str]:
+    """`offline-queue api serve --deployment batch-inference/local` on this machine; yields its
+    /v1 URL once it answers (a 401 without a key) and stops it at the end."""
+    port = free_port()
+    command = [str(BIN / "offline-queue"), "api", "serve", "--deployment", "batch-inference/local"]
+    command += ["--db", store, "--port", str(port), "--data-dir", str(data_dir)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def answers() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/batches", timeout=2).status_code == 401
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(answers, timeout=120, interval=0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _inputs(tag: str) -> dict[str, bytes]:
+    """Three small uploads as users write them: one plain, one without a final newline (as
+    many editors save), one with CRLF line ends and a line the batch refuses."""
+
+    def requests(prefix: str, n: int) -> list[str]:
+        return [json.dumps(line(f"{tag}-{prefix}-{i}", max_tokens=6)) for i in range(n)]
+
+    crlf = requests("crlf", 3)
+    bad = line(f"{tag}-crlf-bad", max_tokens=6)
+    del bad["body"]["messages"]  # refused at validation: an error line, not a request
+    crlf.insert(1, json.dumps(bad))
+    return {
+        "plain": "".join(x + "\n" for x in requests("plain", 3)).encode(),
+        "no-final-newline": "\n".join(requests("nonl", 4)).encode(),
+        "crlf": "".join(x + "\r\n" for x in crlf).encode(),
+    }
+
+
+def test_sdk_batches_through_the_api_run_on_a_worker_in_another_node(
+    deployed: dict[str, str], tmp_path: Path, model_dir: Path
+) -> None:
+    """The front door across machines: the API on this host, the worker on node `gpu-1` (its
+    own /tmp, HOME and host name; the model installed there as on a GPU node), nothing shared
+    but PostgreSQL and the Prefect server. The `openai` SDK uploads, creates, waits and
+    downloads: every custom_id exactly once, every body an openai ChatCompletion."""
+    refused = namespaces_refused()
+    if refused:
+        pytest.skip(f"this kernel or user cannot make namespaces: {refused}")
+    from openai.types import BatchError
+    from openai.types.chat import ChatCompletion
+
+    from offline_queue.store import batches
+
+    env, store = deployed, deployed["OQ_TEST_STORE"]
+    inputs = _inputs(uuid.uuid4().hex[:8])
+    data_dir = tmp_path / "api"
+    started = time.monotonic()
+    with (
+        Cluster() as machines,
+        api_serve(env, store, data_dir, tmp_path / "api.log") as url,
+    ):
+        # The bundled model folder is installed on the node (read-only) at its default place,
+        # which the node's own HOME would hide: the deployment runs with its defaults.
+        gpu = machines.node("gpu-1", installed=(*INSTALLED, model_dir))
+        assert gpu.run(["test", "-e", str(data_dir)]).returncode == 1  # the API's disk
+        client = Api(url, store).client("acme")
+        ids: dict[str, str] = {}
+        with workers(env, None, "cpu-local", node=gpu, log=tmp_path / "worker.log"):
+            for name, raw in inputs.items():
+                uploaded = client.files.create(file=(f"{name}.jsonl", raw), purpose="batch")
+                assert uploaded.bytes == len(raw)
+                ids[name] = client.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                ).id
+            try:
+                done = {name: wait_terminal(client, bid, timeout=420) for name, bid in ids.items()}
+            except TimeoutError:
+                states = {n: batches.get_batch(store, b) for n, b in ids.items()}
+                shown = {n: (b.status, b.owner, b.errors_json) for n, b in states.items() if b}
+                worker_log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
+                api_log = (tmp_path / "api.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"not all terminal: {shown}\nworker:\n{worker_log}\napi:\n{api_log}")
+        print(f"3 batches through the API on a node: {time.monotonic() - started:.0f} s")
+
+        for name, batch in done.items():
+            stored = batches.get_batch(store, batch.id)
+            assert stored is not None
+            assert batch.status == "completed", (name, batch.errors, stored.owner)
+            assert stored.owner and " on gpu-1 (pid " in stored.owner, stored.owner
+            outputs = lines_of(client, batch.output_file_id)
+            errors = lines_of(client, batch.error_file_id) if batch.error_file_id else []
+            seen = Counter(o["custom_id"] for o in outputs + errors)
+            wanted = [json.loads(x)["custom_id"] for x in inputs[name].decode().splitlines()]
+            assert seen == Counter(wanted), (name, seen)
+            for out in outputs:
+                assert out["error"] is None and out["response"]["status_code"] == 200
+                completion = ChatCompletion.model_validate(out["response"]["body"])
+                assert completion.choices and completion.usage
+            assert all(e["response"] is None for e in errors)
+            messages = [BatchError.model_validate(e["error"]).message or "" for e in errors]
+            assert len(messages) == (name == "crlf"), messages
+            assert all("line 2" in m and "messages" in m for m in messages), messages
+            counts = batch.request_counts
+            assert counts and (counts.total, counts.failed) == (len(wanted), len(errors))
+
+        # What the node ran needed no file from the API's disk, and kept none of the uploads.
+        uploads = {len(raw): raw for raw in inputs.values()}
+        for root in (gpu.path("/tmp"), gpu.path(gpu.home)):
+            for path in root.rglob("*"):
+                if path.is_file() and path.stat().st_size in uploads:
+                    assert path.read_bytes() != uploads[path.stat().st_size], path
+    assert not [p for p in data_dir.rglob("*") if p.is_file()]
