@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from instruments.loopback import free_port
+from instruments.loopback import free_port, healthy
 from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
@@ -418,24 +418,20 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
 @contextlib.contextmanager
 def api_serve(env: dict[str, str], store: str, data_dir: Path, log: Path) -> Iterator[str]:
     """`offline-queue api serve --deployment batch-inference/local` on this machine; yields its
-    /v1 URL once it answers (a 401 without a key) and stops it at the end."""
+    /v1 URL once its /health answers and stops it at the end."""
     port = free_port()
     command = [str(BIN / "offline-queue"), "api", "serve", "--deployment", "batch-inference/local"]
     command += ["--db", store, "--port", str(port), "--data-dir", str(data_dir)]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}/v1"
 
     def answers() -> bool:
         assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/batches", timeout=2).status_code == 401
-        except httpx.HTTPError:
-            return False
+        return healthy(f"http://127.0.0.1:{port}/health")
 
     try:
         wait_for(answers, timeout=120, interval=0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
         try:
