@@ -235,7 +235,13 @@ def test_kill_9_of_the_api_leaves_a_failed_batch_that_a_rerun_completes(
     done = json.loads(again.stdout.strip().splitlines()[-1])
     assert done["status"] == "completed" and not done["errors"]
     assert done["request_counts"] == {"total": total, "completed": total, "failed": 0}
-    ids = custom_ids(done["output_file"], done["error_file"])
+    # The batch came through the API: its files are its result rows, fetched as a user would.
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    fetched = run_cli(
+        "results", batch_id, "-o", str(out), "--errors", str(err), "--db", pg_url, env=env
+    )
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    ids = custom_ids(str(out), str(err))
     assert ids.keys() == {f"k{i}" for i in range(total)} and set(ids.values()) == {1}
     with session(pg_url) as s:
         left = s.query(Request).filter(Request.state != RequestState.COMPLETED).count()
