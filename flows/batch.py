@@ -426,7 +426,7 @@ def infer_all(
                 return run
             # What is left is leased by another worker, waiting for its retry time, or not
             # ingested yet.
-            wait = (p.next_due or 0) - time.time() if p.processing == 0 else lease_seconds / 6
+            wait = (p.due_in or 0) if p.processing == 0 else lease_seconds / 6
             if p.pending == 0:
                 wait = 0.05
             time.sleep(min(max(wait, 0.05), 2.0))
@@ -458,12 +458,12 @@ class IngestWatch:
 
 
 def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
-    batch = batches.get_batch(db, batch_id)
+    batch, expired = batches.get_batch_expired(db, batch_id)  # by the store's clock
     if batch is None:
         return None
     if batch.status == "cancelling":
         return "batch_cancelled", "the batch was cancelled before this request ran"
-    if batch.expires_at and time.time() > batch.expires_at:
+    if expired:
         return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"
     return None
 

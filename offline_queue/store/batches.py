@@ -8,13 +8,13 @@ POST /v1/batches start in the same state with the same fields.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
 from sqlalchemy import func, select, text, update
 
 from offline_queue.formats import TERMINAL_STATUSES
+from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
 
@@ -119,7 +119,7 @@ def register_batch(
             max_attempts=max_attempts,
             metadata=metadata,
             idempotency_key=idempotency_key,
-            created_at=int(time.time()),
+            created_at=clock.seconds(s),
         )
         s.add(batch)
     return batch, True
@@ -169,7 +169,7 @@ def admit_batch(
         )
         if waiting + total_lines > max_queued:
             raise AdmissionRefused(tier, waiting, max_queued)
-        now = int(time.time())
+        now = clock.seconds(s)  # the store's time: every worker judges expiry by it
         batch = _new_batch(
             batch_id=batch_id,
             content_hash=content_hash,
@@ -208,13 +208,25 @@ def request_cancel(db: str, batch_id: str) -> None:
                 Batch.id == batch_id,
                 Batch.status.not_in(["completed", "failed", "cancelled", "expired"]),
             )
-            .values(status="cancelling", cancelling_at=int(time.time()))
+            .values(status="cancelling", cancelling_at=clock.now_seconds())
         )
 
 
 def get_batch(db: str, batch_id: str) -> Batch | None:
     with session(db, readonly=True) as s:
         return s.get(Batch, batch_id)
+
+
+def get_batch_expired(db: str, batch_id: str) -> tuple[Batch | None, bool]:
+    """The batch, and whether its completion window is over by the store's clock, in one read:
+    a worker asks before every chunk, and its own clock may be off."""
+    with session(db, readonly=True) as s:
+        found = s.execute(
+            select(Batch, func.coalesce(Batch.expires_at < clock.now(), False)).where(
+                Batch.id == batch_id
+            )
+        ).first()
+    return (None, False) if found is None else (found[0], bool(found[1]))
 
 
 def recent_batches(db: str, limit: int) -> list[Batch]:
@@ -268,4 +280,4 @@ def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
             setattr(batch, key, value)
         stamp = _STAMPS.get(status)
         if stamp and getattr(batch, stamp) is None:
-            setattr(batch, stamp, int(time.time()))
+            setattr(batch, stamp, clock.now_seconds())  # written in the UPDATE: the store's time
