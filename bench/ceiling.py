@@ -31,7 +31,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from bench.instant import InstantBenchmarkEngine  # noqa: E402
 from bench.lines import write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
-from tests.services import exit_on_sigterm, postgres  # noqa: E402
+from instruments.postgres import postgres  # noqa: E402
+from instruments.processes import exit_on_sigterm  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 
@@ -67,7 +68,7 @@ def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -
     if profiler:
         profiler.enable()
     result = batch_inference(input=str(path), db=db, engine=BLOCK, chunk_size=chunk_size)
-    if profiler:
+    if profiler is not None and profile is not None:
         profiler.disable()
         profiler.dump_stats(profile)
     ended = time.time()

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -50,19 +49,14 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from instruments.faultproxy import FaultProxy  # noqa: E402
+from instruments.loopback import free_port, healthy  # noqa: E402
+from instruments.postgres import Postgres, postgres  # noqa: E402
+from instruments.processes import BIN, wait_for  # noqa: E402
 from offline_queue.engines.vllm_server import ServerProcess, server_args  # noqa: E402
-from tests.faultproxy import FaultProxy  # noqa: E402
-from tests.services import (  # noqa: E402
-    BIN,
-    as_postgres,
-    free_port,
-    healthy,
-    pg_bin,
-    wait_for,
-)
+from offline_queue.states import TERMINAL_STATUSES  # noqa: E402
 
 KINDS = ("worker", "engine", "postgres", "proxy")
-TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 LEASE_SECONDS = 5  # a killed worker's chunk is claimed again after this long
 # One `offline-queue run` invocation, counted from its start or from the end of the last
 # service restart, whichever is later (a vLLM restart alone took 6.7 min on a loaded machine);
@@ -74,116 +68,14 @@ MAX_INVOCATIONS = 6  # per trial: the first run and the re-runs after faults
 # -- services ----------------------------------------------------------------------------------
 
 
-class Postgres:
-    """A throw-away PostgreSQL cluster that can be SIGKILLed and restarted in place."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.data, self.sock = root / "data", root / "sock"
-        self.port = free_port()
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/faults"
-
-    @property
-    def plain(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/faults"
-
-    def init(self) -> Postgres:
-        import psycopg
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.sock.mkdir(exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres")
-            shutil.chown(self.sock, "postgres")
-        subprocess.run(
-            as_postgres([pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]),
-            check=True,
-            capture_output=True,
-        )
-        self.start()
-        base = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute('CREATE DATABASE "faults"')
-        return self
-
-    def start(self, timeout: float = 60) -> None:
-        """pg_ctl start, retried: right after a SIGKILL the old shared memory may still be
-        attached for a moment, and PostgreSQL refuses to start until it is gone."""
-        options = (
-            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200 -c fsync=off"
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            done = subprocess.run(
-                as_postgres(
-                    [
-                        pg_bin("pg_ctl"),
-                        "-D",
-                        str(self.data),
-                        "-o",
-                        options,
-                        "-l",
-                        str(self.root / "log"),
-                        "-w",
-                        "start",
-                    ]
-                ),
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pg_ctl start failed: {done.stdout}{done.stderr}")
-            time.sleep(0.5)
-
-    def postmaster_pid(self) -> int | None:
-        try:
-            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-
-    def kill(self) -> bool:
-        """SIGKILL the postmaster and every backend at once (the server dies, as in an OOM
-        kill of the whole service); True when it was running."""
-        pid = self.postmaster_pid()
-        if pid is None or not Path(f"/proc/{pid}").exists():
-            return False
-        children = _children(pid)
-        for p in (pid, *children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in (pid, *children)), 10)
-        return True
-
-    def stop(self) -> None:
-        subprocess.run(
-            as_postgres([pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
-            capture_output=True,
-        )
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
 @dataclass
 class Services:
     """Everything a trial needs, started once per schedule."""
 
     work: Path
     pg: Postgres
+    store: str
+    """The store's SQLAlchemy URL (the `faults` database)."""
     prefect: subprocess.Popen[bytes]
     prefect_api: str
     server: ServerProcess
@@ -191,6 +83,11 @@ class Services:
     server_log: IO[bytes]
     proxy: FaultProxy
     env: dict[str, str]
+
+    @property
+    def store_plain(self) -> str:
+        """The store's URL for psycopg (the invariants are checked by SQL, not the product)."""
+        return self.store.replace("postgresql+psycopg://", "postgresql://")
 
     @property
     def server_url(self) -> str:
@@ -215,73 +112,76 @@ def services(work: Path, log: Callable[[str], None] = print) -> Iterator[Service
 
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    pg = Postgres(Path(tempfile.mkdtemp(prefix="oq-faults-pg-"))).init()
-    home = work / "prefect-home"
-    home.mkdir(exist_ok=True)
-    prefect_port = free_port()
-    prefect_api = f"http://127.0.0.1:{prefect_port}/api"
-    env = dict(os.environ)
-    for key in ("PREFECT_API_URL", "OFFLINE_QUEUE_DB", "PREFECT_API_DATABASE_CONNECTION_URL"):
-        env.pop(key, None)
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_LOGGING_LEVEL="WARNING",
-        VLLM_LOGGING_LEVEL="WARNING",
-    )
-    prefect_log = (work / "prefect-server.log").open("wb")
-    prefect = subprocess.Popen(
-        [
-            str(BIN / "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(prefect_port),
-        ],
-        env=env,
-        stdout=prefect_log,
-        stderr=subprocess.STDOUT,
-        cwd=home,
-        start_new_session=True,
-    )
-    port = free_port()
-    args = server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2")
-    server_log = (work / "vllm-serve.log").open("ab")
-    server = ServerProcess(args, "127.0.0.1", port, log=server_log).start()
-    proxy: FaultProxy | None = None
-    try:
-        wait_for(lambda: prefect.poll() is not None or healthy(f"{prefect_api}/health"), 300, 0.5)
-        if prefect.poll() is not None:
-            raise RuntimeError("prefect server start exited; see prefect-server.log")
-        server.wait_ready(timeout=600)
-        proxy = FaultProxy(server.base_url, lambda _: "pass", stall_seconds=2).__enter__()
-        env["PREFECT_API_URL"] = prefect_api
-        svc = Services(work, pg, prefect, prefect_api, server, args, server_log, proxy, env)
-        log(
-            f"services up in {time.monotonic() - started:.0f} s: store {pg.url}, "
-            f"prefect {prefect_api}, vllm {server.base_url}, proxy {proxy.url}"
+    with postgres() as pg:
+        store = pg.create_database("faults")
+        home = work / "prefect-home"
+        home.mkdir(exist_ok=True)
+        prefect_port = free_port()
+        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+        env = dict(os.environ)
+        for key in ("PREFECT_API_URL", "OFFLINE_QUEUE_DB", "PREFECT_API_DATABASE_CONNECTION_URL"):
+            env.pop(key, None)
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_ENABLED="false",
+            PREFECT_LOGGING_LEVEL="WARNING",
+            VLLM_LOGGING_LEVEL="WARNING",
         )
-        yield svc
-        server = svc.server
-    finally:
-        if proxy is not None:
-            with contextlib.suppress(Exception):
-                proxy.__exit__()
-        server.stop()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(prefect.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            prefect.wait(30)
-        if prefect.poll() is None:
+        prefect_log = (work / "prefect-server.log").open("wb")
+        prefect = subprocess.Popen(
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+            ],
+            env=env,
+            stdout=prefect_log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+            start_new_session=True,
+        )
+        port = free_port()
+        args = server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2")
+        server_log = (work / "vllm-serve.log").open("ab")
+        server = ServerProcess(args, "127.0.0.1", port, log=server_log).start()
+        proxy: FaultProxy | None = None
+        try:
+            wait_for(
+                lambda: prefect.poll() is not None or healthy(f"{prefect_api}/health"), 300, 0.5
+            )
+            if prefect.poll() is not None:
+                raise RuntimeError("prefect server start exited; see prefect-server.log")
+            server.wait_ready(timeout=600)
+            proxy = FaultProxy(server.base_url, lambda _: "pass", stall_seconds=2).__enter__()
+            env["PREFECT_API_URL"] = prefect_api
+            svc = Services(
+                work, pg, store, prefect, prefect_api, server, args, server_log, proxy, env
+            )
+            log(
+                f"services up in {time.monotonic() - started:.0f} s: store {store}, "
+                f"prefect {prefect_api}, vllm {server.base_url}, proxy {proxy.url}"
+            )
+            yield svc
+            server = svc.server
+        finally:
+            if proxy is not None:
+                with contextlib.suppress(Exception):
+                    proxy.__exit__()
+            server.stop()
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(prefect.pid, signal.SIGKILL)
-        pg.stop()
-        shutil.rmtree(pg.root, ignore_errors=True)
-        prefect_log.close()
-        server_log.close()
+                os.killpg(prefect.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                prefect.wait(30)
+            if prefect.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(prefect.pid, signal.SIGKILL)
+            prefect_log.close()
+            server_log.close()
 
 
 # -- one trial -----------------------------------------------------------------------------------
@@ -374,7 +274,7 @@ class Runs:
             "run",
             str(self.path),
             "--db",
-            self.svc.pg.url,
+            self.svc.store,
             "--engine",
             self.engine,
             "--chunk-size",
@@ -437,7 +337,7 @@ def committed(svc: Services, path: Path) -> int:
     """Result rows of the batch read from `path` (-1 while the store cannot say)."""
     try:
         rows = _query(
-            svc.pg.plain,
+            svc.store_plain,
             "SELECT count(*) FROM results r JOIN batches b ON b.id = r.batch_id "
             "WHERE b.input_path = %s",
             str(path.resolve()),
@@ -456,29 +356,29 @@ def check(
 ) -> None:
     """The invariants, read from the store by SQL and from the two files."""
     rows = _query(
-        svc.pg.plain, "SELECT id, status FROM batches WHERE input_path = %s", str(path.resolve())
+        svc.store_plain, "SELECT id, status FROM batches WHERE input_path = %s", str(path.resolve())
     )
     if len(rows) != 1:
         trial.problems.append(f"{len(rows)} batch rows for the file")
         trial.lost = len(expected)
         return
     batch_id, trial.status = rows[0]
-    if trial.status not in TERMINAL:
+    if trial.status not in TERMINAL_STATUSES:
         trial.problems.append(f"batch status {trial.status}")
     twice = _query(
-        svc.pg.plain,
+        svc.store_plain,
         "SELECT line_no, count(*) FROM results WHERE batch_id = %s GROUP BY line_no "
         "HAVING count(*) > 1",
         batch_id,
     )
     ok, failed = _query(
-        svc.pg.plain,
+        svc.store_plain,
         "SELECT coalesce(sum(CASE WHEN ok THEN 1 ELSE 0 END), 0), "
         "coalesce(sum(CASE WHEN ok THEN 0 ELSE 1 END), 0) FROM results WHERE batch_id = %s",
         batch_id,
     )[0]
     open_requests = _query(
-        svc.pg.plain,
+        svc.store_plain,
         "SELECT count(*) FROM requests WHERE batch_id = %s AND state IN ('queued', 'processing')",
         batch_id,
     )[0][0]

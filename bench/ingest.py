@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.lines import IngestRun, run_ingest_child, write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
+from instruments.postgres import create_database, postgres  # noqa: E402
 from offline_queue.store.db import get_engine  # noqa: E402
-from tests.services import create_database, postgres  # noqa: E402
 
 PLOT = PLOTS / "ingest.png"
 COLUMNS = "batch_id, line_no, custom_id, url, body, cache_digest, state, attempts, not_before"

@@ -25,7 +25,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import write_lines  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
-from tests.services import create_database, exit_on_sigterm, postgres, prefect_server  # noqa: E402
+from instruments.postgres import create_database, postgres  # noqa: E402
+from instruments.prefect_server import prefect_server  # noqa: E402
+from instruments.processes import exit_on_sigterm  # noqa: E402
 
 BLOCK = "instant-benchmark-engine/bench"
 
@@ -43,10 +45,12 @@ def queue_batch(path: Path, db: str) -> str:
     from prefect import flow
 
     from flows.batch import submit, validate_and_queue
+    from offline_queue.runs import BatchRun
+    from offline_queue.states import Tier
 
     @flow(name="bench-queue-batch")
     def queue_only() -> str:
-        s = submit(str(path), None, None, db, None, "bulk", 1, 3, None, None)
+        s = submit(BatchRun(input=str(path), tier=Tier.BULK), db)
         validate_and_queue(db, s.batch_id, s.content_hash, s.created_at)
         return s.batch_id
 

@@ -42,16 +42,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from bench.lines import requests  # noqa: E402
 from bench.plotting import PLOTS, pyplot  # noqa: E402
 from bench.server import plain_client  # noqa: E402
-from tests.faultproxy import FaultProxy  # noqa: E402
-from tests.services import (  # noqa: E402
-    BIN,
-    create_database,
-    exit_on_sigterm,
-    free_port,
-    postgres,
-    prefect_server,
-    wait_for,
-)
+from instruments.faultproxy import FaultProxy  # noqa: E402
+from instruments.loopback import free_port  # noqa: E402
+from instruments.postgres import create_database, postgres  # noqa: E402
+from instruments.prefect_server import prefect_server  # noqa: E402
+from instruments.processes import BIN, exit_on_sigterm, wait_for  # noqa: E402
 
 SIZES = [64, 128, 256, 512, 1024, 2048, 4096]
 MAX_TOKENS = 4
@@ -166,7 +161,8 @@ def resume(url: str, pg: str, env: dict, work: Path, n: int, chunk: int) -> None
                 interval=0.02,
             )
             if first.poll() is not None:
-                raise RuntimeError(f"the worker ended before the kill: {first.stderr.read()}")
+                _, err = first.communicate()
+                raise RuntimeError(f"the worker ended before the kill: {err}")
             first.send_signal(signal.SIGKILL)
             first.wait()
             done_at_kill = len(result_times(db, path))

@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.overhead import compare, requests, write_jsonl  # noqa: E402
-from tests.services import free_port  # noqa: E402
+from instruments.loopback import free_port  # noqa: E402
 
 
 async def plain_client(url: str, items: list[dict], in_flight: int) -> tuple[float, int]:

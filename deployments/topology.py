@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from blocks.engines import VLLM, OpenAIServer
+from offline_queue.states import Tier
 
-TierName = Literal["critical", "standard", "bulk"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
@@ -52,14 +52,14 @@ class GroupSpec(BaseModel):
     description: str = ""
     concurrency_limit: int = Field(ge=1, description="Batch flow runs the group runs at once.")
     gpu_slots: int = Field(ge=1, description="The `gpu:{group}` global concurrency limit.")
-    tiers: dict[TierName, TierSpec] = Field(default_factory=dict)
+    tiers: dict[Tier, TierSpec] = Field(default_factory=dict)
     engine: EngineSpec | None = None
     """None for a group that runs only control flows (the release router)."""
 
 
 class Topology(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tiers: dict[TierName, TierSpec]
+    tiers: dict[Tier, TierSpec]
     groups: dict[str, GroupSpec] = Field(min_length=1)
 
     @field_validator("groups")
@@ -70,7 +70,7 @@ class Topology(BaseModel):
                 raise ValueError(f"group name {name!r}: lowercase letters, digits and - only")
         return groups
 
-    def queues(self, group: str) -> dict[TierName, TierSpec]:
+    def queues(self, group: str) -> dict[Tier, TierSpec]:
         """The group's tiers: the defaults, overridden by the group's own."""
         return {**self.tiers, **self.groups[group].tiers}
 

@@ -1,5 +1,5 @@
 """The batch flow, top to bottom: submit → validate and queue → infer (+ persist, per chunk)
-→ finalize.
+→ finalize. The flow comes first; its tasks, then the helpers it leans on, follow in that order.
 
 Validation and queueing share one streaming pass (a million-line file never sits in memory),
 and a chunk's results are persisted in the same transaction that marks its requests done, so
@@ -12,49 +12,132 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 from uuid import UUID
 
-from offline_queue.engines.env import apply_engine_env
-
-apply_engine_env()  # before anything imports torch or vLLM
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.context import TaskRunContext  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
 
-from blocks.engines import EngineBlock, load_engine_block  # noqa: E402
-from blocks.store import store_url  # noqa: E402
-from offline_queue.batches import batch_object, default_outputs, write_files  # noqa: E402
-from offline_queue.cache import ResultCache  # noqa: E402
-from offline_queue.formats import TERMINAL_STATUSES, BatchObject, RunStats  # noqa: E402
-from offline_queue.leases import LeaseKeeper  # noqa: E402
-from offline_queue.queue_file import queue_batch_file  # noqa: E402
-from offline_queue.serving import ChunkReport, serve_claim  # noqa: E402
-from offline_queue.shares import TIERS, Participant, ShareKeeper  # noqa: E402
-from offline_queue.store import batches, claims, ingest, results, stats  # noqa: E402
-from offline_queue.store.db import patiently  # noqa: E402
-from offline_queue.validate import Limits, inspect_file  # noqa: E402
-
-Tier = Literal["critical", "standard", "bulk"]
+from blocks.engines import load_engine_block
+from blocks.store import store_url
+from offline_queue.batches import batch_object, place_batch, write_files
+from offline_queue.formats import BatchObject, RunStats
+from offline_queue.queue_file import queue_batch_file
+from offline_queue.runs import BatchRun, with_field_docs
+from offline_queue.serving import ChunkReport
+from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
+from offline_queue.storage import locate, resolve
+from offline_queue.store import batches, ingest, results, stats
+from offline_queue.store.db import patiently
+from offline_queue.validate import Limits, inspect_file
+from offline_queue.worker import ChunkWorker
 
 PROGRESS_SECONDS = 2.0
 """How often a running batch's progress artifact is brought up to date (a count over the batch)
 — at most: the count costs time in proportion to the batch, so the interval stretches to keep
 it under PROGRESS_SHARE (1 %) of the worker's time."""
 PROGRESS_SHARE = 0.01
+
+
+@flow(name="batch-inference", log_prints=True)
+@with_field_docs
+def batch_inference(
+    input: str,
+    output: str | None = None,
+    errors: str | None = None,
+    tier: Tier = Tier.STANDARD,
+    weight: int = 1,
+    engine: str | None = None,
+    model: str | None = None,
+    chunk_size: int = 256,
+    max_attempts: int = 3,
+    idempotency_key: str | None = None,
+    batch_id: str | None = None,
+    db: str | None = None,
+    store: str | None = None,
+    tenant: str | None = None,
+    metadata: dict[str, str] | None = None,
+    release_track: str | None = None,
+    release_version: str | None = None,
+    lease_seconds: float = 60.0,
+) -> dict[str, Any]:
+    """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
+
+    The parameters are the fields of `offline_queue.runs.BatchRun`, which says what each one
+    trades (and why the flow lists them one by one).
+    """
+    run = BatchRun(**locals())  # nothing else is defined yet: locals() are the parameters
+    db_url = store_url(run.db, run.store)
+    submitted = submit(run, db_url)
+    bid = submitted.batch_id
+    label_run(bid, run.tier, run.tenant)
+    if run.release_track:
+        batches.label_batch(
+            db_url, bid, release_track=run.release_track, release_version=run.release_version
+        )
+    # Ingest streams the file in the background while the engine starts and serves the lines
+    # already queued: on a million-line file the first results come seconds after submit, not
+    # after the whole file is validated, and the engine's load overlaps the validation.
+    ingest_run = validate_and_queue.submit(
+        db_url, bid, submitted.content_hash, submitted.created_at
+    )
+    backlog = Backlog(db_url, bid, ingest_run)
+    stopped = _stop_reason(db_url, bid)
+    if stopped:
+        results.drop_queued(db_url, bid, *stopped)
+
+    tally = RunStats(reused=results.settled_requests(db_url, bid))
+    model_version = None
+    if backlog.has_work():
+        chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
+        model_version = chosen.model_version
+        label_run(bid, run.tier, run.tenant, model_version)
+        batches.set_status(db_url, bid, BatchStatus.IN_PROGRESS, model_version=model_version)
+        # Chunks until nothing is left and the ingest is over: ours, or other workers' (we
+        # wait for their leases).
+        with ChunkWorker(
+            db_url,
+            bid,
+            chosen,
+            tier=run.tier,
+            weight=run.weight,
+            max_attempts=run.max_attempts,
+            lease_seconds=run.lease_seconds,
+        ) as worker:
+            progress = ProgressArtifact(db_url, bid, submitted.lines)
+            while True:
+                stop_reason = patiently(lambda: _stop_reason(db_url, bid))
+                if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
+                    results.drop_queued(db_url, bid, *stop_reason)
+                report = infer_chunk(bid, worker.owner, run.chunk_size)
+                if report is not None:
+                    tally.inferred += report.inferred
+                    tally.reused += report.reused
+                    progress.after_chunk()
+                    continue
+                final = backlog.settled_or_wait(run.lease_seconds)
+                if final is not None:
+                    progress.show(final)
+                    break
+    ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
+
+    engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
+    return finalize(db_url, bid, model_version, tally, engine_label).model_dump(mode="json")
+
+
+# -- the tasks, in the order the flow runs them ----------------------------------------------
 
 
 class Submitted(BaseModel):
@@ -66,40 +149,27 @@ class Submitted(BaseModel):
 
 
 @task(name="submit", cache_policy=NO_CACHE)
-def submit(
-    input: str,
-    output: str | None,
-    errors: str | None,
-    db: str,
-    batch_id: str | None,
-    tier: str,
-    weight: int,
-    max_attempts: int,
-    idempotency_key: str | None,
-    metadata: dict[str, str] | None = None,
-) -> Submitted:
+def submit(run: BatchRun, db: str) -> Submitted:
     """Register the batch once: the same content written to the same files (or the same id, or
     idempotency key) is the same batch, so a re-run resumes it. The same content run from
     elsewhere is a batch of its own with its own files (deterministic answers still come from
     the result cache), never a resume that writes into another directory."""
-    path = Path(input).expanduser().resolve()
-    info = inspect_file(path, Limits())
-    out, err = default_outputs(path)
-    out_path = str(Path(output).expanduser().resolve()) if output else str(out)
-    err_path = str(Path(errors).expanduser().resolve()) if errors else str(err)
-    identity = hashlib.sha256(f"{info.content_hash}\n{out_path}\n{err_path}".encode())
+    info = inspect_file(locate(resolve(run.input), db), Limits())
+    bid, path, out_path, err_path = place_batch(
+        run.input, run.output, run.errors, info.content_hash, run.batch_id
+    )
     batch, created = batches.register_batch(
         db,
-        batch_id=batch_id or f"batch_{identity.hexdigest()[:24]}",
+        batch_id=bid,
         content_hash=info.content_hash,
-        input_path=str(path),
+        input_path=path,
         output_path=out_path,
         error_path=err_path,
-        tier=tier,
-        weight=weight,
-        max_attempts=max_attempts,
-        idempotency_key=idempotency_key,
-        metadata=metadata,
+        tier=run.tier,
+        weight=run.weight,
+        max_attempts=run.max_attempts,
+        idempotency_key=run.idempotency_key,
+        metadata=run.metadata,
     )
     get_run_logger().info(
         "%s batch %s (%s lines, %s bytes)",
@@ -152,25 +222,20 @@ def validate_and_queue(db: str, batch_id: str, content_hash: str, created_at: in
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
 )
-def infer_chunk(
-    db: str,
-    batch_id: str,
-    owner: str,
-    chunk_size: int,
-    max_attempts: int,
-    engine_block: EngineBlock,
-    keeper: LeaseKeeper,
-    cache: ResultCache,
-    share: ShareKeeper | None = None,
-) -> ChunkReport | None:
+def infer_chunk(batch_id: str, owner: str, chunk_size: int) -> ChunkReport | None:
     """Claim a chunk, answer it (cache, then engine) and persist it in one transaction.
     None when nothing is claimable right now. A whole-chunk fault hands the chunk back and
-    raises, and Prefect retries the task with backoff."""
-    claim = claims.claim(db, batch_id, owner, chunk_size, keeper.lease_seconds)
-    if claim is None:
+    raises, and Prefect retries the task with backoff.
+
+    The task is given the worker's identity, not the worker. A task's parameters are what its
+    run records and shows — here the batch, the owner its leases carry in the store, and the
+    chunk size — and what Prefect walks before each call (and would hash, with a cache
+    policy); the live parts (lease keeper, result cache, share keeper, engine) stay in this
+    process's `ChunkWorker`, found by that identity. A bound method as the task would not do:
+    Prefect passes the instance as a parameter."""
+    report = ChunkWorker.running(batch_id, owner).serve_next(chunk_size)
+    if report is None:
         return None
-    with keeper.holding(claim.token):
-        report = serve_claim(db, batch_id, claim, engine_block.engine(), max_attempts, share, cache)
     s = report.settled
     get_run_logger().info(
         "chunk of %d: %d inferred, %d from cache; %d completed, %d failed, %d to retry%s",
@@ -194,19 +259,21 @@ def finalize(
     assert batch is not None
     stopped = _stop_reason(db, batch_id)
     if batch.status not in TERMINAL_STATUSES:
-        batches.set_status(db, batch_id, "finalizing")
+        batches.set_status(db, batch_id, BatchStatus.FINALIZING)
     outputs, errors = write_files(db, batch)
-    status = "completed" if outputs or not errors else "failed"
+    status = BatchStatus.COMPLETED if outputs or not errors else BatchStatus.FAILED
     if stopped:
-        status = "cancelled" if stopped[0] == "batch_cancelled" else "expired"
+        status = BatchStatus.CANCELLED if stopped[0] == "batch_cancelled" else BatchStatus.EXPIRED
     if batch.status in TERMINAL_STATUSES:
-        status = batch.status
+        status = BatchStatus(batch.status)
     batches.set_status(
         db,
         batch_id,
         status,
         model_version=model_version or batch.model_version,
-        errors_json=results.first_errors_json(db, batch_id) if status == "failed" else None,
+        errors_json=(
+            results.first_errors_json(db, batch_id) if status == BatchStatus.FAILED else None
+        ),
     )
     final = batches.get_batch(db, batch_id)
     assert final is not None
@@ -246,109 +313,70 @@ def _artifact_key(batch_id: str, what: str) -> str:
     return f"{batch_id}-{what}".replace("_", "-").lower()
 
 
-@flow(name="batch-inference", log_prints=True)
-def batch_inference(
-    input: str,
-    output: str | None = None,
-    errors: str | None = None,
-    tier: Tier = "standard",
-    weight: int = 1,
-    engine: str | None = None,
-    model: str | None = None,
-    chunk_size: int = 256,
-    max_attempts: int = 3,
-    idempotency_key: str | None = None,
-    batch_id: str | None = None,
-    db: str | None = None,
-    store: str | None = None,
-    tenant: str | None = None,
-    metadata: dict[str, str] | None = None,
-    release_track: str | None = None,
-    release_version: str | None = None,
-    lease_seconds: float = 60.0,
-) -> dict[str, Any]:
-    """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
+# -- what the flow leans on ------------------------------------------------------------------
 
-    Args:
-        input: Path of the OpenAI Batch JSONL file.
-        output: Output file. Default: <input>.output.jsonl next to the input.
-        errors: Error file. Default: <input>.errors.jsonl next to the input.
-        tier: Priority tier: critical, standard or bulk.
-        weight: Share of a shared engine within the tier (proportional).
-        engine: Engine block name (e.g. `vllm/a100`). Empty: vLLM in this process.
-        model: Model folder for the in-process engine. Empty: the bundled SmolLM2-135M.
-        chunk_size: Requests per task. Larger chunks cost less orchestration; a crash wastes
-            at most one chunk per worker.
-        max_attempts: Tries per request before it is terminated: retriable failures, and
-            workers that died or lost the lease while it ran (then `worker_lost`).
-        idempotency_key: The same key again resumes the same batch instead of a new one.
-        batch_id: Explicit batch id. Default: derived from the file's content.
-        db: Store URL (postgresql+psycopg://... or sqlite:///...). Default: the `store`
-            block, else OFFLINE_QUEUE_DB, else a SQLite file in the user's data directory.
-        store: Name of an offline-queue-store block holding the store URL (as a secret), e.g.
-            `default` as `offline-queue pools apply --db` saves it.
-        tenant: Who the batch is for: a tag on the run, and the key a gray release routes by.
-        metadata: Free-form labels kept on the batch object (OpenAI's `metadata`).
-        release_track: Set by the release router: `stable` or `candidate`.
-        release_version: Set by the release router: the model version of that track.
-        lease_seconds: A dead worker's chunk is claimed again after this long; the lease is
-            renewed every third of it while the worker lives.
-    """
-    db_url = store_url(db, store)
-    submitted = submit(
-        input,
-        output,
-        errors,
-        db_url,
-        batch_id,
-        tier,
-        weight,
-        max_attempts,
-        idempotency_key,
-        metadata,
-    )
-    bid = submitted.batch_id
-    label_run(bid, tier, tenant)
-    if release_track:
-        batches.label_batch(
-            db_url, bid, release_track=release_track, release_version=release_version
+
+class Backlog:
+    """What is left of the batch to infer while its ingest runs beside the inference: whether
+    there is anything at all — a file of rejected lines, or a batch resumed after its last
+    result, never loads the engine — and, when nothing is claimable, whether the batch is
+    done."""
+
+    def __init__(self, db: str, batch_id: str, ingest_run: PrefectFuture[int]):
+        self.db, self.batch_id = db, batch_id
+        self._ingested = threading.Event()
+        ingest_run.add_done_callback(lambda _: self._ingested.set())
+
+    def has_work(self) -> bool:
+        while True:
+            ingested = self._ingested.is_set()
+            p = results.progress(self.db, self.batch_id)
+            if p.pending or ingested:
+                return p.pending > 0
+            time.sleep(0.05)
+
+    def settled_or_wait(self, lease_seconds: float) -> results.Progress | None:
+        """The batch's progress once nothing is pending and the ingest is over; else None,
+        after a wait for what is left: leased by another worker, waiting for its retry time,
+        or not ingested yet."""
+        ingested = self._ingested.is_set()  # before the count: lines may land in between
+        p = patiently(lambda: results.progress(self.db, self.batch_id))
+        if p.pending == 0 and ingested:
+            return p
+        wait = (p.due_in or 0) if p.processing == 0 else lease_seconds / 6
+        if p.pending == 0:
+            wait = 0.05
+        time.sleep(min(max(wait, 0.05), 2.0))
+        return None
+
+
+class ProgressArtifact:
+    """The batch's progress bar in the UI: requests with a result, of the file's lines.
+
+    Progress is a count over the whole batch: on a million-line batch with a fast engine,
+    counting after every chunk would cost more than the chunks (PROGRESS_SECONDS)."""
+
+    def __init__(self, db: str, batch_id: str, lines: int):
+        self.db, self.batch_id = db, batch_id
+        start = results.progress(db, batch_id)
+        self.total = max(lines, start.pending + start.completed + start.failed)  # still ingesting
+        self.id = create_progress_artifact(  # sync context: the id, not a coroutine
+            progress=_percent(start, self.total),
+            key=_artifact_key(batch_id, "progress"),
+            description=f"Requests of {batch_id} with a result",
         )
-    # Ingest streams the file in the background while the engine starts and serves the lines
-    # already queued: on a million-line file the first results come seconds after submit, not
-    # after the whole file is validated, and the engine's load overlaps the validation.
-    ingest_run = validate_and_queue.submit(
-        db_url, bid, submitted.content_hash, submitted.created_at
-    )
-    ingested = threading.Event()
-    ingest_run.add_done_callback(lambda _: ingested.set())
-    ingesting = IngestWatch(db_url, bid, ingested.is_set)
-    stopped = _stop_reason(db_url, bid)
-    if stopped:
-        results.drop_queued(db_url, bid, *stopped)
+        self._next_update = time.monotonic() + PROGRESS_SECONDS
 
-    run = RunStats(reused=results.settled_requests(db_url, bid))
-    model_version = None
-    if ingesting.has_work():
-        engine_block = load_engine_block(engine, model)
-        model_version = engine_block.engine().model_version  # loaded once per process
-        label_run(bid, tier, tenant, model_version)
-        batches.set_status(db_url, bid, "in_progress", model_version=model_version)
-        participant = Participant(bid, claims.new_owner(), TIERS[tier], weight)
-        run = infer_all(
-            db_url,
-            participant,
-            chunk_size,
-            max_attempts,
-            engine_block,
-            lease_seconds,
-            run,
-            ingesting,
-            submitted.lines,
-        )
-    ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
+    def after_chunk(self) -> None:
+        if time.monotonic() < self._next_update:
+            return
+        began = time.monotonic()
+        self.show(patiently(lambda: results.progress(self.db, self.batch_id)))
+        cost = time.monotonic() - began
+        self._next_update = began + max(PROGRESS_SECONDS, cost / PROGRESS_SHARE)
 
-    engine_label = engine or f"vllm in process ({model or 'bundled model'})"
-    return finalize(db_url, bid, model_version, run, engine_label).model_dump(mode="json")
+    def show(self, p: results.Progress) -> None:
+        update_progress_artifact(artifact_id=cast(UUID, self.id), progress=_percent(p, self.total))
 
 
 def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = None) -> None:
@@ -366,102 +394,11 @@ def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = 
         client.update_flow_run(UUID(run_id), name=f"{name}-{tier}", tags=sorted(tags))
 
 
-def infer_all(
-    db: str,
-    me: Participant,
-    chunk_size: int,
-    max_attempts: int,
-    engine_block: EngineBlock,
-    lease_seconds: float,
-    run: RunStats,
-    ingesting: IngestWatch,
-    lines: int,
-) -> RunStats:
-    """Chunks until nothing is left and the ingest is over: ours, or other workers' (we wait
-    for their leases). On a shared engine, our in-flight share is kept current by a
-    ShareKeeper meanwhile."""
-    batch_id, owner = me.batch_id, me.owner
-    engine = engine_block.engine()
-    keeper = LeaseKeeper(db, lease_seconds).start()
-    cache = ResultCache(db, engine.model_version)
-    share = (
-        ShareKeeper(db, engine.engine_key, me, engine.capacity).start() if engine.shared else None
-    )
-    start = results.progress(db, batch_id)
-    total = max(lines, start.pending + start.completed + start.failed)  # lines: still ingesting
-    artifact = create_progress_artifact(  # sync context: the id, not a coroutine
-        progress=_percent(start, total),
-        key=_artifact_key(batch_id, "progress"),
-        description=f"Requests of {batch_id} with a result",
-    )
-    next_update = time.monotonic() + PROGRESS_SECONDS
-    try:
-        while True:
-            stop_reason = patiently(lambda: _stop_reason(db, batch_id))
-            if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
-                results.drop_queued(db, batch_id, *stop_reason)
-            report = infer_chunk(
-                db, batch_id, owner, chunk_size, max_attempts, engine_block, keeper, cache, share
-            )
-            if report is not None:
-                run.inferred += report.inferred
-                run.reused += report.reused
-                # Progress is a count over the whole batch: on a million-line batch with a
-                # fast engine, counting after every chunk would cost more than the chunks.
-                if time.monotonic() >= next_update:
-                    began = time.monotonic()
-                    update_progress_artifact(
-                        artifact_id=cast(UUID, artifact),
-                        progress=_percent(patiently(lambda: results.progress(db, batch_id)), total),
-                    )
-                    cost = time.monotonic() - began
-                    next_update = began + max(PROGRESS_SECONDS, cost / PROGRESS_SHARE)
-                continue
-            ingested = ingesting.finished()  # before the count: lines may land in between
-            p = patiently(lambda: results.progress(db, batch_id))
-            if p.pending == 0 and ingested:
-                update_progress_artifact(
-                    artifact_id=cast(UUID, artifact), progress=_percent(p, total)
-                )
-                return run
-            # What is left is leased by another worker, waiting for its retry time, or not
-            # ingested yet.
-            wait = (p.due_in or 0) if p.processing == 0 else lease_seconds / 6
-            if p.pending == 0:
-                wait = 0.05
-            time.sleep(min(max(wait, 0.05), 2.0))
-    finally:
-        cache.flush()
-        keeper.stop()
-        if share is not None:
-            share.stop()
-
-
-class IngestWatch:
-    """Whether the batch's ingest (running beside the inference) is over, and whether there is
-    anything to infer at all — a file of rejected lines, or a batch resumed after its last
-    result, never loads the engine."""
-
-    def __init__(self, db: str, batch_id: str, done: Callable[[], bool]):
-        self.db, self.batch_id, self._done = db, batch_id, done
-
-    def finished(self) -> bool:
-        return self._done()
-
-    def has_work(self) -> bool:
-        while True:
-            ingested = self.finished()
-            p = results.progress(self.db, self.batch_id)
-            if p.pending or ingested:
-                return p.pending > 0
-            time.sleep(0.05)
-
-
 def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
     batch, expired = batches.get_batch_expired(db, batch_id)  # by the store's clock
     if batch is None:
         return None
-    if batch.status == "cancelling":
+    if batch.status == BatchStatus.CANCELLING:
         return "batch_cancelled", "the batch was cancelled before this request ran"
     if expired:
         return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"

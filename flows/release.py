@@ -23,6 +23,8 @@ from prefect.runtime import flow_run
 from blocks.release import ReleasePolicy, load_policy, save_policy
 from blocks.store import store_url
 from offline_queue.release import RouteKey, TrackStats, breached, route
+from offline_queue.runs import BatchRun
+from offline_queue.states import Tier
 from offline_queue.store import stats
 
 ROLLBACK_EVENT = "offline-queue.release.rolled-back"
@@ -110,7 +112,7 @@ def route_batch(
     input: str,
     tenant: str | None = None,
     user_group: str | None = None,
-    tier: str = "standard",
+    tier: Tier = Tier.STANDARD,
     weight: int = 1,
     policy: str = "default",
     idempotency_key: str | None = None,
@@ -149,29 +151,26 @@ def route_batch(
     logger.info("%s → %s %s (%s)", key, decision.track, decision.version, decision.reason)
     tags = [f"track:{decision.track}", f"version:{decision.version}", f"tier:{tier}"]
     _tag_self(tags)
-    parameters: dict[str, Any] = {
-        "input": input,
-        "tier": tier,
-        "weight": weight,
-        "tenant": tenant,
-        "idempotency_key": idempotency_key,
-        "batch_id": batch_id,
-        "output": output,
-        "errors": errors,
-        "chunk_size": chunk_size,
-        "max_attempts": max_attempts,
-        "store": store,
-        "db": db,
-        "release_track": decision.track,
-        "release_version": decision.version,
-        "metadata": {"release_reason": decision.reason},
-    }
-    if decision.engine:
-        parameters["engine"] = decision.engine
+    run = BatchRun(
+        input=input,
+        tier=Tier(tier),
+        weight=weight,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        batch_id=batch_id,
+        output=output,
+        errors=errors,
+        chunk_size=chunk_size,
+        max_attempts=max_attempts,
+        store=store,
+        db=db,
+        release_track=decision.track,
+        release_version=decision.version,
+        metadata={"release_reason": decision.reason},
+        engine=decision.engine or None,  # none: the deployment's own
+    )
     child: FlowRun = run_deployment(  # type: ignore[assignment]  # sync in a sync flow
-        f"{deployment_prefix}/{decision.track}",
-        parameters={k: v for k, v in parameters.items() if v is not None},
-        tags=tags,
+        f"{deployment_prefix}/{decision.track}", parameters=run.parameters(), tags=tags
     )
     state = getattr(child, "state", None)
     rolled_back = None

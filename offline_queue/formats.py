@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
 
+from offline_queue.states import BatchStatus
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SUPPORTED_URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -205,21 +207,6 @@ class LineError(BaseModel):
     line: int | None = None
 
 
-class ResponseEnvelope(BaseModel):
-    status_code: int
-    request_id: str
-    body: dict[str, Any] | None = None
-
-
-class OutputLine(BaseModel):
-    """One line of the output or error file, exactly as OpenAI's batch files have it."""
-
-    id: str
-    custom_id: str | None
-    response: ResponseEnvelope | None
-    error: LineError | None
-
-
 class RequestCounts(BaseModel):
     total: int = 0
     completed: int = 0
@@ -244,19 +231,6 @@ class RunStats(BaseModel):
     reused: int = 0
 
 
-BatchStatus = Literal[
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
-]
-TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
-
-
 class BatchObject(BaseModel):
     """OpenAI's batch object, plus where the files are on disk and what this run did."""
 
@@ -265,7 +239,8 @@ class BatchObject(BaseModel):
     endpoint: str | None
     errors: BatchErrors | None = None
     input_file_id: str
-    completion_window: str = "24h"
+    completion_window: str | None = "24h"
+    """None for a batch run from the CLI: it has no window and never expires."""
     status: BatchStatus
     output_file_id: str | None = None
     error_file_id: str | None = None

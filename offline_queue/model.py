@@ -11,9 +11,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import platformdirs
 
@@ -117,13 +119,104 @@ def resolve_model(model: str | None) -> Path:
     return path
 
 
-def model_version(directory: Path) -> str:
-    """A stable version id for a model folder: its name and a digest of config and weight sizes.
+# What else decides the answers besides the weights: the tokenizer, the chat template and the
+# default sampling settings. Small files, hashed whole.
+_ANSWER_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SAMPLE_BYTES = 256
+"""Read from the middle of each sampled tensor: a fine-tune changes (nearly) every value of a
+tensor it trains, so a few hundred bytes of it tell two fine-tunes of one shape apart."""
+_TENSORS_PER_FILE = 1024
+"""At most this many tensors sampled per weight file (spread over the file; shards of common
+checkpoints hold fewer, so every tensor is), so a file of many thousand tensors costs a
+bounded number of small reads, not a pass over its gigabytes."""
+_BLOCKS_PER_OTHER_FILE = 16
+_MAX_HEADER_BYTES = 100 << 20
+_HUB_REVISION = re.compile(r"[0-9a-f]{40}")
 
-    Cheap to compute (no hashing of gigabytes of weights) yet different whenever the model files
-    change shape or configuration; it keys the result cache and tags runs.
+
+def model_version(directory: Path) -> str:
+    """A stable version id for a model folder, `<name>@<12 hex>`: it keys the result cache
+    (two folders with different weights must never share cached answers) and tags runs.
+
+    A folder in a Hugging Face hub cache (`models--ORG--NAME/snapshots/<commit>`) declares its
+    revision: the commit names the files. Otherwise the digest covers what makes answers
+    differ: config, tokenizer and chat template, every safetensors header (tensor names, dtypes,
+    shapes, offsets) and a slice of each tensor's bytes. Never the folder's path or name (the
+    same model copied elsewhere keeps its version), never a full read of the weights (cheap on
+    a 100 GB model: a few reads per tensor).
     """
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    for weight in sorted(directory.glob("*.safetensors")):
-        digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
+    revision = _hub_revision(directory)
+    if revision is not None:
+        return revision
+    digest = hashlib.sha256()
+    for name in _ANSWER_FILES:
+        path = directory / name
+        if path.is_file():
+            data = path.read_bytes()
+            digest.update(f"{name}:{len(data)}:".encode() + data)
+    weights = [p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    for weight in sorted(weights):
+        digest.update(f"{weight.name}:{weight.stat().st_size}:".encode())
+        with weight.open("rb") as f:
+            if weight.suffix != ".safetensors" or not _sample_safetensors(f, digest):
+                _sample_blocks(f, weight.stat().st_size, digest)
     return f"{directory.name}@{digest.hexdigest()[:12]}"
+
+
+def _hub_revision(directory: Path) -> str | None:
+    resolved = directory.resolve()
+    repo = resolved.parent.parent.name
+    if (
+        resolved.parent.name == "snapshots"
+        and repo.startswith("models--")
+        and _HUB_REVISION.fullmatch(resolved.name)
+    ):
+        return f"{repo.split('--')[-1]}@{resolved.name[:12]}"
+    return None
+
+
+def _sample_safetensors(f: BinaryIO, digest: hashlib._Hash) -> bool:
+    """Hash the header and a slice of each (sampled) tensor; False if this is no safetensors."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        return False
+    length = int.from_bytes(head, "little")
+    if length > min(_MAX_HEADER_BYTES, size - 8):
+        return False
+    header = f.read(length)
+    try:
+        tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+        spans = sorted(
+            (int(t["data_offsets"][0]), int(t["data_offsets"][1])) for t in tensors.values()
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return False
+    digest.update(header)
+    start = 8 + length
+    n = min(len(spans), _TENSORS_PER_FILE)
+    for begin, end in (spans[i * len(spans) // n] for i in range(n)):
+        middle = begin + max(0, (end - begin - _SAMPLE_BYTES) // 2)
+        f.seek(start + middle)
+        digest.update(f.read(min(_SAMPLE_BYTES, end - begin)))
+    return True
+
+
+def _sample_blocks(f: BinaryIO, size: int, digest: hashlib._Hash) -> None:
+    """A weight file of another format: blocks at fixed, evenly spread offsets."""
+    last = max(0, size - _SAMPLE_BYTES)
+    for i in range(_BLOCKS_PER_OTHER_FILE):
+        f.seek(last * i // (_BLOCKS_PER_OTHER_FILE - 1))
+        digest.update(f.read(_SAMPLE_BYTES))

@@ -26,6 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from offline_queue.storage import locate
 from offline_queue.store import batches, ingest
 from offline_queue.store.db import ENV_VAR
 from offline_queue.validate import Limits, validate_file
@@ -53,14 +54,15 @@ def queue_batch_file(
         raise KeyError(batch_id)
     if batch.ingest_done:
         return
+    source = locate(batch.input_path, db)
     if own_process is None:
         floor = int(os.environ.get(_MIN_BYTES_VAR, OWN_PROCESS_MIN_BYTES))
-        own_process = Path(batch.input_path).stat().st_size >= floor
+        own_process = source.size() >= floor
     if own_process:
         _in_own_process(db, batch_id, group_size)
         return
     seen = ingest.known_custom_ids(db, batch_id) if batch.ingested_through else None
-    lines = validate_file(Path(batch.input_path), Limits(), batch.ingested_through, seen)
+    lines = validate_file(source, Limits(), batch.ingested_through, seen)
     ingest.ingest(db, batch_id, lines, group_size)
 
 

@@ -15,7 +15,6 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 Stage = Literal["off", "internal", "seed", "canary", "full"]
-STAGES: tuple[Stage, ...] = ("off", "internal", "seed", "canary", "full")
 StickyBy = Literal["tenant", "user_group", "batch"]
 Track = Literal["stable", "candidate"]
 

@@ -15,6 +15,9 @@ class RetryPolicy:
     """No single wait is longer; keeps a long outage from parking requests for hours."""
 
     def delay(self, attempts: int) -> float:
-        """Seconds to wait after `attempts` tries (±50 % jitter, so retries do not align)."""
+        """Seconds to wait after `attempts` tries (±50 % jitter, so retries do not align).
+
+        The jitter window is cut at the cap rather than the jittered wait clamped to it: waits
+        past the cap stay spread over [cap/2, cap] instead of piling up at exactly the cap."""
         raw = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
-        return raw * random.uniform(0.5, 1.5)
+        return random.uniform(0.5 * raw, min(1.5 * raw, self.cap_seconds))

@@ -18,14 +18,13 @@ from offline_queue.store import shares as share_rows
 
 log = logging.getLogger(__name__)
 
-TIERS = {"critical": 1, "standard": 2, "bulk": 3}
-
 
 @dataclass(frozen=True)
 class Participant:
     batch_id: str
     owner: str
     tier: int
+    """The batch's Tier.rank: 1 is the most urgent."""
     weight: int
 
 

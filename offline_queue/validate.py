@@ -1,5 +1,8 @@
 """Streaming validation of a batch file: one line in memory at a time, errors as data.
 
+The file is anywhere offline_queue/storage.py reaches (a path, object storage, the store);
+only `readline(n)` on its binary stream is asked of it.
+
 A bad line becomes a `Rejected` naming the line and the field and the batch goes on; only a
 file that is not a batch at all (empty, not JSONL, over the limits) is refused as a whole.
 """
@@ -28,6 +31,7 @@ from offline_queue.formats import (
     CompletionLine,
     LineError,
 )
+from offline_queue.storage import Location, StorageUnavailable, locate
 
 # Fields that do not change what the model generates: left out of the cache key.
 _NOT_IN_CACHE_KEY = frozenset({"model", "user", "metadata", "store", "service_tier", "stream"})
@@ -78,14 +82,19 @@ class Rejected:
     error: LineError
 
 
+Source = Location | str | Path
+"""A batch file: a Location, or what `offline_queue.storage.locate` takes (a `store://` file is
+read from the configured store; pass a StoreFile to name another)."""
+
+
 def iter_raw_lines(
-    path: Path, max_line_bytes: int, tap: Callable[[bytes], None] | None = None
+    source: Source, max_line_bytes: int, tap: Callable[[bytes], None] | None = None
 ) -> Iterator[tuple[int, bytes, bool]]:
     """(line number from 1, bytes without the newline, whether it was cut at the size limit).
 
     `tap` sees every byte read, the drained rest of an over-long line included: the content
     hash is of the whole file, taken in the same pass."""
-    with path.open("rb") as handle:
+    with locate(source).open_read() as handle:
         line_no = 0
         while True:
             raw = handle.readline(max_line_bytes + 1)
@@ -105,11 +114,15 @@ def iter_raw_lines(
             yield line_no, raw.rstrip(b"\r\n"), too_long
 
 
-def inspect_file(path: Path, limits: Limits) -> FileInfo:
+def inspect_file(source: Source, limits: Limits) -> FileInfo:
     """One streaming pass: content hash, line count, and the whole-file refusals."""
-    if not path.is_file():
-        raise FileRefused(f"{path}: no such file")
-    size = path.stat().st_size
+    try:
+        path = locate(source)
+        size = path.size()
+    except FileNotFoundError as exc:
+        raise FileRefused(f"{source}: no such file") from exc
+    except StorageUnavailable as exc:
+        raise FileRefused(str(exc)) from exc
     if size == 0:
         raise FileRefused(f"{path}: the file is empty")
     if size > limits.max_file_bytes:
@@ -275,7 +288,7 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
 
 
 def validate_file(
-    path: Path, limits: Limits, start_after: int = 0, seen: set[str] | None = None
+    source: Source, limits: Limits, start_after: int = 0, seen: set[str] | None = None
 ) -> Iterator[Accepted | Rejected]:
     """Every non-blank line past `start_after`, accepted or rejected, in file order.
 
@@ -283,7 +296,7 @@ def validate_file(
     duplicate is caught across a resume too. Every duplicate after the first is rejected.
     """
     seen = set() if seen is None else seen
-    for line_no, raw, too_long in iter_raw_lines(path, limits.max_line_bytes):
+    for line_no, raw, too_long in iter_raw_lines(source, limits.max_line_bytes):
         if line_no <= start_after or not raw.strip():
             continue
         item = validate_line(line_no, raw, too_long, limits)

@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,29 +24,33 @@ from offline_queue.engines.env import apply_engine_env  # noqa: E402
 
 apply_engine_env()
 
-from tests.services import (  # noqa: E402
-    BIN,
-    create_database,
-    free_port,
-    healthy,
-    postgres,
-    wait_for,
-)
+from instruments.loopback import free_port, healthy  # noqa: E402
+from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
+from instruments.processes import BIN, wait_for  # noqa: E402
 
-__all__ = ["BIN", "free_port", "wait_for"]
+if TYPE_CHECKING:
+    from offline_queue.engines.vllm_local import LocalVLLM
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A PostgreSQL server on loopback for this session; yields its base URL (no database)."""
-    external = os.environ.get("OFFLINE_QUEUE_TEST_PG")
-    if external:
-        yield external.rstrip("/")
+def pg_instance() -> Iterator[Postgres | None]:
+    """The PostgreSQL server this session starts on loopback (its Unix socket where simulated
+    nodes reach it), or None when OFFLINE_QUEUE_TEST_PG names an external one."""
+    if os.environ.get("OFFLINE_QUEUE_TEST_PG"):
+        yield None
         return
     with postgres() as pg:
-        yield pg.url
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_instance: Postgres | None) -> str:
+    """The session's PostgreSQL server's base URL (no database)."""
+    if pg_instance is None:
+        return os.environ["OFFLINE_QUEUE_TEST_PG"].rstrip("/")
+    return pg_instance.url
 
 
 @pytest.fixture
@@ -86,7 +91,7 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir: Path):  # type: ignore[no-untyped-def]
+def engine(model_dir: Path) -> LocalVLLM:
     """The real in-process vLLM engine, started once and shared by the session's tests."""
     from offline_queue.engines.vllm_local import VLLMSettings, local_engine
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from instruments.processes import BIN, wait_for
 from offline_queue.store.db import session
 from offline_queue.store.tables import Result
-from tests.conftest import BIN, REPO, cli_env, run_cli, wait_for
+from tests.conftest import REPO, cli_env, run_cli
 
 pytestmark = pytest.mark.usefixtures("model_dir")
 

@@ -22,13 +22,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from instruments.faultproxy import FaultProxy
+from instruments.processes import BIN, wait_for
 from offline_queue.engines.base import Reply
 from offline_queue.retry import RetryPolicy
+from offline_queue.states import BatchStatus
 from offline_queue.store import batches, claims, clock, results, shares
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
-from tests.conftest import BIN, REPO, cli_env, wait_for
-from tests.faultproxy import FaultProxy
+from tests.conftest import REPO, cli_env
 from tests.test_pipeline import line, write
 from tests.test_store import make_batch
 
@@ -127,7 +129,7 @@ def test_expiry_and_status_stamps_are_the_stores(
     assert created and near(batch.created_at, now) and near(batch.expires_at, now + 60)
     found, expired = batches.get_batch_expired(db_url, "batch_clock")
     assert found is not None and not expired  # our clock says it ended 9 minutes ago
-    batches.set_status(db_url, "batch_clock", "in_progress")
+    batches.set_status(db_url, "batch_clock", BatchStatus.IN_PROGRESS)
     batches.request_cancel(db_url, "batch_clock")
     stamped = batches.get_batch(db_url, "batch_clock")
     assert stamped is not None
@@ -239,9 +241,8 @@ def _worker(path: Path, db: str, engine: str, env: dict[str, str], ahead: bool) 
 def _requests(db: str, path: Path) -> list[tuple[int, str]]:
     with session(db) as s:
         bid = s.scalar(select(Batch.id).where(Batch.input_path == str(path.resolve())))
-        return list(
-            s.execute(select(Request.attempts, Request.state).where(Request.batch_id == bid))
-        )
+        rows = s.execute(select(Request.attempts, Request.state).where(Request.batch_id == bid))
+        return [(a, st) for a, st in rows]
 
 
 @needs_faketime

@@ -19,8 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, wait_for
-from tests.services import create_database, prefect_server
+from instruments.postgres import create_database
+from instruments.prefect_server import prefect_server
+from instruments.processes import BIN, wait_for
+from tests.conftest import REPO
 from tests.test_pipeline import line, write
 
 pytestmark = pytest.mark.slow
@@ -148,19 +150,22 @@ def test_deploy_worker_and_deployment_run_end_to_end(
     )
     assert "0 2 * * *" in nightly.stdout and "Europe/Paris" in nightly.stdout
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     with api(cluster), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("batch-inference/nightly")
         runs = wait_for(
             lambda: client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id={"any_": [deployment.id]})
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
             ),
             timeout=60,
             interval=1,
         )
     paris = ZoneInfo("Europe/Paris")
-    first = min(r.expected_start_time for r in runs).astimezone(paris)
+    starts = [r.expected_start_time for r in runs]
+    assert None not in starts, "a scheduled run has its expected start time"
+    # As a stdlib datetime in Paris: Prefect's own DateTime does not subtract a datetime.
+    first = dt.datetime.fromtimestamp(min(t.timestamp() for t in starts if t is not None), paris)
     now = dt.datetime.now(paris)
     assert (first.hour, first.minute) == (2, 0)
     assert dt.timedelta(0) < first - now <= dt.timedelta(days=1)
@@ -243,6 +248,7 @@ def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
 def _priority(env: dict[str, str], tmp_path: Path, server_url: str) -> None:
     """Pool limit 1: with bulk runs queued, a critical run submitted last runs next."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     with api(env):
@@ -256,29 +262,34 @@ def _priority(env: dict[str, str], tmp_path: Path, server_url: str) -> None:
             path = write(
                 tmp_path / f"{name}.jsonl", [line(f"{name}-{i}", max_tokens=4) for i in range(3)]
             )
-            runs[name] = run_deployment(
+            started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
                 f"batch-inference/{deployment}",
                 parameters={"input": str(path), "engine": server_url},
                 timeout=0,
-            ).id
+            )
+            runs[name] = started.id
         with get_client(sync_client=True) as client:
 
-            def finished() -> dict | None:
+            def finished() -> dict[str, FlowRun] | None:
                 states = {n: client.read_flow_run(i) for n, i in runs.items()}
                 if all(r.state and r.state.is_final() for r in states.values()):
                     return states
                 return None
 
             states = wait_for(finished, timeout=600, interval=2)
-    assert all(r.state.is_completed() for r in states.values()), {
+            assert states is not None  # wait_for returns a truthy value or raises
+    assert all(r.state and r.state.is_completed() for r in states.values()), {
         n: r.state for n, r in states.items()
     }
-    order = sorted(states, key=lambda n: states[n].start_time)
+    start = {n: r.start_time for n, r in states.items() if r.start_time is not None}
+    assert start.keys() == states.keys(), "every completed run has its start time"
+    order = sorted(states, key=lambda n: start[n])
     print("run order:", order)
     # bulk-1 may have started before the critical run existed; every other bulk run waits.
     assert order.index("critical") <= 1
     crit_end = states["critical"].end_time
-    assert all(states[b].start_time >= crit_end for b in order[order.index("critical") + 1 :])
+    assert crit_end is not None
+    assert all(start[b] >= crit_end for b in order[order.index("critical") + 1 :])
 
 
 def test_gray_release_routes_stamps_and_rolls_back_by_itself(
@@ -288,9 +299,9 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
     from sqlalchemy import select
 
     from blocks.engines import OpenAIServer
+    from instruments.faultproxy import FaultProxy
     from offline_queue.store.db import session
     from offline_queue.store.tables import Batch
-    from tests.faultproxy import FaultProxy
 
     env, oq = deployed, str(BIN / "offline-queue")
     store = env["OQ_TEST_STORE"]

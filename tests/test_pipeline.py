@@ -190,8 +190,13 @@ def test_rerun_reuses_everything_and_cache_serves_other_batches(
         for o in read(r1["output_file"]) + read(r3["output_file"])
     }
     assert all(texts[f"a{i}"] == texts[f"b{i}"] for i in range(6))
-    bodies = {o["custom_id"]: o["response"]["body"] for o in read(r3["output_file"])}
-    assert all(bodies[f"b{i}"]["id"] != "" for i in range(6))
+    # A cached answer is a new response with the same content: its own id, not the first one's.
+    first_ids = {o["custom_id"]: o["response"]["body"]["id"] for o in read(r1["output_file"])}
+    cached_ids = {o["custom_id"]: o["response"]["body"]["id"] for o in read(r3["output_file"])}
+    for i in range(6):
+        assert cached_ids[f"b{i}"].startswith("chatcmpl-")
+        assert cached_ids[f"b{i}"] != first_ids[f"a{i}"]
+    assert len({*first_ids.values(), *cached_ids.values()}) == len(first_ids) + len(cached_ids)
 
 
 def test_file_with_only_bad_lines_fails_with_errors_listed(db_url: str, tmp_path: Path) -> None:

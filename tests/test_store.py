@@ -15,6 +15,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from instruments.postgres import postgres
+from instruments.processes import wait_for
 from offline_queue.engines.base import Reply
 from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
 from offline_queue.retry import RetryPolicy
@@ -23,7 +25,6 @@ from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.conftest import REPO
-from tests.services import postgres, wait_for
 
 
 def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r") -> str:
@@ -65,7 +66,8 @@ def ok_reply() -> Reply:
 
 def result_rows(db: str, batch_id: str) -> list[tuple[int, bool]]:
     with session(db) as s:
-        return list(s.execute(select(Result.line_no, Result.ok).where(Result.batch_id == batch_id)))
+        rows = s.execute(select(Result.line_no, Result.ok).where(Result.batch_id == batch_id))
+        return [(line_no, ok) for line_no, ok in rows]
 
 
 def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_retriable_failures_back_off_then_terminate_with_one_error(
     outcomes = []
     for _attempt in range(3):
         if _attempt:
-            time.sleep(0.8)  # past the longest backoff (0.5 s x 1.5 jitter)
+            time.sleep(0.8)  # past the longest backoff (the 0.5 s cap)
         c = claims.claim(db_url, bid, "w", 10, lease_seconds=60)
         assert c is not None and len(c.requests) == 2
         outcomes.append(
@@ -189,6 +191,7 @@ def test_a_request_whose_workers_all_die_ends_as_an_error(db_url: str, tmp_path:
         given_up = claims.abandoned(c, max_attempts=2)
         assert len(given_up) == (3 if attempt == 3 else 0)
         time.sleep(0.1)  # the lease runs out: the worker is gone
+    assert c is not None
     settled = claims.settle(db_url, bid, c, given_up, max_attempts=2)
     assert settled.terminated == 3 and settled.retried == 0
     assert claims.claim(db_url, bid, "next", 10, lease_seconds=60) is None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offline_queue.api.files import store_upload
+from entrypoints.api.uploads import store_upload
 from offline_queue.content import ContentHash
 from offline_queue.validate import (
     Accepted,

@@ -17,7 +17,7 @@ _ALWAYS = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 # On CPU the in-process engine core is fastest, and 2 OpenMP threads are much slower than 1
-# on these 2-core machines (measured, ENGINES.md).
+# on these 2-core machines (measured, docs/engines.md).
 _CPU = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 
 

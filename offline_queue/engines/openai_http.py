@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import email.utils
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -69,14 +71,23 @@ class _Limiter:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+    """Seconds the server asks us to wait (Retry-After: seconds or an HTTP date), or None when
+    it says nothing usable: then our own backoff applies. A malformed header must not turn a
+    retriable answer into a crash, nor "inf" into a wait for ever."""
+    value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if parsed.tzinfo is None:  # "-0000": RFC 5322's UTC of unknown origin
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        seconds = parsed.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _server_message(response: httpx.Response) -> tuple[str, str]:

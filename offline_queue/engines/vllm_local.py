@@ -22,8 +22,14 @@ from offline_queue.engines.sampling import logprobs_count, sampling_kwargs, stru
 from offline_queue.formats import ChatCompletionBody, CompletionBody
 from offline_queue.model import model_version, resolve_model
 
+# At import, not when the engine is built: whatever imports vLLM, torch or transformers after
+# this module in the process (the engine, the model's tokenizer) finds the environment set.
+# The batch flow imports this module however it is loaded — a deployment loads flows/batch.py
+# as a script, so no package __init__ of ours runs there — and so does every process that runs it.
+apply_engine_env()
+
 # On CPU: fp32 (no bf16 in hardware, ~3x slower), a fixed KV cache (the default wants 92 % of
-# RAM), eager mode and the in-process executor (ENGINES.md).
+# RAM), eager mode and the in-process executor (docs/engines.md).
 CPU_KV_CACHE_BYTES = 512 * 2**20
 CPU_MAX_MODEL_LEN = 2048
 
@@ -74,7 +80,6 @@ class LocalVLLM:
     shared = False
 
     def __init__(self, settings: VLLMSettings):
-        apply_engine_env()
         from transformers import AutoTokenizer
         from vllm import LLM
 

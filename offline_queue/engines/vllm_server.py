@@ -48,7 +48,7 @@ def server_args(
     extra: Sequence[str] = (),
     on_cpu: bool | None = None,
 ) -> list[str]:
-    """`vllm serve` arguments; on the CPU build, the settings measured to work (ENGINES.md)."""
+    """`vllm serve` arguments; on the CPU build, the settings measured to work (docs/engines.md)."""
     args = [
         str(model_dir),
         "--host",

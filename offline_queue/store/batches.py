@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from sqlalchemy import func, select, text, update
 
-from offline_queue.formats import TERMINAL_STATUSES
+from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
@@ -61,7 +61,7 @@ def _new_batch(
         input_path=input_path,
         output_path=output_path,
         error_path=error_path,
-        status="validating",
+        status=BatchStatus.VALIDATING,
         endpoint=endpoint,
         tier=tier,
         weight=weight,
@@ -86,7 +86,7 @@ def register_batch(
     input_path: str,
     output_path: str,
     error_path: str,
-    tier: str = "standard",
+    tier: str = Tier.STANDARD,
     weight: int = 1,
     max_attempts: int = 3,
     metadata: dict[str, str] | None = None,
@@ -206,9 +206,9 @@ def request_cancel(db: str, batch_id: str) -> None:
             update(Batch)
             .where(
                 Batch.id == batch_id,
-                Batch.status.not_in(["completed", "failed", "cancelled", "expired"]),
+                Batch.status.not_in(TERMINAL_STATUSES),
             )
-            .values(status="cancelling", cancelling_at=clock.now_seconds())
+            .values(status=BatchStatus.CANCELLING, cancelling_at=clock.now_seconds())
         )
 
 
@@ -256,26 +256,27 @@ def tenant_batches(
 
 
 _STAMPS = {
-    "in_progress": "in_progress_at",
-    "finalizing": "finalizing_at",
-    "completed": "completed_at",
-    "failed": "failed_at",
-    "cancelled": "cancelled_at",
-    "expired": "expired_at",
+    BatchStatus.IN_PROGRESS: "in_progress_at",
+    BatchStatus.FINALIZING: "finalizing_at",
+    BatchStatus.COMPLETED: "completed_at",
+    BatchStatus.FAILED: "failed_at",
+    BatchStatus.CANCELLED: "cancelled_at",
+    BatchStatus.EXPIRED: "expired_at",
 }
 
 
-def set_status(db: str, batch_id: str, status: str, **fields: Any) -> None:
+def set_status(db: str, batch_id: str, status: BatchStatus, **fields: Any) -> None:
     """Move a batch to `status`, stamping `<status>_at` the first time it gets there.
 
     A cancel that arrived meanwhile wins over a run starting: `cancelling` is not moved back
     to `in_progress` (the worker drops the queued requests at its next chunk)."""
+    status = BatchStatus(status)
     with session(db) as s:
         batch = s.get(Batch, batch_id)
         if batch is None:
             raise KeyError(batch_id)
-        if batch.status == "cancelling" and status == "in_progress":
-            status = "cancelling"
+        if batch.status == BatchStatus.CANCELLING and status == BatchStatus.IN_PROGRESS:
+            status = BatchStatus.CANCELLING
         for key, value in {"status": status, **fields}.items():
             setattr(batch, key, value)
         stamp = _STAMPS.get(status)

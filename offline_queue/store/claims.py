@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
 from offline_queue.retry import RetryPolicy
+from offline_queue.states import RequestState
 from offline_queue.store import clock
 from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
 from offline_queue.store.db import session
@@ -69,8 +70,8 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
             Request.batch_id == batch_id,
             LIVE,
             or_(
-                and_(Request.state == "queued", Request.not_before <= now),
-                and_(Request.state == "processing", Request.lease_expires < now),
+                and_(Request.state == RequestState.QUEUED, Request.not_before <= now),
+                and_(Request.state == RequestState.PROCESSING, Request.lease_expires < now),
             ),
         )
         .order_by(Request.id)
@@ -81,7 +82,7 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
         update(Request)
         .where(Request.id.in_(claimable.scalar_subquery()))
         .values(
-            state="processing",
+            state=RequestState.PROCESSING,
             attempts=Request.attempts + 1,
             lease_owner=owner,
             lease_token=token,
@@ -118,7 +119,7 @@ def renew_leases(db: str, tokens: Sequence[str], lease_seconds: float) -> int:
     with session(db) as s:
         result = s.execute(
             update(Request)
-            .where(Request.lease_token.in_(list(tokens)), Request.state == "processing")
+            .where(Request.lease_token.in_(list(tokens)), Request.state == RequestState.PROCESSING)
             .values(lease_expires=clock.now() + lease_seconds)
             .execution_options(synchronize_session=False)
         )
@@ -170,7 +171,7 @@ def _guarded(s: Session, token: str, ids: list[int] | None, **values: Any) -> se
     them without a parameter per row."""
     if ids is not None and not ids:
         return set()
-    mine = and_(Request.lease_token == token, Request.state == "processing")
+    mine = and_(Request.lease_token == token, Request.state == RequestState.PROCESSING)
     rows = driver_rows(
         s.connection(),
         update(Request)
@@ -210,14 +211,14 @@ def settle(
     with session(db) as s:
         everything = len(done) == len(claim_.requests)
         done_ids = None if everything else [o.request.id for o in done]
-        mine_done = _guarded(s, claim_.token, done_ids, state="completed")
+        mine_done = _guarded(s, claim_.token, done_ids, state=RequestState.COMPLETED)
         mine_final = set[int]()
         for o in final:  # each carries its own last_error
             mine_final |= _guarded(
                 s,
                 claim_.token,
                 [o.request.id],
-                state="terminated",
+                state=RequestState.TERMINATED,
                 last_error=o.reply.error_message,
             )
         for o in again:
@@ -225,7 +226,7 @@ def settle(
                 s,
                 claim_.token,
                 [o.request.id],
-                state="queued",
+                state=RequestState.QUEUED,
                 not_before=clock.now() + retry.delay(o.request.attempts),
                 last_error=o.reply.error_message,
             ):

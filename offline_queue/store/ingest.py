@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
+from offline_queue.states import RequestState
 from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.results import RESULT_COLUMNS, error_row
@@ -102,7 +103,7 @@ def ingest(
                     item.url,
                     item.body_json,
                     item.cache_digest,
-                    "queued",
+                    RequestState.QUEUED,
                     0,
                     0.0,
                 )
@@ -143,6 +144,8 @@ def finish_ingest(db: str, batch_id: str) -> tuple[int, int]:
 # ---- PostgreSQL: COPY ---------------------------------------------------------------------
 
 
+_QUEUED_TAIL = f"\t{RequestState.QUEUED.value}\t0\t0\n"
+"""The last columns of a COPY row: state, attempts, not_before of a request just queued."""
 _COPY_REQUESTS = (
     "COPY requests (batch_id, line_no, custom_id, url, body, cache_digest, state, attempts, "
     "not_before) FROM STDIN"
@@ -212,7 +215,7 @@ def _ingest_by_copy(
                                     f"{head}{last_line}\t{_copy_text(item.custom_id)}\t{item.url}\t"
                                     # JSON from orjson: no raw control characters to escape
                                     f"{item.body_json.replace(chr(92), chr(92) * 2)}\t"
-                                    f"{item.cache_digest or chr(92) + 'N'}\tqueued\t0\t0\n"
+                                    f"{item.cache_digest or chr(92) + 'N'}{_QUEUED_TAIL}"
                                 )
                                 if len(rows) >= _ROWS_PER_WRITE:
                                     copy.write("".join(rows))

@@ -18,6 +18,7 @@ import orjson
 from sqlalchemy import case, func, select, update
 
 from offline_queue.formats import LineError
+from offline_queue.states import SETTLED_STATES, RequestState
 from offline_queue.store import clock
 from offline_queue.store.bulk import driver_stream, insert_ignoring_conflicts
 from offline_queue.store.db import session
@@ -89,8 +90,8 @@ def drop_queued(db: str, batch_id: str, code: str, message: str) -> int:
     with session(db) as s:
         rows = s.execute(
             update(Request)
-            .where(Request.batch_id == batch_id, Request.state == "queued")
-            .values(state="terminated", last_error=message)
+            .where(Request.batch_id == batch_id, Request.state == RequestState.QUEUED)
+            .values(state=RequestState.TERMINATED, last_error=message)
             .returning(Request.line_no, Request.custom_id)
             .execution_options(synchronize_session=False)
         ).all()
@@ -131,7 +132,7 @@ def progress(db: str, batch_id: str) -> Progress:
             .group_by(Request.state)
         ):
             setattr(p, state, count)
-            if state == "queued":
+            if state == RequestState.QUEUED:
                 p.due_in = due_in
         row = s.execute(
             select(
@@ -153,7 +154,7 @@ def settled_requests(db: str, batch_id: str) -> int:
         return int(
             s.scalar(
                 select(func.count()).where(
-                    Request.batch_id == batch_id, Request.state.in_(("completed", "terminated"))
+                    Request.batch_id == batch_id, Request.state.in_(SETTLED_STATES)
                 )
             )
             or 0
@@ -187,10 +188,12 @@ class ResultLine(NamedTuple):
     error_message: str | None
 
 
-def iter_results(db: str, batch_id: str, chunk: int = 5000) -> Iterator[ResultLine]:
-    """Every result row of a batch in line order, streamed (a million rows never in memory)
-    and fetched at the driver: building a SQLAlchemy row, let alone an ORM object, per line
-    was most of finalize."""
+def iter_results(
+    db: str, batch_id: str, chunk: int = 5000, ok: bool | None = None
+) -> Iterator[ResultLine]:
+    """Every result row of a batch in line order (only the outputs, or only the errors, when
+    `ok` says), streamed (a million rows never in memory) and fetched at the driver: building
+    a SQLAlchemy row, let alone an ORM object, per line was most of finalize."""
     stmt = (
         select(
             Result.line_no,
@@ -205,6 +208,8 @@ def iter_results(db: str, batch_id: str, chunk: int = 5000) -> Iterator[ResultLi
         .where(Result.batch_id == batch_id)
         .order_by(Result.line_no)
     )
+    if ok is not None:
+        stmt = stmt.where(Result.ok.is_(ok))
     with session(db, readonly=True) as s:
         for rows in driver_stream(s.connection(), stmt, chunk):
             yield from map(ResultLine._make, rows)

@@ -9,12 +9,15 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from offline_queue.states import LIVE_STATES, RequestState, Tier
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants 64 bits for a million-line
 # batch every night.
@@ -41,7 +44,7 @@ class Batch(Base):
     status: Mapped[str] = mapped_column(String(16))
     endpoint: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(256))
-    tier: Mapped[str] = mapped_column(String(16), default="standard")
+    tier: Mapped[str] = mapped_column(String(16), default=Tier.STANDARD)
     weight: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     metadata_json: Mapped[str | None] = mapped_column(Text)
@@ -68,9 +71,14 @@ class Batch(Base):
     cancelling_at: Mapped[int | None] = mapped_column(BigInteger)
     cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
     expired_at: Mapped[int | None] = mapped_column(BigInteger)
+    output_expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    """OpenAI's `output_expires_after` on create: past it, the clean-up removes the batch's
+    output and error contents (offline_queue/expiry.py). None: kept."""
+    outputs_removed_at: Mapped[int | None] = mapped_column(BigInteger)
+    """When the clean-up removed them: the files are gone, not empty."""
 
 
-LIVE = text("state IN ('queued', 'processing')")
+LIVE = text(f"state IN ({', '.join(repr(str(state)) for state in LIVE_STATES)})")
 """A request a worker may still have to serve: the predicate of the queue's partial index.
 Queries must use this very text, with literals: with bound parameters neither SQLite nor a
 generic PostgreSQL plan can prove the index applies, and every claim scanned the whole batch."""
@@ -110,7 +118,7 @@ class Request(Base):
     url: Mapped[str] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text)
     cache_digest: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=RequestState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
@@ -181,10 +189,12 @@ class ApiKey(Base):
 
 
 class StoredFile(Base):
-    """A file uploaded through /v1/files (streamed to disk; this row points at it)."""
+    """A file uploaded through /v1/files. `path` is where its bytes are: `store://<id>` for bytes
+    held in `file_chunks` (the default: every node reads them), else a path or an object-storage
+    URL (offline_queue/storage.py)."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_tenant", "tenant"),)
+    __table_args__ = (Index("ix_files_tenant", "tenant", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128))
@@ -195,3 +205,20 @@ class StoredFile(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), server_default="ready")
+    """`writing` while an upload streams its chunks in (invisible to every reader), `ready`
+    once it is whole."""
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    """Past it, the clean-up deletes the file. None: kept."""
+
+
+class FileChunk(Base):
+    """The bytes of a file held in the store, in order, about a MiB each (offline_queue/store/
+    files.py): one row a MiB keeps a row well under what either database holds comfortably,
+    and a reader fetches a few at a time."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

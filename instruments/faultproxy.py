@@ -78,7 +78,15 @@ class FaultProxy:
         finally:
             writer.close()
 
-    async def _answer(self, fault, method, path, headers, body, writer) -> bool:  # type: ignore[no-untyped-def]
+    async def _answer(
+        self,
+        fault: Fault,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
         if fault in ("500", "429", "404"):
             status = {
                 "500": "500 Internal Server Error",

@@ -1,0 +1,38 @@
+"""`offline-queue`: run a batch file, look at a batch, prepare the bundled model.
+
+Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need them, so
+`status` answers in well under a second while a run is going on.
+
+This module only assembles the commands; each group lives in a module of its own: run.py (run,
+validate), batches.py (submit, status, watch, results, cancel), engine.py (model, engine),
+cluster.py (pools, worker), api.py (keys, api), release.py (release).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from entrypoints.cli import api, batches, cluster, engine, release, run
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Batch LLM inference: OpenAI Batch JSONL in, one result per request out.",
+)
+for command in (
+    run.run,
+    batches.status,
+    batches.watch,
+    batches.results,
+    batches.cancel,
+    batches.submit,
+    run.validate,
+):
+    app.command()(command)
+app.add_typer(engine.model_app, name="model")
+app.add_typer(engine.engine_app, name="engine")
+app.add_typer(cluster.pools_app, name="pools")
+app.add_typer(cluster.worker_app, name="worker")
+app.add_typer(api.api_app, name="api")
+app.add_typer(api.keys_app, name="keys")
+app.add_typer(release.release_app, name="release")

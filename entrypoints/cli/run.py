@@ -1,0 +1,127 @@
+"""`run` and `validate`: a batch file run to the end in this process through the Prefect flow,
+or only checked."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+import typer
+
+from entrypoints.cli.shared import (
+    DbOption,
+    JsonOption,
+    err,
+    out,
+    print_batch,
+    use_prefect_defaults,
+)
+from offline_queue.formats import BatchObject
+from offline_queue.states import Tier
+
+# Locations are text, not Paths: a Path would fold s3://bucket/key into s3:/bucket/key.
+InputArgument = Annotated[
+    str, typer.Argument(help="OpenAI Batch JSONL file: a path, or s3://… (any fsspec URL).")
+]
+
+
+def run(
+    input: InputArgument,
+    output: Annotated[str | None, typer.Option(help="Default: <input>.output.jsonl")] = None,
+    errors: Annotated[str | None, typer.Option(help="Default: <input>.errors.jsonl")] = None,
+    db: DbOption = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model folder. Default: the bundled SmolLM2-135M.")
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="An OpenAI-compatible server (http://host:port/v1) or an engine block name. "
+            "Default: vLLM in this process."
+        ),
+    ] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Requests per task.")] = 256,
+    batch_id: Annotated[
+        str | None, typer.Option(help="Explicit id. Default: derived from the content.")
+    ] = None,
+    max_attempts: Annotated[
+        int, typer.Option(min=1, help="Tries per request (retriable failures, lost workers).")
+    ] = 3,
+    tier: Annotated[Tier, typer.Option(help="Priority tier.")] = Tier.STANDARD,
+    weight: Annotated[int, typer.Option(min=1, help="Share within the tier.")] = 1,
+    lease_seconds: Annotated[
+        float, typer.Option(help="A dead worker's chunk is claimed again after this long.")
+    ] = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Run one batch to the end in this process, through the Prefect flow.
+
+    Running the same file again resumes it (or, once it is done, only rewrites the files)."""
+    from offline_queue.model import ModelError, prepare_bundled_model
+    from offline_queue.store.batches import BatchConflict
+    from offline_queue.validate import FileRefused, Limits, inspect_file
+
+    try:
+        inspect_file(input, Limits())  # refuse a bad file before starting anything
+        if not model and not engine:
+            with err.status("Preparing the bundled model (once, ~20 s)…"):
+                prepare_bundled_model()
+    except (FileRefused, ModelError) as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    use_prefect_defaults()
+    from flows.batch import batch_inference
+    from offline_queue.runs import BatchRun
+
+    batch_run = BatchRun(
+        input=input,
+        output=output,
+        errors=errors,
+        tier=tier,
+        weight=weight,
+        engine=engine,
+        model=model,
+        chunk_size=chunk_size,
+        max_attempts=max_attempts,
+        batch_id=batch_id,
+        db=db,
+        lease_seconds=lease_seconds,
+    )
+    try:
+        result = batch_inference(**batch_run.parameters())
+    except (FileRefused, BatchConflict) as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    print_batch(BatchObject.model_validate(result), as_json)
+
+
+def validate(
+    input: InputArgument,
+    show: Annotated[int, typer.Option(help="How many line errors to print.")] = 10,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a file without running it: counts, and the first errors with line and field."""
+    from offline_queue.validate import Accepted, FileRefused, Limits, inspect_file, validate_file
+
+    limits = Limits()
+    try:
+        info = inspect_file(input, limits)
+    except FileRefused as exc:
+        err.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    accepted = rejected = 0
+    shown: list[str] = []
+    for item in validate_file(input, limits):
+        if isinstance(item, Accepted):
+            accepted += 1
+        else:
+            rejected += 1
+            if len(shown) < show:
+                shown.append(item.error.message)
+    if as_json:
+        report = {"lines": info.lines, "accepted": accepted, "rejected": rejected, "errors": shown}
+        print(orjson.dumps(report).decode())
+        return
+    for message in shown:
+        err.print(message, highlight=False, markup=False)
+    out.print(f"{accepted} accepted, {rejected} rejected, of {info.lines} lines")

@@ -1,0 +1,55 @@
+"""A `prefect server start` of our own on loopback, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from instruments.loopback import free_port, healthy
+from instruments.processes import BIN, wait_for
+
+
+@contextlib.contextmanager
+def prefect_server(
+    home: Path, database_url: str | None = None, ui: bool = False, **settings: str
+) -> Iterator[dict[str, str]]:
+    """`prefect server start` with its own PREFECT_HOME (SQLite there, or `database_url`, a
+    PostgreSQL URL); yields the environment that points Prefect clients at it."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="true" if ui else "false",
+        PREFECT_UI_API_URL=api,  # else the UI calls port 4200 and shows "Oops"
+        **settings,
+    )
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url.replace("+psycopg", "+asyncpg")
+    with (home / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+        )
+        try:
+            wait_for(
+                lambda: server.poll() is not None or healthy(f"{api}/health"),
+                timeout=180,
+                interval=0.5,
+            )
+            if server.poll() is not None:
+                raise RuntimeError((home / "server.log").read_text()[-2000:])
+            env["PREFECT_API_URL"] = api
+            yield env
+        finally:
+            server.terminate()
+            server.wait(30)

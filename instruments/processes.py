@@ -1,0 +1,44 @@
+"""Starting and stopping the instruments' processes: where the venv's programs are, how a
+driver unwinds on SIGTERM, and how to wait for a condition a process will make true."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: the services' `finally` blocks
+    run, so no PostgreSQL, Prefect or vLLM server is left behind."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.2) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid`, from /proc (no psutil needed for one level)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found

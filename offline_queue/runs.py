@@ -1,0 +1,123 @@
+"""What a batch run is given: one model of its parameters, built and validated by every front
+door (the CLI's `run`, the API, the release router) and received by the batch flow.
+
+Why the flow still lists the fields as flat parameters, rather than taking one `BatchRun`
+parameter: Prefect builds a deployment's parameters, its UI form and `prefect deployment run
+--param NAME=VALUE` from the flow function's signature. A parameter typed as a model is one
+parameter holding an object — `--param input=/x.jsonl` would be refused as unknown (it would
+have to be `--param run='{"input": …}'`), prefect.yaml's `parameters:` (merged from anchors,
+field by field) would have to nest, and the form would be one JSON box. So the flow keeps one
+parameter per field, a test checks that their names, types and defaults are this model's, and
+the first thing the flow does is build the model from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+
+from offline_queue.states import Tier
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class BatchRun(BaseModel):
+    """One run of one batch file: where the file and its results are, which engine serves it,
+    how it shares that engine, and how hard it tries."""
+
+    input: str = Field(
+        description="The OpenAI Batch JSONL file: a path, an object-storage URL (s3://bucket/key; "
+        "gs://, az:// with their extras), or store://<file id> for a file in the store."
+    )
+    output: str | None = Field(
+        default=None,
+        description="Output file (a path or URL). Default: <input>.output.jsonl next to the input.",
+    )
+    errors: str | None = Field(
+        default=None,
+        description="Error file (a path or URL). Default: <input>.errors.jsonl next to the input.",
+    )
+    tier: Tier = Field(
+        default=Tier.STANDARD, description="Priority tier: critical, standard or bulk."
+    )
+    weight: int = Field(
+        default=1, description="Share of a shared engine within the tier (proportional)."
+    )
+    engine: str | None = Field(
+        default=None,
+        description="Engine block name (e.g. `vllm/a100`). Empty: vLLM in this process.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Model folder for the in-process engine. Empty: the bundled SmolLM2-135M.",
+    )
+    chunk_size: int = Field(
+        default=256,
+        description="Requests per task. Larger chunks cost less orchestration; a crash wastes "
+        "at most one chunk per worker.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        description="Tries per request before it is terminated: retriable failures, and "
+        "workers that died or lost the lease while it ran (then `worker_lost`).",
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        description="The same key again resumes the same batch instead of a new one.",
+    )
+    batch_id: str | None = Field(
+        default=None, description="Explicit batch id. Default: derived from the file's content."
+    )
+    db: str | None = Field(
+        default=None,
+        description="Store URL (postgresql+psycopg://... or sqlite:///...). Default: the "
+        "`store` block, else OFFLINE_QUEUE_DB, else a SQLite file in the user's data directory.",
+    )
+    store: str | None = Field(
+        default=None,
+        description="Name of an offline-queue-store block holding the store URL (as a secret), "
+        "e.g. `default` as `offline-queue pools apply --db` saves it.",
+    )
+    tenant: str | None = Field(
+        default=None,
+        description="Who the batch is for: a tag on the run, and the key a gray release routes by.",
+    )
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        description="Free-form labels kept on the batch object (OpenAI's `metadata`).",
+    )
+    release_track: str | None = Field(
+        default=None, description="Set by the release router: `stable` or `candidate`."
+    )
+    release_version: str | None = Field(
+        default=None,
+        description="Set by the release router: the model version of that track.",
+    )
+    lease_seconds: float = Field(
+        default=60.0,
+        description="A dead worker's chunk is claimed again after this long; the lease is "
+        "renewed every third of it while the worker lives.",
+    )
+
+    def parameters(self) -> dict[str, Any]:
+        """The flow parameters this run chose: the fields given, without the empty ones.
+
+        What is left out takes the flow's default — or, for a run of a deployment, the
+        deployment's (prefect.yaml's `parameters:`): a front door that did not choose an engine
+        or a chunk size must not override the one the deployment was given.
+        """
+        return self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+
+
+def with_field_docs(fn: F) -> F:
+    """Give `fn` (whose parameters are BatchRun's fields) an `Args:` section made of the
+    fields' descriptions. Prefect shows a flow parameter's description — in the UI's run form,
+    in the deployment's schema — from the flow's docstring, Google style; so each description
+    is written once, on its field."""
+    lines = [
+        f"        {name}: {field.description}" for name, field in BatchRun.model_fields.items()
+    ]
+    fn.__doc__ = f"{fn.__doc__ or ''}\n    Args:\n" + "\n".join(lines) + "\n"
+    return fn

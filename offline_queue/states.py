@@ -1,0 +1,70 @@
+"""The states a batch and a request go through, and the priority tiers: defined once.
+
+String enums, so the store's columns, the wire formats (OpenAI's batch statuses) and the
+command line keep the plain words (`"completed"`, `"bulk"`) while the code names each state
+instead of spelling it. A member is equal to its word, so a row read back compares equal.
+
+A request: `queued → processing → completed`, or `processing → queued` again while a retriable
+failure has tries left (backoff in `not_before`), or `→ terminated` (its error row is written).
+A rejected line never becomes a request: it has its error row from ingest.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    """OpenAI's batch statuses."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Nothing will change any more: the files are final."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+
+class RequestState(StrEnum):
+    """Where one accepted line is in the queue."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    TERMINATED = "terminated"
+
+
+LIVE_STATES = (RequestState.QUEUED, RequestState.PROCESSING)
+"""A request a worker may still have to serve."""
+SETTLED_STATES = (RequestState.COMPLETED, RequestState.TERMINATED)
+"""A request whose one result row is written."""
+
+
+class Tier(StrEnum):
+    """How urgent a batch is. Within a shared engine the best tier present takes the slots
+    (lower tiers keep one each); across runs, each tier is a work queue whose priority the
+    cluster file sets (deployments/pools.yaml), in the same order."""
+
+    CRITICAL = "critical"
+    STANDARD = "standard"
+    BULK = "bulk"
+
+    @property
+    def rank(self) -> int:
+        """1 for the most urgent: the order of fair sharing and of the work queues."""
+        return _RANK[self]
+
+
+_RANK = {Tier.CRITICAL: 1, Tier.STANDARD: 2, Tier.BULK: 3}
