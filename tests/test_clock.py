@@ -153,22 +153,35 @@ def test_share_heartbeats_are_judged_by_the_stores_clock(
 needs_faketime = pytest.mark.skipif(FAKETIME is None, reason="Debian's faketime is not installed")
 
 
-def skewed(cmd: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """`cmd` and its environment under faketime, ten minutes ahead (monotonic clocks left
-    alone: wall time is what two machines disagree on)."""
-    assert FAKETIME is not None
-    return [FAKETIME, "-f", f"+{int(SKEW)}s", *cmd], {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+_SLEEP_IN_SELECT = (
+    "import select, time; time.sleep = lambda s: select.select([], [], [], max(s, 0.0)) and None"
+)
+
+
+def skewed_python(args: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """`python args` and its environment under faketime, the wall clock ten minutes ahead.
+
+    Monotonic clocks are left alone: wall time is what two machines disagree on, and with a
+    faked monotonic clock Python's timed lock waits never return. Left alone, libfaketime 0.9.10
+    rejects an absolute clock_nanosleep on it (EINVAL), which is how `time.sleep` sleeps: the
+    child sleeps in select() instead (`args` starts with `-c`, whose code runs after that)."""
+    assert FAKETIME is not None and args[0] == "-c"
+    code = f"{_SLEEP_IN_SELECT}\n{args[1]}"
+    return (
+        [FAKETIME, "-f", f"+{int(SKEW)}s", sys.executable, "-c", code, *args[2:]],
+        {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
+    )
 
 
 _CLAIMER = """
 import json, sys, time
-from sqlalchemy import select
-from offline_queue.store import claims, clock
+from sqlalchemy import func, select
+from offline_queue.store import claims
 from offline_queue.store.db import session
 db, bid = sys.argv[1:3]
 c = claims.claim(db, bid, "ahead", 100, lease_seconds=60)
-with session(db) as s:
-    store = float(s.execute(select(clock.now())).scalar_one())
+with session(db) as s:  # the server's clock, read without the code under test
+    store = float(s.execute(select(func.extract("epoch", func.now()))).scalar_one())
 print(json.dumps({"clock": time.time(), "store": store,
                   "ids": [r.id for r in c.requests] if c else [],
                   "token": c.token if c else None}))
@@ -181,7 +194,7 @@ def test_a_worker_ten_minutes_ahead_takes_no_live_lease(pg_url: str, tmp_path: P
     held = claims.claim(pg_url, bid, "on-time", 10, lease_seconds=60)
     assert held is not None
     held_until = max(leases(pg_url, held.token))
-    cmd, env = skewed([sys.executable, "-c", _CLAIMER, pg_url, bid], dict(os.environ))
+    cmd, env = skewed_python(["-c", _CLAIMER, pg_url, bid], dict(os.environ))
     out = subprocess.run(
         cmd,
         env=env,
@@ -206,6 +219,9 @@ def test_a_worker_ten_minutes_ahead_takes_no_live_lease(pg_url: str, tmp_path: P
     assert attempts == {1}
 
 
+_CLI = "import sys; from entrypoints.cli import app; sys.argv[0] = 'offline-queue'; sys.exit(app())"
+
+
 @pytest.fixture
 def counting_proxy(vllm_server: str) -> Iterator[FaultProxy]:
     """The real served engine behind a proxy that counts what reaches it."""
@@ -214,20 +230,10 @@ def counting_proxy(vllm_server: str) -> Iterator[FaultProxy]:
 
 
 def _worker(path: Path, db: str, engine: str, env: dict[str, str], ahead: bool) -> Any:
-    cmd = [
-        str(BIN / "offline-queue"),
-        "run",
-        str(path),
-        "--db",
-        db,
-        "--engine",
-        engine,
-        "--chunk-size",
-        "8",
-        "--json",
-    ]
-    if ahead:
-        cmd, env = skewed(cmd, env)
+    args = ["run", str(path), "--db", db, "--engine", engine, "--chunk-size", "8", "--json"]
+    cmd = [str(BIN / "offline-queue"), *args]
+    if ahead:  # the same command as the console script runs it
+        cmd, env = skewed_python(["-c", _CLI, *args], env)
     return subprocess.Popen(
         cmd,
         env=env,
