@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ENGINE ?= cpu
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test browser lint bench faults clean
+.PHONY: setup run test browser faketime lint bench faults clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/offline-queue model prepare
 	$(BIN)/offline-queue run examples/batch.jsonl
 
-test: setup browser
+test: setup browser faketime
 	$(BIN)/offline-queue model prepare
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -35,6 +35,12 @@ browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "no chromium: the Prefect UI browser check will be skipped"; }
+
+# The skewed-clock tests run a worker under Debian's faketime; without it they are skipped.
+faketime:
+	@command -v faketime >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq faketime >/dev/null) \
+		|| echo "no faketime: the skewed-clock tests will be skipped"; }
 
 # Lint and types in a venv of their own without vLLM (its 4-minute install): a fresh machine has
 # the verdict in about a minute. mypy sees the project's other dependencies with their types;

@@ -453,7 +453,7 @@ class Backlog:
         p = patiently(lambda: results.progress(self.db, self.batch_id))
         if p.pending == 0 and ingested:
             return p
-        wait = (p.next_due or 0) - time.time() if p.processing == 0 else lease_seconds / 6
+        wait = (p.due_in or 0) if p.processing == 0 else lease_seconds / 6
         if p.pending == 0:
             wait = 0.05
         time.sleep(min(max(wait, 0.05), 2.0))
@@ -505,12 +505,12 @@ def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = 
 
 
 def _stop_reason(db: str, batch_id: str) -> tuple[str, str] | None:
-    batch = batches.get_batch(db, batch_id)
+    batch, expired = batches.get_batch_expired(db, batch_id)  # by the store's clock
     if batch is None:
         return None
     if batch.status == BatchStatus.CANCELLING:
         return "batch_cancelled", "the batch was cancelled before this request ran"
-    if batch.expires_at and time.time() > batch.expires_at:
+    if expired:
         return "batch_expired", f"the batch's completion window ({batch.completion_window}) ended"
     return None
 

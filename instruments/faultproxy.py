@@ -2,7 +2,8 @@
 
 Each POST to a completions endpoint takes the next fault from a plan: pass it through, answer
 500 or 429 (with Retry-After) itself, stall past the client's timeout, or forward it and cut
-the connection in the middle of the answer's body.
+the connection in the middle of the answer's body. It counts the bodies it was sent, so a test
+can tell whether any request reached the engine twice.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class FaultProxy:
         self.plan = plan
         self.stall_seconds = stall_seconds
         self.seen: Counter[str] = Counter()
+        self.bodies: Counter[bytes] = Counter()
+        """Each completions POST body, with how often it came."""
         self._counter = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -74,6 +77,7 @@ class FaultProxy:
                 fault = "pass"
                 if method == "POST" and path.endswith("completions"):
                     fault = self.plan(next(self._counter))
+                    self.bodies[body] += 1
                 self.seen[fault] += 1
                 if not await self._answer(fault, method, path, headers, body, writer):
                     return

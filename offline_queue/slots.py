@@ -87,7 +87,7 @@ class Seat:
         self.batch_id, self.tier = batch_id, tier
         self.interval, self.stale_seconds = interval, stale_seconds
         self.holding = False
-        self.since = seat_rows.now()
+        self.since = seat_rows.now(self.db)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-seat", daemon=True)
@@ -125,7 +125,7 @@ class Seat:
 
     def set_holding(self, holding: bool) -> None:
         """Now holding a GPU, or waiting again (the wait counts from now)."""
-        self.holding, self.since = holding, seat_rows.now()
+        self.holding, self.since = holding, seat_rows.now(self.db)
         self.look()
 
     def start(self) -> Seat:

@@ -45,6 +45,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     settings.data_dir.chmod(0o700)
     access_log(settings)
     install_error_handlers(app)
+
     @app.get(HEALTH, include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}

@@ -16,6 +16,7 @@ from sqlalchemy import and_, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, RequestState, Tier
+from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request, Result
 
@@ -135,7 +136,7 @@ def register_batch(
             max_attempts=max_attempts,
             metadata=metadata,
             idempotency_key=idempotency_key,
-            created_at=int(time.time()),
+            created_at=clock.seconds(s),
         )
         s.add(batch)
     return batch, True
@@ -265,7 +266,7 @@ def admit_batch(
                 if differ:
                     raise IdempotencyConflict(existing.id, differ)
                 return existing, False
-        now = int(time.time())
+        now = clock.seconds(s)  # the store's time: every worker judges expiry by it
         _admit(
             _waiting(s, tier, tenant, now),
             tenant=tenant,
@@ -312,13 +313,25 @@ def request_cancel(db: str, batch_id: str) -> None:
                 Batch.id == batch_id,
                 Batch.status.not_in(TERMINAL_STATUSES),
             )
-            .values(status=BatchStatus.CANCELLING, cancelling_at=int(time.time()))
+            .values(status=BatchStatus.CANCELLING, cancelling_at=clock.now_seconds())
         )
 
 
 def get_batch(db: str, batch_id: str) -> Batch | None:
     with session(db, readonly=True) as s:
         return s.get(Batch, batch_id)
+
+
+def get_batch_expired(db: str, batch_id: str) -> tuple[Batch | None, bool]:
+    """The batch, and whether its completion window is over by the store's clock, in one read:
+    a worker asks before every chunk, and its own clock may be off."""
+    with session(db, readonly=True) as s:
+        found = s.execute(
+            select(Batch, func.coalesce(Batch.expires_at < clock.now(), False)).where(
+                Batch.id == batch_id
+            )
+        ).first()
+    return (None, False) if found is None else (found[0], bool(found[1]))
 
 
 def recent_batches(db: str, limit: int) -> list[Batch]:
@@ -373,7 +386,7 @@ def set_status(db: str, batch_id: str, status: BatchStatus, **fields: Any) -> No
             setattr(batch, key, value)
         stamp = _STAMPS.get(status)
         if stamp and getattr(batch, stamp) is None:
-            setattr(batch, stamp, int(time.time()))
+            setattr(batch, stamp, clock.now_seconds())  # written in the UPDATE: the store's time
 
 
 # -- who runs a batch: ownership, heartbeat, and the reaper of runs that died -----------------
@@ -392,12 +405,6 @@ RUN_ERRORS = frozenset({RUN_FAILED, RUN_CRASHED, RUN_CANCELLED, RUN_LOST})
 
 REAP_GRACE_SECONDS = 5.0
 """Past its lease, how long a silent owner is still given before its batch is reaped."""
-
-
-def _now() -> float:
-    """The time ownership is stamped and judged by: every owner heartbeat and the reaper read
-    it here, so the whole feature moves to another clock (the database's) in one place."""
-    return time.time()
 
 
 def failed_by_run(batch: Batch) -> bool:
@@ -436,7 +443,7 @@ def take_ownership(
         elif batch.status in TERMINAL_STATUSES:
             return False
         batch.owner, batch.owner_run_id = owner, run_id
-        batch.owner_heartbeat, batch.owner_lease = _now(), lease_seconds
+        batch.owner_heartbeat, batch.owner_lease = clock.now(), lease_seconds  # the store's
     return True
 
 
@@ -459,7 +466,7 @@ def beat_owned(db: str, owner: str) -> int:
         done = s.execute(
             update(Batch)
             .where(Batch.owner == owner, Batch.status.not_in(TERMINAL_STATUSES))
-            .values(owner_heartbeat=_now())
+            .values(owner_heartbeat=clock.now())
         )
     return int(done.rowcount or 0)  # type: ignore[attr-defined]
 
@@ -491,10 +498,10 @@ def fail_run(
         for batch in rows:
             if batch.status == BatchStatus.CANCELLING:  # asked to stop, and it has: cancelled
                 batch.status = BatchStatus.CANCELLED
-                batch.cancelled_at = batch.cancelled_at or int(time.time())
+                batch.cancelled_at = batch.cancelled_at or clock.now_seconds()
                 continue
             batch.status = BatchStatus.FAILED
-            batch.failed_at = batch.failed_at or int(time.time())
+            batch.failed_at = batch.failed_at or clock.now_seconds()
             # A tenant reads this: its file by the id it knows, never by a path of ours.
             seen = message.replace(batch.input_path, batch.input_file_id or "the input file")
             batch.errors_json = _errors(code, seen)
@@ -516,7 +523,8 @@ def reap_orphans(db: str, grace_seconds: float = REAP_GRACE_SECONDS) -> list[Rea
 
     A batch with no heartbeat at all is waiting for its run to start (a deployment's flow
     run still Scheduled or Pending): not lost, left alone."""
-    now = _now()
+    with session(db, readonly=True) as s:  # owners beat on the store's clock: judge by it
+        now = float(s.execute(select(clock.now())).scalar_one())
     working = exists().where(
         Request.batch_id == Batch.id,
         Request.state == RequestState.PROCESSING,
@@ -534,7 +542,7 @@ def reap_orphans(db: str, grace_seconds: float = REAP_GRACE_SECONDS) -> list[Rea
             seen = float(batch.owner_heartbeat or 0)
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seen))
             batch.status = BatchStatus.FAILED
-            batch.failed_at = batch.failed_at or int(time.time())
+            batch.failed_at = batch.failed_at or clock.now_seconds()
             batch.errors_json = _errors(
                 RUN_LOST,
                 f"the run of this batch was lost: its owner {batch.owner} was last seen at "

@@ -24,6 +24,7 @@ from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
 from offline_queue.retry import RetryPolicy
 from offline_queue.states import RequestState
+from offline_queue.store import clock
 from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.results import RESULT_COLUMNS, error_row, response_ids
@@ -57,8 +58,11 @@ class Claim:
 def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) -> Claim | None:
     """Lease up to `limit` requests of a batch: queued ones that are due, and those whose
     lease ran out (a crashed or stalled worker). PostgreSQL skips rows another worker is
-    claiming right now (SKIP LOCKED); SQLite serialises claims with BEGIN IMMEDIATE."""
-    now = time.time()
+    claiming right now (SKIP LOCKED); SQLite serialises claims with BEGIN IMMEDIATE.
+
+    Due and expired are judged, and the new lease stamped, by the store's clock in this one
+    statement: a worker whose clock runs ahead must not see another's live lease as over."""
+    now = clock.now()
     token = uuid.uuid4().hex
     claimable = (
         select(Request.id)
@@ -116,7 +120,7 @@ def renew_leases(db: str, tokens: Sequence[str], lease_seconds: float) -> int:
         result = s.execute(
             update(Request)
             .where(Request.lease_token.in_(list(tokens)), Request.state == RequestState.PROCESSING)
-            .values(lease_expires=time.time() + lease_seconds)
+            .values(lease_expires=clock.now() + lease_seconds)
             .execution_options(synchronize_session=False)
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
@@ -186,7 +190,11 @@ def settle(
     max_attempts: int,
     retry: RetryPolicy | None = None,
 ) -> Settled:
-    """Commit a chunk: results, state changes and cache entries in one transaction."""
+    """Commit a chunk: results, state changes and cache entries in one transaction.
+
+    A retry's `not_before` is the store's time plus its backoff, so any worker judges it due at
+    the same moment. The rows' `created_at` is this worker's time: it only says when the chunk
+    was committed, nothing compares it, and the rows go to the driver as plain tuples."""
     retry = retry or RetryPolicy()
     now = time.time()
     done: list[Outcome] = []
@@ -219,7 +227,7 @@ def settle(
                 claim_.token,
                 [o.request.id],
                 state=RequestState.QUEUED,
-                not_before=now + retry.delay(o.request.attempts),
+                not_before=clock.now() + retry.delay(o.request.attempts),
                 last_error=o.reply.error_message,
             ):
                 stats.retried += 1

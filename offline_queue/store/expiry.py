@@ -10,25 +10,17 @@ entries that pointed at those answers go with them.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from sqlalchemy import delete, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, select, update
 
 from offline_queue.states import TERMINAL_STATUSES
+from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, CachedResult, Result, StoredFile
 
 STALE_UPLOAD_SECONDS = 24 * 3600
 """An upload still `writing` this long after it started is from a writer that died."""
-
-
-def db_now(s: Session) -> int:
-    """The database's time in epoch seconds (SQLite is one machine: its clock is the host's)."""
-    if s.get_bind().dialect.name == "postgresql":
-        return int(s.scalar(text("SELECT extract(epoch FROM now())")))
-    return int(time.time())
 
 
 def set_output_expiry(db: str, batch_id: str, seconds: int) -> None:
@@ -45,7 +37,7 @@ def expired_outputs(db: str) -> list[tuple[str, str, str]]:
     """(batch id, output location, error location) of finished batches whose outputs have
     expired and are still there."""
     with session(db, readonly=True) as s:
-        now = db_now(s)
+        now = clock.now_seconds()
         rows = s.execute(
             select(Batch.id, Batch.output_path, Batch.error_path).where(
                 Batch.output_expires_at <= now,
@@ -70,7 +62,7 @@ def remove_outputs(db: str, batch_id: str) -> int:
         s.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.outputs_removed_at.is_(None))
-            .values(outputs_removed_at=db_now(s))
+            .values(outputs_removed_at=clock.now_seconds())
         )
         return int(cleared.rowcount or 0)
 
@@ -80,7 +72,7 @@ def expired_files(db: str) -> list[tuple[str, str]]:
     finished — except files a batch still reads (its lines are not all queued yet): those go
     at a later clean-up."""
     with session(db, readonly=True) as s:
-        now = db_now(s)
+        now = clock.now_seconds()
         reading = select(Batch.input_file_id).where(
             Batch.input_file_id.is_not(None),
             Batch.ingest_done.is_(False),

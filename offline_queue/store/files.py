@@ -11,7 +11,6 @@ storage) has only its row here, `path` naming where the bytes are.
 from __future__ import annotations
 
 import io
-import time
 import uuid
 from collections import deque
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from offline_queue.states import TERMINAL_STATUSES
+from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, FileChunk, StoredFile
 
@@ -83,22 +83,22 @@ def add_file(
     """The row of a file whose bytes are already whole elsewhere (`path`); with
     `max_stored_bytes`, only while the tenant's files stay within it (one check per tenant at a
     time on PostgreSQL; SQLite has one writer anyway)."""
-    row = StoredFile(
-        id=file_id,
-        tenant=tenant,
-        filename=filename,
-        purpose=purpose,
-        bytes=size,
-        lines=lines,
-        sha256=sha256,
-        path=path,
-        created_at=int(time.time()),
-        status="ready",
-        expires_at=expires_at,
-        endpoint=endpoint,
-    )
     with session(db) as s:
         _within_quota(s, tenant, size, max_stored_bytes)
+        row = StoredFile(
+            id=file_id,
+            tenant=tenant,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            lines=lines,
+            sha256=sha256,
+            path=path,
+            created_at=clock.seconds(s),  # the store's: the clean-up judges age by it
+            status="ready",
+            expires_at=expires_at,
+            endpoint=endpoint,
+        )
         s.add(row)
     return row
 
@@ -234,7 +234,7 @@ class FileWriter:
                     lines=0,
                     sha256="",
                     path=store_path(self.file_id),
-                    created_at=int(time.time()),
+                    created_at=clock.now_seconds(),  # a stale upload is judged by it
                     status="writing",
                 )
             )

@@ -19,6 +19,7 @@ from sqlalchemy import case, func, select, update
 
 from offline_queue.formats import LineError
 from offline_queue.states import SETTLED_STATES, RequestState
+from offline_queue.store import clock
 from offline_queue.store.bulk import driver_stream, insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.tables import LIVE, Request, Result
@@ -83,7 +84,8 @@ def error_row(
 
 def drop_queued(db: str, batch_id: str, code: str, message: str) -> int:
     """Every still-queued request of the batch gets its error row (`code`) and leaves the
-    queue; requests in flight finish. Returns how many were dropped."""
+    queue; requests in flight finish. Returns how many were dropped. (The rows' `created_at`
+    is this machine's time: it is shown, never compared.)"""
     now = time.time()
     with session(db) as s:
         rows = s.execute(
@@ -112,8 +114,9 @@ class Progress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reused: int = 0
-    next_due: float | None = None
-    """When the earliest retry waiting in the queue becomes due."""
+    due_in: float | None = None
+    """Seconds until the earliest retry waiting in the queue is due, by the store's clock (a
+    worker's own clock may be off), so a worker with nothing to claim knows how long to wait."""
 
     @property
     def pending(self) -> int:
@@ -123,14 +126,14 @@ class Progress:
 def progress(db: str, batch_id: str) -> Progress:
     with session(db, readonly=True) as s:
         p = Progress()
-        for state, count, due in s.execute(
-            select(Request.state, func.count(), func.min(Request.not_before))
+        for state, count, due_in in s.execute(
+            select(Request.state, func.count(), func.min(Request.not_before) - clock.now())
             .where(Request.batch_id == batch_id, LIVE)
             .group_by(Request.state)
         ):
             setattr(p, state, count)
             if state == RequestState.QUEUED:
-                p.next_due = due
+                p.due_in = due_in
         row = s.execute(
             select(
                 func.count(),

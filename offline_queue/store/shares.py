@@ -5,11 +5,10 @@ business; this module only writes and reads the rows.
 
 from __future__ import annotations
 
-import time
-
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import EngineShare
 
@@ -26,8 +25,11 @@ def beat(
     weight: int,
     stale_seconds: float,
 ) -> list[LiveShare]:
-    """Refresh our row; return everyone live on this engine (us included)."""
-    now = time.time()
+    """Refresh our row; return everyone live on this engine (us included).
+
+    The beat is stamped and its staleness judged by the store's clock, so a worker whose own
+    clock is off neither counts the others as gone nor keeps counting a dead one."""
+    now = clock.now()
     with session(db) as s:
         dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
         insert = dialect.insert(EngineShare).values(

@@ -5,20 +5,21 @@ module only writes and reads the rows.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import GpuSeat
 
 
-def now() -> float:
-    """The time seats are stamped and compared with. Every node's shards compare their
-    heartbeats, so this is the one place to make it the database's clock."""
-    return time.time()
+def now(db: str) -> float:
+    """The store's time: every node's shards compare their heartbeats and waiting times, so
+    they are stamped and judged on one clock."""
+    with session(db, readonly=True) as s:
+        return float(s.execute(select(clock.now())).scalar_one())
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def beat(
     stale_seconds: float,
 ) -> list[SeatRow]:
     """Write our row (state and heartbeat); return every live seat at these GPUs, ours too."""
-    stamp = now()
+    stamp = clock.now()  # the store's time, in the statement
     with session(db) as s:
         dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
         values = {"batch_id": batch_id, "tier": tier, "holding": holding, "since": since}
@@ -78,7 +79,7 @@ def batch_shards(db: str, batch_id: str, stale_seconds: float = 30.0) -> BatchSh
     with session(db, readonly=True) as s:
         rows = s.execute(
             select(GpuSeat.holding, func.count())
-            .where(GpuSeat.batch_id == batch_id, GpuSeat.heartbeat > now() - stale_seconds)
+            .where(GpuSeat.batch_id == batch_id, GpuSeat.heartbeat > clock.now() - stale_seconds)
             .group_by(GpuSeat.holding)
         ).all()
     counts = {bool(holding): int(n) for holding, n in rows}

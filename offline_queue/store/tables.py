@@ -1,5 +1,6 @@
-"""Tables. Times are epoch seconds (floats for leases, ints where OpenAI shows them), written by
-the application so the same code runs on PostgreSQL and SQLite."""
+"""Tables. Times are epoch seconds (floats for leases, ints where OpenAI shows them), so the same
+code runs on PostgreSQL and SQLite. Those that workers compare (leases, retry times, heartbeats,
+expiry, status stamps) are the database's time (clock.py); the rest are the writer's."""
 
 from __future__ import annotations
 
