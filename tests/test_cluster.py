@@ -52,10 +52,13 @@ ARTIFACTS = Path(os.environ.get("OQ_TEST_ARTIFACTS", REPO / "test-artifacts"))
 def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`prefect server start` on PostgreSQL (loopback, its own PREFECT_HOME); yields the env
     that points Prefect commands at it."""
-    store = create_database(pg_server, "oq_cluster_store")
+    # Names of their own: another module's instance of this fixture (test_stall.py uses it)
+    # may still have a session open on its databases while it is torn down.
+    suffix = uuid.uuid4().hex[:8]
+    store = create_database(pg_server, f"oq_cluster_store_{suffix}")
     with prefect_server(
         tmp_path_factory.mktemp("prefect-home"),
-        database_url=create_database(pg_server, "prefect_cluster"),
+        database_url=create_database(pg_server, f"prefect_cluster_{suffix}"),
         ui=True,  # the browser test looks at it
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # schedule new deployments at once
     ) as env:

@@ -26,7 +26,7 @@ from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
 from offline_queue.store.db import session
-from offline_queue.store.tables import Batch, Request, Result
+from offline_queue.store.tables import Batch, GpuSeat, Request, Result
 from tests.conftest import REPO
 from tests.test_pipeline import line, read, write
 
@@ -268,9 +268,19 @@ def test_a_critical_batch_takes_the_only_gpu_of_a_node_at_a_chunk_boundary(
 
         wait_for(lambda: bulk_chunks() >= 2, timeout=240, interval=0.2)
         start_run(cluster, "solo-critical", critical)
-        # Arrival: when the critical batch is registered (its run has started on the node).
         crit = wait_for(lambda: batch_of(store, critical), timeout=120, interval=0.05)
         assert crit is not None
+
+        # Arrival: when the critical batch's shard waits for the node's GPU (its run started,
+        # its batch registered). From then on the bulk shard may finish the chunk it is in,
+        # and must hand the GPU over at that chunk's end.
+        def critical_waits() -> bool:
+            with session(store) as s:
+                return (
+                    s.scalar(select(GpuSeat.shard).where(GpuSeat.batch_id == crit.id)) is not None
+                )
+
+        wait_for(critical_waits, timeout=240, interval=0.05)
         arrived = time.time()
 
         def both_final() -> tuple[Batch, Batch] | None:
