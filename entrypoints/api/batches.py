@@ -25,7 +25,7 @@ from offline_queue.formats import SUPPORTED_URLS, BatchObject
 from offline_queue.runs import BatchRun
 from offline_queue.shares import MAX_WEIGHT
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
-from offline_queue.store import batches
+from offline_queue.store import admission, batches, owners
 from offline_queue.store.expiry import set_output_expiry
 from offline_queue.store.tables import Batch
 
@@ -175,7 +175,7 @@ def create_batch(
     # The output and error files are the batch's result rows: any node's API serves them.
     output_path, error_path = virtual_outputs(batch_id)
     try:
-        batch, created = batches.admit_batch(
+        batch, created = admission.admit_batch(
             settings.db,
             max_queued=settings.max_queued[tier],
             max_waiting=caller.max_waiting,
@@ -195,9 +195,9 @@ def create_batch(
             completion_window=body.completion_window,
             window_seconds=seconds,
         )
-    except batches.AdmissionRefused as exc:
+    except admission.AdmissionRefused as exc:
         raise api_error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "30"}) from exc
-    except batches.IdempotencyConflict as exc:
+    except admission.IdempotencyConflict as exc:
         raise api_error(409, str(exc), "idempotency_key_reused") from exc
     if not created:
         return api_batch(settings, batch)
@@ -236,9 +236,9 @@ def start_batch(
             started = run_deployment(settings.deployment, parameters=params, timeout=0)
         except Exception as exc:
             log.exception("batch %s could not be started", batch_id)
-            batches.fail_run(
+            owners.fail_run(
                 settings.db,
-                batches.RUN_FAILED,
+                owners.RUN_FAILED,
                 f"the batch could not be started: {runs.reason(exc, path, file_id)}",
                 batch_id=batch_id,
             )
