@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import openai
 import pytest
-import uvicorn
 
 from instruments.faultproxy import FaultProxy
 from instruments.loopback import free_port, healthy
@@ -25,6 +23,7 @@ from offline_queue.states import TERMINAL_STATUSES, BatchStatus, RequestState
 from offline_queue.store import batches, claims, owners
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
+from tests.api_helpers import Api, serve_api
 from tests.conftest import REPO, cli_env, run_cli
 from tests.test_cli import custom_ids
 from tests.test_cluster import api as prefect_at
@@ -91,37 +90,16 @@ def test_the_reaper_settles_silent_owners_only(db_url: str, tmp_path: Path) -> N
     assert owners.fail_run(db_url, owners.RUN_CANCELLED, "y", run_id="flow-run-2") == ["waiting"]
 
 
-class InThreadApi:
-    def __init__(self, url: str, db: str):
-        self.url, self.db = url, db
-
-    def client(self, tenant: str) -> openai.OpenAI:
-        from entrypoints.api.auth import create_key
-
-        return openai.OpenAI(base_url=self.url, api_key=create_key(self.db, tenant), max_retries=0)
-
-
 @pytest.fixture
-def broken_api(tmp_path: Path, pg_url: str, prefect_api: str) -> Iterator[InThreadApi]:
+def broken_api(tmp_path: Path, pg_url: str, prefect_api: str) -> Iterator[Api]:
     """The API's app under uvicorn, its runs on an engine that cannot be built (no model)."""
-    from entrypoints.api.app import create_app
     from entrypoints.api.settings import ApiSettings
 
     settings = ApiSettings(
         db=pg_url, data_dir=tmp_path / "api", model=str(tmp_path / "no-such-model")
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30)
-    try:
-        yield InThreadApi(f"http://127.0.0.1:{port}/v1", pg_url)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_api(settings) as api:
+        yield api
 
 
 def _create(client: openai.OpenAI, path: Path) -> Any:
@@ -133,7 +111,7 @@ def _create(client: openai.OpenAI, path: Path) -> Any:
 
 
 def test_a_run_that_raises_in_the_api_fails_its_batch_with_the_reason(
-    broken_api: InThreadApi, tmp_path: Path
+    broken_api: Api, tmp_path: Path
 ) -> None:
     client = broken_api.client("acme")
     batch = _create(client, write(tmp_path / "in.jsonl", [line(f"r{i}") for i in range(3)]))

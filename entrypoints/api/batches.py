@@ -18,7 +18,16 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from entrypoints.api import runs
-from entrypoints.api.deps import BATCH_ID, Caller, Rights, Tenant, own_batch, own_file, settings_of
+from entrypoints.api.deps import (
+    BATCH_ID,
+    Caller,
+    Rights,
+    Tenant,
+    own_batch,
+    own_file,
+    page,
+    settings_of,
+)
 from entrypoints.api.errors import api_error
 from offline_queue.batches import batch_object, virtual_outputs
 from offline_queue.formats import SUPPORTED_URLS, BatchObject
@@ -271,15 +280,8 @@ def list_batches(
     settings = settings_of(request)
     if after is not None and not BATCH_ID.match(after):
         raise api_error(400, "after: a batch id (batch_…)", "invalid_after", param="after")
-    page, has_more = batches.tenant_batches(settings.db, who, limit, after)
-    data = [api_batch(settings, b) for b in page]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    found, has_more = batches.tenant_batches(settings.db, who, limit, after)
+    return page([api_batch(settings, b) for b in found], has_more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
