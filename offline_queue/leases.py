@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from offline_queue.store import batches, claims
+from offline_queue.store import claims, owners
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class OwnerHeartbeat:
     """Owns a batch for one run and beats its heartbeat every `lease_seconds / 3`, from the
     run's start (before the engine loads: that can take minutes) to its end.
 
-    A run killed with -9 stops beating, and `store.batches.reap_orphans` settles its batch
+    A run killed with -9 stops beating, and `store.owners.reap_orphans` settles its batch
     once the owner has been silent for longer than a lease: whatever notices first (the next
     worker, the API, `status`) says why the batch stopped, instead of it staying `in_progress`.
     """
@@ -82,7 +82,7 @@ class OwnerHeartbeat:
         self._thread.join(timeout=5)
 
     def _beat(self) -> bool:
-        return batches.take_ownership(
+        return owners.take_ownership(
             self.db, self.batch_id, self.owner, self.run_id, self.lease_seconds
         )
 

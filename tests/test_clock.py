@@ -27,7 +27,7 @@ from instruments.processes import BIN, wait_for
 from offline_queue.engines.base import Reply
 from offline_queue.retry import RetryPolicy
 from offline_queue.states import BatchStatus
-from offline_queue.store import batches, claims, clock, results, shares
+from offline_queue.store import admission, batches, claims, clock, results, shares
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
 from tests.conftest import REPO, cli_env
@@ -106,7 +106,7 @@ def test_expiry_and_status_stamps_are_the_stores(
     db_url: str, tmp_path: Path, ahead: Callable[[], None]
 ) -> None:
     ahead()
-    batch, created = batches.admit_batch(
+    batch, created = admission.admit_batch(
         db_url,
         max_queued=100,
         max_waiting=None,

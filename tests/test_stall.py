@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +15,15 @@ from typing import Any
 
 import openai
 import pytest
-import uvicorn
 
 from instruments.faultproxy import FaultProxy
 from instruments.loopback import free_port, healthy
 from instruments.processes import BIN, wait_for
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, RequestState
-from offline_queue.store import batches, claims
+from offline_queue.store import batches, claims, owners
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
+from tests.api_helpers import Api, serve_api
 from tests.conftest import REPO, cli_env, run_cli
 from tests.test_cli import custom_ids
 from tests.test_cluster import api as prefect_at
@@ -60,68 +59,47 @@ def test_the_reaper_settles_silent_owners_only(db_url: str, tmp_path: Path) -> N
     for bid in ("lost", "waiting", "alive"):
         _batch(db_url, bid)
     leased = make_batch(db_url, tmp_path, 3)
-    batches.take_ownership(db_url, "lost", "run-a on host-1 (pid 7)", None, 0.2)
-    batches.await_run(db_url, "waiting", "flow-run-1", "Prefect flow run x, waiting")
-    batches.take_ownership(db_url, "alive", "run-b", None, 60.0)
-    batches.take_ownership(db_url, leased, "run-c", None, 0.2)
+    owners.take_ownership(db_url, "lost", "run-a on host-1 (pid 7)", None, 0.2)
+    owners.await_run(db_url, "waiting", "flow-run-1", "Prefect flow run x, waiting")
+    owners.take_ownership(db_url, "alive", "run-b", None, 60.0)
+    owners.take_ownership(db_url, leased, "run-c", None, 0.2)
     assert claims.claim(db_url, leased, "worker-c", 10, lease_seconds=60.0) is not None
     time.sleep(0.5)
 
-    reaped = batches.reap_orphans(db_url, grace_seconds=0.1)
+    reaped = owners.reap_orphans(db_url, grace_seconds=0.1)
     assert [r.batch_id for r in reaped] == ["lost"]
     (error,) = _errors(db_url, "lost")
-    assert error["code"] == batches.RUN_LOST
+    assert error["code"] == owners.RUN_LOST
     assert "run-a on host-1 (pid 7)" in error["message"] and "last seen" in error["message"]
     for bid in ("waiting", "alive", leased):
         b = batches.get_batch(db_url, bid)
         assert b is not None and b.status == BatchStatus.VALIDATING, bid
-    assert batches.reap_orphans(db_url, grace_seconds=0.1) == []  # settled once
+    assert owners.reap_orphans(db_url, grace_seconds=0.1) == []  # settled once
 
     # A re-run takes the lost batch back: no longer failed, no error left, a live owner.
-    assert batches.take_ownership(db_url, "lost", "run-d", None, 60.0)
+    assert owners.take_ownership(db_url, "lost", "run-d", None, 60.0)
     b = batches.get_batch(db_url, "lost")
     assert b is not None and b.status == BatchStatus.VALIDATING and b.errors_json is None
     assert b.owner == "run-d" and b.failed_at is None
     # A batch that failed for its requests is over: a run does not reopen it.
     batches.set_status(db_url, "alive", BatchStatus.FAILED, errors_json='[{"code": "x"}]')
-    assert not batches.take_ownership(db_url, "alive", "run-e", None, 60.0)
+    assert not owners.take_ownership(db_url, "alive", "run-e", None, 60.0)
     # A flow run's end fails the batch it owns, and not one another run has taken since.
-    batches.take_ownership(db_url, "waiting", "flow run 2", "flow-run-2", 60.0)
-    assert batches.fail_run(db_url, batches.RUN_CANCELLED, "x", run_id="flow-run-1") == []
-    assert batches.fail_run(db_url, batches.RUN_CANCELLED, "y", run_id="flow-run-2") == ["waiting"]
-
-
-class InThreadApi:
-    def __init__(self, url: str, db: str):
-        self.url, self.db = url, db
-
-    def client(self, tenant: str) -> openai.OpenAI:
-        from entrypoints.api.auth import create_key
-
-        return openai.OpenAI(base_url=self.url, api_key=create_key(self.db, tenant), max_retries=0)
+    owners.take_ownership(db_url, "waiting", "flow run 2", "flow-run-2", 60.0)
+    assert owners.fail_run(db_url, owners.RUN_CANCELLED, "x", run_id="flow-run-1") == []
+    assert owners.fail_run(db_url, owners.RUN_CANCELLED, "y", run_id="flow-run-2") == ["waiting"]
 
 
 @pytest.fixture
-def broken_api(tmp_path: Path, pg_url: str, prefect_api: str) -> Iterator[InThreadApi]:
+def broken_api(tmp_path: Path, pg_url: str, prefect_api: str) -> Iterator[Api]:
     """The API's app under uvicorn, its runs on an engine that cannot be built (no model)."""
-    from entrypoints.api.app import create_app
     from entrypoints.api.settings import ApiSettings
 
     settings = ApiSettings(
         db=pg_url, data_dir=tmp_path / "api", model=str(tmp_path / "no-such-model")
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30)
-    try:
-        yield InThreadApi(f"http://127.0.0.1:{port}/v1", pg_url)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_api(settings) as api:
+        yield api
 
 
 def _create(client: openai.OpenAI, path: Path) -> Any:
@@ -133,7 +111,7 @@ def _create(client: openai.OpenAI, path: Path) -> Any:
 
 
 def test_a_run_that_raises_in_the_api_fails_its_batch_with_the_reason(
-    broken_api: InThreadApi, tmp_path: Path
+    broken_api: Api, tmp_path: Path
 ) -> None:
     client = broken_api.client("acme")
     batch = _create(client, write(tmp_path / "in.jsonl", [line(f"r{i}") for i in range(3)]))
@@ -145,7 +123,7 @@ def test_a_run_that_raises_in_the_api_fails_its_batch_with_the_reason(
     assert done.status == "failed"
     assert done.errors is not None and done.errors.data
     error = done.errors.data[0]
-    assert error.code == batches.RUN_FAILED
+    assert error.code == owners.RUN_FAILED
     assert "not a model folder" in (error.message or ""), error.message
 
 
@@ -214,7 +192,7 @@ def test_kill_9_of_the_api_leaves_a_failed_batch_that_a_rerun_completes(
         )
     assert time.monotonic() - killed >= LEASE
     (error,) = lost["errors"]["data"]
-    assert error["code"] == batches.RUN_LOST
+    assert error["code"] == owners.RUN_LOST
     assert f"pid {api.pid}" in error["message"] and "last seen" in error["message"]
 
     stored = batches.get_batch(pg_url, batch_id)
@@ -301,5 +279,5 @@ def test_cancel_of_a_deployment_run_in_prefect_fails_its_batch_with_the_reason(
         )
     assert failed
     (error,) = json.loads(failed.errors_json or "[]")
-    assert error["code"] == batches.RUN_CANCELLED
+    assert error["code"] == owners.RUN_CANCELLED
     assert str(started.id) in error["message"], error["message"]

@@ -18,14 +18,23 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from entrypoints.api import runs
-from entrypoints.api.deps import BATCH_ID, Caller, Rights, Tenant, own_batch, own_file, settings_of
+from entrypoints.api.deps import (
+    BATCH_ID,
+    Caller,
+    Rights,
+    Tenant,
+    own_batch,
+    own_file,
+    page,
+    settings_of,
+)
 from entrypoints.api.errors import api_error
 from offline_queue.batches import batch_object, virtual_outputs
 from offline_queue.formats import SUPPORTED_URLS, BatchObject
 from offline_queue.runs import BatchRun
 from offline_queue.shares import MAX_WEIGHT
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
-from offline_queue.store import batches
+from offline_queue.store import admission, batches, owners
 from offline_queue.store.expiry import set_output_expiry
 from offline_queue.store.tables import Batch
 
@@ -175,7 +184,7 @@ def create_batch(
     # The output and error files are the batch's result rows: any node's API serves them.
     output_path, error_path = virtual_outputs(batch_id)
     try:
-        batch, created = batches.admit_batch(
+        batch, created = admission.admit_batch(
             settings.db,
             max_queued=settings.max_queued[tier],
             max_waiting=caller.max_waiting,
@@ -195,9 +204,9 @@ def create_batch(
             completion_window=body.completion_window,
             window_seconds=seconds,
         )
-    except batches.AdmissionRefused as exc:
+    except admission.AdmissionRefused as exc:
         raise api_error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "30"}) from exc
-    except batches.IdempotencyConflict as exc:
+    except admission.IdempotencyConflict as exc:
         raise api_error(409, str(exc), "idempotency_key_reused") from exc
     if not created:
         return api_batch(settings, batch)
@@ -236,9 +245,9 @@ def start_batch(
             started = run_deployment(settings.deployment, parameters=params, timeout=0)
         except Exception as exc:
             log.exception("batch %s could not be started", batch_id)
-            batches.fail_run(
+            owners.fail_run(
                 settings.db,
-                batches.RUN_FAILED,
+                owners.RUN_FAILED,
                 f"the batch could not be started: {runs.reason(exc, path, file_id)}",
                 batch_id=batch_id,
             )
@@ -271,15 +280,8 @@ def list_batches(
     settings = settings_of(request)
     if after is not None and not BATCH_ID.match(after):
         raise api_error(400, "after: a batch id (batch_…)", "invalid_after", param="after")
-    page, has_more = batches.tenant_batches(settings.db, who, limit, after)
-    data = [api_batch(settings, b) for b in page]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    found, has_more = batches.tenant_batches(settings.db, who, limit, after)
+    return page([api_batch(settings, b) for b in found], has_more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from entrypoints.api.deps import FILE_ID, Caller, Tenant, own_batch, own_file, settings_of
+from entrypoints.api.deps import FILE_ID, Caller, Tenant, own_batch, own_file, page, settings_of
 from entrypoints.api.errors import api_error
 from entrypoints.api.forms import FileSniff, Form
 from offline_queue.batches import OutputsRemoved, output_source
@@ -105,14 +105,7 @@ def list_files(
     rows, has_more = files.list_files(
         settings.db, who, purpose=purpose, limit=limit, after=after, order=order
     )
-    data = [file_object(f) for f in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return page([file_object(f) for f in rows], has_more)
 
 
 @router.get("/v1/files/{file_id}")

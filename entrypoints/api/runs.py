@@ -18,7 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from offline_queue.expiry import remove_expired
-from offline_queue.store import batches
+from offline_queue.store import owners
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -37,7 +37,7 @@ def run_here(
     settings: ApiSettings, batch_id: str, parameters: dict[str, Any], path: str, file_id: str
 ) -> None:
     """Run the batch on a thread of its own; a failure lands on the batch."""
-    batches.take_ownership(settings.db, batch_id, API_OWNER, None, settings.lease_seconds)
+    owners.take_ownership(settings.db, batch_id, API_OWNER, None, settings.lease_seconds)
 
     def run() -> None:
         from flows.batch import batch_inference
@@ -62,7 +62,7 @@ def _record_failure(db: str, batch_id: str, why: str) -> None:
     a run whose process dies is left to the reaper: its owner stops beating)."""
     message = f"the API's run of this batch failed: {why}"
     try:
-        if batches.fail_run(db, batches.RUN_FAILED, message, batch_id=batch_id):
+        if owners.fail_run(db, owners.RUN_FAILED, message, batch_id=batch_id):
             log.warning("batch %s failed: %s", batch_id, message)
     except Exception:  # the store is gone too: the reaper or a re-run ends it
         log.exception("batch %s: could not record how its run ended", batch_id)
@@ -72,13 +72,13 @@ def awaiting(settings: ApiSettings, batch_id: str, started: FlowRun) -> None:
     """The batch waits for the deployment's flow run `started` (Scheduled until a worker
     takes it): shown as its owner, found by the flow run's hooks."""
     owner = f"Prefect flow run {started.name} ({started.id}), waiting for a worker"
-    batches.await_run(settings.db, batch_id, str(started.id), owner)
+    owners.await_run(settings.db, batch_id, str(started.id), owner)
 
 
 def watch_once(db: str) -> None:
     """Beat for the batches waiting here, settle lost runs, remove what has expired."""
-    batches.beat_owned(db, API_OWNER)
-    for lost in batches.reap_orphans(db):
+    owners.beat_owned(db, API_OWNER)
+    for lost in owners.reap_orphans(db):
         log.warning("batch %s lost its run (owner %s)", lost.batch_id, lost.owner)
     remove_expired(db)  # logs what it removed
 

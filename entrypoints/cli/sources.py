@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import httpx
 
 from offline_queue.batches import batch_object, output_source
-from offline_queue.store import batches
+from offline_queue.store import batches, owners
 
 
 class BatchSource(Protocol):
@@ -27,12 +27,12 @@ class StoreSource:
         self.db = db
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
-        batches.reap_orphans(self.db)
+        owners.reap_orphans(self.db)
         batch = batches.get_batch(self.db, batch_id)
         return batch_object(self.db, batch).model_dump(mode="json") if batch else None
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
-        batches.reap_orphans(self.db)
+        owners.reap_orphans(self.db)
         rows = batches.recent_batches(self.db, limit)
         return [batch_object(self.db, b).model_dump(mode="json") for b in rows]
 
