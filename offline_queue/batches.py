@@ -21,11 +21,12 @@ from offline_queue.formats import (
     LineError,
     RequestCounts,
     RunStats,
+    Shards,
     Usage,
 )
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.storage import locate, resolve, sibling
-from offline_queue.store import results
+from offline_queue.store import results, slots
 from offline_queue.store.files import STORE_SCHEME
 from offline_queue.store.tables import Batch
 
@@ -111,6 +112,14 @@ def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObj
         output_file=batch.output_path if finished else None,
         error_file=batch.error_path if finished else None,
         run=run,
+        shards=_shards(db, batch) if not finished else None,
+    )
+
+
+def _shards(db: str, batch: Batch) -> Shards | None:
+    live = slots.batch_shards(db, batch.id)
+    return (
+        Shards(running=live.running, waiting=live.waiting) if live.running or live.waiting else None
     )
 
 

@@ -231,6 +231,14 @@ class RunStats(BaseModel):
     reused: int = 0
 
 
+class Shards(BaseModel):
+    """A batch's live shards: serving (holding a GPU) and waiting for one — our extra field on
+    the batch object (OpenAI has none), present while any shard is live."""
+
+    running: int
+    waiting: int
+
+
 class BatchObject(BaseModel):
     """OpenAI's batch object, plus where the files are on disk and what this run did."""
 
@@ -261,3 +269,4 @@ class BatchObject(BaseModel):
     output_file: str | None = None
     error_file: str | None = None
     run: RunStats | None = None
+    shards: Shards | None = None

@@ -4,7 +4,12 @@ the seats' rows in the store, alive while they beat."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from offline_queue.batches import batch_object
+from offline_queue.formats import Shards
 from offline_queue.slots import Seat, plan
+from offline_queue.store import batches
 from offline_queue.store.slots import SeatRow, batch_shards
 
 
@@ -65,3 +70,27 @@ def test_seats_beat_and_leave_in_the_store(db_url: str) -> None:
         assert other.may_take()
     finally:
         other.stop()
+
+
+def test_the_batch_object_shows_its_shards_running_and_waiting(db_url: str, tmp_path: Path) -> None:
+    """`offline-queue status` and the API's batch object say how many shards serve the batch
+    and how many wait for a GPU, while any is live; nothing once none is."""
+    batch, _ = batches.register_batch(
+        db_url,
+        batch_id="batch_shown",
+        content_hash="0" * 64,
+        input_path=str(tmp_path / "in.jsonl"),
+        output_path=str(tmp_path / "out.jsonl"),
+        error_path=str(tmp_path / "err.jsonl"),
+    )
+    assert batch_object(db_url, batch).shards is None
+    serving = Seat(db_url, "gpu:g:a", 1, "s1", batch.id, 3).start()
+    waiting = Seat(db_url, "gpu:g:a", 1, "s2", batch.id, 3).start()
+    try:
+        serving.set_holding(True)
+        waiting.look()
+        assert batch_object(db_url, batch).shards == Shards(running=1, waiting=1)
+    finally:
+        serving.stop()
+        waiting.stop()
+    assert batch_object(db_url, batch).shards is None

@@ -61,6 +61,8 @@ def print_batch(batch: BatchObject, as_json: bool) -> None:
     if batch.expires_at is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(batch.expires_at))
         table.add_row("expires", f"{when} ({batch.completion_window} window)")
+    if batch.shards is not None:
+        table.add_row("shards", f"{batch.shards.running} running, {batch.shards.waiting} waiting")
     if batch.run is not None:
         table.add_row("this run", f"{batch.run.inferred} inferred, {batch.run.reused} reused")
     if batch.model_version:
