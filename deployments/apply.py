@@ -22,6 +22,7 @@ from prefect.workers.process import ProcessWorker
 from pydantic import SecretStr
 
 from blocks.engines import VLLM, OpenAIServer
+from blocks.storage import ObjectStorage
 from blocks.store import Store
 from deployments.topology import Topology
 
@@ -131,7 +132,7 @@ def _block(block: Block, name: str) -> Change:
 
 def apply(topology: Topology, store_url: str) -> list[Change]:
     """Make the server match `topology`; register our block types; save the store block."""
-    for block_type in (VLLM, OpenAIServer, Store):
+    for block_type in (VLLM, OpenAIServer, Store, ObjectStorage):
         block_type.register_type_and_schema()
     changes: list[Change] = []
     with get_client(sync_client=True) as client:

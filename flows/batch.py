@@ -25,6 +25,7 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
+from blocks.storage import use_storage
 from blocks.store import store_url
 from flows.serving import (
     Backlog,
@@ -64,6 +65,7 @@ def batch_inference(
     batch_id: str | None = None,
     db: str | None = None,
     store: str | None = None,
+    storage: str | None = None,
     tenant: str | None = None,
     metadata: dict[str, str] | None = None,
     release_track: str | None = None,
@@ -79,6 +81,7 @@ def batch_inference(
     """
     run = BatchRun(**locals())  # nothing else is defined yet: locals() are the parameters
     db_url = store_url(run.db, run.store)
+    use_storage(run.storage)  # before any location is opened (the ingest child inherits it)
     if run.shard:  # started by the batch's first run: serve, and leave the rest to it
         return serve_shard(run, db_url)
     submitted = submit(run, db_url)

@@ -80,6 +80,11 @@ class BatchRun(BaseModel):
         description="Name of an offline-queue-store block holding the store URL (as a secret), "
         "e.g. `default` as `offline-queue pools apply --db` saves it.",
     )
+    storage: str | None = Field(
+        default=None,
+        description="Name of an offline-queue-storage block: credentials and options for an "
+        "object-storage input or output (s3://…). Empty: the environment's.",
+    )
     tenant: str | None = Field(
         default=None,
         description="Who the batch is for: a tag on the run, and the key a gray release routes by.",

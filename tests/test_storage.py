@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -134,6 +135,34 @@ def test_a_batch_runs_from_s3_to_s3_through_the_cli(
     assert [x["custom_id"] for x in errors] == ["req-2"]
     assert "max_tokens" in errors[0]["error"]["message"]
     assert not list(tmp_path.glob("*.jsonl"))  # nothing was written to this disk
+
+
+@pytest.mark.usefixtures("model_dir")
+def test_a_storage_block_gives_a_run_its_credentials(
+    s3_endpoint: str, tmp_path: Path, prefect_api: str
+) -> None:
+    """A run that names an offline-queue-storage block reads and writes s3:// with the block's
+    credentials and endpoint: none of them is in the CLI's environment."""
+    from pydantic import SecretStr
+
+    from blocks.storage import ObjectStorage
+
+    name = f"lake-{uuid.uuid4().hex[:8]}"
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    ObjectStorage(protocol="s3", options=SecretStr(json.dumps(options))).save(name)
+    s3 = s3fs()
+    s3.pipe(f"{BUCKET}/block/in.jsonl", b"".join(request_line(i) for i in range(2)))
+    env = cli_env(prefect_api)
+    for var in (OPTIONS_VAR, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(var, None)
+    args = ["run", f"s3://{BUCKET}/block/in.jsonl", "--output", f"s3://{BUCKET}/block/out.jsonl"]
+    args += ["--errors", f"s3://{BUCKET}/block/err.jsonl", "--db", f"sqlite:///{tmp_path / 's.db'}"]
+    without = run_cli(*args, env=env)
+    assert without.returncode != 0  # the environment alone does not reach this endpoint
+    proc = run_cli(*args, "--storage", name, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = [json.loads(x) for x in s3.cat(f"{BUCKET}/block/out.jsonl").splitlines()]
+    assert sorted(x["custom_id"] for x in outputs) == ["req-0", "req-1"]
 
 
 def test_an_object_appears_whole_or_not_at_all(s3_endpoint: str) -> None:

@@ -52,6 +52,10 @@ def run(
     lease_seconds: Annotated[
         float, typer.Option(help="A dead worker's chunk is claimed again after this long.")
     ] = 60.0,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="An offline-queue-storage block: credentials for s3:// (and others)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run one batch to the end in this process, through the Prefect flow.
@@ -63,6 +67,11 @@ def run(
     from offline_queue.store.db import resolve_url
     from offline_queue.validate import FileRefused, Limits, inspect_file
 
+    if storage:  # its credentials are needed to look at the input at all
+        from blocks.storage import use_storage
+
+        use_prefect_defaults()
+        use_storage(storage)
     try:
         # refuse a bad file before starting anything (a store:// file is in the store we use)
         inspect_file(locate(input, resolve_url(db)), Limits())
@@ -89,6 +98,7 @@ def run(
         batch_id=batch_id,
         db=db,
         lease_seconds=lease_seconds,
+        storage=storage,
     )
     try:
         result = batch_inference(**batch_run.parameters())
