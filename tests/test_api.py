@@ -26,9 +26,14 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 @pytest.fixture
-def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
-    """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine."""
+def api(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_url: str, vllm_server: str
+) -> Iterator[Api]:
+    """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine. A test
+    may set the standard tier's capacity with `indirect` parametrization."""
     from entrypoints.api.settings import ApiSettings
+
+    standard = getattr(request, "param", 40)
 
     settings = ApiSettings(
         db=pg_url,
@@ -36,7 +41,7 @@ def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
         engine=vllm_server,
         chunk_size=16,
         limits=Limits(max_line_bytes=4096, max_lines=300, max_file_bytes=2_000_000),
-        max_queued={Tier.CRITICAL: 1000, Tier.STANDARD: 40, Tier.BULK: 1000},
+        max_queued={Tier.CRITICAL: 1000, Tier.STANDARD: standard, Tier.BULK: 1000},
     )
     with serve_api(settings) as api:
         yield api
@@ -177,6 +182,9 @@ def test_cancel_and_expiry_deliver_what_finished(api: Api, tmp_path: Path) -> No
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
 
 
+# A small tier (10 requests: five batches of two, plus each tenant's first) keeps the number of
+# accepted batches, and so the test's time, small; the refusals are what it is about.
+@pytest.mark.parametrize("api", [10], indirect=True)
 def test_a_hundred_concurrent_submitters(api: Api, tmp_path: Path) -> None:
     keys = [api.key(f"t{i % 10}") for i in range(100)]
     path = write(tmp_path / "two.jsonl", [line("a", max_tokens=2), line("b", max_tokens=2)])
