@@ -31,6 +31,7 @@ from offline_queue.formats import (
     CompletionLine,
     LineError,
 )
+from offline_queue.prefix import prefix_key
 from offline_queue.storage import Location, StorageUnavailable, locate
 
 # Fields that do not change what the model generates: left out of the cache key.
@@ -73,6 +74,8 @@ class Accepted:
     body_json: str
     cache_digest: str | None
     """Digest of the canonical body when the request is deterministic, else None."""
+    prefix_key: str = "-"
+    """Sortable key grouping requests that share a rendered prefix (offline_queue/prefix.py)."""
 
 
 @dataclass(slots=True)
@@ -315,8 +318,9 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
     # One dump serves both the stored body and the cache key.
     dumped = _dump_body[type(body)](body, mode="json", exclude_none=True, by_alias=True)
     body_json = orjson.dumps(dumped).decode()
+    key = prefix_key(dumped)  # before cache_digest, which consumes `dumped`
     digest = cache_digest(url, body, dumped)
-    return Accepted(line_no, custom_id, url, body_json, digest)
+    return Accepted(line_no, custom_id, url, body_json, digest, key)
 
 
 def validate_file(

@@ -246,7 +246,7 @@ def test_critical_batch_preempts_a_running_bulk_batch(
 ) -> None:
     bulk = write(
         tmp_path / "bulk.jsonl",
-        [line(f"b{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(160)],
+        [line(f"b{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(130)],
     )
     critical = write(
         tmp_path / "critical.jsonl",
@@ -281,3 +281,35 @@ def test_critical_batch_preempts_a_running_bulk_batch(
         f"ended at +{later_bulk_chunks[0] - arrived:.1f} s, +{later_bulk_chunks[1] - arrived:.1f} s"
     )
     assert crit_first < later_bulk_chunks[1]
+
+
+def test_the_adaptive_window_halves_under_429s_and_grows_back(vllm_server: str) -> None:
+    """Behind a proxy answering 429 to every other request for a stretch: the in-flight window
+    grows from its start, halves under the refusals, and grows again once they stop."""
+    import orjson
+
+    from offline_queue.engines.base import EngineRequest
+    from offline_queue.engines.openai_http import HttpEngine, ServerSettings
+
+    def plan(n: int) -> str:
+        return "429" if 50 <= n < 80 and n % 2 else "pass"
+
+    body = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
+    requests = [
+        EngineRequest(i, "/v1/chat/completions", orjson.dumps({**body, "seed": i}).decode())
+        for i in range(130)
+    ]
+    with FaultProxy(vllm_server.removesuffix("/v1"), plan) as proxy:
+        engine = HttpEngine(ServerSettings(base_url=proxy.url, max_in_flight=16, max_attempts=8))
+        replies = engine.infer(requests)
+    assert all(r.ok for r in replies), [r.error_message for r in replies if not r.ok][:3]
+    assert proxy.seen["429"] >= 10
+    history = engine.window.history
+    print([(size, why) for _, size, why in history])
+    sizes = [size for _, size, _ in history]
+    first_cut = next(i for i, (_, _, why) in enumerate(history) if why == "overloaded")
+    peak = max(sizes[: first_cut + 1])
+    low = min(sizes[first_cut:])
+    assert peak > 4, "the window never grew from its start"
+    assert low <= peak // 2, "the window did not back off under 429s"
+    assert max(sizes[sizes.index(low, first_cut) :]) > low, "the window did not grow back"

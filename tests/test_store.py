@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -27,11 +28,21 @@ from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.conftest import REPO
 
 
-def make_batch(db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r") -> str:
+def system_prompt(i: int, prefixes: int) -> str | None:
+    """Line i's shared system prompt when a batch has `prefixes` of them, in a shuffled order
+    (a fixed permutation of line numbers, so no two neighbours need share one)."""
+    return f"system prompt {(i * 7919) % 9973 % prefixes}" if prefixes else None
+
+
+def make_batch(
+    db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r", prefixes: int = 0
+) -> str:
     path = tmp_path / f"in-{n}.jsonl"
     with path.open("w") as f:
         for i in range(n):
             body: dict = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+            if (system := system_prompt(i, prefixes)) is not None:
+                body["messages"].insert(0, {"role": "system", "content": system})
             if bad_every and i % bad_every == 0:
                 body["max_tokens"] = -1
             f.write(
@@ -95,7 +106,7 @@ def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path:
 
 
 def test_concurrent_claims_never_overlap(db_url: str, tmp_path: Path) -> None:
-    bid = make_batch(db_url, tmp_path, 400)
+    bid = make_batch(db_url, tmp_path, 400, prefixes=5)  # claims reorder: prefix order
     claimed: list[list[int]] = [[] for _ in range(4)]
 
     def worker(k: int) -> None:
@@ -116,6 +127,70 @@ def test_concurrent_claims_never_overlap(db_url: str, tmp_path: Path) -> None:
     assert len(every) == 400 and len(set(every)) == 400
     assert sum(1 for c in claimed if c) >= 2  # the work really was shared
     assert len(result_rows(db_url, bid)) == 400
+
+
+def _system_of(db: str, ids: list[int]) -> list[str]:
+    with session(db, readonly=True) as s:
+        found = s.execute(select(Request.id, Request.body).where(Request.id.in_(ids)))
+        rows: dict[int, str] = {i: body for i, body in found}
+    return [json.loads(rows[i])["messages"][0]["content"] for i in ids]
+
+
+def _runs(keys: list[str]) -> int:
+    """How many contiguous runs of equal keys."""
+    return sum(1 for _ in itertools.groupby(keys))
+
+
+def test_claims_go_in_prefix_order_each_request_once(db_url: str, tmp_path: Path) -> None:
+    """Shuffled shared system prompts: chunks of 7 hand them out one prefix group after
+    another (5 runs, not hundreds), every request once."""
+    bid = make_batch(db_url, tmp_path, 300, prefixes=5)
+    order: list[int] = []
+    while (c := claims.claim(db_url, bid, "w", 7, lease_seconds=60)) is not None:
+        order += [r.id for r in c.requests]
+        claims.settle(db_url, bid, c, [claims.Outcome(r, ok_reply()) for r in c.requests], 3)
+    assert len(order) == len(set(order)) == 300
+    systems = _system_of(db_url, order)
+    assert _runs(systems) == 5, f"{_runs(systems)} runs of system prompts"
+
+
+_CLAIMER = """
+import sys, time
+from offline_queue.engines.base import Reply
+from offline_queue.store import claims
+db, bid = sys.argv[1:]
+while (c := claims.claim(db, bid, "doomed", 6, lease_seconds=0.5)) is not None:
+    ok = Reply(ok=True, body="{}", prompt_tokens=1, completion_tokens=1)
+    claims.settle(db, bid, c, [claims.Outcome(r, ok) for r in c.requests], 3)
+    print(len(c.requests), flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_kill_9_mid_batch_then_resume_in_prefix_order(db_url: str, tmp_path: Path) -> None:
+    """A claiming process SIGKILLed mid-batch, its last chunk leased: after the lease runs out
+    a resuming worker finishes the batch, every line answered exactly once."""
+    bid = make_batch(db_url, tmp_path, 240, prefixes=4)
+    proc = psutil.Popen(
+        [sys.executable, "-c", _CLAIMER, db_url, bid], cwd=REPO, stdout=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: len(result_rows(db_url, bid)) >= 30, timeout=60, interval=0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    before = len(result_rows(db_url, bid))
+    assert before < 240, "the batch finished before it could be killed"
+    time.sleep(0.6)  # the killed worker's lease (if it held one) runs out
+    order: list[int] = []
+    while (c := claims.claim(db_url, bid, "resumer", 6, lease_seconds=60)) is not None:
+        order += [r.id for r in c.requests]
+        claims.settle(db_url, bid, c, [claims.Outcome(r, ok_reply()) for r in c.requests], 3)
+    rows = result_rows(db_url, bid)
+    assert len(rows) == 240 and len({line for line, _ in rows}) == 240
+    assert len(order) == len(set(order)) <= 240 - before + 6
+    systems = _system_of(db_url, order)
+    assert _runs(systems) <= 5  # the rest, still grouped (one group the kill cut in two)
 
 
 def test_settle_from_a_lost_lease_commits_nothing(db_url: str, tmp_path: Path) -> None:

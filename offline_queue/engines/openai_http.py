@@ -27,8 +27,11 @@ import orjson
 from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
 from offline_queue.model import model_version as folder_version
 from offline_queue.retry import RetryPolicy
+from offline_queue.window import Window
 
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+OVERLOAD_STATUS = frozenset({429, 503})
+"""Answers that say the server is past its knee: the window halves (window.py)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class ServerSettings:
     model: str | None = None
     """The served model name to send; None: the first model the server lists."""
     max_in_flight: int = 32
+    """The cap: with `adaptive`, the window (window.py) finds its size under it."""
+    adaptive: bool = True
     timeout: float = 120.0
     max_attempts: int = 4
     backoff_seconds: float = 0.5
@@ -112,6 +117,9 @@ class HttpEngine:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.capacity = settings.max_in_flight
+        # Not adaptive: a window fixed at the cap, never told anything.
+        cap = settings.max_in_flight
+        self.window = Window(cap=cap) if settings.adaptive else Window(cap=cap, start=cap)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="http-engine", daemon=True
@@ -178,7 +186,9 @@ class HttpEngine:
     async def _infer_all(
         self, requests: Sequence[EngineRequest], share: Share | None
     ) -> list[Reply]:
-        limiter = _Limiter(share or (lambda: self.settings.max_in_flight))
+        fair = share or (lambda: self.settings.max_in_flight)
+        window = self.window if self.settings.adaptive else None
+        limiter = _Limiter((lambda: min(fair(), window.limit)) if window else fair)
         return await asyncio.gather(*(self._one(r, limiter) for r in requests))
 
     async def _one(self, request: EngineRequest, limiter: _Limiter) -> Reply:
@@ -209,6 +219,7 @@ class HttpEngine:
                         503, "engine_unavailable", f"cannot connect: {exc}", retriable=True
                     )
                 except httpx.TimeoutException as exc:
+                    self._overloaded()
                     last = Reply.error(
                         504,
                         "timeout",
@@ -222,6 +233,10 @@ class HttpEngine:
                 else:
                     latency_ms = (time.perf_counter() - started) * 1000
                     reply = self._from_response(response, latency_ms)
+                    if response.status_code in OVERLOAD_STATUS:
+                        self._overloaded()
+                    elif self.settings.adaptive:
+                        self.window.answered()
                     if reply.ok or not reply.retriable:
                         return reply
                     last, delay = reply, _retry_after(response)
@@ -230,6 +245,10 @@ class HttpEngine:
             if delay is None:
                 delay = RetryPolicy(s.backoff_seconds, s.backoff_cap_seconds).delay(attempt)
             await asyncio.sleep(delay)
+
+    def _overloaded(self) -> None:
+        if self.settings.adaptive:
+            self.window.overloaded()
 
     def _from_response(self, response: httpx.Response, latency_ms: float) -> Reply:
         if response.status_code == 200:

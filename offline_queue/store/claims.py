@@ -5,6 +5,13 @@ claim's token.
 The guard is what keeps the invariants: a settle only touches rows still leased to the claim
 it came from, and `results` has one primary key per line, so a late or replayed settle from a
 worker whose lease expired inserts nothing.
+
+Order: a claim takes a batch's claimable requests by (prefix_key, id) — requests sharing a
+rendered prompt prefix, adjacent (offline_queue/prefix.py), so a chunk hands the engine's
+prefix cache whole groups. Only what is queued is ordered: while a file is still streaming
+in, a claim orders the lines ingested so far, so the first chunks of a batch see only the
+first ingest groups (a few thousand lines) and a prefix whose lines are spread over the file
+is computed once per chunk that meets it, not once. Retries re-enter at their key's place.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Claimed(NamedTuple):
     body: str
     cache_digest: str | None
     attempts: int
+    prefix_key: str
 
 
 @dataclass
@@ -53,6 +61,10 @@ class Claim:
     token: str
     owner: str
     requests: list[Claimed]
+
+
+def _claim_order(r: Claimed) -> tuple[str, int]:
+    return r.prefix_key, r.id
 
 
 def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) -> Claim | None:
@@ -74,7 +86,7 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
                 and_(Request.state == RequestState.PROCESSING, Request.lease_expires < now),
             ),
         )
-        .order_by(Request.id)
+        .order_by(Request.prefix_key, Request.id)  # the claimable index's order
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -96,6 +108,7 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
             Request.body,
             Request.cache_digest,
             Request.attempts,
+            Request.prefix_key,
         )
         .execution_options(synchronize_session=False)
     )
@@ -103,8 +116,8 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
         rows = driver_rows(s.connection(), stmt)
     if not rows:
         return None
-    rows.sort()  # by id: RETURNING order is not the claim's ORDER BY
     claimed = list(map(Claimed._make, rows))
+    claimed.sort(key=_claim_order)  # RETURNING order is not the claim's ORDER BY
     return Claim(token=token, owner=owner, requests=claimed)
 
 

@@ -33,6 +33,7 @@ REQUEST_COLUMNS = (
     "state",
     "attempts",
     "not_before",
+    "prefix_key",
 )
 """The columns ingest fills: the rest start empty."""
 
@@ -106,6 +107,7 @@ def ingest(
                     RequestState.QUEUED,
                     0,
                     0.0,
+                    item.prefix_key,
                 )
             )
         else:
@@ -144,11 +146,12 @@ def finish_ingest(db: str, batch_id: str) -> tuple[int, int]:
 # ---- PostgreSQL: COPY ---------------------------------------------------------------------
 
 
-_QUEUED_TAIL = f"\t{RequestState.QUEUED.value}\t0\t0\n"
-"""The last columns of a COPY row: state, attempts, not_before of a request just queued."""
+_QUEUED_TAIL = f"\t{RequestState.QUEUED.value}\t0\t0\t"
+"""The columns of a COPY row after cache_digest: state, attempts, not_before of a request just
+queued; its prefix_key (hex, nothing to escape) and the newline follow."""
 _COPY_REQUESTS = (
     "COPY requests (batch_id, line_no, custom_id, url, body, cache_digest, state, attempts, "
-    "not_before) FROM STDIN"
+    "not_before, prefix_key) FROM STDIN"
 )
 
 
@@ -216,6 +219,7 @@ def _ingest_by_copy(
                                     # JSON from orjson: no raw control characters to escape
                                     f"{item.body_json.replace(chr(92), chr(92) * 2)}\t"
                                     f"{item.cache_digest or chr(92) + 'N'}{_QUEUED_TAIL}"
+                                    f"{item.prefix_key}\n"
                                 )
                                 if len(rows) >= _ROWS_PER_WRITE:
                                     copy.write("".join(rows))

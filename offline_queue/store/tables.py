@@ -113,10 +113,12 @@ class Request(Base):
         UniqueConstraint("batch_id", "line_no", name="uq_requests_batch_line"),
         # custom_id is unique per batch by validation (validate_file), not by an index whose
         # keys arrive in random order (migration 0005).
-        # The queue: a partial index over the rows a worker may still claim.
+        # The queue: a partial index over the rows a worker may still claim, in the order
+        # claims hand them out (prefix order, then line order: migration 0011).
         Index(
             "ix_requests_claimable",
             "batch_id",
+            "prefix_key",
             "id",
             postgresql_where=LIVE,
             sqlite_where=LIVE,
@@ -146,6 +148,9 @@ class Request(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
+    prefix_key: Mapped[str] = mapped_column(String(32), server_default="-")
+    """Sortable key of the rendered prompt's prefix (offline_queue/prefix.py): claims go in
+    its order. "-" for rows queued before it existed (they sort first, in line order)."""
 
 
 class Result(Base):

@@ -1,0 +1,60 @@
+"""Prefix keys: a sortable key per request such that requests sharing a longer rendered prefix
+sort next to each other, so claims (store/claims.py) hand the engine requests that share a
+prefix together and its automatic prefix cache computes each shared prefix once.
+
+The key is a radix-like path: short hashes of the rendered prompt cut at growing depths — the
+model and system prompt, then the first `_DEPTHS` characters of the whole conversation. Two
+requests equal through depth d share the key's first d+1 segments, so sorting by the key puts
+every group sharing a depth-d prefix in one contiguous run, and within it the groups sharing a
+deeper prefix in contiguous sub-runs. Hashes do not order text alphabetically — only equality
+matters to a prefix cache. Fixed length: `KEY_LENGTH` characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+_DEPTHS = (256, 1024, 4096)
+"""Characters of the rendered conversation at which a segment is cut (beyond the system)."""
+_SEGMENT = 8
+"""Hex characters per segment: 32 bits, enough that unrelated prefixes rarely interleave."""
+KEY_LENGTH = _SEGMENT * (1 + len(_DEPTHS))
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else orjson.dumps(content).decode()
+
+
+def render(dumped: dict[str, Any]) -> tuple[str, str]:
+    """(the leading system/developer messages, the whole rendered prompt) of a chat or
+    completion body as `validate_line` dumps it. Not the chat template: a stand-in with the
+    same prefix structure (equal prefixes render equal, and diverge where the messages do)."""
+    messages = dumped.get("messages")
+    if messages is None:
+        prompt = _text(dumped.get("prompt", ""))
+        return "", prompt
+    parts: list[str] = []
+    system_end = 0
+    leading = True
+    for m in messages:
+        role = m.get("role", "")
+        parts.append(f"\x1e{role}\x1f{_text(m.get('content', ''))}")
+        if leading and role in ("system", "developer"):
+            system_end = len(parts)
+        else:
+            leading = False
+    return "".join(parts[:system_end]), "".join(parts)
+
+
+def prefix_key(dumped: dict[str, Any]) -> str:
+    """The request's sortable prefix key (see the module docstring)."""
+    system, whole = render(dumped)
+    h = hashlib.blake2b(str(dumped.get("model", "")).encode() + b"\x00" + system.encode())
+    segments = [h.hexdigest()[:_SEGMENT]]
+    for depth in _DEPTHS:
+        h = hashlib.blake2b(whole[:depth].encode(), digest_size=8)
+        segments.append(h.hexdigest()[:_SEGMENT])
+    return "".join(segments)
