@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import Response
 
 from entrypoints.api import batches, files, runs
 from entrypoints.api.errors import install_error_handlers
-from entrypoints.api.gate import HEALTH, Gate, access_log
+from entrypoints.api.gate import HEALTH, METRICS, Gate, access_log
 from entrypoints.api.settings import ApiSettings
 
 
@@ -49,6 +50,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.get(HEALTH, include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    if settings.metrics:
+
+        @app.get(METRICS, include_in_schema=False)
+        def metrics() -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            from offline_queue.metrics import registry
+
+            return Response(generate_latest(registry(settings.db)), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(files.router)
     app.include_router(batches.router)

@@ -68,7 +68,9 @@ def body_limit(settings: ApiSettings, method: str, path: str) -> int:
 
 
 HEALTH = "/health"
-"""The one path that needs no key: it says the server is up, and nothing else."""
+"""A path that needs no key: it says the server is up, and nothing else."""
+METRICS = "/metrics"
+"""Prometheus scrapes without a key (ApiSettings.metrics switches the route off)."""
 
 
 class Gate:
@@ -100,7 +102,8 @@ class Gate:
             )
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, seen: dict) -> None:
-        if scope["path"] == HEALTH and scope["method"] in ("GET", "HEAD"):  # for load balancers
+        open_paths = (HEALTH, METRICS) if self.settings.metrics else (HEALTH,)
+        if scope["path"] in open_paths and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}

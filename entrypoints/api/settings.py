@@ -58,5 +58,10 @@ class ApiSettings(BaseModel):
         default=False, description="Serve /docs, /redoc, /openapi.json (with a key)."
     )
     access_log: Path | None = Field(default=None, description="Access log file; default stderr.")
+    metrics: bool = Field(
+        default=True,
+        description="Serve GET /metrics (Prometheus) without a key, like /health: it shows "
+        "counts per tier and tenant, no content. Off: no /metrics route at all.",
+    )
 
     model_config = {"arbitrary_types_allowed": True}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from entrypoints.cli import api, batches, cluster, engine, release, run
+from entrypoints.cli import api, batches, cluster, engine, metrics, release, run
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -37,3 +37,4 @@ app.add_typer(cluster.worker_app, name="worker")
 app.add_typer(api.api_app, name="api")
 app.add_typer(api.keys_app, name="keys")
 app.add_typer(release.release_app, name="release")
+app.add_typer(metrics.metrics_app, name="metrics")

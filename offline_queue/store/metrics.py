@@ -1,0 +1,111 @@
+"""What /metrics shows, read from the store on every scrape: a handful of GROUP BY queries, no
+row of a batch loaded. Workers are short-lived processes, so nothing they hold in memory could
+be scraped; the store already holds every fact an operator alerts on.
+
+Request rows are live work (queued, processing); result rows are what is done, one per line,
+never deleted and never rewritten: counts and sums over them only ever grow, which is what a
+Prometheus counter is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from offline_queue.states import RequestState
+from offline_queue.store import clock
+from offline_queue.store.db import session
+from offline_queue.store.tables import Batch, GpuSeat, Request, Result
+
+LATENCY_BUCKETS_MS: tuple[float, ...] = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+"""Upper bounds of the engine latency histogram, milliseconds (exposed in seconds)."""
+
+
+@dataclass
+class Snapshot:
+    """One scrape's figures. Keys are label tuples."""
+
+    batches: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """(status, tier, tenant) → batches; tenant is "" for CLI batches."""
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(tier, state) → live requests: pending (queued) and processing."""
+    results: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    """(batch, tier, outcome, error code) → result rows; outcome completed | failed."""
+    oldest_pending_age: dict[str, float] = field(default_factory=dict)
+    """tier → seconds the oldest pending request's batch has waited (store clock)."""
+    tokens: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(tier, direction) → tokens; direction prompt | completion."""
+    latency: dict[str, tuple[list[int], int, float]] = field(default_factory=dict)
+    """model version → (cumulative counts per bucket, count, sum ms) of answered requests."""
+    seats: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(gpu limit, holding | waiting) → live shard seats."""
+
+
+def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
+    out = Snapshot()
+    tenant = func.coalesce(Batch.tenant, "")
+    with session(db, readonly=True) as s:
+        now = float(s.execute(select(clock.now())).scalar_one())
+        for status, tier, who, n in s.execute(
+            select(Batch.status, Batch.tier, tenant, func.count()).group_by(
+                Batch.status, Batch.tier, tenant
+            )
+        ):
+            out.batches[(status, tier, who)] = int(n)
+        live = (
+            select(
+                Batch.tier,
+                Request.state,
+                func.count(),
+                func.min(Batch.created_at),
+            )
+            .join(Batch, Batch.id == Request.batch_id)
+            .where(Request.state.in_([RequestState.QUEUED, RequestState.PROCESSING]))
+            .group_by(Batch.tier, Request.state)
+        )
+        for tier, state, n, oldest in s.execute(live):
+            name = "pending" if state == RequestState.QUEUED else "processing"
+            out.requests[(tier, name)] = int(n)
+            if name == "pending" and oldest is not None:
+                out.oldest_pending_age[tier] = max(0.0, now - float(oldest))
+        outcome = func.coalesce(Result.error_code, "")
+        for batch_id, tier, ok, code, n, prompt, completion in s.execute(
+            select(
+                Result.batch_id,
+                Batch.tier,
+                Result.ok,
+                outcome,
+                func.count(),
+                func.coalesce(func.sum(Result.prompt_tokens), 0),
+                func.coalesce(func.sum(Result.completion_tokens), 0),
+            )
+            .join(Batch, Batch.id == Result.batch_id)
+            .group_by(Result.batch_id, Batch.tier, Result.ok, outcome)
+        ):
+            key = (batch_id, tier, "completed" if ok else "failed", "" if ok else code)
+            out.results[key] = out.results.get(key, 0) + int(n)
+            for direction, value in (("prompt", prompt), ("completion", completion)):
+                k = (tier, direction)
+                out.tokens[k] = out.tokens.get(k, 0) + int(value)
+        version = func.coalesce(Batch.model_version, "")
+        timed = Result.ok & Result.latency_ms.is_not(None)
+        columns = [
+            func.sum(func.cast(Result.latency_ms <= bound, type_=Result.line_no.type))
+            for bound in LATENCY_BUCKETS_MS
+        ]
+        for row in s.execute(
+            select(version, func.count(), func.sum(Result.latency_ms), *columns)
+            .join(Batch, Batch.id == Result.batch_id)
+            .where(timed)
+            .group_by(version)
+        ):
+            model, n, total, *buckets = row
+            out.latency[model] = ([int(b or 0) for b in buckets], int(n), float(total or 0))
+        for limit, holding, n in s.execute(
+            select(GpuSeat.gpu_limit, GpuSeat.holding, func.count())
+            .where(GpuSeat.heartbeat > now - stale_seconds)
+            .group_by(GpuSeat.gpu_limit, GpuSeat.holding)
+        ):
+            out.seats[(limit, "holding" if holding else "waiting")] = int(n)
+    return out
