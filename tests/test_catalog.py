@@ -34,7 +34,7 @@ def test_lines_must_name_one_served_model(tmp_path: Path) -> None:
     ok = {i.custom_id for i in items if isinstance(i, Accepted)}
     bad = {i.custom_id: i.error.message for i in items if isinstance(i, Rejected)}
     assert ok == {"a", "b", "d"}
-    assert "line 3: model: 'NonExistModel' is not served; served models: smollm2" == bad["c"]
+    assert bad["c"] == "line 3: model: 'NonExistModel' is not served; served models: smollm2"
     assert "unsupported url" in bad["e"]
     assert "stream" in bad["f"]
 
