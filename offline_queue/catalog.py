@@ -60,9 +60,7 @@ class Catalog:
         if model is None:
             return f"model: {name!r} is not served; served models: {self.served()}"
         if url not in model.endpoints:
-            return (
-                f"url: {model.name} does not serve {url}; it serves {', '.join(model.endpoints)}"
-            )
+            return f"url: {model.name} does not serve {url}; it serves {', '.join(model.endpoints)}"
         if batch_model is not None and model is not batch_model:
             return (
                 f"model: {name!r} is another model than the batch's ({batch_model.name}); "
