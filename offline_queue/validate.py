@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from offline_queue.catalog import Catalog, ServedModel
 from offline_queue.content import ContentHash
 from offline_queue.formats import (
     BODY_TYPES,
@@ -324,14 +325,22 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
 
 
 def validate_file(
-    source: Source, limits: Limits, start_after: int = 0, seen: set[str] | None = None
+    source: Source,
+    limits: Limits,
+    start_after: int = 0,
+    seen: set[str] | None = None,
+    catalog: Catalog | None = None,
 ) -> Iterator[Accepted | Rejected]:
     """Every non-blank line past `start_after`, accepted or rejected, in file order.
 
     `seen` holds the custom_ids already accepted (from an earlier, interrupted pass), so a
     duplicate is caught across a resume too. Every duplicate after the first is rejected.
+
+    With a `catalog`, a line whose model is not served, does not serve its url, or is another
+    model than the first accepted line's is rejected naming the field and the served models.
     """
     seen = set() if seen is None else seen
+    batch_model: ServedModel | None = None
     for line_no, raw, too_long in iter_raw_lines(source, limits.max_line_bytes):
         if line_no <= start_after or not raw.strip():
             continue
@@ -344,6 +353,16 @@ def validate_file(
                     f"line {line_no}: custom_id: duplicate {item.custom_id!r} "
                     "(each custom_id must be unique in the batch)",
                 )
+            elif catalog is not None and (
+                why := catalog.check(item.url, _model_of(item), batch_model)
+            ):
+                item = _reject(line_no, item.custom_id, f"line {line_no}: {why}")
             else:
                 seen.add(item.custom_id)
+                if catalog is not None:
+                    batch_model = catalog.find(_model_of(item))
         yield item
+
+
+def _model_of(item: Accepted) -> str:
+    return str(orjson.loads(item.body_json).get("model", ""))

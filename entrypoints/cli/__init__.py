@@ -28,6 +28,7 @@ for command in (
     batches.submit,
     batches.cleanup,
     run.validate,
+    run.models,
 ):
     app.command()(command)
 app.add_typer(engine.model_app, name="model")

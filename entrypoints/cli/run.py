@@ -114,6 +114,7 @@ def validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check a file without running it: counts, and the first errors with line and field."""
+    from offline_queue.catalog import DEFAULT_CATALOG
     from offline_queue.validate import Accepted, FileRefused, Limits, inspect_file, validate_file
 
     limits = Limits()
@@ -124,7 +125,7 @@ def validate(
         raise typer.Exit(2) from exc
     accepted = rejected = 0
     shown: list[str] = []
-    for item in validate_file(input, limits):
+    for item in validate_file(input, limits, catalog=DEFAULT_CATALOG):
         if isinstance(item, Accepted):
             accepted += 1
         else:
@@ -138,3 +139,19 @@ def validate(
     for message in shown:
         err.print(message, highlight=False, markup=False)
     out.print(f"{accepted} accepted, {rejected} rejected, of {info.lines} lines")
+
+
+def models(as_json: JsonOption = False) -> None:
+    """The served models: names and aliases a batch's lines may use, and their endpoints."""
+    from offline_queue.catalog import DEFAULT_CATALOG
+
+    rows = [
+        {"id": m.name, "aliases": list(m.aliases), "endpoints": list(m.endpoints)}
+        for m in DEFAULT_CATALOG.models
+    ]
+    if as_json:
+        print(orjson.dumps(rows).decode())
+        return
+    for row in rows:
+        aliases = ", ".join(row["aliases"]) or "-"
+        out.print(f"{row['id']}  aliases: {aliases}  endpoints: {', '.join(row['endpoints'])}")
