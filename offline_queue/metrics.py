@@ -48,8 +48,8 @@ class StoreCollector(Collector):
             "Live requests by tier: pending (queued) and processing.",
             labels=["tier", "state"],
         )
-        for key, n in sorted(snap.requests.items()):
-            requests.add_metric(list(key), n)
+        for req, n in sorted(snap.requests.items()):
+            requests.add_metric(list(req), n)
         yield requests
         age = GaugeMetricFamily(
             f"{PREFIX}_oldest_pending_age_seconds",
@@ -64,16 +64,16 @@ class StoreCollector(Collector):
             "Result rows: completed and failed requests, by batch, tier and error code.",
             labels=["batch", "tier", "outcome", "code"],
         )
-        for key, n in sorted(snap.results.items()):
-            results.add_metric(list(key), n)
+        for res, n in sorted(snap.results.items()):
+            results.add_metric(list(res), n)
         yield results
         tokens = CounterMetricFamily(
             f"{PREFIX}_tokens",
             "Tokens of result rows by tier: prompt (in), completion (out).",
             labels=["tier", "direction"],
         )
-        for key, n in sorted(snap.tokens.items()):
-            tokens.add_metric(list(key), n)
+        for tok, n in sorted(snap.tokens.items()):
+            tokens.add_metric(list(tok), n)
         yield tokens
         latency = HistogramMetricFamily(
             f"{PREFIX}_request_latency_seconds",
@@ -91,8 +91,8 @@ class StoreCollector(Collector):
             "Shards holding or waiting for a GPU, per gpu: limit.",
             labels=["gpu_limit", "state"],
         )
-        for key, n in sorted(snap.seats.items()):
-            seats.add_metric(list(key), n)
+        for seat, n in sorted(snap.seats.items()):
+            seats.add_metric(list(seat), n)
         yield seats
 
 

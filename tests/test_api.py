@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from instruments.processes import wait_for
@@ -69,6 +70,22 @@ def test_sdk_round_trip(api: Api, tmp_path: Path) -> None:
     assert len(errors) == 1 and "line 7: not JSON" in errors[0]["error"]["message"]
     listed = client.batches.list(limit=10)
     assert [b.id for b in listed.data] == [batch.id]
+    # Prometheus scrapes without a key: the batch's results, counted from the store
+    scraped = httpx.get(api.url.removesuffix("/v1") + "/metrics", timeout=30)
+    assert scraped.status_code == 200, scraped.text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scraped.text)
+        for s in family.samples
+    }
+    mine = {
+        k: v
+        for k, v in samples.items()
+        if k[0] == "offline_queue_results_total" and ("batch", batch.id) in k[1]
+    }
+    completed = sum(v for k, v in mine.items() if ("outcome", "completed") in k[1])
+    failed = sum(v for k, v in mine.items() if ("outcome", "failed") in k[1])
+    assert (completed, failed) == (6, 1), mine
 
 
 def test_tenants_are_isolated_and_keys_required(api: Api, tmp_path: Path) -> None:
