@@ -29,28 +29,59 @@ from offline_queue.store.metrics import LATENCY_BUCKETS_MS, snapshot
 PREFIX = "offline_queue"
 
 
+# name, kind, help, labels, the snapshot's field: one row per labelled family of counts.
+Family = tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str, list[str], str]
+FAMILIES: tuple[Family, ...] = (
+    (
+        "batches",
+        GaugeMetricFamily,
+        "Batches by status, tier and tenant.",
+        ["status", "tier", "tenant"],
+        "batches",
+    ),
+    (
+        "requests",
+        GaugeMetricFamily,
+        "Live requests by tier: pending (queued) and processing.",
+        ["tier", "state"],
+        "requests",
+    ),
+    (
+        "results",
+        CounterMetricFamily,
+        "Result rows: completed and failed requests, by batch, tier and error code.",
+        ["batch", "tier", "outcome", "code"],
+        "results",
+    ),
+    (
+        "tokens",
+        CounterMetricFamily,
+        "Tokens of result rows by tier: prompt (in), completion (out).",
+        ["tier", "direction"],
+        "tokens",
+    ),
+    (
+        "gpu_seats",
+        GaugeMetricFamily,
+        "Shards holding or waiting for a GPU, per gpu: limit.",
+        ["gpu_limit", "state"],
+        "seats",
+    ),
+)
+
+
 class StoreCollector(Collector):
     def __init__(self, db: str):
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
         snap = snapshot(self.db)
-        batches = GaugeMetricFamily(
-            f"{PREFIX}_batches",
-            "Batches by status, tier and tenant.",
-            labels=["status", "tier", "tenant"],
-        )
-        for key, n in sorted(snap.batches.items()):
-            batches.add_metric(list(key), n)
-        yield batches
-        requests = GaugeMetricFamily(
-            f"{PREFIX}_requests",
-            "Live requests by tier: pending (queued) and processing.",
-            labels=["tier", "state"],
-        )
-        for req, n in sorted(snap.requests.items()):
-            requests.add_metric(list(req), n)
-        yield requests
+        for name, kind, doc, labels, field in FAMILIES:
+            family = kind(f"{PREFIX}_{name}", doc, labels=labels)
+            counts: dict[tuple[str, ...], float] = getattr(snap, field)
+            for key, n in sorted(counts.items()):
+                family.add_metric(list(key), n)
+            yield family
         age = GaugeMetricFamily(
             f"{PREFIX}_oldest_pending_age_seconds",
             "Age of the batch of the oldest pending request, per tier (store clock).",
@@ -59,22 +90,6 @@ class StoreCollector(Collector):
         for tier, seconds in sorted(snap.oldest_pending_age.items()):
             age.add_metric([tier], seconds)
         yield age
-        results = CounterMetricFamily(
-            f"{PREFIX}_results",
-            "Result rows: completed and failed requests, by batch, tier and error code.",
-            labels=["batch", "tier", "outcome", "code"],
-        )
-        for res, n in sorted(snap.results.items()):
-            results.add_metric(list(res), n)
-        yield results
-        tokens = CounterMetricFamily(
-            f"{PREFIX}_tokens",
-            "Tokens of result rows by tier: prompt (in), completion (out).",
-            labels=["tier", "direction"],
-        )
-        for tok, n in sorted(snap.tokens.items()):
-            tokens.add_metric(list(tok), n)
-        yield tokens
         latency = HistogramMetricFamily(
             f"{PREFIX}_request_latency_seconds",
             "Engine latency of answered requests, by model version.",
@@ -86,14 +101,6 @@ class StoreCollector(Collector):
             ]
             latency.add_metric([model], [*pairs, ("+Inf", float(count))], total_ms / 1000)
         yield latency
-        seats = GaugeMetricFamily(
-            f"{PREFIX}_gpu_seats",
-            "Shards holding or waiting for a GPU, per gpu: limit.",
-            labels=["gpu_limit", "state"],
-        )
-        for seat, n in sorted(snap.seats.items()):
-            seats.add_metric(list(seat), n)
-        yield seats
 
 
 def registry(db: str) -> CollectorRegistry:
