@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 
 from offline_queue.formats import CHAT_URL, COMPLETIONS_URL
 
-EMBEDDINGS_URL = "/v1/embeddings"
-
 
 @dataclass(frozen=True)
 class ServedModel:

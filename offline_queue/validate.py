@@ -77,6 +77,8 @@ class Accepted:
     """Digest of the canonical body when the request is deterministic, else None."""
     prefix_key: str = "-"
     """Sortable key grouping requests that share a rendered prefix (offline_queue/prefix.py)."""
+    model: str = ""
+    """The body's `model`, read from the dump validation already made (the catalog checks it)."""
 
 
 @dataclass(slots=True)
@@ -319,9 +321,9 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
     # One dump serves both the stored body and the cache key.
     dumped = _dump_body[type(body)](body, mode="json", exclude_none=True, by_alias=True)
     body_json = orjson.dumps(dumped).decode()
-    key = prefix_key(dumped)  # before cache_digest, which consumes `dumped`
-    digest = cache_digest(url, body, dumped)
-    return Accepted(line_no, custom_id, url, body_json, digest, key)
+    key, model = prefix_key(dumped), str(dumped.get("model", ""))  # before cache_digest,
+    digest = cache_digest(url, body, dumped)  # which consumes `dumped`
+    return Accepted(line_no, custom_id, url, body_json, digest, key, model)
 
 
 def validate_file(
@@ -353,16 +355,10 @@ def validate_file(
                     f"line {line_no}: custom_id: duplicate {item.custom_id!r} "
                     "(each custom_id must be unique in the batch)",
                 )
-            elif catalog is not None and (
-                why := catalog.check(item.url, _model_of(item), batch_model)
-            ):
+            elif catalog is not None and (why := catalog.check(item.url, item.model, batch_model)):
                 item = _reject(line_no, item.custom_id, f"line {line_no}: {why}")
             else:
                 seen.add(item.custom_id)
                 if catalog is not None:
-                    batch_model = catalog.find(_model_of(item))
+                    batch_model = catalog.find(item.model)
         yield item
-
-
-def _model_of(item: Accepted) -> str:
-    return str(orjson.loads(item.body_json).get("model", ""))

@@ -1,5 +1,9 @@
 """The queue's invariants on SQLite and a real PostgreSQL: claims never overlap, a settle from a
-lost lease commits nothing, retries end in exactly one result, an interrupted ingest resumes."""
+lost lease commits nothing, retries end in exactly one result, an interrupted ingest resumes.
+
+One room over 400 lines on purpose: every test here is the same invariant (each request once,
+whatever the store and however the workers fail) met through one claim/settle machinery, and
+they share its fixtures; split by topic, each file would repeat the same setup."""
 
 from __future__ import annotations
 
