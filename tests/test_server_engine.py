@@ -304,6 +304,7 @@ def test_the_adaptive_window_halves_under_429s_and_grows_back(vllm_server: str) 
         replies = engine.infer(requests)
     assert all(r.ok for r in replies), [r.error_message for r in replies if not r.ok][:3]
     assert proxy.seen["429"] >= 10
+    assert engine.window is not None  # adaptive is the default
     history = engine.window.history
     print([(size, why) for _, size, why in history])
     sizes = [size for _, size, _ in history]

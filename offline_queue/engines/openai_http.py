@@ -117,9 +117,8 @@ class HttpEngine:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.capacity = settings.max_in_flight
-        # Not adaptive: a window fixed at the cap, never told anything.
-        cap = settings.max_in_flight
-        self.window = Window(cap=cap) if settings.adaptive else Window(cap=cap, start=cap)
+        # Not adaptive: no window, the fair share under the cap alone.
+        self.window = Window(cap=settings.max_in_flight) if settings.adaptive else None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="http-engine", daemon=True
@@ -187,7 +186,7 @@ class HttpEngine:
         self, requests: Sequence[EngineRequest], share: Share | None
     ) -> list[Reply]:
         fair = share or (lambda: self.settings.max_in_flight)
-        window = self.window if self.settings.adaptive else None
+        window = self.window
         limiter = _Limiter((lambda: min(fair(), window.limit)) if window else fair)
         return await asyncio.gather(*(self._one(r, limiter) for r in requests))
 
@@ -235,7 +234,7 @@ class HttpEngine:
                     reply = self._from_response(response, latency_ms)
                     if response.status_code in OVERLOAD_STATUS:
                         self._overloaded()
-                    elif self.settings.adaptive:
+                    elif self.window:
                         self.window.answered()
                     if reply.ok or not reply.retriable:
                         return reply
@@ -247,7 +246,7 @@ class HttpEngine:
             await asyncio.sleep(delay)
 
     def _overloaded(self) -> None:
-        if self.settings.adaptive:
+        if self.window:
             self.window.overloaded()
 
     def _from_response(self, response: httpx.Response, latency_ms: float) -> Reply:
