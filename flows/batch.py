@@ -242,6 +242,7 @@ def finalize(
             "value": f"{speed.p50_ms or 0:.0f} / {speed.p95_ms or 0:.0f}",
         },
         {"field": "output tokens/s", "value": round(speed.tokens_per_second, 1)},
+        {"field": "engine-seconds (GPU time)", "value": obj.engine_seconds},
         {"field": "engine", "value": engine},
         {"field": "model version", "value": obj.model_version},
     ]

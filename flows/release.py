@@ -47,6 +47,7 @@ def _stats_rows(stable: TrackStats, candidate: TrackStats) -> list[dict[str, Any
             "p50 ms": round(s.p50_ms or 0),
             "p95 ms": round(s.p95_ms or 0),
             "tokens/s": round(s.tokens_per_second, 1),
+            "engine s": round(s.engine_seconds, 1),
         }
         for name, s in (("stable", stable), ("candidate", candidate))
     ]
@@ -90,16 +91,12 @@ def check_guards(policy_name: str, db: str) -> str | None:
             "candidate": rows[1],
         },
     )
-    table = "\n".join(
-        f"| {r['track']} | {r['batches']} | {r['requests']} | {r['error rate']} | {r['p50 ms']} "
-        f"| {r['p95 ms']} | {r['tokens/s']} |"
-        for r in rows
-    )
+    head = "| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|\n"
+    table = head + "\n".join("| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows)
     create_markdown_artifact(
         key=f"release-{policy_name}-rollback",
         markdown=f"# Rolled back {block.candidate_version}\n\n**Why:** {why}\n\n"
-        "| track | batches | requests | error rate | p50 ms | p95 ms | tokens/s |\n"
-        f"|---|---|---|---|---|---|---|\n{table}\n\n"
+        f"{table}\n\n"
         f"Every new batch now goes to {block.stable_version}.",
         description=f"Automatic rollback of {policy_name}",
     )

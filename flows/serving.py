@@ -16,24 +16,28 @@ from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
+    create_markdown_artifact,
     create_progress_artifact,
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from blocks.engines import load_engine_block
 from flows.shard import GpuSlot, Turn, default_parallelism, start_shard
-from offline_queue.formats import RunStats
+from offline_queue.batches import finish_estimate
+from offline_queue.formats import FinishEstimate, RunStats
 from offline_queue.leases import OwnerHeartbeat
 from offline_queue.runs import BatchRun
 from offline_queue.serving import ChunkReport
 from offline_queue.states import BatchStatus, Tier
 from offline_queue.store import batches, claims, results
 from offline_queue.store.db import patiently
+from offline_queue.store.tables import Batch
 from offline_queue.worker import ChunkWorker
 
 PROGRESS_SECONDS = 2.0
@@ -262,7 +266,67 @@ class ProgressArtifact:
         self._next_update = began + max(PROGRESS_SECONDS, cost / PROGRESS_SHARE)
 
     def show(self, p: results.Progress) -> None:
-        update_progress_artifact(artifact_id=cast(UUID, self.id), progress=percent(p, self.total))
+        """The bar, with the finish-time estimate while work is left; raises LATE_EVENT once
+        when that estimate passes the batch's window."""
+        batch = batches.get_batch(self.db, self.batch_id)
+        estimate = finish_estimate(self.db, batch, p.pending) if batch and p.pending else None
+        description = f"Requests of {self.batch_id} with a result"
+        if estimate is not None:
+            when = time.strftime("%H:%M:%S %Z", time.localtime(estimate.finish_at))
+            description += f"; finish about {when}{' (after its window)' if estimate.late else ''}"
+        update_progress_artifact(
+            artifact_id=cast(UUID, self.id),
+            progress=percent(p, self.total),
+            description=description,
+        )
+        if (
+            batch is not None
+            and estimate is not None
+            and estimate.late
+            and batches.mark_late(self.db, self.batch_id)
+        ):
+            warn_late(batch, estimate, p)
+
+
+LATE_EVENT = "offline-queue.batch.late"
+"""Raised once per batch, before it expires, when its finish-time estimate passes its window."""
+
+
+def warn_late(batch: Batch, estimate: FinishEstimate, p: results.Progress) -> None:
+    """The event an automation reacts to (add a node, raise the tier, tell the tenant), and a
+    markdown artifact that says the same in the UI."""
+    stamp = "%Y-%m-%d %H:%M:%S %Z"
+    finish = time.strftime(stamp, time.localtime(estimate.finish_at))
+    expires = time.strftime(stamp, time.localtime(batch.expires_at or 0))
+    emit_event(
+        event=LATE_EVENT,
+        resource={
+            "prefect.resource.id": f"offline-queue.batch.{batch.id}",
+            "prefect.resource.name": batch.id,
+            "offline-queue.tier": batch.tier,
+            "offline-queue.tenant": batch.tenant or "",
+        },
+        payload={
+            "estimated_finish_at": estimate.finish_at,
+            "expires_at": batch.expires_at,
+            "pending": p.pending,
+            "requests_per_second": estimate.requests_per_second,
+            "requests_ahead": estimate.requests_ahead,
+        },
+    )
+    create_markdown_artifact(
+        key=artifact_key(batch.id, "late"),
+        markdown=f"# {batch.id} will not make its window\n\n"
+        f"- estimated finish: **{finish}**\n- expires: **{expires}** "
+        f"({batch.completion_window} window)\n- left: {p.pending} requests at "
+        f"{estimate.requests_per_second:.2f} req/s, {estimate.requests_ahead} requests ahead "
+        "(more urgent tiers first)\n\nWhat is not done when it expires is dropped as "
+        "`expired`; what finished is delivered.",
+        description=f"{batch.id}: estimated finish after its window",
+    )
+    get_run_logger().warning(
+        "%s: estimated finish %s, after its window (%s)", batch.id, finish, expires
+    )
 
 
 def label_run(batch_id: str, tier: str, tenant: str | None, model: str | None = None) -> None:

@@ -15,9 +15,11 @@ from typing import BinaryIO, Literal
 
 import orjson
 
+from offline_queue import eta
 from offline_queue.formats import (
     BatchErrors,
     BatchObject,
+    FinishEstimate,
     LineError,
     RequestCounts,
     RunStats,
@@ -26,7 +28,7 @@ from offline_queue.formats import (
 )
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.storage import locate, resolve, sibling
-from offline_queue.store import results, slots
+from offline_queue.store import outlook, results, slots, usage
 from offline_queue.store.files import STORE_SCHEME
 from offline_queue.store.tables import Batch
 
@@ -73,9 +75,13 @@ def place_batch(
     return bid, source, out, err
 
 
-def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObject:
+def batch_object(
+    db: str, batch: Batch, run: RunStats | None = None, *, estimate: bool = False
+) -> BatchObject:
     """The batch as OpenAI shows it. Its window and expiry are the batch's own (a 30m batch
-    expires 30 minutes after creation); a batch run from the CLI has no window and no expiry."""
+    expires 30 minutes after creation); a batch run from the CLI has no window and no expiry.
+    `estimate`: with its finish-time estimate while unfinished — for one batch's read, not for
+    lists (it counts the live work of every other batch)."""
     p = results.progress(db, batch.id)
     total = batch.total_lines if batch.ingest_done else p.completed + p.failed + p.pending
     finished = batch.status in TERMINAL_STATUSES
@@ -113,6 +119,25 @@ def batch_object(db: str, batch: Batch, run: RunStats | None = None) -> BatchObj
         error_file=batch.error_path if finished else None,
         run=run,
         shards=_shards(db, batch) if not finished else None,
+        engine_seconds=round(usage.batch_seconds(db, batch.id), 3),
+        estimate=finish_estimate(db, batch, p.pending) if estimate and not finished else None,
+    )
+
+
+def finish_estimate(db: str, batch: Batch, pending: int) -> FinishEstimate | None:
+    e = eta.estimate(
+        pending,
+        batch.in_progress_at,
+        batch.expires_at,
+        outlook.outlook(db, batch.id, batch.tier, batch.created_at),
+    )
+    if e.finish_at is None or e.rate is None:
+        return None
+    return FinishEstimate(
+        finish_at=round(e.finish_at),
+        late=e.late,
+        requests_per_second=round(e.rate, 3),
+        requests_ahead=e.ahead,
     )
 
 

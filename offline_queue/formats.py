@@ -239,6 +239,20 @@ class Shards(BaseModel):
     waiting: int
 
 
+class FinishEstimate(BaseModel):
+    """When an unfinished batch is expected to finish (offline_queue/eta.py) — our extra field
+    on the batch object, on a single batch's read while an estimate exists."""
+
+    finish_at: int
+    """Epoch seconds."""
+    late: bool
+    """The estimate passes the batch's `expires_at`: what is not done by then is dropped."""
+    requests_per_second: float
+    requests_ahead: int
+    """Requests counted before the batch's own: more urgent tiers (and, for a batch not yet
+    served, earlier batches of its tier)."""
+
+
 class BatchObject(BaseModel):
     """OpenAI's batch object, plus where the files are on disk and what this run did."""
 
@@ -270,3 +284,7 @@ class BatchObject(BaseModel):
     error_file: str | None = None
     run: RunStats | None = None
     shards: Shards | None = None
+    engine_seconds: float = 0.0
+    """GPU time the batch used so far, in engine-seconds (offline_queue/usage.py) — our extra
+    field: what a team that owns its GPUs bills a tenant by."""
+    estimate: FinishEstimate | None = None

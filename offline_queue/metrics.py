@@ -61,6 +61,13 @@ FAMILIES: tuple[Family, ...] = (
         "tokens",
     ),
     (
+        "engine_seconds",
+        CounterMetricFamily,
+        "GPU time used, in engine-seconds (offline_queue/usage.py), by tenant and tier.",
+        ["tenant", "tier"],
+        "engine_seconds",
+    ),
+    (
         "gpu_seats",
         GaugeMetricFamily,
         "Shards holding or waiting for a GPU, per gpu: limit.",

@@ -117,6 +117,8 @@ class TrackStats:
     p95_ms: float | None
     output_tokens: int
     seconds: float
+    engine_seconds: float = 0.0
+    """GPU time the track's batches used (offline_queue/usage.py): what the candidate costs."""
 
     @property
     def error_rate(self) -> float:

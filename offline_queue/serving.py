@@ -4,11 +4,13 @@ a test."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from offline_queue.cache import ResultCache
 from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
 from offline_queue.store import claims
+from offline_queue.usage import chunk_use
 
 
 @dataclass
@@ -19,6 +21,8 @@ class ChunkReport:
     reused: int
     """Answered from the result cache."""
     settled: claims.Settled
+    engine_seconds: float = 0.0
+    """What the chunk used of the engine (offline_queue/usage.py)."""
 
 
 class ChunkFault(RuntimeError):
@@ -54,7 +58,9 @@ def serve_claim(
                 outcomes.append(claims.Outcome(request, hit.reply(request.url), reused=True))
             else:
                 to_run.append(request)
+    used = None
     if to_run:
+        began = time.monotonic()
         try:
             replies = engine.infer(
                 [EngineRequest(r.line_no, r.url, r.body) for r in to_run],
@@ -63,10 +69,12 @@ def serve_claim(
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)
             faulted = [claims.Outcome(r, fault) for r in to_run]
-            claims.settle(db, batch_id, claim, outcomes + faulted, max_attempts)
+            spent = chunk_use(engine, time.monotonic() - began, [])
+            claims.settle(db, batch_id, claim, outcomes + faulted, max_attempts, used=spent)
             raise ChunkFault(str(exc)) from exc
+        used = chunk_use(engine, time.monotonic() - began, replies)
         outcomes += [claims.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
-    settled = claims.settle(db, batch_id, claim, outcomes, max_attempts)
+    settled = claims.settle(db, batch_id, claim, outcomes, max_attempts, used=used)
     cache.remember(
         batch_id,
         [
@@ -85,4 +93,5 @@ def serve_claim(
         inferred=len(to_run),
         reused=len(requests) - len(to_run),
         settled=settled,
+        engine_seconds=used.seconds if used else 0.0,
     )

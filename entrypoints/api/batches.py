@@ -30,6 +30,7 @@ from entrypoints.api.deps import (
 )
 from entrypoints.api.errors import api_error
 from offline_queue.batches import batch_object, virtual_outputs
+from offline_queue.durations import duration_seconds
 from offline_queue.formats import SUPPORTED_URLS, BatchObject
 from offline_queue.runs import BatchRun
 from offline_queue.shares import MAX_WEIGHT
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_WINDOW = re.compile(r"\A([1-9][0-9]{0,5})([smhd])\Z", re.ASCII)
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_SECONDS = 7 * 86400
 """OpenAI takes only `24h`; this server takes any window from 1s to 7d."""
 _WEIGHT = re.compile(r"\A[1-9][0-9]{0,3}\Z", re.ASCII)
@@ -88,8 +87,8 @@ class CreateBatch(BaseModel):
         return meta
 
 
-def api_batch(settings: ApiSettings, b: Batch) -> dict[str, Any]:
-    obj: BatchObject = batch_object(settings.db, b)
+def api_batch(settings: ApiSettings, b: Batch, *, estimate: bool = False) -> dict[str, Any]:
+    obj: BatchObject = batch_object(settings.db, b, estimate=estimate)
     data = obj.model_dump(mode="json", exclude={"input_file", "output_file", "error_file", "run"})
     data["input_file_id"] = b.input_file_id or data["input_file_id"]
     data["endpoint"] = b.endpoint or data["endpoint"]
@@ -101,8 +100,7 @@ def api_batch(settings: ApiSettings, b: Batch) -> dict[str, Any]:
 
 
 def window_seconds(window: str) -> int:
-    found = _WINDOW.match(window)
-    seconds = int(found.group(1)) * _UNIT[found.group(2)] if found else 0
+    seconds = duration_seconds(window) or 0
     if not 0 < seconds <= MAX_WINDOW_SECONDS:
         raise api_error(
             400,
@@ -267,7 +265,7 @@ def start_batch(
 @router.get("/v1/batches/{batch_id}")
 def get_batch(batch_id: str, who: Tenant, request: Request) -> dict[str, Any]:
     settings = settings_of(request)
-    return api_batch(settings, own_batch(settings, batch_id, who))
+    return api_batch(settings, own_batch(settings, batch_id, who), estimate=True)
 
 
 @router.get("/v1/batches")

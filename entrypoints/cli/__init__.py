@@ -5,14 +5,15 @@ Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need
 
 This module only assembles the commands; each group lives in a module of its own: run.py (run,
 validate), batches.py (submit, status, watch, results, cancel, cleanup), engine.py (model, engine),
-cluster.py (pools, worker), api.py (keys, api), release.py (release).
+cluster.py (pools, worker), api.py (keys, api), release.py (release), metrics.py (metrics),
+usage.py (usage).
 """
 
 from __future__ import annotations
 
 import typer
 
-from entrypoints.cli import api, batches, cluster, engine, metrics, release, run
+from entrypoints.cli import api, batches, cluster, engine, metrics, release, run, usage
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -29,6 +30,7 @@ for command in (
     batches.cleanup,
     run.validate,
     run.models,
+    usage.usage,
 ):
     app.command()(command)
 app.add_typer(engine.model_app, name="model")

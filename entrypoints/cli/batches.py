@@ -109,11 +109,12 @@ def watch(
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} tok/s"),
+        TextColumn("{task.fields[finish]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
     ) as bar:
-        task = bar.add_task(batch_id, total=None, rate="-")
+        task = bar.add_task(batch_id, total=None, rate="-", finish="")
         while True:
             counts = batch["request_counts"]
             tokens = batch["usage"]["output_tokens"] - first_tokens
@@ -123,6 +124,7 @@ def watch(
                 total=counts["total"] or None,
                 completed=counts["completed"] + counts["failed"],
                 rate=f"{rate:.1f}",
+                finish=_finish_column(batch),
                 description=f"{batch_id} {batch['status']}",
             )
             if batch["status"] in TERMINAL_STATUSES:
@@ -130,6 +132,14 @@ def watch(
             time.sleep(interval)
             batch = _found(source.get(batch_id), batch_id)
     print_batch(BatchObject.model_validate(batch), False)
+
+
+def _finish_column(batch: dict[str, Any]) -> str:
+    e = batch.get("estimate")
+    if not e:
+        return ""
+    late = " [red](late)[/red]" if e["late"] else ""
+    return "finish ~" + time.strftime("%H:%M:%S", time.localtime(e["finish_at"])) + late
 
 
 def results(

@@ -44,6 +44,17 @@ def use_prefect_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def finish_text(batch: BatchObject) -> str:
+    """The finish-time estimate in words, marked when it passes the batch's window."""
+    e = batch.estimate
+    if e is None:
+        return "no estimate yet"
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(e.finish_at))
+    rate = f"{e.requests_per_second:.2f} req/s, {e.requests_ahead} requests ahead"
+    late = " [bold red]— after it expires[/bold red]" if e.late else ""
+    return f"about {when} ({rate}){late}"
+
+
 def print_batch(batch: BatchObject, as_json: bool) -> None:
     if as_json:
         print(orjson.dumps(batch.model_dump(mode="json")).decode(), flush=True)
@@ -61,8 +72,12 @@ def print_batch(batch: BatchObject, as_json: bool) -> None:
     if batch.expires_at is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(batch.expires_at))
         table.add_row("expires", f"{when} ({batch.completion_window} window)")
+    if batch.estimate is not None:
+        table.add_row("finish", finish_text(batch))
     if batch.shards is not None:
         table.add_row("shards", f"{batch.shards.running} running, {batch.shards.waiting} waiting")
+    if batch.engine_seconds:
+        table.add_row("engine time", f"{batch.engine_seconds:.1f} s")
     if batch.run is not None:
         table.add_row("this run", f"{batch.run.inferred} inferred, {batch.run.reused} reused")
     if batch.model_version:

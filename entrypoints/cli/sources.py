@@ -29,7 +29,9 @@ class StoreSource:
     def get(self, batch_id: str) -> dict[str, Any] | None:
         owners.reap_orphans(self.db)
         batch = batches.get_batch(self.db, batch_id)
-        return batch_object(self.db, batch).model_dump(mode="json") if batch else None
+        if batch is None:
+            return None
+        return batch_object(self.db, batch, estimate=True).model_dump(mode="json")
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         owners.reap_orphans(self.db)

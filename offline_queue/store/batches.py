@@ -208,3 +208,16 @@ def set_status(db: str, batch_id: str, status: BatchStatus, **fields: Any) -> No
         stamp = _STAMPS.get(status)
         if stamp and getattr(batch, stamp) is None:
             setattr(batch, stamp, clock.now_seconds())  # written in the UPDATE: the store's time
+
+
+def mark_late(db: str, batch_id: str) -> bool:
+    """Stamp the first moment a worker found the batch would finish after its window; True for
+    the one caller that stamped it (whoever comes later, on any node, gets False): the event
+    that says so is raised once."""
+    with session(db) as s:
+        stamped = s.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.late_at.is_(None))
+            .values(late_at=clock.now_seconds())
+        )
+        return bool(getattr(stamped, "rowcount", 0))

@@ -31,11 +31,12 @@ from offline_queue.engines.base import Reply
 from offline_queue.formats import LineError
 from offline_queue.retry import RetryPolicy
 from offline_queue.states import RequestState
-from offline_queue.store import clock
+from offline_queue.store import clock, usage
 from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.results import RESULT_COLUMNS, error_row, response_ids
 from offline_queue.store.tables import LIVE, Request, Result
+from offline_queue.usage import EngineUse
 
 
 def new_owner() -> str:
@@ -202,8 +203,10 @@ def settle(
     outcomes: Sequence[Outcome],
     max_attempts: int,
     retry: RetryPolicy | None = None,
+    used: EngineUse | None = None,
 ) -> Settled:
-    """Commit a chunk: results, state changes and cache entries in one transaction.
+    """Commit a chunk: results, state changes, cache entries and the engine-seconds it used
+    (counted even when its lease was lost: the engine did the work) in one transaction.
 
     A retry's `not_before` is the store's time plus its backoff, so any worker judges it due at
     the same moment. The rows' `created_at` is this worker's time: it only says when the chunk
@@ -285,6 +288,8 @@ def settle(
                     )
                 )
         insert_ignoring_conflicts(s.connection(), Result, RESULT_COLUMNS, rows)
+        if used is not None:
+            usage.record(s, batch_id, used)
     stats.completed = len(mine_done)
     stats.completed_ids = mine_done
     stats.terminated = len(mine_final)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from offline_queue.states import RequestState
-from offline_queue.store import clock
+from offline_queue.store import clock, usage
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, GpuSeat, Request, Result
 
@@ -40,6 +40,8 @@ class Snapshot:
     """model version → (cumulative counts per bucket, count, sum ms) of answered requests."""
     seats: dict[tuple[str, str], int] = field(default_factory=dict)
     """(gpu limit, holding | waiting) → live shard seats."""
+    engine_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(tenant, tier) → engine-seconds used; tenant is "" for CLI batches."""
 
 
 def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
@@ -108,4 +110,5 @@ def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
             .group_by(GpuSeat.gpu_limit, GpuSeat.holding)
         ):
             out.seats[(limit, "holding" if holding else "waiting")] = int(n)
+        out.engine_seconds = usage.seconds_by_tenant_tier(s)
     return out

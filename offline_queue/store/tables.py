@@ -97,6 +97,9 @@ class Batch(Base):
     """The owner's Prefect flow run id: what a flow run's state hook finds its batch by."""
     owner_heartbeat: Mapped[float | None] = mapped_column(Float)
     owner_lease: Mapped[float | None] = mapped_column(Float)
+    late_at: Mapped[int | None] = mapped_column(BigInteger)
+    """When a worker first estimated that the batch would finish after `expires_at` and said
+    so (a Prefect event, an artifact): set once, so many shards raise it once."""
 
 
 LIVE = text(f"state IN ({', '.join(repr(str(state)) for state in LIVE_STATES)})")
@@ -279,3 +282,21 @@ class GpuSeat(Base):
     since: Mapped[float] = mapped_column(Float)
     """When the shard began to hold, or to wait (first come first served within a tier)."""
     heartbeat: Mapped[float] = mapped_column(Float, index=True)
+
+
+class EngineTime(Base):
+    """Engine-seconds a batch used, one row per served chunk (offline_queue/usage.py says how a
+    chunk's seconds are counted): GPU time is what a team that owns its GPUs bills and plans by.
+    One row per chunk, not per request, and stamped by the store's clock, so `usage --since`
+    is one indexed range over rows written on any node."""
+
+    __tablename__ = "engine_time"
+    __table_args__ = (Index("ix_engine_time_batch", "batch_id"), Index("ix_engine_time_at", "at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(String(64))
+    engine_key: Mapped[str] = mapped_column(String(512))
+    seconds: Mapped[float] = mapped_column(Float)
+    requests: Mapped[int] = mapped_column(Integer)
+    """Requests the engine answered in the chunk: a tier's recent throughput, by one clock."""
+    at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,109 @@
+"""The `engine_time` rows: the engine-seconds each served chunk used (offline_queue/usage.py),
+summed per batch (the batch object, `status`), per tenant over a window (`offline-queue usage`)
+and per tenant and tier for /metrics. Rows are written in the chunk's settle
+(store/claims.py), in the same transaction as its results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from offline_queue.store import clock
+from offline_queue.store.db import session
+from offline_queue.store.tables import Batch, EngineTime
+from offline_queue.usage import EngineUse
+
+
+def record(s: Session, batch_id: str, used: EngineUse) -> None:
+    """One chunk's engine use, in the caller's transaction, stamped by the store's clock
+    (a window of `usage` compares stamps written on many nodes)."""
+    s.execute(
+        insert(EngineTime).values(
+            batch_id=batch_id,
+            engine_key=used.engine_key,
+            seconds=used.seconds,
+            requests=used.requests,
+            at=clock.now(),
+        )
+    )
+
+
+def batch_seconds(db: str, batch_id: str) -> float:
+    with session(db, readonly=True) as s:
+        return float(
+            s.scalar(
+                select(func.coalesce(func.sum(EngineTime.seconds), 0.0)).where(
+                    EngineTime.batch_id == batch_id
+                )
+            )
+            or 0.0
+        )
+
+
+def batches_seconds(db: str, batch_ids: Sequence[str]) -> float:
+    """The engine-seconds of some batches together (a release track's)."""
+    with session(db, readonly=True) as s:
+        return float(
+            s.scalar(
+                select(func.coalesce(func.sum(EngineTime.seconds), 0.0)).where(
+                    EngineTime.batch_id.in_(list(batch_ids))
+                )
+            )
+            or 0.0
+        )
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    tenant: str
+    """"" for batches run from the CLI (they have no tenant)."""
+    batch_id: str
+    tier: str
+    model_version: str
+    status: str
+    engine_seconds: float
+    chunks: int
+
+
+def usage(db: str, tenant: str | None = None, within: float | None = None) -> list[UsageRow]:
+    """Engine-seconds per batch used in the last `within` seconds (by the store's clock), of
+    one tenant or of all; the batches that used the most first."""
+    who = func.coalesce(Batch.tenant, "")
+    total = func.sum(EngineTime.seconds)
+    query = (
+        select(
+            who,
+            Batch.id,
+            Batch.tier,
+            func.coalesce(Batch.model_version, ""),
+            Batch.status,
+            total,
+            func.count(),
+        )
+        .join(Batch, Batch.id == EngineTime.batch_id)
+        .group_by(who, Batch.id, Batch.tier, Batch.model_version, Batch.status)
+        .order_by(total.desc(), Batch.id)
+    )
+    if tenant is not None:
+        query = query.where(who == tenant)
+    if within is not None:
+        query = query.where(EngineTime.at >= clock.now() - within)
+    with session(db, readonly=True) as s:
+        return [
+            UsageRow(t, b, tier, m, st, float(sec), int(n))
+            for t, b, tier, m, st, sec, n in s.execute(query)
+        ]
+
+
+def seconds_by_tenant_tier(s: Session) -> dict[tuple[str, str], float]:
+    """(tenant, tier) → engine-seconds ever used: a counter for /metrics (rows only grow)."""
+    who = func.coalesce(Batch.tenant, "")
+    rows = s.execute(
+        select(who, Batch.tier, func.sum(EngineTime.seconds))
+        .join(Batch, Batch.id == EngineTime.batch_id)
+        .group_by(who, Batch.tier)
+    )
+    return {(t, tier): float(sec or 0.0) for t, tier, sec in rows}
