@@ -68,6 +68,27 @@ FAMILIES: tuple[Family, ...] = (
         "engine_seconds",
     ),
     (
+        "engine_requests",
+        CounterMetricFamily,
+        "Requests each engine answered (from the chunks it served).",
+        ["engine"],
+        "engine_requests",
+    ),
+    (
+        "engine_errors",
+        CounterMetricFamily,
+        "Requests each engine failed, any code (by code per tier: offline_queue_results_total).",
+        ["engine"],
+        "engine_errors",
+    ),
+    (
+        "engine_busy_seconds",
+        CounterMetricFamily,
+        "Engine-seconds each engine served, all batches together.",
+        ["engine"],
+        "engine_busy",
+    ),
+    (
         "gpu_seats",
         GaugeMetricFamily,
         "Shards holding or waiting for a GPU, per gpu: limit.",

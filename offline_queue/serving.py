@@ -69,7 +69,7 @@ def serve_claim(
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)
             faulted = [claims.Outcome(r, fault) for r in to_run]
-            spent = chunk_use(engine, time.monotonic() - began, [])
+            spent = chunk_use(engine, time.monotonic() - began, [], faulted=len(to_run))
             claims.settle(db, batch_id, claim, outcomes + faulted, max_attempts, used=spent)
             raise ChunkFault(str(exc)) from exc
         used = chunk_use(engine, time.monotonic() - began, replies)

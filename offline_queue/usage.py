@@ -32,14 +32,20 @@ class EngineUse:
     engine_key: str
     seconds: float
     requests: int
-    """Requests sent to the engine (not those the result cache answered)."""
+    """Requests the engine answered (not those the result cache answered)."""
+    errors: int
+    """Of the requests sent, those the engine failed (any code, retriable or not)."""
 
 
-def chunk_use(engine: Engine, wall_seconds: float, replies: Sequence[Reply]) -> EngineUse:
+def chunk_use(
+    engine: Engine, wall_seconds: float, replies: Sequence[Reply], faulted: int = 0
+) -> EngineUse:
     """The engine use of one chunk whose `infer` of `replies` took `wall_seconds` (see the
-    module). A chunk whose `infer` raised has no replies: a served engine's share of it is 0."""
+    module). A chunk whose `infer` raised has no replies, and `faulted` requests failed with
+    it: a served engine's share of it is 0."""
     seconds = wall_seconds
     if engine.shared:
         held = sum(r.latency_ms or 0.0 for r in replies) / 1000.0
         seconds = min(wall_seconds, held / max(engine.capacity, 1))
-    return EngineUse(engine.engine_key, seconds, len(replies))
+    errors = faulted + sum(1 for r in replies if not r.ok)
+    return EngineUse(engine.engine_key, seconds, len(replies), errors)

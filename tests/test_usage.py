@@ -140,11 +140,13 @@ def test_usage_matches_the_engine_time_measured_around_the_run(
     assert batch is not None and batch.late_at is None
     assert batch_object(pg_url, batch).engine_seconds == pytest.approx(used, abs=0.01)
     scraped = {
-        (s.name, s.labels.get("tenant")): s.value
+        (s.name, s.labels.get("tenant") or s.labels.get("engine")): s.value
         for family in registry(pg_url).collect()
         for s in family.samples
     }
     assert scraped[("offline_queue_engine_seconds_total", "acme")] >= used - 0.01
+    assert scraped[("offline_queue_engine_requests_total", engine.engine_key)] >= 48
+    assert scraped[("offline_queue_engine_busy_seconds_total", engine.engine_key)] >= used - 0.01
 
 
 def test_a_batch_whose_window_is_too_short_raises_the_event_before_it_expires(

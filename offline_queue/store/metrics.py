@@ -42,6 +42,12 @@ class Snapshot:
     """(gpu limit, holding | waiting) → live shard seats."""
     engine_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
     """(tenant, tier) → engine-seconds used; tenant is "" for CLI batches."""
+    engine_requests: dict[tuple[str], int] = field(default_factory=dict)
+    """(engine,) → requests it answered; the engine is its key (a URL and model, or a folder)."""
+    engine_errors: dict[tuple[str], int] = field(default_factory=dict)
+    """(engine,) → requests it failed, any code."""
+    engine_busy: dict[tuple[str], float] = field(default_factory=dict)
+    """(engine,) → engine-seconds of every batch it served."""
 
 
 def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
@@ -111,4 +117,8 @@ def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
         ):
             out.seats[(limit, "holding" if holding else "waiting")] = int(n)
         out.engine_seconds = usage.seconds_by_tenant_tier(s)
+        for engine, totals in usage.by_engine(s).items():
+            out.engine_requests[(engine,)] = totals.requests
+            out.engine_errors[(engine,)] = totals.errors
+            out.engine_busy[(engine,)] = totals.seconds
     return out

@@ -299,4 +299,6 @@ class EngineTime(Base):
     seconds: Mapped[float] = mapped_column(Float)
     requests: Mapped[int] = mapped_column(Integer)
     """Requests the engine answered in the chunk: a tier's recent throughput, by one clock."""
+    errors: Mapped[int] = mapped_column(Integer)
+    """Requests the engine failed in the chunk (any code): failures per engine."""
     at: Mapped[float] = mapped_column(Float)

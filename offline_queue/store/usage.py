@@ -26,6 +26,7 @@ def record(s: Session, batch_id: str, used: EngineUse) -> None:
             engine_key=used.engine_key,
             seconds=used.seconds,
             requests=used.requests,
+            errors=used.errors,
             at=clock.now(),
         )
     )
@@ -96,6 +97,31 @@ def usage(db: str, tenant: str | None = None, within: float | None = None) -> li
             UsageRow(t, b, tier, m, st, float(sec), int(n))
             for t, b, tier, m, st, sec, n in s.execute(query)
         ]
+
+
+@dataclass(frozen=True)
+class EngineTotals:
+    chunks: int
+    requests: int
+    errors: int
+    seconds: float
+
+
+def by_engine(s: Session) -> dict[str, EngineTotals]:
+    """engine key → what every chunk it served adds up to: counters for /metrics."""
+    rows = s.execute(
+        select(
+            EngineTime.engine_key,
+            func.count(),
+            func.sum(EngineTime.requests),
+            func.sum(EngineTime.errors),
+            func.sum(EngineTime.seconds),
+        ).group_by(EngineTime.engine_key)
+    )
+    return {
+        key: EngineTotals(int(n), int(req or 0), int(err or 0), float(sec or 0.0))
+        for key, n, req, err, sec in rows
+    }
 
 
 def seconds_by_tenant_tier(s: Session) -> dict[tuple[str, str], float]:

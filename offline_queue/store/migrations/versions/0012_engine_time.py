@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("engine_key", sa.String(length=512), nullable=False),
         sa.Column("seconds", sa.Float(), nullable=False),
         sa.Column("requests", sa.Integer(), nullable=False),
+        sa.Column("errors", sa.Integer(), nullable=False),
         sa.Column("at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
