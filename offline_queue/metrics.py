@@ -24,7 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from offline_queue.store.metrics import LATENCY_BUCKETS_MS, snapshot
+from offline_queue.store.metrics import snapshot
+from offline_queue.store.totals import LATENCY_BUCKETS_MS
 
 PREFIX = "offline_queue"
 

@@ -14,7 +14,7 @@ import orjson
 from sqlalchemy import func, select, update
 
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
-from offline_queue.store import clock
+from offline_queue.store import clock, totals
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
 
@@ -203,6 +203,8 @@ def set_status(db: str, batch_id: str, status: BatchStatus, **fields: Any) -> No
             raise KeyError(batch_id)
         if batch.status == BatchStatus.CANCELLING and status == BatchStatus.IN_PROGRESS:
             status = BatchStatus.CANCELLING
+        if not status.terminal:
+            totals.forget(s, batch)
         for key, value in {"status": status, **fields}.items():
             setattr(batch, key, value)
         stamp = _STAMPS.get(status)

@@ -4,7 +4,8 @@ be scraped; the store already holds every fact an operator alerts on.
 
 Request rows are live work (queued, processing); result rows are what is done, one per line,
 never deleted and never rewritten: counts and sums over them only ever grow, which is what a
-Prometheus counter is.
+Prometheus counter is. An ended batch's rows are added up once (store/totals.py), so what a
+scrape reads grows with the running batches, not with the history (bench/scrape.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from offline_queue.states import RequestState
-from offline_queue.store import clock, usage
+from offline_queue.store import clock, totals, usage
 from offline_queue.store.db import session
-from offline_queue.store.tables import Batch, GpuSeat, Request, Result
-
-LATENCY_BUCKETS_MS: tuple[float, ...] = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
-"""Upper bounds of the engine latency histogram, milliseconds (exposed in seconds)."""
+from offline_queue.store.tables import Batch, GpuSeat, Request
 
 
 @dataclass
@@ -51,6 +49,9 @@ class Snapshot:
 
 
 def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
+    """One scrape: ended batches not added up yet are first (store/totals.py), then every
+    figure is read in one transaction."""
+    totals.roll_up(db)
     out = Snapshot()
     tenant = func.coalesce(Batch.tenant, "")
     with session(db, readonly=True) as s:
@@ -77,39 +78,21 @@ def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
             out.requests[(tier, name)] = int(n)
             if name == "pending" and oldest is not None:
                 out.oldest_pending_age[tier] = max(0.0, now - float(oldest))
-        outcome = func.coalesce(Result.error_code, "")
-        for batch_id, tier, ok, code, n, prompt, completion in s.execute(
-            select(
-                Result.batch_id,
-                Batch.tier,
-                Result.ok,
-                outcome,
-                func.count(),
-                func.coalesce(func.sum(Result.prompt_tokens), 0),
-                func.coalesce(func.sum(Result.completion_tokens), 0),
-            )
-            .join(Batch, Batch.id == Result.batch_id)
-            .group_by(Result.batch_id, Batch.tier, Result.ok, outcome)
-        ):
-            key = (batch_id, tier, "completed" if ok else "failed", "" if ok else code)
-            out.results[key] = out.results.get(key, 0) + int(n)
-            for direction, value in (("prompt", prompt), ("completion", completion)):
-                k = (tier, direction)
-                out.tokens[k] = out.tokens.get(k, 0) + int(value)
-        version = func.coalesce(Batch.model_version, "")
-        timed = Result.ok & Result.latency_ms.is_not(None)
-        columns = [
-            func.sum(func.cast(Result.latency_ms <= bound, type_=Result.line_no.type))
-            for bound in LATENCY_BUCKETS_MS
-        ]
-        for row in s.execute(
-            select(version, func.count(), func.sum(Result.latency_ms), *columns)
-            .join(Batch, Batch.id == Result.batch_id)
-            .where(timed)
-            .group_by(version)
-        ):
-            model, n, total, *buckets = row
-            out.latency[model] = ([int(b or 0) for b in buckets], int(n), float(total or 0))
+        for t in totals.every_batch(s):
+            key = (t.batch_id, t.tier, "completed" if t.ok else "failed", t.code)
+            out.results[key] = out.results.get(key, 0) + t.results
+            for direction, value in (
+                ("prompt", t.prompt_tokens),
+                ("completion", t.completion_tokens),
+            ):
+                k = (t.tier, direction)
+                out.tokens[k] = out.tokens.get(k, 0) + value
+            if t.timed:
+                buckets, count, total = out.latency.get(
+                    t.model_version, ([0] * len(t.buckets), 0, 0.0)
+                )
+                summed = [a + b for a, b in zip(buckets, t.buckets, strict=True)]
+                out.latency[t.model_version] = (summed, count + t.timed, total + t.latency_ms)
         for limit, holding, n in s.execute(
             select(GpuSeat.gpu_limit, GpuSeat.holding, func.count())
             .where(GpuSeat.heartbeat > now - stale_seconds)
@@ -117,8 +100,8 @@ def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
         ):
             out.seats[(limit, "holding" if holding else "waiting")] = int(n)
         out.engine_seconds = usage.seconds_by_tenant_tier(s)
-        for engine, totals in usage.by_engine(s).items():
-            out.engine_requests[(engine,)] = totals.requests
-            out.engine_errors[(engine,)] = totals.errors
-            out.engine_busy[(engine,)] = totals.seconds
+        for engine, spent in usage.by_engine(s).items():
+            out.engine_requests[(engine,)] = spent.requests
+            out.engine_errors[(engine,)] = spent.errors
+            out.engine_busy[(engine,)] = spent.seconds
     return out

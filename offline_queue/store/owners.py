@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import and_, exists, func, or_, select, update
 
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, RequestState
-from offline_queue.store import clock
+from offline_queue.store import clock, totals
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
 
@@ -60,6 +60,7 @@ def take_ownership(
         if batch is None:
             raise KeyError(batch_id)
         if failed_by_run(batch):
+            totals.forget(s, batch)
             batch.status = _reopened_status(batch)
             batch.errors_json = None
             batch.failed_at = None

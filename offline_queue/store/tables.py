@@ -97,6 +97,9 @@ class Batch(Base):
     """The owner's Prefect flow run id: what a flow run's state hook finds its batch by."""
     owner_heartbeat: Mapped[float | None] = mapped_column(Float)
     owner_lease: Mapped[float | None] = mapped_column(Float)
+    totals_at: Mapped[int | None] = mapped_column(BigInteger)
+    """When the batch's result rows were added up into `result_totals` (it had ended): a
+    scrape of /metrics reads those few rows instead of the batch's million."""
     late_at: Mapped[int | None] = mapped_column(BigInteger)
     """When a worker first estimated that the batch would finish after `expires_at` and said
     so (a Prefect event, an artifact): set once, so many shards raise it once."""
@@ -302,3 +305,27 @@ class EngineTime(Base):
     errors: Mapped[int] = mapped_column(Integer)
     """Requests the engine failed in the chunk (any code): failures per engine."""
     at: Mapped[float] = mapped_column(Float)
+
+
+class ResultTotals(Base):
+    """An ended batch's result rows added up, once, per outcome and error code: what /metrics
+    counts for it from then on (offline_queue/store/metrics.py), so a scrape costs the same
+    after a year of nightly million-line batches as on the first night."""
+
+    __tablename__ = "result_totals"
+
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ok: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The error code; "" for the completed ones."""
+    tier: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(256))
+    results: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    timed: Mapped[int] = mapped_column(BigInteger)
+    """Answered requests with a latency: the histogram's count."""
+    latency_ms: Mapped[float] = mapped_column(Float)
+    """Their latencies' sum."""
+    buckets: Mapped[str] = mapped_column(Text)
+    """JSON list: how many of them took at most each of LATENCY_BUCKETS_MS."""
