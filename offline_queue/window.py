@@ -3,9 +3,15 @@ outstanding at a server, found instead of set.
 
 `max_in_flight` is the cap; the window starts small and doubles each round-trip's worth of
 answers while throughput keeps growing (slow start), then grows by one per round while
-throughput does not fall, and steps back one when it does (past the knee). An overload — 429,
-503 or a timeout — halves it, at most once per round, so one burst of refusals is one
-back-off. A round is `size` answers: about one round-trip of the whole window.
+throughput does not fall, and steps back one when it does (past the knee). A round is `size`
+replies (16 at least): about one round-trip of the whole window.
+
+Refusals — 429, 503 or a timeout — shrink it in proportion to their share of the round, as
+DCTCP does with congestion marks: a round with a share f of refusals takes the window to
+size × (1 − f/2), and one where a quarter or more were refused halves it (the server is
+overloaded). A fixed share of refusals that has nothing to do with load (a proxy, a quota
+refusing one request in ten) then settles the window near 2/f instead of collapsing it: halving
+at every round that saw one refusal took the window to ~2.5 under 10 % of 429s (BENCHMARKS.md).
 
 Why: the knee differs between machines (32 on this CPU; elsewhere on a GPU), and a refusing
 server only got retries, never a smaller window. Every change is kept in `history` (and
@@ -23,6 +29,11 @@ log = logging.getLogger(__name__)
 
 _NOT_WORSE = 0.95
 """A round whose throughput is at least this share of the best so far counts as no loss."""
+_OVERLOADED = 0.25
+"""A round with at least this share of refusals halves the window."""
+_MIN_ROUND = 16
+"""Replies a round has at least: below it one refusal would be a large share of a small
+window's round, and a refused tenth would halve a window of 4 as often as it shrinks one of 40."""
 
 
 @dataclass
@@ -34,9 +45,9 @@ class Window:
     """(monotonic time, new size, why) at every change."""
     _slow_start: bool = True
     _round_answers: int = 0
+    _round_refusals: int = 0
     _round_started: float = 0.0
     _best_rate: float = 0.0
-    _backed_off: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -62,34 +73,44 @@ class Window:
 
     def _new_round(self, now: float) -> None:
         self._round_answers = 0
+        self._round_refusals = 0
         self._round_started = now
-        self._backed_off = False
 
     def answered(self) -> None:
         """An answer (any that is not an overload) came back."""
         with self._lock:
             self._round_answers += 1
-            if self._round_answers < self.limit:
-                return
-            now = time.monotonic()
-            rate = self._round_answers / max(now - self._round_started, 1e-6)
-            if rate >= self._best_rate * _NOT_WORSE:
-                self._best_rate = max(self._best_rate, rate)
-                grow = self.size if self._slow_start else 1.0
-                self._set(self.size + grow, "throughput grew")
-            else:
-                self._slow_start = False
-                self._best_rate = rate  # the knee moved, or the load did: measure afresh
-                self._set(self.size - 1, "throughput fell")
-            self._new_round(now)
+            self._maybe_end_round()
 
     def overloaded(self) -> None:
-        """The server refused (429/503) or did not answer in time: halve, once per round."""
+        """The server refused (429/503) or did not answer in time."""
         with self._lock:
             self._slow_start = False
-            if self._backed_off:
-                return
+            self._round_refusals += 1
+            self._maybe_end_round()
+
+    def _maybe_end_round(self) -> None:
+        replies = self._round_answers + self._round_refusals
+        if replies < max(self.limit, _MIN_ROUND):
+            return
+        now = time.monotonic()
+        refused = self._round_refusals / replies
+        # Replies, not answers, per second: the share refused is judged on its own, and a
+        # round with two refusals instead of one must not read as the throughput falling.
+        rate = replies / max(now - self._round_started, 1e-6)
+        if refused >= _OVERLOADED:
+            self._best_rate = 0.0  # measure afresh once it recovers
             self._set(self.size / 2, "overloaded")
+        elif rate >= self._best_rate * _NOT_WORSE:
+            self._best_rate = max(self._best_rate, rate)
+            grow = self.size if self._slow_start and not refused else 1.0
+            shrink = self.size * refused / 2
+            self._set(self.size + grow - shrink, "refusals" if shrink > grow else "throughput grew")
+        else:
+            # Past the knee, or the load moved: one step back, and the next round is measured
+            # afresh (a smaller window is a little slower below the knee too: compared with
+            # this round, it would read as another fall, and the next, down to 1).
+            self._slow_start = False
             self._best_rate = 0.0
-            self._new_round(time.monotonic())
-            self._backed_off = True
+            self._set(self.size * (1 - refused / 2) - 1, "throughput fell")
+        self._new_round(now)

@@ -19,6 +19,7 @@ from offline_queue.formats import ChatCompletionBody, CompletionBody
 from offline_queue.retry import RetryPolicy
 from offline_queue.shares import Participant, slots_for
 from offline_queue.store.results import ResultLine
+from offline_queue.window import Window
 
 # ---- slots_for ---------------------------------------------------------------------------
 
@@ -387,3 +388,31 @@ def test_a_line_escapes_what_it_did_not_build() -> None:
     line = orjson.loads(_line(row(custom_id=tricky, ok=False, error_message=tricky)))
     assert line["custom_id"] == tricky and line["error"]["message"] == tricky
     assert orjson.loads(_line(row(body=None)))["response"]["body"] is None
+
+
+def _window_after(refuse_every: int, replies: int = 3000, cap: int = 64) -> tuple[int, Window]:
+    """A window fed replies as a server with a knee at 48 in flight would send them (the more in
+    flight, the sooner the next one, up to the knee), one in `refuse_every` a refusal (0:
+    none); its size at the end."""
+    window = Window(cap=cap)
+    for i in range(1, replies + 1):
+        time.sleep(0.01 / min(window.limit, 48))
+        if refuse_every and i % refuse_every == 0:
+            window.overloaded()
+        else:
+            window.answered()
+    return window.limit, window
+
+
+def test_the_window_grows_past_the_knee_when_nothing_is_refused() -> None:
+    assert _window_after(0)[0] >= 48
+
+
+def test_a_steady_tenth_refused_settles_the_window_near_two_over_the_share() -> None:
+    size, window = _window_after(10)
+    assert 10 <= size <= 40, window.history[-10:]  # 2 / 0.1 = 20; halving went to ~2.5
+
+
+def test_half_refused_halves_the_window_down_to_one() -> None:
+    size, window = _window_after(2, replies=400)
+    assert size <= 2 and any(why == "overloaded" for _, _, why in window.history)
