@@ -35,7 +35,7 @@ from offline_queue.leases import OwnerHeartbeat
 from offline_queue.runs import BatchRun
 from offline_queue.serving import ChunkReport
 from offline_queue.states import BatchStatus, Tier
-from offline_queue.store import batches, claims, results
+from offline_queue.store import batches, claims, results, slots
 from offline_queue.store.db import patiently
 from offline_queue.store.tables import Batch
 from offline_queue.worker import ChunkWorker
@@ -271,6 +271,9 @@ class ProgressArtifact:
         batch = batches.get_batch(self.db, self.batch_id)
         estimate = finish_estimate(self.db, batch, p.pending) if batch and p.pending else None
         description = f"Requests of {self.batch_id} with a result"
+        live = slots.batch_shards(self.db, self.batch_id)
+        if live.running or live.waiting:
+            description += f"; shards: {live.running} serving, {live.waiting} waiting for a GPU"
         if estimate is not None:
             when = time.strftime("%H:%M:%S %Z", time.localtime(estimate.finish_at))
             description += f"; finish about {when}{' (after its window)' if estimate.late else ''}"
