@@ -70,6 +70,10 @@ def test_sdk_round_trip(api: Api, tmp_path: Path) -> None:
     assert len(errors) == 1 and "line 7: not JSON" in errors[0]["error"]["message"]
     listed = client.batches.list(limit=10)
     assert [b.id for b in listed.data] == [batch.id]
+    served = [m.id for m in client.models.list()]
+    assert "smollm2" in served and client.models.retrieve(served[0]).id == served[0]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-nobody-serves")
     # Prometheus scrapes without a key: the batch's results, counted from the store
     scraped = httpx.get(api.url.removesuffix("/v1") + "/metrics", timeout=30)
     assert scraped.status_code == 200, scraped.text

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from entrypoints.api import batches, files, runs
+from entrypoints.api import batches, files, models, runs
 from entrypoints.api.errors import install_error_handlers
 from entrypoints.api.gate import HEALTH, METRICS, Gate, access_log
 from entrypoints.api.settings import ApiSettings
@@ -63,5 +63,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(models.router)
     app.add_middleware(Gate, settings=settings)
     return app
