@@ -28,6 +28,7 @@ from offline_queue.retry import RetryPolicy
 from offline_queue.store import batches, claims, ingest, results, stats
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
+from offline_queue.usage import EngineUse
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.conftest import REPO
 
@@ -578,7 +579,8 @@ def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None
             )
             for r, t in zip(c.requests, texts, strict=True)
         ]
-        claims.settle(db_url, bid, c, outcomes, 3)
+        used = EngineUse("engine", 1.5 if track == "candidate" else 4.0, 3, 0)
+        claims.settle(db_url, bid, c, outcomes, 3, used=used)
     assert stats.track_agreement(db_url, "v1", "v2", 0) == (3, 2)
     candidate = stats.track_stats(db_url, "candidate", "v2", 0)
     assert (candidate.batches, candidate.requests, candidate.failed) == (
@@ -587,6 +589,7 @@ def test_release_tracks_stats_and_agreement(db_url: str, tmp_path: Path) -> None
         0,
     )  # rejected line not counted
     assert candidate.p95_ms == 10.0
+    assert candidate.engine_seconds == 1.5  # the track's GPU time, not the other's
     with session(db_url) as s:
         assert s.get(Batch, ids["stable"]).release_version == "v1"  # type: ignore[union-attr]
 
