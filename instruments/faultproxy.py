@@ -91,6 +91,11 @@ class FaultProxy:
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # The proxy is closing (`_close`). Ended, not cancelled: Python 3.11.7's stream
+            # server calls task.exception() on a cancelled handler, which logs a traceback
+            # for every idle keep-alive connection.
+            pass
         finally:
             writer.close()
 
