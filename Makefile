@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ENGINE ?= cpu
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test browser faketime lint bench faults clean
+.PHONY: setup run test browser faketime prometheus lint bench faults clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/offline-queue model prepare
 	$(BIN)/offline-queue run examples/batch.jsonl
 
-test: setup browser faketime
+test: setup browser faketime prometheus
 	$(BIN)/offline-queue model prepare
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -41,6 +41,12 @@ faketime:
 	@command -v faketime >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq faketime >/dev/null) \
 		|| echo "no faketime: the skewed-clock tests will be skipped"; }
+
+# The metrics test has Debian's Prometheus scrape /metrics; without it that test is skipped.
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) \
+		|| echo "no prometheus: the Prometheus scrape test will be skipped"; }
 
 # Lint and types in a venv of their own without vLLM (its 4-minute install): a fresh machine has
 # the verdict in about a minute. mypy sees the project's other dependencies with their types;
@@ -61,7 +67,7 @@ lint: $(LINT_STAMP)
 
 # Every benchmark, one after the other (they share 2 cores: never in parallel). Each ends with
 # `RESULT name value` lines; logs in bench/out/, plots in bench/plots/, figures in BENCHMARKS.md.
-BENCHES := overhead server ceiling ingest scheduling scale
+BENCHES := overhead server adaptive ceiling ingest scheduling scale
 bench: setup
 	$(BIN)/offline-queue model prepare
 	mkdir -p bench/out

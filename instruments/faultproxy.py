@@ -1,9 +1,10 @@
 """A fault-injecting HTTP proxy in front of a real server, on loopback (a test instrument).
 
 Each POST to a completions endpoint takes the next fault from a plan: pass it through, answer
-500 or 429 (with Retry-After) itself, stall past the client's timeout, or forward it and cut
-the connection in the middle of the answer's body. It counts the bodies it was sent, so a test
-can tell whether any request reached the engine twice.
+500 or 429 (with Retry-After) itself, stall past the client's timeout, forward it and cut
+the connection in the middle of the answer's body, or hold it until the test releases every
+held request (a batch frozen mid-run, for as long as a test looks at it). It counts the bodies
+it was sent, so a test can tell whether any request reached the engine twice.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import httpx
 
-Fault = str  # "pass" | "500" | "429" | "stall" | "reset" | "404"
+Fault = str  # "pass" | "500" | "429" | "stall" | "reset" | "404" | "hold"
 
 
 class FaultProxy:
@@ -32,6 +33,7 @@ class FaultProxy:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.port = 0
+        self._released: asyncio.Event | None = None
 
     @property
     def url(self) -> str:
@@ -41,6 +43,11 @@ class FaultProxy:
         self._thread.start()
         self._ready.wait(10)
         return self
+
+    def release(self) -> None:
+        """Forward every held request, and those the plan holds from now on, at once."""
+        assert self._released is not None
+        self._loop.call_soon_threadsafe(self._released.set)
 
     def __exit__(self, *_: object) -> None:
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
@@ -58,6 +65,7 @@ class FaultProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._client = httpx.AsyncClient(base_url=self.upstream, timeout=300)
+        self._released = asyncio.Event()
         server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -82,6 +90,11 @@ class FaultProxy:
                 if not await self._answer(fault, method, path, headers, body, writer):
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            # The proxy is closing (`_close`). Ended, not cancelled: Python 3.11.7's stream
+            # server calls task.exception() on a cancelled handler, which logs a traceback
+            # for every idle keep-alive connection.
             pass
         finally:
             writer.close()
@@ -116,6 +129,9 @@ class FaultProxy:
         if fault == "stall":
             await asyncio.sleep(self.stall_seconds)
             return False
+        if fault == "hold":
+            assert self._released is not None
+            await self._released.wait()
         forward = {k: v for k, v in headers.items() if k in ("content-type", "authorization")}
         response = await self._client.request(method, path, content=body, headers=forward)
         payload = response.content
