@@ -387,3 +387,16 @@ def test_a_line_escapes_what_it_did_not_build() -> None:
     line = orjson.loads(_line(row(custom_id=tricky, ok=False, error_message=tricky)))
     assert line["custom_id"] == tricky and line["error"]["message"] == tricky
     assert orjson.loads(_line(row(body=None)))["response"]["body"] is None
+
+
+def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_shares() -> None:
+    """Every node of a group serves at 127.0.0.1:8000: its shards share that engine with each
+    other, not with every node's (one key for all would split one engine's share N ways)."""
+    import socket
+
+    from offline_queue.engines.openai_http import engine_key
+
+    here = socket.gethostname()
+    assert engine_key("http://127.0.0.1:8000/v1/", "m") == f"{here}:http://127.0.0.1:8000/v1#m"
+    assert engine_key("http://localhost:8000/v1", "m").startswith(f"{here}:")
+    assert engine_key("http://gpu-1:8000/v1", "m") == "http://gpu-1:8000/v1#m"
