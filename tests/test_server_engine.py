@@ -241,16 +241,26 @@ def test_weights_share_one_server_in_proportion(
     assert 3 * 0.8 <= ratio <= 3 * 1.2
 
 
+def _mean_in_flight(spans: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Requests of `spans` in flight on average over [t0, t1]."""
+    return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in spans) / (t1 - t0)
+
+
 def test_critical_batch_preempts_a_running_bulk_batch(
     vllm_server: str, pg_url: str, prefect_api: str, tmp_path: Path
 ) -> None:
+    """Two processes on one `vllm serve`: the bulk one keeps 32 requests in flight until a
+    critical batch arrives, then (its share re-read within a beat) sends no new request while
+    one of its own is still out: the critical batch's requests fill the server. The server
+    batches whatever it is sent, so the answer times alone would not tell a shared engine from
+    one where every process keeps its 32 in flight: what is asserted is who is in flight."""
     bulk = write(
         tmp_path / "bulk.jsonl",
-        [line(f"b{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(130)],
+        [line(f"b{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(100)],
     )
     critical = write(
         tmp_path / "critical.jsonl",
-        [line(f"c{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(8)],
+        [line(f"c{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(24)],
     )
     env = cli_env(prefect_api)
     bulk_proc = _start(bulk, pg_url, vllm_server, "bulk", 1, 32, env)
@@ -274,6 +284,21 @@ def test_critical_batch_preempts_a_running_bulk_batch(
         crit_first = min(
             s.scalars(select(Result.created_at).where(Result.batch_id == crit_id)).all()
         )
+    # Who is in flight while both have work: from a share beat (1 s) and a margin after the
+    # critical batch's first request was sent, to its last answer or the bulk batch's last
+    # request sent. The bulk requests counted are those sent in that span (the ones already out
+    # when the critical batch came finish as they are).
+    crit_spans, bulk_spans = _spans(pg_url, critical), _spans(pg_url, bulk)
+    t0 = crit_spans[0][0] + 1.5
+    t1 = min(max(b for _, b in crit_spans), bulk_spans[-1][0])
+    assert t1 - t0 > 2, "the two batches hardly ran at the same time"
+    bulk_in_flight = _mean_in_flight([x for x in bulk_spans if x[0] >= t0], t0, t1)
+    crit_in_flight = _mean_in_flight(crit_spans, t0, t1)
+    print(
+        f"over {t1 - t0:.1f} s of the critical batch: {crit_in_flight:.1f} of its requests in "
+        f"flight on average, {bulk_in_flight:.1f} bulk ones sent since"
+    )
+    assert bulk_in_flight <= 0.5 * crit_in_flight
     later_bulk_chunks = [t for t in bulk_commits if t > arrived]
     assert len(later_bulk_chunks) >= 2, "the bulk batch ended before it could be pre-empted"
     print(
