@@ -371,14 +371,20 @@ def exactly_once(batch: Any, n: int, tag: str) -> bool:
     return set(seen.values()) == {1} and set(seen) == {f"{tag}-{i}" for i in range(n)}
 
 
-def drained(store: str, path: Path) -> tuple[Any, bool]:
-    """The batch's row, and whether it has nothing left to claim (ingest over, none queued)."""
+def drained(store: str, path: Path) -> Any:
+    """The batch's row once it has nothing left to claim (ingest over, none queued); else None."""
     from offline_queue.store import results
 
     batch = batch_row(store, path)
     if batch is None or not batch.ingest_done:
-        return batch, False
-    return batch, results.progress(store, batch.id).queued == 0
+        return None
+    return batch if results.progress(store, batch.id).queued == 0 else None
+
+
+def final(store: str, path: Path) -> Any:
+    """The batch's row once it is over; else None."""
+    batch = batch_row(store, path)
+    return batch if batch is not None and batch.status in ("completed", "failed") else None
 
 
 def measure(
@@ -406,16 +412,10 @@ def measure(
     )
     opened = time.time()
     queries_before, cpu_before = stats.snapshot(), cpu_by_role(machines)
-    batch = wait_for(lambda: (lambda b, d: b if d else None)(*drained(store, path)), 3600, 0.5)
+    batch = wait_for(lambda: drained(store, path), 3600, 0.5)
     closed = time.time()
     queries_after, cpu_after = stats.snapshot(), cpu_by_role(machines)
-    done = wait_for(
-        lambda: (lambda b: b if b and b.status in ("completed", "failed") else None)(
-            batch_row(store, path)
-        ),
-        900,
-        1,
-    )
+    done = wait_for(lambda: final(store, path), 900, 1)
     assert done.status == "completed", (done.status, done.errors_json)
     assert exactly_once(done, total, f"n{n}"), f"run at {n} nodes: not every custom_id once"
     window = closed - opened
@@ -500,15 +500,11 @@ def critical(
             seat = s.scalar(select(GpuSeat.shard).where(GpuSeat.batch_id == row.id))
         return time.time() if seat else None
 
-    seat_at = wait_for(seated, 300, 0.05)
-    first = wait_for(lambda: (commit_times(store, row.id) or [None])[0], 600, 0.2)
+    seat_at: float = wait_for(seated, 300, 0.05)  # type: ignore[assignment]  # never None
+    first: float = wait_for(lambda: min(commit_times(store, row.id), default=0.0), 600, 0.2)
 
-    def final(path: Path) -> Any:
-        b = batch_row(store, path)
-        return b if b and b.status in ("completed", "failed") else None
-
-    crit_done = wait_for(lambda: final(crit), 900, 1)
-    bulk_done = wait_for(lambda: final(bulk), 1800, 1)
+    crit_done = wait_for(lambda: final(store, crit), 900, 1)
+    bulk_done = wait_for(lambda: final(store, bulk), 1800, 1)
     bulk_after = [t for t in commit_times(store, bulk_done.id) if t > arrived]
     checks = {
         "both completed": crit_done.status == bulk_done.status == "completed",
