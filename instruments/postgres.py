@@ -40,6 +40,8 @@ class Postgres:
     root: Path
     socket_dir: Path
     port: int
+    settings: tuple[str, ...] = ()
+    """Extra `-c name=value` server settings (a benchmark's `shared_preload_libraries`, say)."""
 
     @property
     def data(self) -> Path:
@@ -67,7 +69,7 @@ class Postgres:
         options = (
             f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
             "-c max_connections=200 -c fsync=off"
-        )
+        ) + "".join(f" -c {setting}" for setting in self.settings)
         cmd = [pg_bin("pg_ctl"), "-D", str(self.data), "-o", options]
         deadline = time.monotonic() + timeout
         while True:
@@ -124,10 +126,11 @@ def create_database(server_url: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def postgres() -> Iterator[Postgres]:
-    """initdb + start (fsync off: these databases are thrown away), stopped and removed after."""
+def postgres(*settings: str) -> Iterator[Postgres]:
+    """initdb + start (fsync off: these databases are thrown away), stopped and removed after;
+    `settings` are extra `name=value` server settings (later ones win)."""
     root = Path(tempfile.mkdtemp(prefix="oq-pg-"))
-    pg = Postgres(root, shared_dir("oq-pg-"), free_port())
+    pg = Postgres(root, shared_dir("oq-pg-"), free_port(), settings)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(pg.socket_dir, "postgres")

@@ -416,3 +416,16 @@ def test_a_steady_tenth_refused_settles_the_window_near_two_over_the_share() -> 
 def test_half_refused_halves_the_window_down_to_one() -> None:
     size, window = _window_after(2, replies=400)
     assert size <= 2 and any(why == "overloaded" for _, _, why in window.history)
+
+
+def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_shares() -> None:
+    """Every node of a group serves at 127.0.0.1:8000: its shards share that engine with each
+    other, not with every node's (one key for all would split one engine's share N ways)."""
+    import socket
+
+    from offline_queue.engines.openai_http import engine_key
+
+    here = socket.gethostname()
+    assert engine_key("http://127.0.0.1:8000/v1/", "m") == f"{here}:http://127.0.0.1:8000/v1#m"
+    assert engine_key("http://localhost:8000/v1", "m").startswith(f"{here}:")
+    assert engine_key("http://gpu-1:8000/v1", "m") == "http://gpu-1:8000/v1#m"

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import email.utils
+import ipaddress
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +52,20 @@ class ServerSettings:
     backoff_cap_seconds: float = 20.0
     outage_seconds: float = 300.0
     """How long a request keeps retrying while the server refuses connections (a restart)."""
+
+
+def engine_key(base_url: str, model: str) -> str:
+    """Which server the batches sharing it (shares.py) have in common. A server on loopback is
+    this machine's own: every node of a group runs its `vllm serve` at 127.0.0.1:8000, and one
+    key for all of them would split one node's engine between every node's shards (16 nodes:
+    4 requests in flight each instead of 64) — so the host name is part of it."""
+    where = base_url.rstrip("/")
+    host = httpx.URL(where).host
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    return f"{socket.gethostname()}:{where}#{model}" if local else f"{where}#{model}"
 
 
 class _Limiter:
@@ -127,7 +143,7 @@ class HttpEngine:
         self._client: httpx.AsyncClient = self._call(self._make_client())
         self._slots: asyncio.Semaphore = self._call(self._make_semaphore())
         self.model, self.model_version = self._call(self._discover())
-        self.engine_key = f"{settings.base_url.rstrip('/')}#{self.model}"
+        self.engine_key = engine_key(settings.base_url, self.model)
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
