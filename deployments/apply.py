@@ -48,6 +48,31 @@ def node_gpu_limit_name(group: str, node: str) -> str:
     return f"gpu:{group}:{node}"
 
 
+def node_queue_name(node: str) -> str:
+    """The work queue of one node in its group's pool: only that node's worker polls it, so a
+    shard sent there runs on that node — where the batch's first run saw a GPU free."""
+    return f"node-{node}"
+
+
+def node_queue(group: str, node: str) -> tuple[Change, list[str]]:
+    """Create the node's work queue in the group's pool if missing; the queues the node's
+    worker polls: the pool's own (tiers, default) and its node queue, never another node's.
+    No pool yet (`pools apply` not run: the worker creates it): no queue, and the worker polls
+    the pool's default queue as Prefect's would."""
+    mine = node_queue_name(node)
+    with get_client(sync_client=True) as client:
+        try:
+            existing = [q.name for q in client.read_work_queues(work_pool_name=group)]
+        except ObjectNotFound:
+            return Change("work queue", f"{group}/{mine}", "skipped", "no pool yet"), []
+        change = Change("work queue", f"{group}/{mine}", "unchanged")
+        if mine not in existing:
+            client.create_work_queue(name=mine, work_pool_name=group, priority=1)
+            change = Change("work queue", f"{group}/{mine}", "created", "priority 1")
+    polled = [q for q in existing if not q.startswith("node-")] + [mine]
+    return change, polled
+
+
 def node_gpu_limit(group: str, node: str, gpus: int) -> Change:
     """Create or update the node's GPU limit: a node says how many GPUs it has when its worker
     starts (the cluster file names groups, not their nodes)."""

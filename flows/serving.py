@@ -112,8 +112,9 @@ def serve(
             if turn is Turn.ELSEWHERE:  # a run of ours where a GPU is free: a shard moves,
                 may_move = False  # the first run (which finalizes) stays and sends one more
                 moved = run.shard or (run.parallelism or default_parallelism())
-                start_shard(run, batch_id, moved, f"{flow_run.get_id()}-moved-{moved}")
-                get_run_logger().info("another node has a free GPU: shard %d goes there", moved)
+                target = slot.moving_to if slot is not None else None
+                start_shard(run, batch_id, moved, f"{flow_run.get_id()}-moved-{moved}", target)
+                get_run_logger().info("%s has a free GPU: shard %d goes there", target, moved)
                 if run.shard:
                     break
                 continue

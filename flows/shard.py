@@ -39,7 +39,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run
 
-from deployments.apply import gpu_limit_name, node_gpu_limit_name
+from deployments.apply import gpu_limit_name, node_gpu_limit_name, node_queue_name
 from offline_queue.runs import BatchRun
 from offline_queue.slots import Seat
 
@@ -77,19 +77,51 @@ class Turn(Enum):
     """Nothing here will come to us, and another node of the group has a free GPU."""
 
 
-def free_gpu_elsewhere(group: str, node: str) -> bool:
-    """Whether a node of the group other than `node` has a GPU slot free (its limit says)."""
-    prefix, mine = f"gpu:{group}:", node_gpu_limit_name(group, node)
+def free_gpus(group: str) -> dict[str, int]:
+    """Each node of the group → its GPU slots free now (its `gpu:GROUP:NODE` limit says)."""
+    prefix = f"gpu:{group}:"
     with get_client(sync_client=True) as client:
         limits = client.read_global_concurrency_limits(limit=200)
-    return any(
-        lim.name.startswith(prefix) and lim.name != mine and lim.active_slots < lim.limit
+    return {
+        lim.name.removeprefix(prefix): max(lim.limit - lim.active_slots, 0)
         for lim in limits
-    )
+        if lim.name.startswith(prefix) and lim.active
+    }
 
 
-def start_shard(run: BatchRun, batch_id: str, shard: int, key: str) -> UUID | None:
-    """One more shard of the batch as a run of this run's deployment (None outside one)."""
+def place(free: dict[str, int], shards: int, here: str | None = None) -> list[str | None]:
+    """The node each of `shards` new shards is sent to: the node with the most free GPUs
+    first, one GPU each, `here` counting one less (the run placing them takes one there);
+    None for a shard no free GPU is left for (it goes to the tier queue, any node's).
+
+    Why not leave it to Prefect: a run of the pool goes to whichever worker polls first, so a
+    batch's second shard is as likely to land where its first holds the only GPU as on an idle
+    node — at 16 nodes, 8 engines never served (BENCHMARKS.md, bench/cluster.py)."""
+    left = dict(free)
+    if here is not None and left.get(here, 0) > 0:
+        left[here] -= 1
+    targets: list[str | None] = []
+    for _ in range(shards):
+        open_nodes = [n for n, k in left.items() if k > 0]
+        node = max(open_nodes, key=lambda n: (left[n], n)) if open_nodes else None
+        if node is not None:
+            left[node] -= 1
+        targets.append(node)
+    return targets
+
+
+def free_gpu_elsewhere(group: str, node: str) -> str | None:
+    """A node of the group other than `node` with a GPU slot free (its limit says), or None."""
+    free = {n: k for n, k in free_gpus(group).items() if n != node and k > 0}
+    return max(free, key=lambda n: (free[n], n)) if free else None
+
+
+def start_shard(
+    run: BatchRun, batch_id: str, shard: int, key: str, node: str | None = None
+) -> UUID | None:
+    """One more shard of the batch as a run of this run's deployment (None outside one): in
+    `node`'s own work queue when given (only that node's worker polls it), else in the
+    deployment's tier queue."""
     deployment = this_deployment.get_id()
     if deployment is None:
         return None
@@ -99,18 +131,26 @@ def start_shard(run: BatchRun, batch_id: str, shard: int, key: str) -> UUID | No
         timeout=0,
         idempotency_key=key,
         tags=[f"batch:{batch_id}", f"shard:{shard}"],
+        work_queue_name=node_queue_name(node) if node else None,
     )
     return started.id  # type: ignore[union-attr]  # sync: not a coroutine
 
 
 def launch_shards(run: BatchRun, batch_id: str, parallelism: int) -> list[UUID]:
     """Start the batch's other `parallelism - 1` shards as runs of this run's deployment (none
-    when this run is not a deployment's); returns their flow run ids. Idempotent per parent
-    run, so a retried parent starts no second set."""
+    when this run is not a deployment's), each sent to a node with a free GPU (`place`);
+    returns their flow run ids. Idempotent per parent run, so a retried parent starts no
+    second set."""
     parent = flow_run.get_id()
     if parent is None or parallelism <= 1:
         return []
-    started = [start_shard(run, batch_id, n, f"{parent}-shard-{n}") for n in range(1, parallelism)]
+    group, here = os.environ.get(GPU_GROUP_ENV), os.environ.get(GPU_NODE_ENV)
+    targets = place(free_gpus(group), parallelism - 1, here) if group else []
+    targets += [None] * (parallelism - 1 - len(targets))
+    started = [
+        start_shard(run, batch_id, n, f"{parent}-shard-{n}", node)
+        for n, node in enumerate(targets, start=1)
+    ]
     return [s for s in started if s is not None]
 
 
@@ -130,6 +170,8 @@ class GpuSlot:
         self.seat, self.names, self.group, self.node = seat, names, group, node
         self.poll_seconds, self.look_around_seconds = poll_seconds, look_around_seconds
         self._held: contextlib.ExitStack | None = None
+        self.moving_to: str | None = None
+        """The node with a free GPU a stuck shard moves to (Turn.ELSEWHERE)."""
 
     @classmethod
     def on_this_node(cls, db: str, shard: str, batch_id: str, tier: int) -> GpuSlot | None:
@@ -162,8 +204,10 @@ class GpuSlot:
                 return Turn.HELD
             if may_move and time.monotonic() > look_around:
                 look_around = time.monotonic() + self.look_around_seconds
-                if self.seat.stuck() and free_gpu_elsewhere(self.group, self.node):
-                    return Turn.ELSEWHERE
+                if self.seat.stuck():
+                    self.moving_to = free_gpu_elsewhere(self.group, self.node)
+                    if self.moving_to is not None:
+                        return Turn.ELSEWHERE
             time.sleep(self.poll_seconds)
         return Turn.NOT_NEEDED
 

@@ -94,3 +94,13 @@ def test_the_batch_object_shows_its_shards_running_and_waiting(db_url: str, tmp_
         serving.stop()
         waiting.stop()
     assert batch_object(db_url, batch).shards is None
+
+
+def test_new_shards_go_to_the_nodes_with_free_gpus_one_gpu_each() -> None:
+    from flows.shard import place
+
+    free = {"a": 1, "b": 2, "c": 0, "here": 1}
+    assert place(free, 3, here="here") == ["b", "b", "a"]  # "here" keeps its GPU for its run
+    assert place(free, 5, here="here") == ["b", "b", "a", None, None]  # the rest: any node
+    assert place({}, 2) == [None, None]
+    assert place({"x": 4}, 2, here="x") == ["x", "x"]

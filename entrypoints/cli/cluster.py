@@ -93,7 +93,7 @@ def worker_start(
     shards it runs hold while they serve. Arguments after `--` go to `prefect worker start`."""
     import socket
 
-    from deployments.apply import node_gpu_limit
+    from deployments.apply import node_gpu_limit, node_queue
     from flows.shard import GPU_GROUP_ENV, GPU_NODE_ENV
     from offline_queue.engines.env import apply_engine_env
 
@@ -106,11 +106,16 @@ def worker_start(
     node = socket.gethostname()
     change = node_gpu_limit(group, node, gpus)
     out.print(f"{change.kind} {change.name}: {change.action} ({change.detail})")
+    made, queues = node_queue(group, node)
+    out.print(f"{made.kind} {made.name}: {made.action}; polling {', '.join(queues)}")
     os.environ.update({GPU_GROUP_ENV: group, GPU_NODE_ENV: node})  # the flow runs inherit it
     prefect = Path(sys.executable).with_name("prefect")
     args = [str(prefect), "worker", "start", "--pool", group, "--type", "process"]
     if name:
         args += ["--name", name]
+    if queues and not {"-q", "--work-queue"} & set(ctx.args):  # the pool's and its own only
+        for queue in queues:
+            args += ["--work-queue", queue]
     if "--limit" not in ctx.args:  # its GPUs' shards, and one waiting to take a GPU over
         args += ["--limit", str(gpus + 1)]
     os.execv(args[0], [*args, *ctx.args])
