@@ -13,7 +13,8 @@ grown to the same token count in every run, so the runs do the same work.
 Prints the three times and
 `RESULT prefix_vs_bare_file_order <bare on the file as given / ours>` (target ≥ 1.3) and
 `RESULT prefix_vs_bare_sorted <bare on the sorted file / ours>` (target ≥ 0.97);
-`--bare-only` measures the two bare runs alone (does prefix caching pay at all here?).
+First `RESULT prefix_cache_effect`: 32 requests over 32 distinct prompts ÷ over one shared
+prompt (does the prefix cache pay at all on this build?). `--bare-only` skips the flow.
 Plot: bench/plots/prefix.png.
 """
 
@@ -173,6 +174,16 @@ def main() -> None:
         # Warm-up: engine, Prefect's temporary server (started on the first flow run), store.
         warm = requests(8, "warm", start=0)
         batch_inference(input=str(write_jsonl(work / "warm.jsonl", warm)), db=db)
+
+        # Does the prefix cache pay here at all? The same number of requests over one shared
+        # prompt, then over as many distinct prompts.
+        shared_s, _ = bare(engine, prefix_items(engine.tokenizer, "check-1", 32, 1, t, 0))
+        distinct_s, _ = bare(engine, prefix_items(engine.tokenizer, "check-n", 32, 32, t, 0))
+        print(
+            f"cache check, 32 requests: one shared prompt {shared_s:.2f} s, "
+            f"32 distinct prompts {distinct_s:.2f} s"
+        )
+        print(f"RESULT prefix_cache_effect {distinct_s / shared_s:.3f}")
 
         shuffled_s, shuffled_tok = bare(engine, items("bare-file"))
         print(f"bare LLM.chat, file order : {shuffled_s:7.2f} s  {shuffled_tok} output tokens")
