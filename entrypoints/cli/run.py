@@ -85,6 +85,11 @@ def run(
     from flows.batch import batch_inference
     from offline_queue.runs import BatchRun
 
+    if not engine:  # vLLM in this process: its import overlaps the Prefect server's start
+        from offline_queue.engines.vllm_local import import_in_background
+
+        import_in_background()
+
     batch_run = BatchRun(
         input=input,
         output=output,

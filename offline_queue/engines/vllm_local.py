@@ -80,6 +80,7 @@ class LocalVLLM:
     shared = False
 
     def __init__(self, settings: VLLMSettings):
+        _background_import.wait()  # a module half-imported by that thread is not importable yet
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -244,3 +245,37 @@ class LocalVLLM:
 
 local_engine: PerProcess[VLLMSettings, LocalVLLM] = PerProcess(LocalVLLM)
 """The in-process engine for these settings (started on the first chunk)."""
+
+
+class _BackgroundImport:
+    """vLLM and transformers imported in a daemon thread (`start`), and a wait for it that
+    costs nothing when none was started. The engine waits before its own imports: a package
+    that thread is still importing is half-initialized to any other thread (transformers'
+    lazy module then refuses `AutoTokenizer`)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        def load() -> None:
+            import transformers  # noqa: F401
+            import vllm  # noqa: F401
+
+        self._thread = threading.Thread(target=load, name="import-vllm", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+_background_import = _BackgroundImport()
+
+
+def import_in_background() -> None:
+    """Start importing vLLM now. A one-shot run spends its first 10-20 s waiting for
+    Prefect's temporary server — a process of its own, on the other core — and then ~14 s
+    importing vLLM before the engine can start: begun before the flow, the import overlaps
+    the wait. Only the import: a batch with nothing to infer (every line rejected, or resumed
+    after its last result) still never builds an engine."""
+    _background_import.start()
