@@ -10,7 +10,8 @@ Refusals — 429, 503 or a timeout — shrink it in proportion to their share of
 DCTCP does with congestion marks: a round with a share f of refusals takes the window to
 size × (1 − f/2), and one where a quarter or more were refused halves it (the server is
 overloaded). A fixed share of refusals that has nothing to do with load (a proxy, a quota
-refusing one request in ten) then settles the window near 2/f instead of collapsing it: halving
+refusing one request in ten) then settles the window near 2/f instead of collapsing it (and
+does not end slow start: only an overload does): halving
 at every round that saw one refusal took the window to ~2.5 under 10 % of 429s (BENCHMARKS.md).
 
 Why: the knee differs between machines (32 on this CPU; elsewhere on a GPU), and a refusing
@@ -85,7 +86,6 @@ class Window:
     def overloaded(self) -> None:
         """The server refused (429/503) or did not answer in time."""
         with self._lock:
-            self._slow_start = False
             self._round_refusals += 1
             self._maybe_end_round()
 
@@ -99,11 +99,12 @@ class Window:
         # round with two refusals instead of one must not read as the throughput falling.
         rate = replies / max(now - self._round_started, 1e-6)
         if refused >= _OVERLOADED:
+            self._slow_start = False
             self._best_rate = 0.0  # measure afresh once it recovers
             self._set(self.size / 2, "overloaded")
         elif rate >= self._best_rate * _NOT_WORSE:
             self._best_rate = max(self._best_rate, rate)
-            grow = self.size if self._slow_start and not refused else 1.0
+            grow = self.size if self._slow_start else 1.0  # a few refusals do not end it
             shrink = self.size * refused / 2
             self._set(self.size + grow - shrink, "refusals" if shrink > grow else "throughput grew")
         else:
