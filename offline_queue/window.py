@@ -4,7 +4,7 @@ outstanding at a server, found instead of set.
 `max_in_flight` is the cap; the window starts small and doubles each round-trip's worth of
 answers while throughput keeps growing (slow start), then grows by one per round while
 throughput does not fall, and steps back one when it does (past the knee). A round is `size`
-replies (16 at least): about one round-trip of the whole window.
+replies (16 at least once one is refused): about one round-trip of the whole window.
 
 Refusals — 429, 503 or a timeout — shrink it in proportion to their share of the round, as
 DCTCP does with congestion marks: a round with a share f of refusals takes the window to
@@ -33,8 +33,9 @@ _NOT_WORSE = 0.95
 _OVERLOADED = 0.25
 """A round with at least this share of refusals halves the window."""
 _MIN_ROUND = 16
-"""Replies a round has at least: below it one refusal would be a large share of a small
-window's round, and a refused tenth would halve a window of 4 as often as it shrinks one of 40."""
+"""Replies a round with a refusal has at least: below it one refusal would be a large share of
+a small window's round, and a refused tenth would halve a window of 4 as often as it shrinks one
+of 40. A round without one stays `size` replies: slow start from 4 must not take 4 rounds."""
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Window:
 
     def _maybe_end_round(self) -> None:
         replies = self._round_answers + self._round_refusals
-        if replies < max(self.limit, _MIN_ROUND):
+        if replies < (max(self.limit, _MIN_ROUND) if self._round_refusals else self.limit):
             return
         now = time.monotonic()
         refused = self._round_refusals / replies
@@ -108,10 +109,7 @@ class Window:
             shrink = self.size * refused / 2
             self._set(self.size + grow - shrink, "refusals" if shrink > grow else "throughput grew")
         else:
-            # Past the knee, or the load moved: one step back, and the next round is measured
-            # afresh (a smaller window is a little slower below the knee too: compared with
-            # this round, it would read as another fall, and the next, down to 1).
             self._slow_start = False
-            self._best_rate = 0.0
+            self._best_rate = rate  # the knee moved, or the load did: measure from here
             self._set(self.size * (1 - refused / 2) - 1, "throughput fell")
         self._new_round(now)
