@@ -21,8 +21,6 @@ class ChunkReport:
     reused: int
     """Answered from the result cache."""
     settled: claims.Settled
-    engine_seconds: float = 0.0
-    """What the chunk used of the engine (offline_queue/usage.py)."""
 
 
 class ChunkFault(RuntimeError):
@@ -93,5 +91,4 @@ def serve_claim(
         inferred=len(to_run),
         reused=len(requests) - len(to_run),
         settled=settled,
-        engine_seconds=used.seconds if used else 0.0,
     )

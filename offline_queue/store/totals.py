@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import orjson
 from sqlalchemy import ColumnElement, case, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store import clock
+from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Result, ResultTotals
 
@@ -43,6 +43,10 @@ class Totals:
     timed: int
     latency_ms: float
     buckets: list[int]
+
+
+_COLUMNS = tuple(Totals.__dataclass_fields__)
+"""`result_totals`' columns, in the order of Totals' fields (the rows roll_up inserts)."""
 
 
 def _added_up(s: Session, which: ColumnElement[bool]) -> Iterator[Totals]:
@@ -103,12 +107,10 @@ def roll_up(db: str, limit: int = ROLL_UP_PER_SCRAPE) -> int:
         if not ids:
             return 0
         rows = [
-            {**t.__dict__, "buckets": orjson.dumps(t.buckets).decode()}
+            tuple({**t.__dict__, "buckets": orjson.dumps(t.buckets).decode()}.values())
             for t in _added_up(s, Result.batch_id.in_(ids))
         ]
-        if rows:
-            dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
-            s.execute(dialect.insert(ResultTotals).values(rows).on_conflict_do_nothing())
+        insert_ignoring_conflicts(s.connection(), ResultTotals, _COLUMNS, rows)
         s.execute(
             update(Batch)
             .where(Batch.id.in_(ids), Batch.totals_at.is_(None))

@@ -33,15 +33,7 @@ def record(s: Session, batch_id: str, used: EngineUse) -> None:
 
 
 def batch_seconds(db: str, batch_id: str) -> float:
-    with session(db, readonly=True) as s:
-        return float(
-            s.scalar(
-                select(func.coalesce(func.sum(EngineTime.seconds), 0.0)).where(
-                    EngineTime.batch_id == batch_id
-                )
-            )
-            or 0.0
-        )
+    return batches_seconds(db, [batch_id])
 
 
 def batches_seconds(db: str, batch_ids: Sequence[str]) -> float:
