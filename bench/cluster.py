@@ -22,6 +22,9 @@ as long. Nodes are added as N grows; the batch at N nodes has `parallelism` N. F
 - The store's cost per shard at the largest N over the steady window, from PostgreSQL's
   pg_stat_statements (every statement the store's database ran, by kind), and the CPU each kind
   of process used (from /proc), which is what limits N on a small machine.
+
+One file over 400 lines: one benchmark's phases (nodes up, steady window, critical batch, store
+cost) sharing one cluster; the simulated engine is a room of its own (bench/simgpu.py).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from instruments.nodes import Cluster, Node, namespaces_refused  # noqa: E402
 from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
 from instruments.prefect_server import prefect_server  # noqa: E402
 from instruments.processes import BIN, exit_on_sigterm, wait_for  # noqa: E402
+from instruments.rows import batch_of as batch_row  # noqa: E402
+from instruments.rows import result_times as commit_times  # noqa: E402
 
 GROUP = "sim"
 ENGINE_BLOCK = "sim-gpu"
@@ -343,26 +348,6 @@ def occupancy(
     return idle, load
 
 
-def batch_row(store: str, path: Path) -> Any:
-    from sqlalchemy import select
-
-    from offline_queue.store.db import session
-    from offline_queue.store.tables import Batch
-
-    with session(store) as s:
-        return s.scalar(select(Batch).where(Batch.input_path == str(path)))
-
-
-def commit_times(store: str, batch_id: str) -> list[float]:
-    from sqlalchemy import select
-
-    from offline_queue.store.db import session
-    from offline_queue.store.tables import Result
-
-    with session(store) as s:
-        return sorted(set(s.scalars(select(Result.created_at).where(Result.batch_id == batch_id))))
-
-
 def exactly_once(batch: Any, n: int, tag: str) -> bool:
     seen: Counter[str] = Counter()
     for path in (batch.output_path, batch.error_path):
@@ -493,7 +478,9 @@ def critical(
     time.sleep(chunk_seconds * 1.3)  # into the shards' second chunks, off their boundaries
     arrived = time.time()
     start_run("critical", crit, parallelism=1, chunk_size=args.chunk_size)
-    row = wait_for(lambda: batch_row(store, crit), 300, 0.05)
+    found = wait_for(lambda: batch_row(store, crit), 300, 0.05)
+    assert found is not None  # wait_for returns only what is there
+    row = found
 
     def seated() -> float | None:
         with session(store) as s:

@@ -25,6 +25,7 @@ from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
+from instruments.rows import batch_of, result_times
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, GpuSeat, Request, Result
 from tests.conftest import REPO
@@ -150,16 +151,6 @@ def start_run(env: dict[str, str], deployment: str, path: Path, **params: object
             timeout=0,
         )
     return started.id
-
-
-def batch_of(store: str, path: Path) -> Batch | None:
-    with session(store) as s:
-        return s.scalar(select(Batch).where(Batch.input_path == str(path)))
-
-
-def result_times(store: str, batch_id: str) -> list[float]:
-    with session(store) as s:
-        return sorted(set(s.scalars(select(Result.created_at).where(Result.batch_id == batch_id))))
 
 
 def exactly_once(batch: Batch, n: int, prefix: str) -> None:

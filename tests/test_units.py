@@ -1,5 +1,8 @@
 """The pure functions, one at a time: engine shares, backoff, the OpenAI → vLLM sampling mapping,
-Retry-After, and the shape of an output file line."""
+Retry-After, the shape of an output file line, the adaptive window and a server's share key.
+
+One room over 400 lines on purpose: each test here needs no store, engine or server, and that
+is what the file is (the fast first pass); split by topic, each file would be a few tests."""
 
 from __future__ import annotations
 
