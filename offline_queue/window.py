@@ -10,9 +10,12 @@ Refusals — 429, 503 or a timeout — shrink it in proportion to their share of
 DCTCP does with congestion marks: a round with a share f of refusals takes the window to
 size × (1 − f/2), and one where a quarter or more were refused halves it (the server is
 overloaded). A fixed share of refusals that has nothing to do with load (a proxy, a quota
-refusing one request in ten) then settles the window near 2/f instead of collapsing it (and
-does not end slow start: only an overload does): halving
+refusing one request in ten) then settles the window near 2/f instead of collapsing it: halving
 at every round that saw one refusal took the window to ~2.5 under 10 % of 429s (BENCHMARKS.md).
+A few refusals do not end slow start; it ends once a round's refusals would take more than one
+off the window (size × f/2 ≥ 1, i.e. at about 2/f), where linear growth and the refusals' shrink
+balance. Left in slow start, a steady refused tenth kept a capped window at the cap (it doubled
+by the same amount it gave back) until timing noise read as a fall.
 
 Why: the knee differs between machines (32 on this CPU; elsewhere on a GPU), and a refusing
 server only got retries, never a smaller window. Every change is kept in `history` (and
@@ -105,8 +108,16 @@ class Window:
             self._set(self.size / 2, "overloaded")
         elif rate >= self._best_rate * _NOT_WORSE:
             self._best_rate = max(self._best_rate, rate)
-            grow = self.size if self._slow_start else 1.0  # a few refusals do not end it
             shrink = self.size * refused / 2
+            if shrink >= 1.0:
+                # Refusals this common would outweigh a linear round's growth: from here their
+                # share, not the server's load, sets the window (near 2/f), so doubling ends.
+                self._slow_start = False
+            grow = self.size if self._slow_start else 1.0
+            if shrink > grow:
+                # A smaller window carries less below the knee: measured against the best of
+                # the larger one, the next round would read as a fall and step back again.
+                self._best_rate = 0.0
             self._set(self.size + grow - shrink, "refusals" if shrink > grow else "throughput grew")
         else:
             self._slow_start = False
