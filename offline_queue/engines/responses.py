@@ -1,13 +1,18 @@
-"""OpenAI response bodies (chat.completion, text_completion) from generated choices."""
+"""OpenAI response bodies from what an in-process engine made: chat.completion, text_completion
+and response from generated choices, the embeddings list from vectors."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from offline_queue.formats import CHAT_URL
+import numpy as np
+
+from offline_queue.formats import CHAT_URL, ResponsesBody
 
 
 @dataclass(slots=True)
@@ -22,6 +27,8 @@ class Choice:
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI tool calls made of `text` (engines/tools.py); then the message has no content."""
 
 
 def _chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
@@ -50,6 +57,17 @@ def _completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
+def _message(choice: Choice) -> dict[str, Any]:
+    if choice.tool_calls:
+        return {
+            "role": "assistant",
+            "content": None,
+            "refusal": None,
+            "tool_calls": choice.tool_calls,
+        }
+    return {"role": "assistant", "content": choice.text, "refusal": None}
+
+
 def response_body(
     url: str, model: str, choices: list[Choice], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
@@ -68,9 +86,9 @@ def response_body(
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": _message(c),
                     "logprobs": _chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": "tool_calls" if c.tool_calls else c.finish_reason,
                 }
                 for i, c in enumerate(choices)
             ],
@@ -91,4 +109,71 @@ def response_body(
             for i, c in enumerate(choices)
         ],
         "usage": usage,
+    }
+
+
+def responses_object(
+    body: ResponsesBody, model: str, choice: Choice, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """OpenAI's `response` object for a responses line run through the chat path: one message
+    of output text; `incomplete` when it stopped at max_output_tokens, as OpenAI reports it."""
+    cut = choice.finish_reason == "length"
+    fmt = body.text.format if body.text is not None and body.text.format is not None else None
+    return {
+        "id": f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": time.time(),
+        "model": model,
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "error": None,
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "metadata": body.metadata or {},
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{uuid.uuid4().hex}",
+                "role": "assistant",
+                "status": "incomplete" if cut else "completed",
+                "content": [{"type": "output_text", "text": choice.text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "text": {"format": fmt.model_dump(mode="json", by_alias=True, exclude_none=True)}
+        if fmt is not None
+        else {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def embeddings_body(
+    model: str, vectors: Sequence[Sequence[float]], encoding_format: str, prompt_tokens: int
+) -> dict[str, Any]:
+    """OpenAI's embeddings list. base64 is the vector's float32 bytes, little-endian — what the
+    openai SDK decodes (`np.frombuffer(..., dtype="float32")`)."""
+
+    def encoded(vector: Sequence[float]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        return [float(x) for x in vector]
+
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encoded(v)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from offline_queue.formats import Body, ChatCompletionBody
+from offline_queue.engines import tools
+from offline_queue.formats import ChatCompletionBody, GenerateBody
 
 _PASS_THROUGH = (
     "n",
@@ -29,8 +30,11 @@ _PASS_THROUGH = (
 )
 
 
-def structured_outputs(body: Body) -> dict[str, Any] | None:
-    """The one structured-output constraint of a body, in vLLM's StructuredOutputsParams terms."""
+def structured_outputs(body: GenerateBody) -> dict[str, Any] | None:
+    """The one structured-output constraint of a body, in vLLM's StructuredOutputsParams terms
+    (a tool call's schema first: the answer must be the call)."""
+    if isinstance(body, ChatCompletionBody) and (schema := tools.constraint(body)) is not None:
+        return {"json": schema}
     if body.structured_outputs is not None:
         so = body.structured_outputs
         return {
@@ -61,14 +65,14 @@ def structured_outputs(body: Body) -> dict[str, Any] | None:
     return None
 
 
-def logprobs_count(body: Body) -> int | None:
+def logprobs_count(body: GenerateBody) -> int | None:
     """How many logprobs per token vLLM must return (None: none at all)."""
     if isinstance(body, ChatCompletionBody):
         return (body.top_logprobs or 0) if body.logprobs else None
     return body.logprobs
 
 
-def sampling_kwargs(body: Body, max_tokens: int) -> dict[str, Any]:
+def sampling_kwargs(body: GenerateBody, max_tokens: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_tokens": max_tokens}
     for name in _PASS_THROUGH:
         value = getattr(body, name)

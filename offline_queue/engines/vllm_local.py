@@ -15,12 +15,26 @@ from typing import Any
 
 import orjson
 
+from offline_queue.engines import tools
 from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
-from offline_queue.engines.responses import Choice, TokenLogprob, response_body
+from offline_queue.engines.responses import (
+    Choice,
+    TokenLogprob,
+    embeddings_body,
+    response_body,
+    responses_object,
+)
 from offline_queue.engines.sampling import logprobs_count, sampling_kwargs, structured_outputs
-from offline_queue.formats import ChatCompletionBody, CompletionBody
-from offline_queue.model import model_version, resolve_model
+from offline_queue.formats import (
+    EMBEDDINGS_URL,
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    GenerateBody,
+    ResponsesBody,
+)
+from offline_queue.model import model_context, model_version, resolve_model
 
 # At import, not when the engine is built: whatever imports vLLM, torch or transformers after
 # this module in the process (the engine, the model's tokenizer) finds the environment set.
@@ -48,13 +62,17 @@ class VLLMSettings:
     enforce_eager: bool = False
     max_num_seqs: int | None = None
     seed: int = 0
+    runner: str = "auto"
 
-    def llm_kwargs(self, on_cpu: bool) -> dict[str, Any]:
+    def llm_kwargs(self, on_cpu: bool, model_context: int | None = None) -> dict[str, Any]:
+        """`vllm.LLM` arguments. `model_context`: the context the model declares — on CPU a
+        longer one is capped at CPU_MAX_MODEL_LEN, a shorter one is left to vLLM."""
         kwargs: dict[str, Any] = {
             "dtype": self.dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
             "enforce_eager": self.enforce_eager,
             "seed": self.seed,
+            "runner": self.runner,
         }
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
@@ -65,7 +83,8 @@ class VLLMSettings:
         if on_cpu:
             kwargs["distributed_executor_backend"] = "uni"
             kwargs["enforce_eager"] = True
-            kwargs.setdefault("max_model_len", CPU_MAX_MODEL_LEN)
+            if model_context is None or model_context > CPU_MAX_MODEL_LEN:
+                kwargs.setdefault("max_model_len", CPU_MAX_MODEL_LEN)
             kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
             if self.dtype == "auto":
                 kwargs["dtype"] = "float32"
@@ -88,8 +107,13 @@ class LocalVLLM:
         self.model_dir = resolve_model(settings.model)
         self.model_version = model_version(self.model_dir)
         self.model_name = settings.served_model_name or self.model_dir.name
-        self.llm = LLM(model=str(self.model_dir), **settings.llm_kwargs(is_cpu_build()))
-        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+        context = model_context(self.model_dir)
+        self.llm = LLM(model=str(self.model_dir), **settings.llm_kwargs(is_cpu_build(), context))
+        config = self.llm.llm_engine.model_config
+        self.max_model_len: int = config.max_model_len
+        self.embeds = config.runner_type == "pooling"
+        """An embedding model: it serves /v1/embeddings and nothing else."""
+        self.matryoshka = bool(getattr(config, "is_matryoshka", False))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self._lock = threading.Lock()
         self.engine_key = f"local:{self.model_dir}"
@@ -97,29 +121,57 @@ class LocalVLLM:
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def prompt_ids(self, request: EngineRequest) -> list[int]:
+    @staticmethod
+    def generate_body(request: EngineRequest) -> GenerateBody:
+        """What is sampled for a line: a responses line runs as its chat body."""
         body = request.body
+        if isinstance(body, ResponsesBody):
+            return body.as_chat()
+        assert isinstance(body, ChatCompletionBody | CompletionBody)
+        return body
+
+    def prompt_ids(self, request: EngineRequest) -> list[int]:
+        body = self.generate_body(request)
         if isinstance(body, ChatCompletionBody):
-            messages = [
+            messages: Any = [
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                | ({"tool_calls": [c.model_dump() for c in m.tool_calls]} if m.tool_calls else {})
+                | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
                 for m in body.messages
             ]
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages,
+                tools=tools.template_tools(body),  # type: ignore[arg-type]
+                tokenize=False,
+                add_generation_prompt=True,
             )
             return list(self.tokenizer.encode(text, add_special_tokens=False))
-        assert isinstance(body, CompletionBody)
         prompt = body.prompt_value()
         if isinstance(prompt, list):
             return list(prompt)
         return list(self.tokenizer.encode(prompt))
+
+    def _wrong_endpoint(self, request: EngineRequest) -> Reply | None:
+        if self.embeds == (request.url == EMBEDDINGS_URL):
+            return None
+        serves = EMBEDDINGS_URL if self.embeds else "chat, completions and responses"
+        return Reply.error(
+            400,
+            "unsupported_endpoint",
+            f"line {request.line_no}: url: {self.model_name} serves {serves}, not {request.url}",
+        )
 
     def _prepare(self, request: EngineRequest) -> tuple[list[int], Any] | Reply:
         """Token ids and SamplingParams, or the reply that says why this request cannot run."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        field = "body.messages" if isinstance(request.body, ChatCompletionBody) else "body.prompt"
+        body = self.generate_body(request)
+        field = "body.prompt" if isinstance(body, CompletionBody) else "body.messages"
+        if isinstance(request.body, ResponsesBody):
+            field = "body.input"
+        if isinstance(body, ChatCompletionBody) and (why := tools.unsupported(body)):
+            return Reply.error(400, "unsupported_tool_choice", f"line {request.line_no}: {why}")
         try:
             ids = self.prompt_ids(request)
         except Exception as exc:  # a chat template can refuse a conversation (e.g. roles)
@@ -132,9 +184,9 @@ class LocalVLLM:
                 f"line {request.line_no}: {field}: the prompt is {len(ids)} tokens; "
                 f"the model's context is {self.max_model_len} tokens",
             )
-        limit = request.body.token_limit()
-        kwargs = sampling_kwargs(request.body, min(limit, room) if limit else room)
-        structured = structured_outputs(request.body)
+        limit = body.token_limit()
+        kwargs = sampling_kwargs(body, min(limit, room) if limit else room)
+        structured = structured_outputs(body)
         try:
             if structured is not None:
                 kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
@@ -143,25 +195,96 @@ class LocalVLLM:
             return Reply.error(400, "invalid_request", f"line {request.line_no}: body: {exc}")
         return ids, params
 
+    def _embedding_inputs(self, request: EngineRequest) -> list[list[int]] | Reply:
+        """Token ids of each input of an embeddings line, or the reply saying why it cannot run."""
+        body = request.body
+        assert isinstance(body, EmbeddingBody)
+        if body.dimensions is not None and not self.matryoshka:
+            return Reply.error(
+                400,
+                "invalid_request",
+                f"line {request.line_no}: body.dimensions: {self.model_name} cannot shorten its "
+                "embeddings (not a Matryoshka model); leave dimensions out",
+            )
+        inputs = [
+            list(item) if isinstance(item, list) else list(self.tokenizer.encode(item))
+            for item in body.inputs()
+        ]
+        for k, ids in enumerate(inputs):
+            if len(ids) > self.max_model_len:
+                return Reply.error(
+                    400,
+                    "context_length_exceeded",
+                    f"line {request.line_no}: body.input: input {k} is {len(ids)} tokens; "
+                    f"the model's context is {self.max_model_len} tokens",
+                )
+        return inputs
+
     # -- inference -------------------------------------------------------------------------
 
     def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
-        """The whole chunk in one `generate` call: vLLM schedules it best. (`share` is for
-        engines that several batches use at once; this one serves one batch at a time.)"""
+        """The whole chunk in one `generate` (or `embed`) call: vLLM schedules it best. (`share`
+        is for engines that several batches use at once; this one serves one batch at a time.)"""
         replies: list[Reply | None] = [None] * len(requests)
         runnable: list[tuple[int, list[int], Any]] = []
+        embeddable: list[tuple[int, list[list[int]]]] = []
         for i, request in enumerate(requests):
-            prepared = self._prepare(request)
+            wrong = self._wrong_endpoint(request)
+            if wrong is not None:
+                replies[i] = wrong
+                continue
+            prepared = self._embedding_inputs(request) if self.embeds else self._prepare(request)
             if isinstance(prepared, Reply):
                 replies[i] = prepared
+            elif self.embeds:
+                assert isinstance(prepared, list)
+                embeddable.append((i, prepared))
             else:
+                assert isinstance(prepared, tuple)
                 runnable.append((i, *prepared))
         with self._lock:
             self._generate(requests, runnable, replies)
+            self._embed(requests, embeddable, replies)
         missing = [requests[i].line_no for i, r in enumerate(replies) if r is None]
         if missing:  # vLLM returned fewer outputs than prompts: an engine fault, retry the chunk
             raise RuntimeError(f"vLLM returned no output for lines {missing[:5]}")
         return [r for r in replies if r is not None]
+
+    def _embed(
+        self,
+        requests: Sequence[EngineRequest],
+        embeddable: list[tuple[int, list[list[int]]]],
+        replies: list[Reply | None],
+    ) -> None:
+        """One `embed` call for every input of every line; each line's vectors back in order."""
+        if not embeddable:
+            return
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params = [], []
+        for i, inputs in embeddable:
+            body = requests[i].body
+            assert isinstance(body, EmbeddingBody)
+            for ids in inputs:
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(PoolingParams(dimensions=body.dimensions))
+        started = time.perf_counter()
+        outputs = iter(self.llm.embed(prompts, pooling_params=params, use_tqdm=False))
+        latency_ms = (time.perf_counter() - started) * 1000
+        for i, inputs in embeddable:
+            body = requests[i].body
+            assert isinstance(body, EmbeddingBody)
+            vectors = [next(outputs).outputs.embedding for _ in inputs]
+            tokens = sum(len(ids) for ids in inputs)
+            answer = embeddings_body(self.model_name, vectors, body.encoding_format, tokens)
+            replies[i] = Reply(
+                ok=True,
+                body=orjson.dumps(answer).decode(),
+                prompt_tokens=tokens,
+                latency_ms=latency_ms,
+                finished_at=time.time(),
+            )
 
     def _generate(
         self,
@@ -197,7 +320,8 @@ class LocalVLLM:
     def _reply(
         self, request: EngineRequest, ids: list[int], output: Any, latency_ms: float
     ) -> Reply:
-        want_logprobs = logprobs_count(request.body)
+        sampled = self.generate_body(request)
+        want_logprobs = logprobs_count(sampled)
         choices = []
         completion_tokens = 0
         for completion in output.outputs:
@@ -209,9 +333,17 @@ class LocalVLLM:
                     logprobs=self._logprobs(completion, want_logprobs)
                     if want_logprobs is not None
                     else None,
+                    tool_calls=tools.tool_calls(sampled, completion.text)
+                    if isinstance(sampled, ChatCompletionBody)
+                    else None,
                 )
             )
-        body = response_body(request.url, self.model_name, choices, len(ids), completion_tokens)
+        if isinstance(request.body, ResponsesBody):
+            body = responses_object(
+                request.body, self.model_name, choices[0], len(ids), completion_tokens
+            )
+        else:
+            body = response_body(request.url, self.model_name, choices, len(ids), completion_tokens)
         return Reply(
             ok=True,
             body=orjson.dumps(body).decode(),

@@ -24,6 +24,7 @@ import httpx
 
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
 from offline_queue.engines.vllm_local import CPU_KV_CACHE_BYTES, CPU_MAX_MODEL_LEN
+from offline_queue.model import model_context
 
 
 def _answer_vllm_version_for_the_cpu_build() -> None:
@@ -60,11 +61,10 @@ def server_args(
     ]
     if is_cpu_build() if on_cpu is None else on_cpu:
         given = set(extra)
-        defaults = {
-            "--dtype": "float32",
-            "--max-model-len": str(CPU_MAX_MODEL_LEN),
-            "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES),
-        }
+        defaults = {"--dtype": "float32", "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES)}
+        context = model_context(model_dir)
+        if context is None or context > CPU_MAX_MODEL_LEN:  # a shorter one is vLLM's to pick
+            defaults["--max-model-len"] = str(CPU_MAX_MODEL_LEN)
         for flag, value in defaults.items():
             if flag not in given:
                 args += [flag, value]
