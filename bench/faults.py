@@ -217,7 +217,7 @@ def batch_lines(rng: random.Random, tag: str, n: int) -> tuple[list[dict[str, An
     items: list[dict[str, Any]] = []
     for j in range(n):
         cid = f"{tag}-{j}"
-        body: dict[str, Any] = {"model": "smol", "max_tokens": rng.randint(4, 8)}
+        body: dict[str, Any] = {"model": "smollm2", "max_tokens": rng.randint(4, 8)}
         if rng.random() < 0.5:
             body["temperature"] = 0
         else:
@@ -232,7 +232,7 @@ def batch_lines(rng: random.Random, tag: str, n: int) -> tuple[list[dict[str, An
             body["prompt"] = f"Once upon a time, {cid}"
         items.append({"custom_id": cid, "method": "POST", "url": url, "body": body})
     if rng.random() < 0.5:
-        bad = {"model": "smol", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}
+        bad = {"model": "smollm2", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}
         items.insert(
             rng.randint(0, n),
             {

@@ -22,7 +22,7 @@ def requests(n: int, tag: str, start: int = 0) -> list[dict]:
             "method": "POST",
             "url": "/v1/chat/completions",
             "body": {
-                "model": "smol",
+                "model": "smollm2",
                 "messages": [
                     {
                         "role": "user",

@@ -76,7 +76,7 @@ def prefix_items(
                 "method": "POST",
                 "url": "/v1/chat/completions",
                 "body": {
-                    "model": "smol",
+                    "model": "smollm2",
                     "messages": [
                         {"role": "system", "content": systems[i % prefixes]},
                         {"role": "user", "content": f"Question {i}: what is {a} plus {b}?"},

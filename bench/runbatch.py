@@ -165,7 +165,7 @@ def run_batch(infile: Path, work: Path, i: int, env: dict[str, str], model: Path
         "--model",
         str(model),
         "--served-model-name",
-        "smol",
+        "smollm2",
         *engine_flags(),
     ]
     run = timed("run-batch", cmd, env, work / f"rb-{i}.log")

@@ -21,6 +21,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 from pydantic import SecretStr
 
+from blocks.catalog import ServedModelBlock
 from blocks.engines import VLLM, OpenAIServer
 from blocks.storage import ObjectStorage
 from blocks.store import Store
@@ -157,7 +158,7 @@ def _block(block: Block, name: str) -> Change:
 
 def apply(topology: Topology, store_url: str) -> list[Change]:
     """Make the server match `topology`; register our block types; save the store block."""
-    for block_type in (VLLM, OpenAIServer, Store, ObjectStorage):
+    for block_type in (VLLM, OpenAIServer, ServedModelBlock, Store, ObjectStorage):
         block_type.register_type_and_schema()
     changes: list[Change] = []
     with get_client(sync_client=True) as client:

@@ -25,6 +25,7 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
+from blocks.catalog import load_catalog
 from blocks.storage import use_storage
 from blocks.store import store_url
 from flows.serving import (
@@ -39,6 +40,7 @@ from flows.serving import (
 )
 from flows.shard import default_parallelism, launch_shards
 from offline_queue.batches import batch_object, place_batch, write_files
+from offline_queue.catalog import Catalog, ServedModel
 from offline_queue.formats import BatchObject, RunStats
 from offline_queue.leases import OwnerHeartbeat
 from offline_queue.queue_file import queue_batch_file
@@ -46,7 +48,8 @@ from offline_queue.runs import BatchRun, with_field_docs
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.storage import locate, resolve
 from offline_queue.store import batches, ingest, owners, results, stats
-from offline_queue.validate import Limits, inspect_file
+from offline_queue.store.tables import Batch
+from offline_queue.validate import Limits, batch_model, inspect_file
 
 
 @flow(name="batch-inference", log_prints=True)
@@ -86,6 +89,10 @@ def batch_inference(
         return serve_shard(run, db_url)
     submitted = submit(run, db_url)
     bid = submitted.batch_id
+    if submitted.served is not None:  # the catalog's engine for the model the lines name
+        run = run.model_copy(
+            update={"engine": submitted.served.engine, "model": submitted.served.model}
+        )
     label_run(bid, run.tier, run.tenant)
     if run.release_track:
         batches.label_batch(
@@ -126,6 +133,8 @@ class Submitted(BaseModel):
     created_at: int
     status: str
     lines: int
+    served: ServedModel | None = None
+    """The catalog entry that routes the batch (none when an engine was given by name)."""
 
 
 @task(name="submit", cache_policy=NO_CACHE)
@@ -165,7 +174,29 @@ def submit(run: BatchRun, db: str) -> Submitted:
         created_at=batch.created_at,
         status=batch.status,
         lines=info.lines,
+        served=None if run.engine or run.model else route(db, batch, path),
     )
+
+
+def route(db: str, batch: Batch, path: str) -> ServedModel | None:
+    """The catalog entry for the model the batch's lines name. The first run decides and the
+    batch keeps the catalog it saw, so a resume (and its ingest) routes and judges the same."""
+    if batch.catalog_json is not None:
+        return Catalog.from_json(batch.catalog_json).find(batch.served_model)
+    catalog = load_catalog()
+    served = batch_model(locate(path, db), catalog)
+    batches.label_batch(
+        db,
+        batch.id,
+        served_model=served.name if served is not None else None,
+        catalog_json=catalog.to_json(),
+    )
+    log = get_run_logger()
+    if served is None:
+        log.warning("no line names a served model (%s): every line is an error", catalog.served())
+    else:
+        log.info("lines name %s: served by %s", served.name, served.engine or "vLLM in process")
+    return served
 
 
 def _ingest_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -1,35 +1,55 @@
-"""The catalog of served models: which model a line's `model` names, and whether it serves the
-line's endpoint.
+"""The catalog of served models: which model a line's `model` names, what serves it, and whether
+it serves the line's endpoint.
 
 A line's `model` used to be ignored (the engine wrote its own name over it), so a line naming a
 model nobody serves was answered by whatever was loaded. The catalog maps every name a batch
 may use (a model's name and its aliases) to one entry; a batch's lines must all name the same
 served model (OpenAI's rule), and a line that does not is an error of its own.
+
+A batch run without an engine is routed by it: the first line naming a served model picks the
+entry (`batch_model`), whose engine runs the batch. The catalog is stored with the batch as it
+was then (`to_json`), so a resumed ingest judges the rest of the file by the same entries.
+Entries beyond the two bundled models are Prefect blocks (blocks/catalog.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from offline_queue.formats import CHAT_URL, COMPLETIONS_URL
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from offline_queue.formats import EMBEDDINGS_URL, GENERATE_URLS
+from offline_queue.model import BUNDLED_EMBEDDING_NAME
 
 
-@dataclass(frozen=True)
-class ServedModel:
+class ServedModel(BaseModel):
     """One served model name and what serves it."""
 
-    name: str
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
     aliases: tuple[str, ...] = ()
-    endpoints: tuple[str, ...] = (CHAT_URL, COMPLETIONS_URL)
+    """Other names the lines may give: a batch written for a hosted model (`gpt-4o-mini`) runs
+    on the model a team serves under it."""
+    endpoints: tuple[str, ...] = GENERATE_URLS
     engine: str | None = None
-    """Engine block name (see blocks/engines.py); None: vLLM in process with the bundled model."""
+    """Engine block name or server URL (blocks/engines.py); None: vLLM in the worker process
+    with `model`."""
+    model: str | None = None
+    """For vLLM in process: a model folder or a bundled model's name; None: the bundled chat
+    model. For a server: the served model name to ask for (None: the first it lists)."""
     group: str | None = None
-    """Node group (work pool) whose workers serve it; None: any."""
+    """Node group (work pool) whose workers serve it; None: any (informational for now)."""
     release: str | None = None
-    """Release policy block picking its version, if any."""
+    """Release policy block picking its version, if any (informational for now)."""
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+
+_ENTRIES = TypeAdapter(tuple[ServedModel, ...])
 
 
 @dataclass(frozen=True)
@@ -46,8 +66,8 @@ class Catalog:
                 by_name[name] = model
         object.__setattr__(self, "_by_name", by_name)
 
-    def find(self, name: str) -> ServedModel | None:
-        return self._by_name.get(name)
+    def find(self, name: str | None) -> ServedModel | None:
+        return self._by_name.get(name) if name else None
 
     def served(self) -> str:
         return ", ".join(m.name for m in self.models)
@@ -59,13 +79,41 @@ class Catalog:
             return f"model: {name!r} is not served; served models: {self.served()}"
         if url not in model.endpoints:
             return f"url: {model.name} does not serve {url}; it serves {', '.join(model.endpoints)}"
-        if batch_model is not None and model is not batch_model:
+        if batch_model is not None and model != batch_model:
             return (
                 f"model: {name!r} is another model than the batch's ({batch_model.name}); "
                 "a batch's lines must name one model"
             )
         return None
 
+    def batch_model(self, lines: Iterable[tuple[str, str]]) -> ServedModel | None:
+        """The entry of the first (url, model) line that names a served model for its url: the
+        batch's model. None when no line does (then every line is an error of its own)."""
+        for url, name in lines:
+            model = self.find(name)
+            if model is not None and url in model.endpoints:
+                return model
+        return None
+
+    def with_entries(self, entries: Iterable[ServedModel]) -> Catalog:
+        """This catalog with `entries` added; an entry of the same name replaces the old one."""
+        added = {e.name: e for e in entries}
+        kept = tuple(m for m in self.models if m.name not in added)
+        return Catalog((*kept, *added.values()))
+
+    def to_json(self) -> str:
+        return _ENTRIES.dump_json(self.models).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> Catalog:
+        return cls(_ENTRIES.validate_python(orjson.loads(text)))
+
 
 BUNDLED_CHAT = ServedModel(name="smollm2", aliases=("SmolLM2-135M-Instruct",))
-DEFAULT_CATALOG = Catalog((BUNDLED_CHAT,))
+BUNDLED_EMBEDDING = ServedModel(
+    name="all-minilm-l6-v2",
+    aliases=(BUNDLED_EMBEDDING_NAME, f"sentence-transformers/{BUNDLED_EMBEDDING_NAME}"),
+    endpoints=(EMBEDDINGS_URL,),
+    model=BUNDLED_EMBEDDING_NAME,
+)
+DEFAULT_CATALOG = Catalog((BUNDLED_CHAT, BUNDLED_EMBEDDING))

@@ -26,6 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from offline_queue.catalog import Catalog
 from offline_queue.storage import locate
 from offline_queue.store import batches, ingest
 from offline_queue.store.db import ENV_VAR
@@ -62,7 +63,10 @@ def queue_batch_file(
         _in_own_process(db, batch_id, group_size)
         return
     seen = ingest.known_custom_ids(db, batch_id) if batch.ingested_through else None
-    lines = validate_file(source, Limits(), batch.ingested_through, seen)
+    # A routed batch's lines must name its model; one run on a named engine is not checked.
+    catalog = Catalog.from_json(batch.catalog_json) if batch.catalog_json else None
+    served = catalog.find(batch.served_model) if catalog is not None else None
+    lines = validate_file(source, Limits(), batch.ingested_through, seen, catalog, served)
     ingest.ingest(db, batch_id, lines, group_size)
 
 

@@ -47,11 +47,14 @@ class BatchRun(BaseModel):
     )
     engine: str | None = Field(
         default=None,
-        description="Engine block name (e.g. `vllm/a100`). Empty: vLLM in this process.",
+        description="Engine block name (e.g. `vllm/a100`) or server URL: it serves the file as "
+        "it is. Empty (and no model): the served-model catalog routes the batch by the model "
+        "its lines name, and a line naming another model, or none served, is an error.",
     )
     model: str | None = Field(
         default=None,
-        description="Model folder for the in-process engine. Empty: the bundled SmolLM2-135M.",
+        description="Model folder for the in-process engine (or, with a server, the served name "
+        "to ask for). Empty: the catalog's entry for the model the lines name.",
     )
     chunk_size: int = Field(
         default=256,

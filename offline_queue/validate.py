@@ -204,7 +204,8 @@ def _message(error: Any) -> str:
     if kind == "missing":
         return "required"
     if kind == "union_tag_invalid":
-        return f"unsupported url {error['input']!r}; supported: {', '.join(SUPPORTED_URLS)}"
+        tag = (error.get("ctx") or {}).get("tag", error["input"])
+        return f"unsupported url {tag!r}; supported: {', '.join(SUPPORTED_URLS)}"
     if kind == "union_tag_not_found":
         return "required"
     msg = str(error["msg"])
@@ -327,6 +328,7 @@ def validate_file(
     start_after: int = 0,
     seen: set[str] | None = None,
     catalog: Catalog | None = None,
+    batch_model: ServedModel | None = None,
 ) -> Iterator[Accepted | Rejected]:
     """Every non-blank line past `start_after`, accepted or rejected, in file order.
 
@@ -334,10 +336,10 @@ def validate_file(
     duplicate is caught across a resume too. Every duplicate after the first is rejected.
 
     With a `catalog`, a line whose model is not served, does not serve its url, or is another
-    model than the first accepted line's is rejected naming the field and the served models.
+    model than `batch_model` (None: the first accepted line's) is rejected naming the field and
+    the served models.
     """
     seen = set() if seen is None else seen
-    batch_model: ServedModel | None = None
     for line_no, raw, too_long in iter_raw_lines(source, limits.max_line_bytes):
         if line_no <= start_after or not raw.strip():
             continue
@@ -354,6 +356,18 @@ def validate_file(
                 item = _reject(line_no, item.custom_id, f"line {line_no}: {why}")
             else:
                 seen.add(item.custom_id)
-                if catalog is not None:
+                if catalog is not None and batch_model is None:
                     batch_model = catalog.find(item.model)
         yield item
+
+
+PEEK_LINES = 10_000
+"""Accepted lines `batch_model` reads at most looking for one that names a served model."""
+
+
+def batch_model(source: Source, catalog: Catalog) -> ServedModel | None:
+    """The served model a batch file's lines name: the first accepted line's (within
+    PEEK_LINES) that names a served model for its url; None if none does."""
+    accepted = (item for item in validate_file(source, Limits()) if isinstance(item, Accepted))
+    lines = ((item.url, item.model) for _, item in zip(range(PEEK_LINES), accepted, strict=False))
+    return catalog.batch_model(lines)

@@ -25,7 +25,12 @@ def batch_file(path: Path, n: int, max_tokens: int = 16) -> Path:
     with path.open("w") as f:
         for i in range(n):
             url = "/v1/chat/completions" if i % 2 else "/v1/completions"
-            body: dict = {"model": "smol", "max_tokens": max_tokens, "temperature": 0.7, "seed": i}
+            body: dict = {
+                "model": "smollm2",
+                "max_tokens": max_tokens,
+                "temperature": 0.7,
+                "seed": i,
+            }
             if i % 2:
                 body["messages"] = [{"role": "user", "content": f"Tell me fact number {i}."}]
             else:

@@ -22,7 +22,12 @@ def line(custom_id: str, url: str = "/v1/chat/completions", **body: Any) -> dict
         body.setdefault("prompt", f"Once upon a time, {custom_id}")
     body.setdefault("max_tokens", 8)
     body.setdefault("temperature", 0)
-    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "smol", **body}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": url,
+        "body": {"model": "smollm2", **body},
+    }
 
 
 def write(path: Path, items: list[Any]) -> Path:

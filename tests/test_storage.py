@@ -52,7 +52,7 @@ BUCKET = "batches"
 
 def request_line(i: int, bad: bool = False) -> bytes:
     body: dict[str, Any] = {
-        "model": "smol",
+        "model": "smollm2",
         "max_tokens": -1 if bad else 4,
         "temperature": 0.7,
         "seed": i,

@@ -35,7 +35,7 @@ def chat_file(path: Path, n: int, max_tokens: int) -> Path:
     with path.open("w") as f:
         for i in range(n):
             body = {
-                "model": "smol",
+                "model": "smollm2",
                 "messages": [{"role": "user", "content": f"Count from {i} to {i + 20}."}],
                 "max_tokens": max_tokens,
                 "temperature": 0,

@@ -9,9 +9,10 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from blocks.catalog import catalog_here
 from entrypoints.api.deps import Tenant
 from entrypoints.api.errors import api_error
-from offline_queue.catalog import DEFAULT_CATALOG, ServedModel
+from offline_queue.catalog import ServedModel
 
 router = APIRouter()
 
@@ -33,17 +34,18 @@ def _object(name: str, model: ServedModel) -> dict[str, Any]:
 
 @router.get("/v1/models")
 def list_models(who: Tenant) -> dict[str, Any]:
-    data = [_object(name, m) for m in DEFAULT_CATALOG.models for name in m.names()]
+    data = [_object(name, m) for m in catalog_here().models for name in m.names()]
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model}")
 def get_model(model: str, who: Tenant) -> dict[str, Any]:
-    found = DEFAULT_CATALOG.find(model)
+    catalog = catalog_here()
+    found = catalog.find(model)
     if found is None:
         raise api_error(
             404,
-            f"model {model!r} is not served; served: {DEFAULT_CATALOG.served()}",
+            f"model {model!r} is not served; served: {catalog.served()}",
             "model_not_found",
             param="model",
         )

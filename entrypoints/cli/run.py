@@ -119,7 +119,7 @@ def validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check a file without running it: counts, and the first errors with line and field."""
-    from offline_queue.catalog import DEFAULT_CATALOG
+    from blocks.catalog import catalog_here
     from offline_queue.validate import Accepted, FileRefused, Limits, inspect_file, validate_file
 
     limits = Limits()
@@ -130,7 +130,7 @@ def validate(
         raise typer.Exit(2) from exc
     accepted = rejected = 0
     shown: list[str] = []
-    for item in validate_file(input, limits, catalog=DEFAULT_CATALOG):
+    for item in validate_file(input, limits, catalog=catalog_here()):
         if isinstance(item, Accepted):
             accepted += 1
         else:
@@ -148,15 +148,23 @@ def validate(
 
 def models(as_json: JsonOption = False) -> None:
     """The served models: names and aliases a batch's lines may use, and their endpoints."""
-    from offline_queue.catalog import DEFAULT_CATALOG
+    from blocks.catalog import catalog_here
 
     rows = [
-        {"id": m.name, "aliases": list(m.aliases), "endpoints": list(m.endpoints)}
-        for m in DEFAULT_CATALOG.models
+        {
+            "id": m.name,
+            "aliases": list(m.aliases),
+            "endpoints": list(m.endpoints),
+            "engine": m.engine or f"vllm in process ({m.model or 'bundled model'})",
+        }
+        for m in catalog_here().models
     ]
     if as_json:
         print(orjson.dumps(rows).decode())
         return
     for row in rows:
         aliases = ", ".join(row["aliases"]) or "-"
-        out.print(f"{row['id']}  aliases: {aliases}  endpoints: {', '.join(row['endpoints'])}")
+        endpoints = ", ".join(row["endpoints"])
+        out.print(
+            f"{row['id']}  aliases: {aliases}  endpoints: {endpoints}  engine: {row['engine']}"
+        )

@@ -88,6 +88,11 @@ class Batch(Base):
     output and error contents (offline_queue/expiry.py). None: kept."""
     outputs_removed_at: Mapped[int | None] = mapped_column(BigInteger)
     """When the clean-up removed them: the files are gone, not empty."""
+    served_model: Mapped[str | None] = mapped_column(String(256))
+    """The catalog entry the batch's lines name (offline_queue/catalog.py); None: the batch
+    runs on an engine given by name, which serves whatever the lines name."""
+    catalog_json: Mapped[str | None] = mapped_column(Text)
+    """The catalog as it was when the batch was routed: a resumed ingest judges by it."""
     # Who runs the batch now (see store/batches.py `reap_orphans`): a run beats the heartbeat
     # every third of its lease; a non-terminal batch whose owner is silent for longer than the
     # lease is settled as `failed` (`run_lost`). No heartbeat yet: nobody has started it.
