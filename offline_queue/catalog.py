@@ -98,8 +98,8 @@ class Catalog:
     def with_entries(self, entries: Iterable[ServedModel]) -> Catalog:
         """This catalog with `entries` added; an entry of the same name replaces the old one."""
         added = {e.name: e for e in entries}
-        kept = tuple(m for m in self.models if m.name not in added)
-        return Catalog((*kept, *added.values()))
+        replaced = tuple(added.pop(m.name, m) for m in self.models)  # in place: order is kept
+        return Catalog((*replaced, *added.values()))
 
     def to_json(self) -> str:
         return _ENTRIES.dump_json(self.models).decode()

@@ -3,6 +3,7 @@ real vLLM engine on CPU with the bundled model (one per test session)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -119,21 +120,32 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
 def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`offline-queue engine serve` on loopback for the session; yields its /v1 URL. Stopping
     it with SIGTERM must end the server and its engine process within seconds."""
+    # Tool calls on `vllm serve` need a parser for the model's syntax, even a named choice;
+    # pythonic is one the bundled model's tokenizer passes (llama3_json and hermes want tokens
+    # it lacks).
+    tools = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+    with engine_serve(tmp_path_factory, "--served-model-name", "smollm2", *tools) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The bundled embedding model on `offline-queue engine serve`, for the session."""
+    with engine_serve(
+        tmp_path_factory, "--model", "all-MiniLM-L6-v2", "--served-model-name", "all-minilm-l6-v2"
+    ) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def engine_serve(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[str]:
     import signal
 
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                str(BIN / "offline-queue"),
-                "engine",
-                "serve",
-                "--port",
-                str(port),
-                "--served-model-name",
-                "smollm2",
-            ],
+            [str(BIN / "offline-queue"), "engine", "serve", "--port", str(port), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

@@ -277,8 +277,11 @@ class HttpEngine:
             return Reply(
                 ok=True,
                 body=response.text,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
+                # chat, completions, embeddings: prompt/completion; responses: input/output
+                prompt_tokens=int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+                completion_tokens=int(
+                    usage.get("completion_tokens") or usage.get("output_tokens") or 0
+                ),
                 latency_ms=latency_ms,
                 finished_at=time.time(),
             )
