@@ -28,7 +28,24 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-_WORDS = "the a cat dog sat ran on under mat tree river city night quickly slowly blue".split()
+_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "tree",
+    "river",
+    "city",
+    "night",
+    "quickly",
+    "slowly",
+    "blue",
+]
 
 
 def text(i: int) -> str:
