@@ -34,7 +34,9 @@ def test_lines_must_name_one_served_model(tmp_path: Path) -> None:
     ok = {i.custom_id for i in items if isinstance(i, Accepted)}
     bad = {i.custom_id: i.error.message for i in items if isinstance(i, Rejected)}
     assert ok == {"a", "b", "d"}
-    assert bad["c"] == "line 3: model: 'NonExistModel' is not served; served models: smollm2"
+    assert bad["c"] == (
+        "line 3: model: 'NonExistModel' is not served; served models: smollm2, all-minilm-l6-v2"
+    )
     assert "unsupported url" in bad["e"]
     assert "stream" in bad["f"]
 
@@ -43,3 +45,41 @@ def test_without_catalog_model_is_not_checked(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text(_line("c", "NonExistModel") + "\n")
     assert isinstance(next(validate_file(path, Limits())), Accepted)
+
+
+def test_an_embedding_line_in_a_chat_batch_and_a_chat_line_on_the_embedding_model(
+    tmp_path: Path,
+) -> None:
+    embed = (
+        '{"custom_id": "e", "method": "POST", "url": "/v1/embeddings", '
+        '"body": {"model": "all-minilm-l6-v2", "input": "x"}}'
+    )
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([_line("a", "smollm2"), embed, _line("b", "all-MiniLM-L6-v2")]))
+    items = list(validate_file(path, Limits(), catalog=DEFAULT_CATALOG))
+    bad = {i.custom_id: i.error.message for i in items if isinstance(i, Rejected)}
+    assert "another model than the batch's (smollm2)" in bad["e"]
+    assert bad["b"] == (
+        "line 3: url: all-minilm-l6-v2 does not serve /v1/chat/completions; "
+        "it serves /v1/embeddings"
+    )
+
+
+def test_the_batch_model_is_the_first_line_naming_a_served_model_and_is_kept(
+    tmp_path: Path,
+) -> None:
+    from offline_queue.catalog import Catalog, ServedModel
+    from offline_queue.validate import batch_model
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([_line("x", "gpt-4o-mini"), _line("a", "SmolLM2-135M-Instruct")]))
+    assert batch_model(path, DEFAULT_CATALOG) == DEFAULT_CATALOG.find("smollm2")
+    # a saved entry gives a hosted model's name to the team's model, in place of the bundled one
+    ours = ServedModel(name="smollm2", aliases=("gpt-4o-mini",), engine="http://gpu-1:8000/v1")
+    catalog = DEFAULT_CATALOG.with_entries([ours])
+    assert [m.name for m in catalog.models] == ["smollm2", "all-minilm-l6-v2"]
+    assert batch_model(path, catalog) == ours
+    # what a batch keeps is what a resumed ingest judges by
+    kept = Catalog.from_json(catalog.to_json())
+    assert kept == catalog and kept.find("gpt-4o-mini") == ours
+    assert kept.check("/v1/chat/completions", "SmolLM2-135M-Instruct", ours) is not None
