@@ -543,7 +543,12 @@ simple(
     "create-file-id-an-output", {404}, lambda t: t.create(input_file_id=f"{t.batch_id()}-output")
 )
 simple("create-unknown-field", {400}, lambda t: t.create(evil=MARK))
-simple("create-endpoint-embeddings", {400}, lambda t: t.create(endpoint="/v1/embeddings"))
+simple(
+    "create-endpoint-embeddings-for-a-chat-file",
+    {400},
+    lambda t: t.create(endpoint="/v1/embeddings"),
+)
+simple("create-endpoint-moderations", {400}, lambda t: t.create(endpoint="/v1/moderations"))
 simple("create-endpoint-nul", {400}, lambda t: t.create(endpoint="/v1/chat/completions\x00"))
 simple("create-endpoint-long", {400}, lambda t: t.create(endpoint="/v1/" + MARK * 100))
 simple("create-endpoint-int", {400}, lambda t: t.create(endpoint=7))
