@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -25,10 +24,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
+import bench.quiet  # noqa: E402, F401  (before Prefect and vLLM)
 from bench.overhead import compare, requests, write_jsonl  # noqa: E402
 from instruments.loopback import free_port  # noqa: E402
 

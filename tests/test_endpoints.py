@@ -45,6 +45,36 @@ def emb(custom_id: str, model: str = EMBED, **body: Any) -> dict[str, Any]:
     return req(custom_id, "/v1/embeddings", model=model, **body)
 
 
+def tool_calls() -> list[dict[str, Any]]:
+    """Chat lines that must come back as a call of get_weather: a named and a required choice."""
+    return [
+        req(
+            cid,
+            "/v1/chat/completions",
+            model=CHAT,
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice=choice,
+            max_tokens=60,
+            temperature=0,
+        )
+        for cid, choice in (
+            ("named", {"type": "function", "function": {"name": "get_weather"}}),
+            ("required", "required"),
+        )
+    ]
+
+
+def check_tool_calls(out: dict[str, dict[str, Any]]) -> None:
+    for cid in ("named", "required"):
+        choice = ChatCompletion.model_validate(out[cid]["response"]["body"]).choices[0]
+        # OpenAI's (and vllm serve's): a call the model was told to make ends as `stop`
+        assert choice.finish_reason == ("stop" if cid == "named" else "tool_calls"), choice
+        calls = choice.message.tool_calls or []
+        assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
+        assert set(json.loads(calls[0].function.arguments)) == {"city"}  # type: ignore[union-attr]
+
+
 def by_id(path: str | None) -> dict[str, dict[str, Any]]:
     return {o["custom_id"]: o for o in read(path)}
 
@@ -151,26 +181,7 @@ def test_responses_and_tool_calls_run_through_the_chat_path(
                 max_output_tokens=40,
                 text={"format": {"type": "json_schema", "name": "c", "schema": schema}},
             ),
-            req(
-                "named",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                max_tokens=40,
-                temperature=0,
-            ),
-            req(
-                "required",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                tool_choice="required",
-                max_tokens=60,
-                temperature=0,
-            ),
+            *tool_calls(),
             req(
                 "none",
                 "/v1/chat/completions",
@@ -202,13 +213,11 @@ def test_responses_and_tool_calls_run_through_the_chat_path(
     assert Response.model_validate(out["resp-messages"]["response"]["body"]).status == "completed"
     as_json = Response.model_validate(out["resp-json"]["response"]["body"]).output_text
     assert set(json.loads(as_json)) == {"city"}
-    for cid in ("named", "required"):
-        message = ChatCompletion.model_validate(out[cid]["response"]["body"]).choices[0]
-        assert message.finish_reason == "tool_calls" and message.message.content is None
-        calls = message.message.tool_calls or []
-        assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
-        args = json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
-        assert set(args) == {"city"}
+    check_tool_calls(out)
+    assert (
+        ChatCompletion.model_validate(out["named"]["response"]["body"]).choices[0].message.content
+        is None
+    )
     plain = ChatCompletion.model_validate(out["none"]["response"]["body"]).choices[0]
     assert plain.message.tool_calls is None and plain.message.content
     auto = errors["auto"]["error"]["message"]
@@ -234,26 +243,7 @@ def test_embeddings_and_responses_on_vllm_serve(
                 max_output_tokens=12,
                 temperature=0,
             ),
-            req(
-                "named",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                max_tokens=40,
-                temperature=0,
-            ),
-            req(
-                "required",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                tool_choice="required",
-                max_tokens=60,
-                temperature=0,
-            ),
+            *tool_calls(),
             req(
                 "auto",
                 "/v1/chat/completions",
@@ -271,10 +261,7 @@ def test_embeddings_and_responses_on_vllm_serve(
     answer = Response.model_validate(out["resp"]["response"]["body"])
     assert answer.output_text and answer.usage is not None and answer.usage.output_tokens == 12
     assert served["usage"]["output_tokens"] >= 12  # counted from the responses' own usage
-    for cid in ("named", "required"):
-        call = ChatCompletion.model_validate(out[cid]["response"]["body"]).choices[0]
-        names = [c.function.name for c in call.message.tool_calls or []]  # type: ignore[union-attr]
-        assert names == ["get_weather"], call
+    check_tool_calls(out)
     ChatCompletion.model_validate(out["auto"]["response"]["body"])  # the model may not call
 
 

@@ -88,7 +88,7 @@ def response_body(
                     "index": i,
                     "message": _message(c),
                     "logprobs": _chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                    "finish_reason": "tool_calls" if c.tool_calls else c.finish_reason,
+                    "finish_reason": c.finish_reason,
                 }
                 for i, c in enumerate(choices)
             ],

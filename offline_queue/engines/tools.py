@@ -93,6 +93,14 @@ def tool_calls(body: ChatCompletionBody, text: str) -> list[dict[str, Any]] | No
     ]
 
 
+def finish_reason(body: ChatCompletionBody, calls: list[dict[str, Any]] | None, reason: str) -> str:
+    """OpenAI's: `tool_calls` when the model chose to call (tool_choice required); a call it was
+    told to make (a named function) ends as `stop`, as OpenAI and `vllm serve` report it."""
+    if calls and not isinstance(body.tool_choice, NamedToolChoice):
+        return "tool_calls"
+    return reason
+
+
 def template_tools(body: ChatCompletionBody) -> list[dict[str, Any]] | None:
     """The tools as the chat template takes them (so the model reads what it may call)."""
     if not body.tools or body.tool_choice == "none":

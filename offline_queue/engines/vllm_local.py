@@ -326,16 +326,19 @@ class LocalVLLM:
         completion_tokens = 0
         for completion in output.outputs:
             completion_tokens += len(completion.token_ids)
+            reason = completion.finish_reason or "stop"
+            calls = None
+            if isinstance(sampled, ChatCompletionBody):
+                calls = tools.tool_calls(sampled, completion.text)
+                reason = tools.finish_reason(sampled, calls, reason)
             choices.append(
                 Choice(
                     text=completion.text,
-                    finish_reason=completion.finish_reason or "stop",
+                    finish_reason=reason,
                     logprobs=self._logprobs(completion, want_logprobs)
                     if want_logprobs is not None
                     else None,
-                    tool_calls=tools.tool_calls(sampled, completion.text)
-                    if isinstance(sampled, ChatCompletionBody)
-                    else None,
+                    tool_calls=calls,
                 )
             )
         if isinstance(request.body, ResponsesBody):
