@@ -26,8 +26,10 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from blocks.catalog import load_catalog
+from blocks.release import load_policy
 from blocks.storage import use_storage
 from blocks.store import store_url
+from flows.release import check_guards
 from flows.serving import (
     Backlog,
     ProgressArtifact,
@@ -44,6 +46,8 @@ from offline_queue.catalog import Catalog, ServedModel
 from offline_queue.formats import BatchObject, RunStats
 from offline_queue.leases import OwnerHeartbeat
 from offline_queue.queue_file import queue_batch_file
+from offline_queue.release import RouteKey
+from offline_queue.release import route as release_route
 from offline_queue.runs import BatchRun, with_field_docs
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.storage import locate, resolve
@@ -90,9 +94,7 @@ def batch_inference(
     submitted = submit(run, db_url)
     bid = submitted.batch_id
     if submitted.served is not None:  # the catalog's engine for the model the lines name
-        run = run.model_copy(
-            update={"engine": submitted.served.engine, "model": submitted.served.model}
-        )
+        run = routed(run, submitted.served, bid)
     label_run(bid, run.tier, run.tenant)
     if run.release_track:
         batches.label_batch(
@@ -121,7 +123,10 @@ def batch_inference(
         ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
 
         engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
-        return finalize(db_url, bid, model_version, tally, engine_label).model_dump(mode="json")
+        done = finalize(db_url, bid, model_version, tally, engine_label)
+    if submitted.served is not None and submitted.served.release and run.release_track:
+        check_guards(submitted.served.release, db_url)  # as the release router does after one
+    return done.model_dump(mode="json")
 
 
 # -- the tasks, in the order the flow runs them ----------------------------------------------
@@ -174,11 +179,32 @@ def submit(run: BatchRun, db: str) -> Submitted:
         created_at=batch.created_at,
         status=batch.status,
         lines=info.lines,
-        served=None if run.engine or run.model else route(db, batch, path),
+        served=None if run.engine or run.model else route_by_catalog(db, batch, path),
     )
 
 
-def route(db: str, batch: Batch, path: str) -> ServedModel | None:
+def routed(run: BatchRun, served: ServedModel, batch_id: str) -> BatchRun:
+    """The run as its catalog entry routes it: the entry's engine, or — when a release policy
+    picks the entry's version — the engine of the track the policy gives this batch, stamped as
+    the release router stamps its runs (and its guards checked after a candidate batch)."""
+    update: dict[str, Any] = {"engine": served.engine, "model": served.model}
+    if served.release and not run.release_track:
+        policy = load_policy(served.release).policy()
+        decision = release_route(policy, RouteKey(tenant=run.tenant, batch=batch_id))
+        get_run_logger().info(
+            "release %s: %s %s (%s)",
+            served.release,
+            decision.track,
+            decision.version,
+            decision.reason,
+        )
+        update |= {"release_track": decision.track, "release_version": decision.version}
+        if decision.engine:  # the track's own engine serves its own model
+            update |= {"engine": decision.engine, "model": None}
+    return run.model_copy(update=update)
+
+
+def route_by_catalog(db: str, batch: Batch, path: str) -> ServedModel | None:
     """The catalog entry for the model the batch's lines name. The first run decides and the
     batch keeps the catalog it saw, so a resume (and its ingest) routes and judges the same."""
     if batch.catalog_json is not None:

@@ -43,7 +43,8 @@ class ServedModel(BaseModel):
     group: str | None = None
     """Node group (work pool) whose workers serve it; None: any (informational for now)."""
     release: str | None = None
-    """Release policy block picking its version, if any (informational for now)."""
+    """Release policy block picking its version, if any: a batch routed here goes to the track
+    (stable or candidate) the policy gives it, on that track's engine (flows/batch.py)."""
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)

@@ -362,3 +362,42 @@ def test_a_run_batch_style_file_through_the_sdk_routed_by_a_saved_catalog_entry(
             assert all(o["response"]["body"]["model"] == CHAT for o in outputs)  # the server's
     finally:
         ServedModelBlock.delete("smollm2-on-serve")
+
+
+def test_a_catalog_entry_with_a_release_policy_sends_the_batch_to_its_track(
+    tmp_path: Path, sqlite_url: str, vllm_server: str
+) -> None:
+    """The entry names a release policy at stage full: the batch goes to the candidate's
+    engine (the served model, not the in-process one), stamped candidate with its version."""
+    from blocks.catalog import ServedModelBlock
+    from blocks.release import ReleasePolicy
+    from offline_queue.store.batches import get_batch
+
+    ReleasePolicy(
+        stable_version="smollm2@in-process",
+        candidate_version="smollm2@serve",
+        candidate_engine=vllm_server,
+        stage="full",
+    ).save("chat-family", overwrite=True)
+    ServedModelBlock(name=CHAT, release="chat-family").save("smollm2-released", overwrite=True)
+    try:
+        lines = [
+            req(
+                f"r{i}",
+                "/v1/chat/completions",
+                model=CHAT,
+                messages=ASK,
+                max_tokens=4,
+                temperature=0,
+            )
+            for i in range(3)
+        ]
+        result = run(write(tmp_path / "released.jsonl", lines), sqlite_url)
+    finally:
+        ServedModelBlock.delete("smollm2-released")
+        ReleasePolicy.delete("chat-family")
+    assert result["request_counts"]["completed"] == 3
+    assert {o["response"]["body"]["model"] for o in read(result["output_file"])} == {CHAT}
+    batch = get_batch(sqlite_url, result["id"])
+    assert batch is not None
+    assert (batch.release_track, batch.release_version) == ("candidate", "smollm2@serve")
