@@ -21,7 +21,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused
+from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused, vllm_model_info_cache
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
@@ -117,7 +117,7 @@ def node_workers(
     started = []
     logs = []
     for name in names:
-        node = nodes.node(name, installed=(*INSTALLED, model_dir))
+        node = nodes.node(name, installed=(*INSTALLED, model_dir, *vllm_model_info_cache()))
         log = Path(env["OQ_TEST_LOGS"]) / f"{name}-worker.log"
         logs.append(log)
         with log.open("wb") as out:
