@@ -59,6 +59,17 @@ Python it was made from (which may live under HOME, as a pyenv one does)."""
 SHARED_ROOT = Path("/run")
 
 
+def vllm_model_info_cache() -> tuple[Path, ...]:
+    """vLLM's cache of what each model class supports (~/.cache/vllm/modelinfos), when this
+    machine has one: for a node that runs an engine, installed read-only with the model, as on
+    a machine that served before. Without it every node's first engine inspects the model class
+    in a subprocess of its own (a second torch and vLLM import, ~20 s on 2 cores) and cannot
+    keep the answer. Only vLLM's own records of its model classes are in it, nothing a node
+    could hand another."""
+    cache = Path.home() / ".cache" / "vllm" / "modelinfos"
+    return (cache,) if cache.is_dir() and any(cache.glob("*.json")) else ()
+
+
 def private_paths() -> tuple[Path, ...]:
     """The directories each node gets an empty tmpfs of its own over (those that exist)."""
     candidates = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path.home())

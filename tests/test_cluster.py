@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from instruments.loopback import free_port, healthy
-from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused
+from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused, vllm_model_info_cache
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
@@ -487,7 +487,7 @@ def test_sdk_batches_through_the_api_run_on_a_worker_in_another_node(
     ):
         # The bundled model folder is installed on the node (read-only) at its default place,
         # which the node's own HOME would hide: the deployment runs with its defaults.
-        gpu = machines.node("gpu-1", installed=(*INSTALLED, model_dir))
+        gpu = machines.node("gpu-1", installed=(*INSTALLED, model_dir, *vllm_model_info_cache()))
         assert gpu.run(["test", "-e", str(data_dir)]).returncode == 1  # the API's disk
         client = Api(url, store).client("acme")
         ids: dict[str, str] = {}

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused
+from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused, vllm_model_info_cache
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
@@ -117,7 +117,7 @@ def node_workers(
     started = []
     logs = []
     for name in names:
-        node = nodes.node(name, installed=(*INSTALLED, model_dir))
+        node = nodes.node(name, installed=(*INSTALLED, model_dir, *vllm_model_info_cache()))
         log = Path(env["OQ_TEST_LOGS"]) / f"{name}-worker.log"
         logs.append(log)
         with log.open("wb") as out:
@@ -199,7 +199,7 @@ def test_two_nodes_share_a_batch_and_one_finishes_it_when_the_other_dies(
     cluster: dict[str, str], nodes: Cluster, model_dir: Path
 ) -> None:
     store = cluster["OQ_TEST_STORE"]
-    n = 160
+    n = 96  # 12 chunks: the two engines start within seconds of each other, and serve 2-3 s a chunk
     path = write(nodes.dir / "shared.jsonl", [line(f"s{i}", max_tokens=8) for i in range(n)])
     with (
         node_workers(nodes, cluster, model_dir, "pair", ["pair-a", "pair-b"]) as (a, b),
@@ -245,7 +245,9 @@ def test_a_critical_batch_takes_the_only_gpu_of_a_node_at_a_chunk_boundary(
     cluster: dict[str, str], nodes: Cluster, model_dir: Path
 ) -> None:
     store = cluster["OQ_TEST_STORE"]
-    n_bulk, n_crit = 200, 8
+    # 12 bulk chunks: 2 before the critical run starts, a few while it starts (5 when its run
+    # took 12 s), the one in flight at its arrival, and some left for after it.
+    n_bulk, n_crit = 96, 8
     bulk = write(nodes.dir / "bulk.jsonl", [line(f"b{i}", max_tokens=8) for i in range(n_bulk)])
     critical = write(
         nodes.dir / "critical.jsonl", [line(f"c{i}", max_tokens=8) for i in range(n_crit)]
