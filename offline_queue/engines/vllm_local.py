@@ -139,9 +139,10 @@ class LocalVLLM:
                 | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
                 for m in body.messages
             ]
+            offered: Any = tools.template_tools(body)  # transformers' own type is narrower
             text = self.tokenizer.apply_chat_template(
                 messages,
-                tools=tools.template_tools(body),  # type: ignore[arg-type]
+                tools=offered,
                 tokenize=False,
                 add_generation_prompt=True,
             )
