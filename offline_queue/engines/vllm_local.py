@@ -130,8 +130,7 @@ class LocalVLLM:
         assert isinstance(body, ChatCompletionBody | CompletionBody)
         return body
 
-    def prompt_ids(self, request: EngineRequest) -> list[int]:
-        body = self.generate_body(request)
+    def prompt_ids(self, body: GenerateBody) -> list[int]:
         if isinstance(body, ChatCompletionBody):
             messages: Any = [
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -174,7 +173,7 @@ class LocalVLLM:
         if isinstance(body, ChatCompletionBody) and (why := tools.unsupported(body)):
             return Reply.error(400, "unsupported_tool_choice", f"line {request.line_no}: {why}")
         try:
-            ids = self.prompt_ids(request)
+            ids = self.prompt_ids(body)  # a responses line's chat body, built once here
         except Exception as exc:  # a chat template can refuse a conversation (e.g. roles)
             return Reply.error(400, "invalid_request", f"line {request.line_no}: {field}: {exc}")
         room = self.max_model_len - len(ids)
