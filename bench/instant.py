@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from prefect.blocks.core import Block
 
-from offline_queue.engines.base import EngineRequest, Reply, Share
+from offline_queue.engines.base import EngineRequest, Overlap, Reply, Share
 from offline_queue.formats import CHAT_URL, COMPLETIONS_URL
 
 MODEL = "instant-benchmark-engine"
@@ -36,13 +36,19 @@ class InstantEngine:
 
     model_version = MODEL
     shared = False
+    overlaps = False
     engine_key = MODEL
     capacity = 1 << 30
 
     def __init__(self) -> None:
         self._calls = itertools.count()
 
-    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
+    def infer(
+        self,
+        requests: Sequence[EngineRequest],
+        share: Share | None = None,
+        overlap: Overlap | None = None,
+    ) -> list[Reply]:
         now = time.time()
         call, created = next(self._calls), int(now)
         replies = {

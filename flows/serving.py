@@ -1,4 +1,4 @@
-"""What the batch flow's serving rests on: the chunk task, the loop that serves a batch's chunks
+"""What the batch flow's serving rests on: the loop that serves a batch's chunks
 while this shard holds a GPU (flows/shard.py) and hands it over at a chunk boundary, a shard's
 own run, the backlog left while the ingest runs beside, the progress artifact, and the run's
 name and owner as the UI and the store show them. flows/batch.py is the flow that uses them.
@@ -14,20 +14,19 @@ from collections.abc import Callable
 from typing import Any, cast
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.tasks import exponential_backoff
 
 from blocks.engines import load_engine_block
+from flows.chunks import ChunkFeed
 from flows.shard import GpuSlot, Turn, default_parallelism, start_shard
 from offline_queue.batches import finish_estimate
 from offline_queue.formats import FinishEstimate, RunStats
@@ -45,41 +44,6 @@ PROGRESS_SECONDS = 2.0
 — at most: the count costs time in proportion to the batch, so the interval stretches to keep
 it under PROGRESS_SHARE (1 %) of the worker's time."""
 PROGRESS_SHARE = 0.01
-
-
-@task(
-    name="infer-chunk",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-)
-def infer_chunk(batch_id: str, owner: str, chunk_size: int) -> ChunkReport | None:
-    """Claim a chunk, answer it (cache, then engine) and persist it in one transaction.
-    None when nothing is claimable right now. A whole-chunk fault hands the chunk back and
-    raises, and Prefect retries the task with backoff.
-
-    The task is given the worker's identity, not the worker. A task's parameters are what its
-    run records and shows — here the batch, the owner its leases carry in the store, and the
-    chunk size — and what Prefect walks before each call (and would hash, with a cache
-    policy); the live parts (lease keeper, result cache, share keeper, engine) stay in this
-    process's `ChunkWorker`, found by that identity. A bound method as the task would not do:
-    Prefect passes the instance as a parameter."""
-    report = ChunkWorker.running(batch_id, owner).serve_next(chunk_size)
-    if report is None:
-        return None
-    s = report.settled
-    get_run_logger().info(
-        "chunk of %d: %d inferred, %d from cache; %d completed, %d failed, %d to retry%s",
-        report.claimed,
-        report.inferred,
-        report.reused,
-        s.completed,
-        s.terminated,
-        s.retried,
-        f", {s.lost} lost their lease" if s.lost else "",
-    )
-    return report
 
 
 def artifact_key(batch_id: str, what: str) -> str:
@@ -154,24 +118,37 @@ def _serve_chunks(
     """Chunks until nothing is left and the ingest is over — ours, or other workers' (we wait
     for their leases): True; or until the GPU slot is to be handed over: False."""
     bid = worker.batch_id
-    while True:
-        stop_reason = patiently(lambda: why_stopped(db, bid))
-        if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
-            results.drop_queued(db, bid, *stop_reason)
-        report = infer_chunk(bid, worker.owner, run.chunk_size)
-        if report is not None:
-            tally.inferred += report.inferred
-            tally.reused += report.reused
-            if progress is not None:
-                progress.after_chunk()
-        else:
-            final = backlog.settled_or_wait(run.lease_seconds)
-            if final is not None:
+    feed = ChunkFeed(worker, run.chunk_size, may_claim_ahead=lambda: not _must_yield(slot))
+    try:
+        while True:
+            stop_reason = patiently(lambda: why_stopped(db, bid))
+            if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
+                results.drop_queued(db, bid, *stop_reason)
+            report = feed.next()
+            if report is not None:
+                _count(tally, report)
                 if progress is not None:
-                    progress.show(final)
-                return True
-        if slot is not None and patiently(slot.must_yield):  # the chunk boundary
-            return False
+                    progress.after_chunk()
+            else:
+                final = backlog.settled_or_wait(run.lease_seconds)
+                if final is not None:
+                    if progress is not None:
+                        progress.show(final)
+                    return True
+            if _must_yield(slot):  # the chunk boundary
+                return False
+    finally:
+        for report in feed.hand_back():  # what the chunk claimed ahead started, finished
+            _count(tally, report)
+
+
+def _count(tally: RunStats, report: ChunkReport) -> None:
+    tally.inferred += report.inferred
+    tally.reused += report.reused
+
+
+def _must_yield(slot: GpuSlot | None) -> bool:
+    return slot is not None and patiently(slot.must_yield)
 
 
 def serve_shard(run: BatchRun, db: str) -> dict[str, Any]:

@@ -59,7 +59,8 @@ class BatchRun(BaseModel):
     chunk_size: int = Field(
         default=256,
         description="Requests per task. Larger chunks cost less orchestration; a crash wastes "
-        "at most one chunk per worker.",
+        "at most the chunk in the engine and the one claimed ahead of it per worker, and a "
+        "higher tier waits up to a chunk for the GPU.",
     )
     max_attempts: int = Field(
         default=3,

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from offline_queue.cache import ResultCache
-from offline_queue.engines.base import Engine, EngineRequest, Reply, Share
+from offline_queue.engines.base import Engine, EngineRequest, Overlap, Reply, Share
 from offline_queue.store import claims
 from offline_queue.usage import chunk_use
 
@@ -35,9 +35,10 @@ def serve_claim(
     max_attempts: int,
     share: Share | None = None,
     cache: ResultCache | None = None,
+    overlap: Overlap | None = None,
 ) -> ChunkReport:
     """`cache` is the worker's (written behind); without one, a chunk's answers are cached
-    when it settles."""
+    when it settles. `overlap` goes to the engine (Engine.overlaps)."""
     own_cache = cache is None
     cache = cache or ResultCache(db, engine.model_version)
     outcomes = claims.abandoned(claim, max_attempts)
@@ -56,13 +57,14 @@ def serve_claim(
                 outcomes.append(claims.Outcome(request, hit.reply(request.url), reused=True))
             else:
                 to_run.append(request)
-    used = None
+    used, unstarted = None, 0
     if to_run:
         began = time.monotonic()
         try:
             replies = engine.infer(
                 [EngineRequest(r.line_no, r.url, r.body) for r in to_run],
                 share,
+                overlap,
             )
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)
@@ -71,6 +73,7 @@ def serve_claim(
             claims.settle(db, batch_id, claim, outcomes + faulted, max_attempts, used=spent)
             raise ChunkFault(str(exc)) from exc
         used = chunk_use(engine, time.monotonic() - began, replies)
+        unstarted = sum(r.unstarted for r in replies)
         outcomes += [claims.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
     settled = claims.settle(db, batch_id, claim, outcomes, max_attempts, used=used)
     cache.remember(
@@ -88,7 +91,7 @@ def serve_claim(
         cache.flush()
     return ChunkReport(
         claimed=len(claim.requests),
-        inferred=len(to_run),
+        inferred=len(to_run) - unstarted,
         reused=len(requests) - len(to_run),
         settled=settled,
     )

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from offline_queue.cache import ResultCache
-from offline_queue.engines.base import Engine
+from offline_queue.engines.base import Engine, Overlap
 from offline_queue.leases import LeaseKeeper
 from offline_queue.serving import ChunkReport, serve_claim
 from offline_queue.shares import Participant, ShareKeeper
@@ -50,6 +50,9 @@ class ChunkWorker:
         self.keeper = LeaseKeeper(db, lease_seconds)
         self.cache = ResultCache(db, engine.model_version)
         self.share: ShareKeeper | None = None
+        self.overlaps: dict[str, Overlap] = {}
+        """What the feed driving this worker (flows/chunks.py) and an engine that `overlaps`
+        say about each chunk in hand, by the key the chunk's task is given."""
 
     @property
     def lease_seconds(self) -> float:
@@ -95,10 +98,13 @@ class ChunkWorker:
             if self.share is not None:
                 self.share.stop()
 
-    def serve_next(self, chunk_size: int) -> ChunkReport | None:
+    def serve_next(self, chunk_size: int, overlap_key: str | None = None) -> ChunkReport | None:
         """Claim up to `chunk_size` requests, answer them (cache, then engine) and persist
         them in one transaction. None when nothing is claimable right now. A whole-chunk
         fault hands the chunk back and raises `serving.ChunkFault`."""
+        overlap = self.overlaps.get(overlap_key or "") if self.engine.overlaps else None
+        if overlap is not None and overlap.hand_back.is_set():  # too late to claim ahead
+            return None
         claim = claims.claim(self.db, self.batch_id, self.owner, chunk_size, self.lease_seconds)
         if claim is None:
             return None
@@ -111,4 +117,5 @@ class ChunkWorker:
                 self.max_attempts,
                 self.share,
                 self.cache,
+                overlap,
             )

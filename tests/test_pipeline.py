@@ -3,6 +3,7 @@ stores. Outputs are checked with the official `openai` package's models."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -221,3 +222,36 @@ def test_explicit_batch_id_with_other_content_is_refused(sqlite_url: str, tmp_pa
     assert run(a, sqlite_url, batch_id="nightly-1")["status"] == "completed"
     with pytest.raises(BatchConflict):
         run(b, sqlite_url, batch_id="nightly-1")
+
+
+def test_the_next_chunk_runs_beside_the_tail_of_the_one_before(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The in-process engine takes the next chunk while the one in it drains (flows/chunks.py):
+    some answer of each chunk after the first is finished before the chunk ahead of it is
+    committed (not every one: a chunk that ran wholly beside the one before it can be done
+    before the feed claims the next). Served one chunk at a time (`LocalVLLM.overlaps =
+    False`), none is: a chunk is claimed only after the one before is settled. Every custom_id
+    is answered once either way."""
+    from sqlalchemy import select
+
+    from offline_queue.store.db import session
+    from offline_queue.store.tables import Result
+
+    lines = [line(f"r{i}", max_tokens=2 + (i % 4) * 10) for i in range(96)]
+    out = run(write(tmp_path / "overlap.jsonl", lines), sqlite_url, chunk_size=24)
+    assert out["status"] == "completed"
+    assert sorted(o["custom_id"] for o in read(out["output_file"])) == sorted(
+        x["custom_id"] for x in lines
+    )
+    with session(sqlite_url) as s:
+        rows = s.execute(
+            select(Result.created_at, Result.finished_at).where(Result.batch_id == out["id"])
+        ).all()
+    chunks: dict[float, list[float]] = {}
+    for committed, finished in rows:
+        chunks.setdefault(committed, []).append(finished)
+    commits = sorted(chunks)
+    assert len(commits) == 4
+    early = [min(chunks[later]) < earlier for earlier, later in itertools.pairwise(commits)]
+    assert any(early), f"chunks answered before the one ahead was committed: {early}"

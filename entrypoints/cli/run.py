@@ -3,7 +3,7 @@ or only checked."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -18,6 +18,9 @@ from entrypoints.cli.shared import (
 )
 from offline_queue.formats import BatchObject
 from offline_queue.states import Tier
+
+if TYPE_CHECKING:
+    from offline_queue.engines.vllm_local import VLLMSettings
 
 # Locations are text, not Paths: a Path would fold s3://bucket/key into s3:/bucket/key.
 InputArgument = Annotated[
@@ -85,10 +88,10 @@ def run(
     from flows.batch import batch_inference
     from offline_queue.runs import BatchRun
 
-    if not engine:  # vLLM in this process: its import overlaps the Prefect server's start
-        from offline_queue.engines.vllm_local import import_in_background
+    if not engine:  # vLLM in this process: its import and start overlap the Prefect server's
+        from offline_queue.engines.vllm_local import start_in_background
 
-        import_in_background()
+        start_in_background(engine_ahead(input, model, db))
 
     batch_run = BatchRun(
         input=input,
@@ -111,6 +114,24 @@ def run(
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
     print_batch(BatchObject.model_validate(result), as_json)
+
+
+def engine_ahead(input: str, model: str | None, db: str | None) -> VLLMSettings | None:
+    """The in-process engine the flow will ask for, when that is known before it starts: the
+    model given, or the one the file's lines name in the catalog (when its entry is served in
+    process, with no release to choose a track). None leaves the engine to the flow."""
+    from blocks.catalog import catalog_here
+    from blocks.engines import VLLM
+    from offline_queue.storage import locate
+    from offline_queue.store.db import resolve_url
+    from offline_queue.validate import batch_model
+
+    if model:
+        return VLLM(model=model).settings()
+    served = batch_model(locate(input, resolve_url(db)), catalog_here())
+    if served is None or served.engine or served.release:
+        return None
+    return VLLM(model=served.model).settings()
 
 
 def validate(

@@ -45,6 +45,9 @@ class Reply:
     latency_ms: float | None = None
     finished_at: float | None = None
     """When the answer arrived (epoch seconds): per-request timing, finer than the chunk's."""
+    unstarted: bool = False
+    """Not answered because its worker handed the GPU over before the engine started it: it
+    goes back to the queue as it was, no try spent (`Reply.handed_back`)."""
 
     @classmethod
     def error(cls, status_code: int, code: str, message: str, *, retriable: bool = False) -> Reply:
@@ -59,9 +62,29 @@ class Reply:
             retriable=retriable,
         )
 
+    @classmethod
+    def handed_back(cls) -> Reply:
+        return cls(ok=False, body=None, status_code=0, retriable=True, unstarted=True)
+
 
 Share = Callable[[], int]
 """How many requests this batch may have in flight right now (read again and again)."""
+
+
+@dataclass
+class Overlap:
+    """What a worker and an engine that `overlaps` chunks say to each other about one chunk.
+
+    A chunk claimed ahead (behind another in the engine) is fed only into the seats the one
+    before it frees, until the worker makes it the `lead` (the one before is settled and the
+    GPU stays). `room` is set by the engine when the chunk leaves room for the next: none of
+    its requests waits to be started. `hand_back` is set by the worker when its GPU goes to a
+    higher tier at this chunk boundary: the chunk starts no more requests, and those it has
+    not started come back `Reply.handed_back()`."""
+
+    lead: threading.Event = field(default_factory=threading.Event)
+    room: threading.Event = field(default_factory=threading.Event)
+    hand_back: threading.Event = field(default_factory=threading.Event)
 
 
 class Engine(Protocol):
@@ -73,8 +96,16 @@ class Engine(Protocol):
     """What identifies the engine across processes (for the share table)."""
     capacity: int
     """Requests in flight the engine takes at once (split between the batches sharing it)."""
+    overlaps: bool
+    """Whether the engine takes a second chunk from another thread while one is in it, fed
+    only into the seats the first one frees, and heeds `Overlap`."""
 
-    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
+    def infer(
+        self,
+        requests: Sequence[EngineRequest],
+        share: Share | None = None,
+        overlap: Overlap | None = None,
+    ) -> list[Reply]:
         """One reply per request, in order. Raises only when the whole engine is unusable
         (a chunk-level fault the caller retries)."""
         ...

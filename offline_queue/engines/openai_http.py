@@ -18,6 +18,7 @@ import math
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 import orjson
 
-from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
+from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply, Share
 from offline_queue.model import model_version as folder_version
 from offline_queue.retry import RetryPolicy
 from offline_queue.window import Window
@@ -129,12 +130,18 @@ def _server_message(response: httpx.Response) -> tuple[str, str]:
 
 class HttpEngine:
     shared = True
+    overlaps = True
+    """A second chunk of the same worker joins the first under one limit (`_limiter`): what
+    is in flight stays within the batch's share and the window however many chunks it spans."""
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.capacity = settings.max_in_flight
         # Not adaptive: no window, the fair share under the cap alone.
         self.window = Window(cap=settings.max_in_flight) if settings.adaptive else None
+        window, cap = self.window, settings.max_in_flight
+        self._unshared = _Limiter((lambda: min(cap, window.limit)) if window else (lambda: cap))
+        self._limiters: weakref.WeakKeyDictionary[Share, _Limiter] = weakref.WeakKeyDictionary()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="http-engine", daemon=True
@@ -193,20 +200,55 @@ class HttpEngine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
+    def infer(
+        self,
+        requests: Sequence[EngineRequest],
+        share: Share | None = None,
+        overlap: Overlap | None = None,
+    ) -> list[Reply]:
         """Every request of the chunk, at most `share()` of them in flight for this batch (and
         `max_in_flight` for the whole process)."""
-        return list(self._call(self._infer_all(requests, share)))
+        return list(self._call(self._infer_all(requests, share, overlap)))
+
+    def _limiter(self, share: Share | None) -> _Limiter:
+        """One limit per share (a worker's), kept while the share lives: the chunks a worker
+        has in the engine at once count against it together."""
+        if share is None:
+            return self._unshared
+        limiter = self._limiters.get(share)
+        if limiter is None:
+            ref, window, cap = weakref.ref(share), self.window, self.settings.max_in_flight
+
+            def size() -> int:  # a weak hold: the limit must not keep its own key alive
+                alive = ref()
+                fair = alive() if alive is not None else cap
+                return min(fair, window.limit) if window else fair
+
+            limiter = self._limiters[share] = _Limiter(size)
+        return limiter
 
     async def _infer_all(
-        self, requests: Sequence[EngineRequest], share: Share | None
+        self, requests: Sequence[EngineRequest], share: Share | None, overlap: Overlap | None
     ) -> list[Reply]:
-        fair = share or (lambda: self.settings.max_in_flight)
-        window = self.window
-        limiter = _Limiter((lambda: min(fair(), window.limit)) if window else fair)
-        return await asyncio.gather(*(self._one(r, limiter) for r in requests))
+        """A chunk claimed ahead shares the worker's limit with the one before, so it is sent
+        only into the slots that one frees; handed back, what it has not sent comes back."""
+        unsent = len(requests)
 
-    async def _one(self, request: EngineRequest, limiter: _Limiter) -> Reply:
+        def sent() -> bool:  # False: handed back before it was sent
+            nonlocal unsent
+            if overlap is not None and overlap.hand_back.is_set():
+                return False
+            unsent -= 1
+            if unsent == 0 and overlap is not None:  # freed slots are the next chunk's
+                overlap.room.set()
+            return True
+
+        limiter = self._limiter(share)
+        return await asyncio.gather(*(self._one(r, limiter, sent) for r in requests))
+
+    async def _one(
+        self, request: EngineRequest, limiter: _Limiter, sent: Callable[[], bool]
+    ) -> Reply:
         s = self.settings
         payload = orjson.loads(request.body_json)  # as validated and normalised at ingest
         payload["model"] = self.model
@@ -217,6 +259,8 @@ class HttpEngine:
             attempt += 1
             delay: float | None = None
             async with limiter, self._slots:
+                if attempt == 1 and not sent():
+                    return Reply.handed_back()
                 started = time.perf_counter()
                 try:
                     response = await self._client.post(

@@ -7,6 +7,7 @@ chunk, and `max_tokens` is clamped to what the context leaves, as `vllm serve` d
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 
 from offline_queue.engines import tools
-from offline_queue.engines.base import EngineRequest, PerProcess, Reply, Share
+from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply, Share
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
 from offline_queue.engines.responses import (
     Choice,
@@ -26,6 +27,7 @@ from offline_queue.engines.responses import (
     responses_object,
 )
 from offline_queue.engines.sampling import logprobs_count, sampling_kwargs, structured_outputs
+from offline_queue.engines.vllm_steps import SharedSteps
 from offline_queue.formats import (
     EMBEDDINGS_URL,
     ChatCompletionBody,
@@ -35,6 +37,8 @@ from offline_queue.formats import (
     ResponsesBody,
 )
 from offline_queue.model import model_context, model_version, resolve_model
+
+log = logging.getLogger(__name__)
 
 # At import, not when the engine is built: whatever imports vLLM, torch or transformers after
 # this module in the process (the engine, the model's tokenizer) finds the environment set.
@@ -94,12 +98,13 @@ class VLLMSettings:
 
 
 class LocalVLLM:
-    """A `vllm.LLM` in this process. Not re-entrant: one chunk at a time (the lock)."""
+    """A `vllm.LLM` in this process."""
 
     shared = False
+    overlaps = True
 
     def __init__(self, settings: VLLMSettings):
-        _background_import.wait()  # a module half-imported by that thread is not importable yet
+        _background_start.wait()  # a module half-imported by that thread is not importable yet
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -116,6 +121,8 @@ class LocalVLLM:
         self.matryoshka = bool(getattr(config, "is_matryoshka", False))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self._lock = threading.Lock()
+        """Embeddings run one chunk at a time: `LLM.embed` steps the engine until it is empty."""
+        self.steps = SharedSteps(self.llm)
         self.engine_key = f"local:{self.model_dir}"
         self.capacity = 1
 
@@ -222,9 +229,16 @@ class LocalVLLM:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(self, requests: Sequence[EngineRequest], share: Share | None = None) -> list[Reply]:
-        """The whole chunk in one `generate` (or `embed`) call: vLLM schedules it best. (`share`
-        is for engines that several batches use at once; this one serves one batch at a time.)"""
+    def infer(
+        self,
+        requests: Sequence[EngineRequest],
+        share: Share | None = None,
+        overlap: Overlap | None = None,
+    ) -> list[Reply]:
+        """The chunk's requests into the one engine: chunks of several threads run in it
+        together, as `overlap` says (vllm_steps.py). An embeddings chunk is one `embed` call,
+        one at a time. (`share` is for engines that several batches use at once; this one
+        serves one batch at a time.)"""
         replies: list[Reply | None] = [None] * len(requests)
         runnable: list[tuple[int, list[int], Any]] = []
         embeddable: list[tuple[int, list[list[int]]]] = []
@@ -242,8 +256,8 @@ class LocalVLLM:
             else:
                 assert isinstance(prepared, tuple)
                 runnable.append((i, *prepared))
+        self._generate(requests, runnable, replies, overlap)
         with self._lock:
-            self._generate(requests, runnable, replies)
             self._embed(requests, embeddable, replies)
         missing = [requests[i].line_no for i, r in enumerate(replies) if r is None]
         if missing:  # vLLM returned fewer outputs than prompts: an engine fault, retry the chunk
@@ -291,35 +305,33 @@ class LocalVLLM:
         requests: Sequence[EngineRequest],
         runnable: list[tuple[int, list[int], Any]],
         replies: list[Reply | None],
+        overlap: Overlap | None,
     ) -> None:
         if not runnable:
             return
-        from vllm.inputs import TokensPrompt
-
-        started = time.perf_counter()
-        try:
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in runnable],
-                [params for _, _, params in runnable],
-                use_tqdm=False,
-            )
-        except (ValueError, TypeError) as exc:
-            if len(runnable) > 1:  # one bad request: run them one by one to find it
-                for item in runnable:
-                    self._generate(requests, [item], replies)
-                return
-            i = runnable[0][0]
-            replies[i] = Reply.error(
-                400, "invalid_request", f"line {requests[i].line_no}: body: {exc}"
-            )
-            return
-        latency_ms = (time.perf_counter() - started) * 1000
-        for (i, ids, _), output in zip(runnable, outputs, strict=True):
-            replies[i] = self._reply(requests[i], ids, output, latency_ms)
+        started = time.time()
+        outcomes = self.steps.run([(ids, params) for _, ids, params in runnable], overlap)
+        for (i, ids, _), outcome in zip(runnable, outcomes, strict=True):
+            if outcome is None:
+                replies[i] = Reply.handed_back()
+            elif isinstance(outcome, Exception):  # vLLM refused this one request
+                replies[i] = Reply.error(
+                    400, "invalid_request", f"line {requests[i].line_no}: body: {outcome}"
+                )
+            else:
+                output, finished_at = outcome
+                replies[i] = self._reply(requests[i], ids, output, started, finished_at)
 
     def _reply(
-        self, request: EngineRequest, ids: list[int], output: Any, latency_ms: float
+        self,
+        request: EngineRequest,
+        ids: list[int],
+        output: Any,
+        started: float,
+        finished_at: float,
     ) -> Reply:
+        """`started`: when the chunk went into the engine; `finished_at`: the step that ended
+        this request (both epoch seconds)."""
         sampled = self.generate_body(request)
         want_logprobs = logprobs_count(sampled)
         choices = []
@@ -352,8 +364,8 @@ class LocalVLLM:
             body=orjson.dumps(body).decode(),
             prompt_tokens=len(ids),
             completion_tokens=completion_tokens,
-            latency_ms=latency_ms,
-            finished_at=time.time(),
+            latency_ms=(finished_at - started) * 1000,
+            finished_at=finished_at,
         )
 
     def _logprobs(self, completion: Any, top: int) -> list[TokenLogprob]:
@@ -382,35 +394,48 @@ local_engine: PerProcess[VLLMSettings, LocalVLLM] = PerProcess(LocalVLLM)
 """The in-process engine for these settings (started on the first chunk)."""
 
 
-class _BackgroundImport:
-    """vLLM and transformers imported in a daemon thread (`start`), and a wait for it that
-    costs nothing when none was started. The engine waits before its own imports: a package
-    that thread is still importing is half-initialized to any other thread (transformers'
-    lazy module then refuses `AutoTokenizer`)."""
+class _BackgroundStart:
+    """vLLM and transformers imported in a daemon thread (`start`), and the engine built there
+    too when asked, with a wait for the import that costs nothing when none was started. The
+    engine waits before its own imports: a package that thread is still importing is
+    half-initialized to any other thread (transformers' lazy module then refuses
+    `AutoTokenizer`)."""
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
+        self._imported = threading.Event()
+        self._started = False
 
-    def start(self) -> None:
+    def start(self, settings: VLLMSettings | None) -> None:
         def load() -> None:
-            import transformers  # noqa: F401
-            import vllm  # noqa: F401
+            try:
+                import transformers  # noqa: F401
+                import vllm  # noqa: F401
+            finally:
+                self._imported.set()
+            if settings is not None:
+                try:
+                    local_engine(settings)  # the flow's first chunk finds it made (or waits)
+                except Exception as exc:  # the flow builds it again and fails with the reason
+                    log.warning("the engine did not start ahead of the flow: %s", exc)
 
-        self._thread = threading.Thread(target=load, name="import-vllm", daemon=True)
-        self._thread.start()
+        self._started = True
+        threading.Thread(target=load, name="start-vllm", daemon=True).start()
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        if self._started:
+            self._imported.wait()
 
 
-_background_import = _BackgroundImport()
+_background_start = _BackgroundStart()
 
 
-def import_in_background() -> None:
-    """Start importing vLLM now. A one-shot run spends its first 10-20 s waiting for
-    Prefect's temporary server — a process of its own, on the other core — and then ~14 s
-    importing vLLM before the engine can start: begun before the flow, the import overlaps
-    the wait. Only the import: a batch with nothing to infer (every line rejected, or resumed
-    after its last result) still never builds an engine."""
-    _background_import.start()
+def start_in_background(settings: VLLMSettings | None = None) -> None:
+    """Start importing vLLM now, and with `settings` building that engine too. A one-shot run
+    spends its first 10-20 s waiting for Prefect's temporary server — a process of its own,
+    on the other core — then ~14 s importing vLLM and ~20 s starting the engine: begun before
+    the flow, both overlap the wait. The engine is built only when the caller knows which one
+    the flow will want and that the batch is likely to need it: built for nothing (a rerun of a
+    finished batch, a file whose every line is refused), it costs that process ~20 s and the
+    engine's memory, never a wrong answer — the flow asks `local_engine` for its settings, and
+    other settings get an engine of their own."""
+    _background_start.start(settings)

@@ -1,7 +1,10 @@
-"""Many rows in one statement at the driver: plain tuples, `executemany`, no per-row work above
-the driver. On a fast engine, SQLAlchemy's per-row parameter processing was most of a settle's
-Python time (cProfile of bench/ceiling.py); the statements themselves stay the same on both
-stores, only the placeholder differs."""
+"""Many rows in one statement at the driver: plain tuples, no per-row work above the driver. On a
+fast engine, SQLAlchemy's per-row parameter processing was most of a settle's Python time
+(cProfile of bench/ceiling.py). An insert is one multi-row VALUES statement (per 2,000 rows or
+so), not an `executemany` of one statement per row: against one PostgreSQL shared by every
+shard of a cluster, what a settle costs the server then grows with chunks, not with requests
+(bench/cluster.py counts the statements). The statements stay the same on both stores, only the
+placeholder differs."""
 
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from sqlalchemy.sql.expression import ClauseElement
 
 from offline_queue.store.tables import Base
 
+MAX_PARAMETERS = 30_000
+"""Bind parameters in one statement: under SQLite's 32,766 and PostgreSQL's 65,535."""
+
 
 def _mark(conn: Connection) -> str:
     return "?" if conn.dialect.name == "sqlite" else "%s"
@@ -27,12 +33,15 @@ def insert_ignoring_conflicts(
     there already (a replayed settle, two ingesters of one batch) is skipped, not an error."""
     if not rows:
         return
-    marks = ", ".join([_mark(conn)] * len(columns))
-    conn.exec_driver_sql(
-        f"INSERT INTO {table.__tablename__} ({', '.join(columns)}) VALUES ({marks}) "
-        "ON CONFLICT DO NOTHING",
-        list(rows),
-    )
+    row_marks = "(" + ", ".join([_mark(conn)] * len(columns)) + ")"
+    per_statement = max(1, MAX_PARAMETERS // len(columns))
+    head = f"INSERT INTO {table.__tablename__} ({', '.join(columns)}) VALUES "
+    for start in range(0, len(rows), per_statement):
+        part = rows[start : start + per_statement]
+        conn.exec_driver_sql(
+            head + ", ".join([row_marks] * len(part)) + " ON CONFLICT DO NOTHING",
+            tuple(value for row in part for value in row),
+        )
 
 
 def select_in(

@@ -173,6 +173,8 @@ class Settled:
     completed: int = 0
     retried: int = 0
     terminated: int = 0
+    handed_back: int = 0
+    """Back in the queue unstarted: the GPU went to a higher tier first (Reply.handed_back)."""
     lost: int = 0
     """Outcomes dropped because the lease had passed to another worker (nothing committed)."""
     completed_ids: set[int] = field(default_factory=set)
@@ -216,9 +218,12 @@ def settle(
     done: list[Outcome] = []
     again: list[Outcome] = []
     final: list[Outcome] = []
+    returned: list[int] = []
     for o in outcomes:
         if o.reply.ok:
             done.append(o)
+        elif o.reply.unstarted:
+            returned.append(o.request.id)
         elif o.reply.retriable and o.request.attempts < max_attempts:
             again.append(o)
         else:
@@ -247,6 +252,16 @@ def settle(
                 last_error=o.reply.error_message,
             ):
                 stats.retried += 1
+        if returned:  # handed back before the engine started them: as they were, no try spent
+            stats.handed_back = len(
+                _guarded(
+                    s,
+                    claim_.token,
+                    returned,
+                    state=RequestState.QUEUED,
+                    attempts=Request.attempts - 1,
+                )
+            )
         ids = response_ids(len(done))
         rows = [
             (
@@ -293,5 +308,7 @@ def settle(
     stats.completed = len(mine_done)
     stats.completed_ids = mine_done
     stats.terminated = len(mine_final)
-    stats.lost = len(outcomes) - stats.completed - stats.terminated - stats.retried
+    stats.lost = (
+        len(outcomes) - stats.completed - stats.terminated - stats.retried - stats.handed_back
+    )
     return stats
