@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from prefect.blocks.core import Block
 
-from offline_queue.engines.base import EngineRequest, Overlap, Reply, Share
+from offline_queue.engines.base import ALONE, EngineRequest, Reply, Seat
 from offline_queue.formats import CHAT_URL, COMPLETIONS_URL
 
 MODEL = "instant-benchmark-engine"
@@ -43,12 +43,7 @@ class InstantEngine:
     def __init__(self) -> None:
         self._calls = itertools.count()
 
-    def infer(
-        self,
-        requests: Sequence[EngineRequest],
-        share: Share | None = None,
-        overlap: Overlap | None = None,
-    ) -> list[Reply]:
+    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
         now = time.time()
         call, created = next(self._calls), int(now)
         replies = {

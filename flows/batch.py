@@ -41,9 +41,9 @@ from flows.serving import (
     why_stopped,
 )
 from flows.shard import default_parallelism, launch_shards
+from offline_queue.batch_object import BatchObject, RunStats
 from offline_queue.batches import batch_object, place_batch, write_files
 from offline_queue.catalog import Catalog, ServedModel
-from offline_queue.formats import BatchObject, RunStats
 from offline_queue.leases import OwnerHeartbeat
 from offline_queue.queue_file import queue_batch_file
 from offline_queue.release import RouteKey

@@ -28,8 +28,8 @@ from prefect.runtime import flow_run
 from blocks.engines import load_engine_block
 from flows.chunks import ChunkFeed
 from flows.shard import GpuSlot, Turn, default_parallelism, start_shard
+from offline_queue.batch_object import FinishEstimate, RunStats
 from offline_queue.batches import finish_estimate
-from offline_queue.formats import FinishEstimate, RunStats
 from offline_queue.leases import OwnerHeartbeat
 from offline_queue.runs import BatchRun
 from offline_queue.serving import ChunkReport

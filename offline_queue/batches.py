@@ -16,7 +16,7 @@ from typing import BinaryIO, Literal
 import orjson
 
 from offline_queue import eta
-from offline_queue.formats import (
+from offline_queue.batch_object import (
     BatchErrors,
     BatchObject,
     FinishEstimate,

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from offline_queue.cache import ResultCache
-from offline_queue.engines.base import Engine, EngineRequest, Overlap, Reply, Share
+from offline_queue.engines.base import Engine, EngineRequest, Overlap, Reply, Seat, Share
 from offline_queue.store import claims
 from offline_queue.usage import chunk_use
 
@@ -62,9 +62,7 @@ def serve_claim(
         began = time.monotonic()
         try:
             replies = engine.infer(
-                [EngineRequest(r.line_no, r.url, r.body) for r in to_run],
-                share,
-                overlap,
+                [EngineRequest(r.line_no, r.url, r.body) for r in to_run], Seat(share, overlap)
             )
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)

@@ -19,16 +19,10 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from offline_queue.batch_object import LineError
 from offline_queue.catalog import Catalog, ServedModel
 from offline_queue.content import ContentHash
-from offline_queue.formats import (
-    BODY_TYPES,
-    REQUEST_LINE,
-    SUPPORTED_URLS,
-    AnyLine,
-    Body,
-    LineError,
-)
+from offline_queue.formats import BODY_TYPES, REQUEST_LINE, SUPPORTED_URLS, AnyLine, Body
 from offline_queue.prefix import prefix_key
 from offline_queue.storage import Location, StorageUnavailable, locate
 

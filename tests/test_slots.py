@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from offline_queue.batch_object import Shards
 from offline_queue.batches import batch_object
-from offline_queue.formats import Shards
 from offline_queue.slots import Seat, plan
 from offline_queue.store import batches
 from offline_queue.store.slots import SeatRow, batch_shards

@@ -29,9 +29,10 @@ from entrypoints.api.deps import (
     settings_of,
 )
 from entrypoints.api.errors import api_error
+from offline_queue.batch_object import BatchObject
 from offline_queue.batches import batch_object, virtual_outputs
 from offline_queue.durations import duration_seconds
-from offline_queue.formats import SUPPORTED_URLS, BatchObject
+from offline_queue.formats import SUPPORTED_URLS
 from offline_queue.runs import BatchRun
 from offline_queue.shares import MAX_WEIGHT
 from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from entrypoints.cli.shared import DbOption, JsonOption, err, out, print_batch
-from offline_queue.formats import BatchObject
+from offline_queue.batch_object import BatchObject
 from offline_queue.states import TERMINAL_STATUSES, Tier
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from entrypoints.cli.shared import (
     print_batch,
     use_prefect_defaults,
 )
-from offline_queue.formats import BatchObject
+from offline_queue.batch_object import BatchObject
 from offline_queue.states import Tier
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offline_queue.formats import BatchObject
+from offline_queue.batch_object import BatchObject
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages name paths: never cut them mid-line

@@ -87,6 +87,19 @@ class Overlap:
     hand_back: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(frozen=True)
+class Seat:
+    """Where a chunk sits in the engine: its batch's in-flight `share` (for engines that
+    several batches use at once) and, for an engine that `overlaps`, the chunk's `overlap`."""
+
+    share: Share | None = None
+    overlap: Overlap | None = None
+
+
+ALONE = Seat()
+"""A chunk with no share to keep and nothing to overlap."""
+
+
 class Engine(Protocol):
     model_version: str
     """Names the exact weights: results are cached and stamped by it."""
@@ -98,14 +111,9 @@ class Engine(Protocol):
     """Requests in flight the engine takes at once (split between the batches sharing it)."""
     overlaps: bool
     """Whether the engine takes a second chunk from another thread while one is in it, fed
-    only into the seats the first one frees, and heeds `Overlap`."""
+    only into the seats the first one frees, and heeds `Seat.overlap`."""
 
-    def infer(
-        self,
-        requests: Sequence[EngineRequest],
-        share: Share | None = None,
-        overlap: Overlap | None = None,
-    ) -> list[Reply]:
+    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
         """One reply per request, in order. Raises only when the whole engine is unusable
         (a chunk-level fault the caller retries)."""
         ...

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import orjson
 
-from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply, Share
+from offline_queue.engines.base import ALONE, EngineRequest, Overlap, PerProcess, Reply, Seat, Share
 from offline_queue.model import model_version as folder_version
 from offline_queue.retry import RetryPolicy
 from offline_queue.window import Window
@@ -200,15 +200,10 @@ class HttpEngine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(
-        self,
-        requests: Sequence[EngineRequest],
-        share: Share | None = None,
-        overlap: Overlap | None = None,
-    ) -> list[Reply]:
-        """Every request of the chunk, at most `share()` of them in flight for this batch (and
+    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
+        """Every request of the chunk, at most `seat.share()` of them in flight for this batch (and
         `max_in_flight` for the whole process)."""
-        return list(self._call(self._infer_all(requests, share, overlap)))
+        return list(self._call(self._infer_all(requests, seat.share, seat.overlap)))
 
     def _limiter(self, share: Share | None) -> _Limiter:
         """One limit per share (a worker's), kept while the share lives: the chunks a worker

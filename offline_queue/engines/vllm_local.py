@@ -17,16 +17,13 @@ from typing import Any
 import orjson
 
 from offline_queue.engines import tools
-from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply, Share
+from offline_queue.engines.base import ALONE, EngineRequest, Overlap, PerProcess, Reply, Seat
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
 from offline_queue.engines.responses import (
-    Choice,
-    TokenLogprob,
     embeddings_body,
-    response_body,
-    responses_object,
 )
-from offline_queue.engines.sampling import logprobs_count, sampling_kwargs, structured_outputs
+from offline_queue.engines.sampling import sampling_kwargs, structured_outputs
+from offline_queue.engines.vllm_outputs import Naming, reply
 from offline_queue.engines.vllm_steps import SharedSteps
 from offline_queue.formats import (
     EMBEDDINGS_URL,
@@ -120,6 +117,7 @@ class LocalVLLM:
         """An embedding model: it serves /v1/embeddings and nothing else."""
         self.matryoshka = bool(getattr(config, "is_matryoshka", False))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self._naming = Naming(self.model_name, self.tokenizer)
         self._lock = threading.Lock()
         """Embeddings run one chunk at a time: `LLM.embed` steps the engine until it is empty."""
         self.steps = SharedSteps(self.llm)
@@ -229,15 +227,10 @@ class LocalVLLM:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(
-        self,
-        requests: Sequence[EngineRequest],
-        share: Share | None = None,
-        overlap: Overlap | None = None,
-    ) -> list[Reply]:
+    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
         """The chunk's requests into the one engine: chunks of several threads run in it
-        together, as `overlap` says (vllm_steps.py). An embeddings chunk is one `embed` call,
-        one at a time. (`share` is for engines that several batches use at once; this one
+        together, as `seat.overlap` says (vllm_steps.py). An embeddings chunk is one `embed` call,
+        one at a time. (`seat.share` is for engines that several batches use at once; this one
         serves one batch at a time.)"""
         replies: list[Reply | None] = [None] * len(requests)
         runnable: list[tuple[int, list[int], Any]] = []
@@ -256,7 +249,7 @@ class LocalVLLM:
             else:
                 assert isinstance(prepared, tuple)
                 runnable.append((i, *prepared))
-        self._generate(requests, runnable, replies, overlap)
+        self._generate(requests, runnable, replies, seat.overlap)
         with self._lock:
             self._embed(requests, embeddable, replies)
         missing = [requests[i].line_no for i, r in enumerate(replies) if r is None]
@@ -320,74 +313,10 @@ class LocalVLLM:
                 )
             else:
                 output, finished_at = outcome
-                replies[i] = self._reply(requests[i], ids, output, started, finished_at)
-
-    def _reply(
-        self,
-        request: EngineRequest,
-        ids: list[int],
-        output: Any,
-        started: float,
-        finished_at: float,
-    ) -> Reply:
-        """`started`: when the chunk went into the engine; `finished_at`: the step that ended
-        this request (both epoch seconds)."""
-        sampled = self.generate_body(request)
-        want_logprobs = logprobs_count(sampled)
-        choices = []
-        completion_tokens = 0
-        for completion in output.outputs:
-            completion_tokens += len(completion.token_ids)
-            reason = completion.finish_reason or "stop"
-            calls = None
-            if isinstance(sampled, ChatCompletionBody):
-                calls = tools.tool_calls(sampled, completion.text)
-                reason = tools.finish_reason(sampled, calls, reason)
-            choices.append(
-                Choice(
-                    text=completion.text,
-                    finish_reason=reason,
-                    logprobs=self._logprobs(completion, want_logprobs)
-                    if want_logprobs is not None
-                    else None,
-                    tool_calls=calls,
+                sampled = self.generate_body(requests[i])
+                replies[i] = reply(
+                    requests[i], sampled, ids, output, (started, finished_at), self._naming
                 )
-            )
-        if isinstance(request.body, ResponsesBody):
-            body = responses_object(
-                request.body, self.model_name, choices[0], len(ids), completion_tokens
-            )
-        else:
-            body = response_body(request.url, self.model_name, choices, len(ids), completion_tokens)
-        return Reply(
-            ok=True,
-            body=orjson.dumps(body).decode(),
-            prompt_tokens=len(ids),
-            completion_tokens=completion_tokens,
-            latency_ms=(finished_at - started) * 1000,
-            finished_at=finished_at,
-        )
-
-    def _logprobs(self, completion: Any, top: int) -> list[TokenLogprob]:
-        tokens = []
-        for token_id, candidates in zip(
-            completion.token_ids, completion.logprobs or [], strict=False
-        ):
-            chosen = candidates.get(token_id)
-            ranked = sorted(candidates.items(), key=lambda kv: kv[1].rank)[:top]
-            tokens.append(
-                TokenLogprob(
-                    token=self._decoded(token_id, chosen),
-                    logprob=chosen.logprob if chosen is not None else float("-inf"),
-                    top=[(self._decoded(tid, lp), lp.logprob) for tid, lp in ranked],
-                )
-            )
-        return tokens
-
-    def _decoded(self, token_id: int, logprob: Any) -> str:
-        if logprob is not None and logprob.decoded_token is not None:
-            return str(logprob.decoded_token)
-        return str(self.tokenizer.decode([token_id]))
 
 
 local_engine: PerProcess[VLLMSettings, LocalVLLM] = PerProcess(LocalVLLM)

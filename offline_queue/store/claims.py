@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from offline_queue.batch_object import LineError
 from offline_queue.engines.base import Reply
-from offline_queue.formats import LineError
 from offline_queue.retry import RetryPolicy
 from offline_queue.states import RequestState
 from offline_queue.store import clock, usage

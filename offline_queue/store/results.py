@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import orjson
 from sqlalchemy import case, func, select, update
 
-from offline_queue.formats import LineError
+from offline_queue.batch_object import LineError
 from offline_queue.states import SETTLED_STATES, RequestState
 from offline_queue.store import clock
 from offline_queue.store.bulk import driver_stream, insert_ignoring_conflicts
