@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,35 @@ if TYPE_CHECKING:
     from offline_queue.engines.vllm_local import LocalVLLM
 
 REPO = Path(__file__).resolve().parents[1]
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A test that fails with a batch half-served in this process (an API's run thread) leaves
+    task threads of Prefect's pool behind, waiting on an engine or a database the session has
+    stopped; Python joins such threads at exit, and the session, reported, would never end.
+    Name them and end with the session's status."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _stuck():
+        time.sleep(0.2)
+    stuck = _stuck()
+    if stuck:
+        names = ", ".join(t.name for t in stuck)
+        sys.stderr.write(f"\nthreads left running at the end of the session: {names}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(_exit_status)
+
+
+def _stuck() -> list[threading.Thread]:
+    main = threading.main_thread()
+    return [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
 
 
 @pytest.fixture(scope="session")

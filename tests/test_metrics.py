@@ -32,7 +32,7 @@ pytestmark = [
 ]
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deployments" / "grafana" / "offline-queue.json"
-LINES, CHUNK = 24, 8
+LINES, CHUNK = 32, 8
 
 
 def live(db: str, batch_id: str) -> dict[str, int]:
@@ -83,14 +83,18 @@ def test_prometheus_scrapes_a_running_batch_and_the_dashboard_queries_parse(
                 processing = 'sum(offline_queue_requests{tier="bulk",state="processing"})'
 
                 wait_for(lambda: prom.value(completed) == CHUNK, timeout=30, interval=0.5)
-                # The next chunk is claimed once the first is settled: then nothing moves.
-                wait_for(lambda: live(pg_url, batch.id).get(RequestState.PROCESSING), timeout=30)
+                # The second chunk is held, and the third, claimed behind it once all of it is
+                # sent (the overlap, flows/chunks.py), is held too: then nothing moves.
+                wait_for(
+                    lambda: live(pg_url, batch.id).get(RequestState.PROCESSING) == 2 * CHUNK,
+                    timeout=30,
+                )
                 frozen = live(pg_url, batch.id)
                 scraped_after(prom, time.time())
-                assert frozen == {"queued": LINES - 2 * CHUNK, "processing": CHUNK}
+                assert frozen == {"queued": LINES - 3 * CHUNK, "processing": 2 * CHUNK}
                 assert live(pg_url, batch.id) == frozen  # nothing moved while it was scraped
-                assert prom.value(pending) == LINES - 2 * CHUNK
-                assert prom.value(processing) == CHUNK
+                assert prom.value(pending) == LINES - 3 * CHUNK
+                assert prom.value(processing) == 2 * CHUNK
                 assert prom.value(completed) == CHUNK
 
                 proxy.release()

@@ -214,6 +214,8 @@ def test_leaving_a_node_ends_its_processes_and_namespaces() -> None:
         # A daemon that left its session and its parent: still the node's, still ended.
         node.run(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &"], check=True)
         node.popen(["sleep", "300"])
+        # nsenter joins the namespace a moment after it is started
+        wait_for(lambda: len(node.pids()) == 2, timeout=10, interval=0.02)
         pids, holder, netns = node.pids(), node.holder_pid, node.netns
         assert len(pids) == 2
         assert netns is not None
