@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import requests  # noqa: E402
-from bench.server import plain_client  # noqa: E402
+from bench.server import bundled_server, plain_client  # noqa: E402
 from instruments.faultproxy import Fault, FaultProxy  # noqa: E402
 from instruments.loopback import free_port  # noqa: E402
 
@@ -113,22 +113,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    from offline_queue.engines.vllm_server import ServerProcess, server_args
-    from offline_queue.model import prepare_bundled_model
-
     port = free_port()
     n = args.requests
     clean: Callable[[int], Fault] = lambda _n: "pass"  # noqa: E731
     refused = refusing(args.share, args.seed)
     with tempfile.TemporaryDirectory(prefix="oq-bench-") as tmp:
         log = (Path(tmp) / "serve.log").open("wb")
-        with ServerProcess(
-            server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2"),
-            "127.0.0.1",
-            port,
-            log,
-        ) as server:
-            server.wait_ready()
+        with bundled_server(port, log) as server:
             url = f"http://127.0.0.1:{port}/v1"
             asyncio.run(plain_client(url, requests(32, "warm", 50 * n), 32))  # warm the server
             plans = (

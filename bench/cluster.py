@@ -48,7 +48,6 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,6 +55,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.plotting import PLOTS, pyplot  # noqa: E402
 from instruments.nodes import Cluster, Node, namespaces_refused  # noqa: E402
+from instruments.pools import apply_pools, deploy_tiers  # noqa: E402
 from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
 from instruments.prefect_server import prefect_server  # noqa: E402
 from instruments.processes import BIN, exit_on_sigterm, wait_for  # noqa: E402
@@ -142,35 +142,26 @@ def set_up(machines: Cluster, env: dict[str, str], max_nodes: int, store: str) -
         "tiers": {t: {"priority": p, "concurrency_limit": 2 * max_nodes} for t, p in TIERS.items()},
         "groups": {GROUP: {"concurrency_limit": 2 * max_nodes + 2, "gpu_slots": max_nodes}},
     }
-    pools = machines.dir / "pools.yaml"
-    pools.write_text(yaml.safe_dump(topology))
-    applied = subprocess.run(
-        [str(BIN / "offline-queue"), "pools", "apply", str(pools), "--db", store],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert applied.returncode == 0, applied.stderr[-2000:]
-    from prefect import Flow
-
+    apply_pools(topology, machines.dir, store, env)
     from blocks.engines import OpenAIServer
-    from flows.batch import batch_inference
 
     OpenAIServer(base_url=f"http://127.0.0.1:{ENGINE_PORT}/v1", max_in_flight=64).save(
         ENGINE_BLOCK, overwrite=True
     )
-    source = batch_inference.from_source(str(REPO), "flows/batch.py:batch_inference")
-    assert isinstance(source, Flow)
-    for tier in TIERS:
-        source.deploy(
-            name=f"{GROUP}-{tier}",
-            work_pool_name=GROUP,
-            work_queue_name=tier,
-            parameters={"tier": tier, "db": store, "engine": f"openai-server/{ENGINE_BLOCK}"},
-            print_next_steps=False,
-        )
+    deploy_tiers(topology, db=store, engine=f"openai-server/{ENGINE_BLOCK}")
+
+
+def all_serving(sims: list[SimNode], began: float, args: argparse.Namespace) -> None:
+    """Once every engine has had a request since `began`, or after `--all-serving-seconds` (a
+    shard still looking for a free GPU then counts as an idle one)."""
+    wait_for(
+        lambda: (
+            time.time() - began > args.all_serving_seconds
+            or all((s.get("stats")["last"] or 0) > began for s in sims)
+        ),
+        900,
+        0.5,
+    )
 
 
 def flow_runs() -> int:
@@ -385,16 +376,7 @@ def measure(
     runs_before = flow_runs()
     began = time.time()
     start_run("bulk", path, parallelism=n, chunk_size=args.chunk_size)
-    # The window opens once every engine has its first request of this batch, or after
-    # `--all-serving-seconds` (a shard still looking for a free GPU then counts as an idle one).
-    wait_for(
-        lambda: (
-            time.time() - began > args.all_serving_seconds
-            or all((s.get("stats")["last"] or 0) > began for s in sims)
-        ),
-        900,
-        0.5,
-    )
+    all_serving(sims, began, args)  # the steady window opens here
     opened = time.time()
     queries_before, cpu_before = stats.snapshot(), cpu_by_role(machines)
     batch = wait_for(lambda: drained(store, path), 3600, 0.5)
@@ -467,14 +449,7 @@ def critical(
     crit = lines(machines.dir / "crit.jsonl", args.critical_requests, "cc", args.max_tokens)
     began = time.time()
     start_run("bulk", bulk, parallelism=n, chunk_size=args.chunk_size)
-    wait_for(
-        lambda: (
-            time.time() - began > args.all_serving_seconds
-            or all((s.get("stats")["last"] or 0) > began for s in sims)
-        ),
-        900,
-        0.5,
-    )
+    all_serving(sims, began, args)
     time.sleep(chunk_seconds * 1.3)  # into the shards' second chunks, off their boundaries
     arrived = time.time()
     start_run("critical", crit, parallelism=1, chunk_size=args.chunk_size)

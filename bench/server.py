@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import httpx
 
@@ -27,6 +30,9 @@ sys.path.insert(0, str(REPO))
 import bench.quiet  # noqa: E402, F401  (before Prefect and vLLM)
 from bench.overhead import compare, requests, write_jsonl  # noqa: E402
 from instruments.loopback import free_port  # noqa: E402
+
+if TYPE_CHECKING:
+    from offline_queue.engines.vllm_server import ServerProcess
 
 
 async def plain_client(url: str, items: list[dict], in_flight: int) -> tuple[float, int]:
@@ -50,6 +56,18 @@ async def plain_client(url: str, items: list[dict], in_flight: int) -> tuple[flo
         return time.perf_counter() - started, tokens
 
 
+@contextlib.contextmanager
+def bundled_server(port: int, log: IO[bytes]) -> Iterator[ServerProcess]:
+    """`vllm serve` of the bundled model on 127.0.0.1:`port`, ready, its output to `log`."""
+    from offline_queue.engines.vllm_server import ServerProcess, server_args
+    from offline_queue.model import prepare_bundled_model
+
+    args = server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2")
+    with ServerProcess(args, "127.0.0.1", port, log) as server:
+        server.wait_ready()
+        yield server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=512)
@@ -60,8 +78,6 @@ def main() -> None:
 
     from blocks.engines import OpenAIServer
     from flows.batch import batch_inference
-    from offline_queue.engines.vllm_server import ServerProcess, server_args
-    from offline_queue.model import prepare_bundled_model
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
@@ -69,13 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="oq-bench-") as tmp:
         work = Path(tmp)
         log = (work / "serve.log").open("wb")
-        with ServerProcess(
-            server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2"),
-            "127.0.0.1",
-            port,
-            log,
-        ) as server:
-            server.wait_ready()
+        with bundled_server(port, log):
             asyncio.run(plain_client(url, requests(8, "warm", 50 * n), 8))  # warm the server
 
             best, best_rate, offset = 0, 0.0, 10 * n

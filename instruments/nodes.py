@@ -52,6 +52,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from instruments.processes import stop
+
 REPO = Path(__file__).resolve().parents[1]
 INSTALLED: tuple[Path, ...] = (REPO, Path(sys.prefix), Path(sys.base_prefix))
 """What every node sees read-only, its installed software: the checkout, the virtualenv and the
@@ -396,14 +398,8 @@ class Cluster:
         for node in reversed(self.nodes):
             node.stop()
         self.nodes.clear()
+        stop(*self._bridges, grace=10)
         for bridge in self._bridges:
-            bridge.terminate()
-        for bridge in self._bridges:
-            try:
-                bridge.wait(10)
-            except subprocess.TimeoutExpired:
-                bridge.kill()
-                bridge.wait()
             if bridge.stdout is not None:
                 bridge.stdout.close()
         self._bridges.clear()

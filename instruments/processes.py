@@ -4,11 +4,12 @@ driver unwinds on SIGTERM, and how to wait for a condition a process will make t
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -42,3 +43,16 @@ def children(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def stop(*procs: subprocess.Popen[Any], grace: float = 30) -> None:
+    """SIGTERM to every one at once, then each waited for `grace` seconds, and SIGKILLed if it
+    has not ended: a server that ignores the first signal does not outlive its test."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from instruments.loopback import free_port, healthy
-from instruments.processes import wait_for
+from instruments.processes import stop, wait_for
 
 Sample = tuple[dict[str, str], float]
 """One series of a query's answer: its labels and its value."""
@@ -119,11 +119,6 @@ def prometheus(target_url: str) -> Iterator[Prometheus]:
                     raise RuntimeError(log_path.read_text()[-2000:])
                 yield Prometheus(url)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+                stop(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)

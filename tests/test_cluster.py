@@ -27,7 +27,7 @@ from instruments.loopback import free_port, healthy
 from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused, vllm_model_info_cache
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
-from instruments.processes import BIN, wait_for
+from instruments.processes import BIN, stop, wait_for
 from tests.api_helpers import Api, lines_of, wait_terminal
 from tests.conftest import REPO
 from tests.test_pipeline import line, write
@@ -112,10 +112,7 @@ def workers(
         try:
             yield
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(30)
+            stop(*procs)
 
 
 def cmd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -436,12 +433,7 @@ def api_serve(env: dict[str, str], store: str, data_dir: Path, log: Path) -> Ite
         wait_for(answers, timeout=120, interval=0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _inputs(tag: str) -> dict[str, bytes]:

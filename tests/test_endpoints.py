@@ -45,19 +45,39 @@ def emb(custom_id: str, model: str = EMBED, **body: Any) -> dict[str, Any]:
     return req(custom_id, "/v1/embeddings", model=model, **body)
 
 
+def weather(cid: str, choice: Any = None, max_tokens: int = 60, **sampling: Any) -> dict[str, Any]:
+    """A chat line that asks for the weather and offers get_weather (`choice`: its tool_choice,
+    none given when None)."""
+    chosen = {} if choice is None else {"tool_choice": choice}
+    return req(
+        cid,
+        "/v1/chat/completions",
+        model=CHAT,
+        messages=ASK,
+        tools=[WEATHER],
+        max_tokens=max_tokens,
+        **chosen,
+        **sampling,
+    )
+
+
+def say_hello(**extra: Any) -> dict[str, Any]:
+    """The responses line `resp`: a greeting cut at 12 tokens."""
+    return req(
+        "resp",
+        "/v1/responses",
+        model=CHAT,
+        input="Say hello.",
+        max_output_tokens=12,
+        temperature=0,
+        **extra,
+    )
+
+
 def tool_calls() -> list[dict[str, Any]]:
     """Chat lines that must come back as a call of get_weather: a named and a required choice."""
     return [
-        req(
-            cid,
-            "/v1/chat/completions",
-            model=CHAT,
-            messages=ASK,
-            tools=[WEATHER],
-            tool_choice=choice,
-            max_tokens=60,
-            temperature=0,
-        )
+        weather(cid, choice, temperature=0)
         for cid, choice in (
             ("named", {"type": "function", "function": {"name": "get_weather"}}),
             ("required", "required"),
@@ -155,15 +175,7 @@ def test_responses_and_tool_calls_run_through_the_chat_path(
     path = write(
         tmp_path / "chat.jsonl",
         [
-            req(
-                "resp",
-                "/v1/responses",
-                model=CHAT,
-                input="Say hello.",
-                instructions="Be brief.",
-                max_output_tokens=12,
-                temperature=0,
-            ),
+            say_hello(instructions="Be brief."),
             req(
                 "resp-messages",
                 "/v1/responses",
@@ -182,24 +194,8 @@ def test_responses_and_tool_calls_run_through_the_chat_path(
                 text={"format": {"type": "json_schema", "name": "c", "schema": schema}},
             ),
             *tool_calls(),
-            req(
-                "none",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                tool_choice="none",
-                max_tokens=8,
-                temperature=0,
-            ),
-            req(
-                "auto",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                max_tokens=8,
-            ),
+            weather("none", "none", max_tokens=8, temperature=0),
+            weather("auto", max_tokens=8),
             req("embed-here", "/v1/embeddings", model=CHAT, input="x"),
         ],
     )
@@ -235,24 +231,9 @@ def test_embeddings_and_responses_on_vllm_serve(
     path = write(
         tmp_path / "chat.jsonl",
         [
-            req(
-                "resp",
-                "/v1/responses",
-                model=CHAT,
-                input="Say hello.",
-                max_output_tokens=12,
-                temperature=0,
-            ),
+            say_hello(),
             *tool_calls(),
-            req(
-                "auto",
-                "/v1/chat/completions",
-                model=CHAT,
-                messages=ASK,
-                tools=[WEATHER],
-                max_tokens=8,
-                temperature=0,
-            ),
+            weather("auto", max_tokens=8, temperature=0),
         ],
     )
     served = run(path, f"sqlite:///{tmp_path / 'chat.db'}", engine=vllm_server)

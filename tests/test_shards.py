@@ -18,17 +18,16 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-import yaml
 from sqlalchemy import func, select
 
 from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused, vllm_model_info_cache
+from instruments.pools import apply_pools, deploy_tiers
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
 from instruments.processes import BIN, wait_for
 from instruments.rows import batch_of, result_times
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, GpuSeat, Request, Result
-from tests.conftest import REPO
 from tests.test_pipeline import line, read, write
 
 pytestmark = pytest.mark.slow
@@ -70,33 +69,9 @@ def cluster(
     ) as env:
         logs = tmp_path_factory.mktemp("node-logs")
         env.update(PREFECT_WORKER_QUERY_SECONDS="1", OQ_TEST_STORE=store, OQ_TEST_LOGS=str(logs))
-        pools = nodes.dir / "pools.yaml"
-        pools.write_text(yaml.safe_dump(TOPOLOGY))
-        applied = subprocess.run(
-            [str(BIN / "offline-queue"), "pools", "apply", str(pools), "--db", store],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-        )
-        assert applied.returncode == 0, applied.stderr[-2000:]
+        apply_pools(TOPOLOGY, nodes.dir, store, env)
         with api(env):
-            from prefect import Flow
-
-            from flows.batch import batch_inference
-
-            source = batch_inference.from_source(str(REPO), "flows/batch.py:batch_inference")
-            assert isinstance(source, Flow)  # sync: not a coroutine
-            for group in TOPOLOGY["groups"]:
-                for tier in TOPOLOGY["tiers"]:
-                    source.deploy(
-                        name=f"{group}-{tier}",
-                        work_pool_name=group,
-                        work_queue_name=tier,
-                        parameters={"tier": tier, "db": store},
-                        print_next_steps=False,
-                    )
+            deploy_tiers(TOPOLOGY, db=store)
         yield env
 
 

@@ -7,12 +7,14 @@ they share its fixtures; split by topic, each file would repeat the same setup."
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -414,25 +416,34 @@ def test_ingest_stores_any_custom_id_and_rejects_what_no_column_holds(
     assert "NUL" in errors[0][2] and "512" in errors[1][2]
 
 
-def test_concurrent_ingesters_converge(db_url: str, tmp_path: Path) -> None:
-    """Two workers ingest the same batch at once (groups interleave): every line once."""
-    path, bid = _ingest_file(db_url, tmp_path, 600)
-    start = threading.Barrier(2)
+def _all_at_once(calls: list[Callable[[], object]]) -> None:
+    """Each call on a thread of its own, released together; any exception raised here."""
+    start = threading.Barrier(len(calls))
     failures: list[BaseException] = []
 
-    def worker() -> None:
+    def run(call: Callable[[], object]) -> None:
         try:
             start.wait()
-            ingest.ingest(db_url, bid, validate_file(path, Limits()), group_size=25)
+            call()
         except BaseException as exc:  # surfaced below
             failures.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not failures, failures
+
+
+def test_concurrent_ingesters_converge(db_url: str, tmp_path: Path) -> None:
+    """Two workers ingest the same batch at once (groups interleave): every line once."""
+    path, bid = _ingest_file(db_url, tmp_path, 600)
+
+    def worker() -> None:
+        ingest.ingest(db_url, bid, validate_file(path, Limits()), group_size=25)
+
+    _all_at_once([worker, worker])
     _assert_ingested_once(db_url, bid, path)
 
 
@@ -472,22 +483,12 @@ def test_resumers_racing_after_a_crash_reject_every_repeated_custom_id(
 
     with pytest.raises(RuntimeError):
         ingest.ingest(db_url, bid, dies_after(130), group_size=20)
-    start = threading.Barrier(3)
-    failures: list[BaseException] = []
-
-    def resume(group_size: int) -> None:
-        try:
-            start.wait()
-            queue_batch_file(db_url, bid, own_process=False, group_size=group_size)
-        except BaseException as exc:  # surfaced below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=resume, args=(g,)) for g in (7, 11, 13)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures
+    _all_at_once(
+        [
+            functools.partial(queue_batch_file, db_url, bid, own_process=False, group_size=g)
+            for g in (7, 11, 13)
+        ]
+    )
     _assert_ingested_once(db_url, bid, path)
     with session(db_url) as s:
         ids = s.scalars(select(Request.custom_id)).all()
