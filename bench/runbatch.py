@@ -177,9 +177,10 @@ def run_batch(infile: Path, work: Path, i: int, env: dict[str, str], model: Path
 
 def bare_child(infile: Path) -> None:
     """In a process of its own: the flow's engine, a warm-up, then `LLM.chat` on the file."""
+    # vllm_local first: it sets the flow's engine environment (OpenMP threads, in-process
+    # engine core) before vLLM, and torch with it, is imported.
+    from offline_queue.engines.vllm_local import VLLMSettings, local_engine  # isort: skip
     from vllm import SamplingParams
-
-    from offline_queue.engines.vllm_local import VLLMSettings, local_engine
 
     engine = local_engine(VLLMSettings())
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)

@@ -53,6 +53,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close at once; a TCP peer gets a reset (linger 0), not an end of file it could take for
     a complete answer. A Unix socket has no reset: its peer sees the close."""
+    if writer.transport.is_closing():
+        return  # already gone (the peer's close came first): nothing to reset
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -103,6 +105,12 @@ class _Forwarder:
                 _reset(writer)  # the client sees a reset, as with the service down
                 return
             await _splice((reader, writer), upstream)
+        except asyncio.CancelledError:
+            # The bridge is closing (close() below; _splice reset both sides). Ending here
+            # rather than as cancelled: Python 3.11's stream callback calls exception() on the
+            # handler's task, which raises for a cancelled one and prints a traceback per
+            # connection open at shutdown.
+            return
         finally:
             self.tasks.discard(task)
 

@@ -23,6 +23,9 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.pop("OFFLINE_QUEUE_DB", None)
+# The suite runs several engines at once (this process's, the session's vllm serve, the nodes'):
+# one OpenMP thread each, or their spinning threads fight over the two cores (docs/engines.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from offline_queue.engines.env import apply_engine_env  # noqa: E402
 

@@ -16,9 +16,24 @@ _ALWAYS = {
     "VLLM_LOOPBACK_IP": "127.0.0.1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# On CPU the in-process engine core is fastest, and 2 OpenMP threads are much slower than 1
-# on these 2-core machines (measured, docs/engines.md).
-_CPU = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, as a container or taskset gives it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# On CPU the in-process engine core is fastest, with one OpenMP thread for every core this
+# process may use: in steady state the engine's thread is the only busy one (256 chat requests
+# on 2 cores: 48 s at 2 threads, 75 s at 1; docs/engines.md). Several engines on one machine
+# (a test suite, two in-process workers) want 1 thread each instead — their spinning threads
+# fight over the cores — and say so with OMP_NUM_THREADS=1.
+_CPU = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": str(_usable_cores()),
+}
 
 
 def is_cpu_build() -> bool:
