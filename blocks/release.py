@@ -50,22 +50,11 @@ class ReleasePolicy(Block):
     window_hours: float = Field(default=24.0, gt=0, description="How far back guards look.")
 
     def policy(self) -> Policy:
-        return Policy(
-            stable_version=self.stable_version,
-            stable_engine=self.stable_engine,
-            candidate_version=self.candidate_version,
-            candidate_engine=self.candidate_engine,
-            stage=self.stage,
-            fraction=self.fraction,
-            sticky_by=self.sticky_by,
-            internal_tenants=self.internal_tenants,
-            seed_groups=self.seed_groups,
-            guards=Guards(
-                max_error_rate_increase=self.max_error_rate_increase,
-                max_p95_latency_ratio=self.max_p95_latency_ratio,
-                min_samples=self.min_samples,
-            ),
-        )
+        """The domain's policy: the block's fields by name, the guards' nested as Policy has
+        them (so a field added to both needs no line here)."""
+        mine = self.model_dump()
+        guards = Guards(**{k: mine[k] for k in Guards.model_fields})
+        return Policy(**{k: mine[k] for k in Policy.model_fields if k in mine}, guards=guards)
 
 
 def load_policy(name: str) -> ReleasePolicy:

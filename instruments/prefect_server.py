@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 from instruments.loopback import free_port, healthy
-from instruments.processes import BIN, wait_for
+from instruments.processes import BIN, serving
 
 
 @contextlib.contextmanager
@@ -32,24 +31,15 @@ def prefect_server(
     )
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url.replace("+psycopg", "+asyncpg")
-    with (home / "server.log").open("wb") as log:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=home,
-        )
-        try:
-            wait_for(
-                lambda: server.poll() is not None or healthy(f"{api}/health"),
-                timeout=180,
-                interval=0.5,
-            )
-            if server.poll() is not None:
-                raise RuntimeError((home / "server.log").read_text()[-2000:])
-            env["PREFECT_API_URL"] = api
-            yield env
-        finally:
-            server.terminate()
-            server.wait(30)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with serving(
+        cmd,
+        lambda: healthy(f"{api}/health"),
+        home / "server.log",
+        timeout=180,
+        interval=0.5,
+        env=env,
+        cwd=home,
+    ):
+        env["PREFECT_API_URL"] = api
+        yield env

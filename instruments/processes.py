@@ -1,13 +1,15 @@
 """Starting and stopping the instruments' processes: where the venv's programs are, how a
-driver unwinds on SIGTERM, and how to wait for a condition a process will make true."""
+driver unwinds on SIGTERM, how to wait for a condition a process will make true, and a server
+started, awaited and stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,3 +58,26 @@ def stop(*procs: subprocess.Popen[Any], grace: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def serving(
+    cmd: list[str],
+    ready: Callable[[], bool],
+    log_path: Path,
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    **popen: Any,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process, its output in `log_path`, yielded once `ready()` (its health URL
+    answers); if it dies first, the tail of its log is the error. Stopped on the way out."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
+        try:
+            wait_for(lambda: proc.poll() is not None or ready(), timeout, interval)
+            if proc.poll() is not None:
+                raise RuntimeError(log_path.read_text()[-2000:])
+            yield proc
+        finally:
+            stop(proc)

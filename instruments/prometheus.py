@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from instruments.loopback import free_port, healthy
-from instruments.processes import stop, wait_for
+from instruments.processes import serving
 
 Sample = tuple[dict[str, str], float]
 """One series of a query's answer: its labels and its value."""
@@ -96,29 +95,14 @@ def prometheus(target_url: str) -> Iterator[Prometheus]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "prometheus.log"
+    cmd = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     try:
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={root / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=root,
-            )
-            try:
-                wait_for(
-                    lambda: proc.poll() is not None or healthy(f"{url}/-/ready"),
-                    timeout=60,
-                    interval=0.2,
-                )
-                if proc.poll() is not None:
-                    raise RuntimeError(log_path.read_text()[-2000:])
-                yield Prometheus(url)
-            finally:
-                stop(proc)
+        with serving(cmd, lambda: healthy(f"{url}/-/ready"), log_path, timeout=60, cwd=root):
+            yield Prometheus(url)
     finally:
         shutil.rmtree(root, ignore_errors=True)
