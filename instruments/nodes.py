@@ -34,6 +34,10 @@ software back in and then waits; every command joins its namespaces with `nsente
 SIGKILLs, every process in its mount namespace (whatever it forked, setsid or not), ends the
 holder — which unmounts everything with the namespace — and deletes the netns. The holder also
 ends by itself when the process that made the node dies.
+
+One room a little over 400 lines: a node and the cluster that bridges its services are one
+mechanism (the cluster's bridges are the other half of a node's `forward`), and their
+docstring above is most of the length.
 """
 
 from __future__ import annotations

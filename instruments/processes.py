@@ -68,10 +68,12 @@ def serving(
     *,
     timeout: float,
     interval: float = 0.2,
+    grace: float = 30,
     **popen: Any,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A server process, its output in `log_path`, yielded once `ready()` (its health URL
-    answers); if it dies first, the tail of its log is the error. Stopped on the way out."""
+    answers); if it dies first, the tail of its log is the error. Stopped on the way out
+    (`stop`, with `grace`); its `returncode` then says how it ended."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
         try:
@@ -80,4 +82,4 @@ def serving(
                 raise RuntimeError(log_path.read_text()[-2000:])
             yield proc
         finally:
-            stop(proc)
+            stop(proc, grace=grace)

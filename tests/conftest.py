@@ -33,7 +33,7 @@ apply_engine_env()
 
 from instruments.loopback import free_port, healthy  # noqa: E402
 from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
-from instruments.processes import BIN, wait_for  # noqa: E402
+from instruments.processes import BIN, serving  # noqa: E402
 
 if TYPE_CHECKING:
     from offline_queue.engines.vllm_local import LocalVLLM
@@ -174,27 +174,18 @@ def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @contextlib.contextmanager
 def engine_serve(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[str]:
-    import signal
-
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "offline-queue"), "engine", "serve", "--port", str(port), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        try:
-            wait_for(
-                lambda: proc.poll() is not None or healthy(f"http://127.0.0.1:{port}/health"),
-                timeout=300,
-                interval=1,
-            )
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-    assert code == 0, log_path.read_text()[-3000:]
-    assert not healthy(f"http://127.0.0.1:{port}/health")
+    health = f"http://127.0.0.1:{port}/health"
+    with serving(
+        [str(BIN / "offline-queue"), "engine", "serve", "--port", str(port), *args],
+        lambda: healthy(health),
+        log_path,
+        timeout=300,
+        interval=1,
+        grace=60,
+        cwd=REPO,
+    ) as proc:
+        yield f"http://127.0.0.1:{port}/v1"
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert not healthy(health)
