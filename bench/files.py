@@ -49,6 +49,7 @@ from offline_queue.store.bulk import insert_ignoring_conflicts  # noqa: E402
 from offline_queue.store.db import session  # noqa: E402
 from offline_queue.store.results import RESULT_COLUMNS, response_ids  # noqa: E402
 from offline_queue.store.tables import Result  # noqa: E402
+from offline_queue.submission import Submission  # noqa: E402
 from offline_queue.validate import Limits  # noqa: E402
 
 BLOCK = 1 << 20
@@ -166,10 +167,8 @@ def main() -> None:
             keep("read_disk", seconds, size)
 
         batch_id = f"batch_bench_{uuid.uuid4().hex[:8]}"
-        batch, _ = batches.register_batch(
-            db, batch_id=batch_id, content_hash="bench", input_path=str(source),
-            output_path=str(work / "out.jsonl"), error_path=str(work / "err.jsonl"),
-        )  # fmt: skip
+        outputs = str(work / "out.jsonl"), str(work / "err.jsonl")
+        batch, _ = batches.register_batch(db, Submission(batch_id, "bench", str(source), *outputs))
         t0 = time.perf_counter()
         fill_results(db, batch_id, args.lines)
         print(f"  (filled {args.lines:,} result rows in {time.perf_counter() - t0:.1f} s)")

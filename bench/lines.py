@@ -55,6 +55,7 @@ from sqlalchemy import text
 from offline_queue.store import batches, ingest
 from offline_queue.store.db import get_engine
 from offline_queue.queue_file import queue_batch_file
+from offline_queue.submission import Submission
 from offline_queue.validate import Limits, inspect_file
 path, db = Path(sys.argv[1]), sys.argv[2]
 
@@ -76,8 +77,8 @@ def backend_cpu(pid):
 batches.get_batch(db, "none")  # connect and migrate before the clock starts
 t0 = time.perf_counter()
 info = inspect_file(path, Limits())
-batch, _ = batches.register_batch(db, batch_id="batch_ingest", content_hash=info.content_hash,
-    input_path=str(path), output_path="o", error_path="e")
+placed = Submission("batch_ingest", info.content_hash, str(path), "o", "e")
+batch, _ = batches.register_batch(db, placed)
 cpu, server = time.process_time(), server_cpu()
 t = time.perf_counter()
 # What the ingest process of a large file runs (offline_queue/queue_file.py), here in this

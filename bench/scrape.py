@@ -29,6 +29,7 @@ from offline_queue.engines.base import Reply  # noqa: E402
 from offline_queue.states import BatchStatus  # noqa: E402
 from offline_queue.store import batches, claims, ingest  # noqa: E402
 from offline_queue.store.metrics import snapshot  # noqa: E402
+from offline_queue.submission import Submission  # noqa: E402
 from offline_queue.validate import Accepted  # noqa: E402
 
 ANSWER = Reply(ok=True, body='{"ok":true}', prompt_tokens=20, completion_tokens=8, latency_ms=420.0)
@@ -49,12 +50,7 @@ def accepted(n: int) -> Iterator[Accepted]:
 def add_batch(db: str, n: int, finish: bool) -> str:
     bid = f"batch_{uuid.uuid4().hex[:24]}"
     batches.register_batch(
-        db,
-        batch_id=bid,
-        content_hash=uuid.uuid4().hex,
-        input_path=f"/in/{bid}",
-        output_path=f"/out/{bid}",
-        error_path=f"/err/{bid}",
+        db, Submission(bid, uuid.uuid4().hex, f"/in/{bid}", f"/o/{bid}", f"/e/{bid}")
     )
     ingest.ingest(db, bid, accepted(n), group_size=20_000)
     ingest.finish_ingest(db, bid)

@@ -11,6 +11,7 @@ those pairs are one task each. Chunks, not prompts, are Prefect tasks: a task ru
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 from prefect import Flow, State, flow, get_run_logger, task
@@ -150,21 +151,17 @@ def submit(run: BatchRun, db: str) -> Submitted:
     the result cache), never a resume that writes into another directory."""
     owners.reap_orphans(db)  # a batch this run resumes was lost: it shows why, then reopens
     info = inspect_file(locate(resolve(run.input), db), Limits())
-    bid, path, out_path, err_path = place_batch(
-        run.input, run.output, run.errors, info.content_hash, run.batch_id
-    )
+    placed = place_batch(run.input, run.output, run.errors, info.content_hash, run.batch_id)
     batch, created = batches.register_batch(
         db,
-        batch_id=bid,
-        content_hash=info.content_hash,
-        input_path=path,
-        output_path=out_path,
-        error_path=err_path,
-        tier=run.tier,
-        weight=run.weight,
-        max_attempts=run.max_attempts,
-        idempotency_key=run.idempotency_key,
-        metadata=run.metadata,
+        replace(
+            placed,
+            tier=run.tier,
+            weight=run.weight,
+            max_attempts=run.max_attempts,
+            idempotency_key=run.idempotency_key,
+            metadata=run.metadata,
+        ),
     )
     get_run_logger().info(
         "%s batch %s (%s lines, %s bytes)",
@@ -179,7 +176,7 @@ def submit(run: BatchRun, db: str) -> Submitted:
         created_at=batch.created_at,
         status=batch.status,
         lines=info.lines,
-        served=None if run.engine or run.model else route_by_catalog(db, batch, path),
+        served=None if run.engine or run.model else route_by_catalog(db, batch, placed.input_path),
     )
 
 

@@ -31,6 +31,7 @@ from offline_queue.storage import locate, resolve, sibling
 from offline_queue.store import outlook, results, slots, usage
 from offline_queue.store.files import STORE_SCHEME
 from offline_queue.store.tables import Batch
+from offline_queue.submission import Submission
 
 Kind = Literal["output", "errors"]
 _DOWNLOAD_BLOCK = 1 << 20
@@ -54,8 +55,9 @@ def virtual_outputs(batch_id: str) -> tuple[str, str]:
 
 def place_batch(
     input: str, output: str | None, errors: str | None, content_hash: str, batch_id: str | None
-) -> tuple[str, str, str, str]:
-    """(batch id, input, output and error locations) of a submitted file, all as stored.
+) -> Submission:
+    """The batch of a submitted file: its id, and its input, output and error locations as
+    stored (the rest of the submission at its defaults, for the caller to `replace`).
 
     The same content written to the same files is the same batch (its id derives from both),
     so a re-run resumes it. A file in the store has no directory to put outputs beside: unless
@@ -67,12 +69,12 @@ def place_batch(
         identity = f"{content_hash}\n{source}\n{out or ''}\n{err or ''}"
         bid = batch_id or f"batch_{hashlib.sha256(identity.encode()).hexdigest()[:24]}"
         virtual_out, virtual_err = virtual_outputs(bid)
-        return bid, source, out or virtual_out, err or virtual_err
+        return Submission(bid, content_hash, source, out or virtual_out, err or virtual_err)
     default_out, default_err = default_outputs(source)
     out, err = out or default_out, err or default_err
     identity = f"{content_hash}\n{out}\n{err}"
     bid = batch_id or f"batch_{hashlib.sha256(identity.encode()).hexdigest()[:24]}"
-    return bid, source, out, err
+    return Submission(bid, content_hash, source, out, err)
 
 
 def batch_object(

@@ -13,6 +13,7 @@ from offline_queue.store import batches
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
 from tests.conftest import run_cli
+from tests.test_store import submission
 
 
 def add_batch(db: str, tmp_path: Path, **fields: object) -> Batch:
@@ -77,14 +78,7 @@ def test_a_batch_object_carries_its_cancel_and_expiry_times(db_url: str, tmp_pat
 
 
 def test_a_cli_batch_has_no_window_and_never_expires(db_url: str, tmp_path: Path) -> None:
-    batch, created = batches.register_batch(
-        db_url,
-        batch_id="batch_cli",
-        content_hash="d" * 64,
-        input_path=str(tmp_path / "in.jsonl"),
-        output_path=str(tmp_path / "out.jsonl"),
-        error_path=str(tmp_path / "err.jsonl"),
-    )
+    batch, created = batches.register_batch(db_url, submission("batch_cli", "d" * 64, tmp_path))
     assert created
     obj = batch_object(db_url, batch)
     assert obj.expires_at is None and obj.completion_window is None

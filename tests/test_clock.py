@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
 from tests.conftest import REPO, cli_env
 from tests.test_pipeline import line, write
-from tests.test_store import make_batch
+from tests.test_store import make_batch, submission
+
+CHAT = "/v1/chat/completions"
 
 SKEW = 600.0  # ten minutes: far longer than any lease
 FAKETIME = shutil.which("faketime")
@@ -106,24 +109,12 @@ def test_expiry_and_status_stamps_are_the_stores(
     db_url: str, tmp_path: Path, ahead: Callable[[], None]
 ) -> None:
     ahead()
+    placed = replace(submission("batch_clock", folder=tmp_path), completion_window="24h")
     batch, created = admission.admit_batch(
         db_url,
+        replace(placed, tenant="t", input_file_id="file-1", endpoint=CHAT, total_lines=1),
         max_queued=100,
         max_waiting=None,
-        batch_id="batch_clock",
-        tenant="t",
-        input_file_id="file-1",
-        content_hash="0" * 64,
-        input_path=str(tmp_path / "in.jsonl"),
-        output_path=str(tmp_path / "out.jsonl"),
-        error_path=str(tmp_path / "err.jsonl"),
-        endpoint="/v1/chat/completions",
-        tier="standard",
-        weight=1,
-        metadata=None,
-        idempotency_key=None,
-        total_lines=1,
-        completion_window="24h",
         window_seconds=60,
     )
     now = REAL_TIME()

@@ -11,6 +11,7 @@ from offline_queue.batches import batch_object
 from offline_queue.slots import Seat, plan
 from offline_queue.store import batches
 from offline_queue.store.slots import SeatRow, batch_shards
+from tests.test_store import submission
 
 
 def seat(shard: str, tier: int, holding: bool, since: float = 0.0) -> SeatRow:
@@ -75,14 +76,7 @@ def test_seats_beat_and_leave_in_the_store(db_url: str) -> None:
 def test_the_batch_object_shows_its_shards_running_and_waiting(db_url: str, tmp_path: Path) -> None:
     """`offline-queue status` and the API's batch object say how many shards serve the batch
     and how many wait for a GPU, while any is live; nothing once none is."""
-    batch, _ = batches.register_batch(
-        db_url,
-        batch_id="batch_shown",
-        content_hash="0" * 64,
-        input_path=str(tmp_path / "in.jsonl"),
-        output_path=str(tmp_path / "out.jsonl"),
-        error_path=str(tmp_path / "err.jsonl"),
-    )
+    batch, _ = batches.register_batch(db_url, submission("batch_shown", folder=tmp_path))
     assert batch_object(db_url, batch).shards is None
     serving = Seat(db_url, "gpu:g:a", 1, "s1", batch.id, 3).start()
     waiting = Seat(db_url, "gpu:g:a", 1, "s2", batch.id, 3).start()

@@ -29,20 +29,13 @@ from tests.test_cli import custom_ids
 from tests.test_cluster import api as prefect_at
 from tests.test_cluster import cluster, deployed, workers  # noqa: F401  # fixtures
 from tests.test_pipeline import line, write
-from tests.test_store import make_batch
+from tests.test_store import make_batch, submission
 
 LEASE = 3.0
 
 
 def _batch(db: str, batch_id: str) -> Batch:
-    batch, _ = batches.register_batch(
-        db,
-        batch_id=batch_id,
-        content_hash="0" * 64,
-        input_path="/nowhere/in.jsonl",
-        output_path="/nowhere/out.jsonl",
-        error_path="/nowhere/err.jsonl",
-    )
+    batch, _ = batches.register_batch(db, submission(batch_id))
     return batch
 
 

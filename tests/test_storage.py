@@ -348,16 +348,10 @@ def test_a_batch_whose_input_is_in_the_store_validates_and_queues_from_it(db_url
     info = inspect_file(StoreFile(db_url, row.id), Limits())
     assert info.content_hash == row.sha256 and info.lines == 12
 
-    bid, source, out, err = place_batch(row.path, None, None, info.content_hash, None)
-    assert (out, err) == virtual_outputs(bid)
-    _, created = batches.register_batch(
-        db_url,
-        batch_id=bid,
-        content_hash=info.content_hash,
-        input_path=source,
-        output_path=out,
-        error_path=err,
-    )
+    placed = place_batch(row.path, None, None, info.content_hash, None)
+    bid = placed.id
+    assert (placed.output_path, placed.error_path) == virtual_outputs(bid)
+    _, created = batches.register_batch(db_url, placed)
     assert created
     with pytest.raises(FileInUse):  # its lines are not queued yet
         delete_file(db_url, row.id)
@@ -372,15 +366,7 @@ def test_a_batch_whose_input_is_in_the_store_validates_and_queues_from_it(db_url
 
 def test_a_stored_file_is_queued_the_same_in_its_own_process(db_url: str) -> None:
     row = upload(db_url, b"".join(request_line(i) for i in range(20)))
-    bid, source, out, err = place_batch(row.path, None, None, row.sha256, None)
-    batches.register_batch(
-        db_url,
-        batch_id=bid,
-        content_hash=row.sha256,
-        input_path=source,
-        output_path=out,
-        error_path=err,
-    )
+    bid = batches.register_batch(db_url, place_batch(row.path, None, None, row.sha256, None))[0].id
     queue_batch_file(db_url, bid, own_process=True)  # the child reads the store, no disk
     assert ingest.finish_ingest(db_url, bid) == (20, 20)
 
@@ -388,13 +374,8 @@ def test_a_stored_file_is_queued_the_same_in_its_own_process(db_url: str) -> Non
 def finished_batch(db: str, tmp_path: Path, output: str | None = None) -> str:
     """A batch from a stored file, every accepted line answered, with its error rows."""
     row = upload(db, b"".join(request_line(i, bad=i % 3 == 0) for i in range(9)))
-    bid, source, out, err = place_batch(
-        row.path, output, str(tmp_path / "err.jsonl") if output else None, row.sha256, None
-    )
-    batches.register_batch(
-        db, batch_id=bid, content_hash=row.sha256, input_path=source, output_path=out,
-        error_path=err,
-    )  # fmt: skip
+    errors = str(tmp_path / "err.jsonl") if output else None
+    bid = batches.register_batch(db, place_batch(row.path, output, errors, row.sha256, None))[0].id
     queue_batch_file(db, bid, own_process=False)
     ingest.finish_ingest(db, bid)
     c = claims.claim(db, bid, "w", 100, lease_seconds=60)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -30,15 +31,24 @@ from offline_queue.retry import RetryPolicy
 from offline_queue.store import batches, claims, ingest, results, stats
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
+from offline_queue.submission import Submission
 from offline_queue.usage import EngineUse
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.conftest import REPO
+
+NOWHERE = Path("/nowhere")
 
 
 def system_prompt(i: int, prefixes: int) -> str | None:
     """Line i's shared system prompt when a batch has `prefixes` of them, in a shuffled order
     (a fixed permutation of line numbers, so no two neighbours need share one)."""
     return f"system prompt {(i * 7919) % 9973 % prefixes}" if prefixes else None
+
+
+def submission(batch_id: str, content_hash: str = "0" * 64, folder: Path = NOWHERE) -> Submission:
+    """A batch `batch_id` of in.jsonl in `folder`, its outputs out.jsonl and err.jsonl there."""
+    source, out, err = (str(folder / f"{name}.jsonl") for name in ("in", "out", "err"))
+    return Submission(batch_id, content_hash, source, out, err)
 
 
 def make_batch(
@@ -64,14 +74,8 @@ def make_batch(
                 + "\n"
             )
     info = inspect_file(path, Limits())
-    batch, created = batches.register_batch(
-        db,
-        batch_id=f"batch_{info.content_hash[:16]}",
-        content_hash=info.content_hash,
-        input_path=str(path),
-        output_path=str(tmp_path / "out.jsonl"),
-        error_path=str(tmp_path / "err.jsonl"),
-    )
+    placed = submission(f"batch_{info.content_hash[:16]}", info.content_hash, tmp_path)
+    batch, created = batches.register_batch(db, replace(placed, input_path=str(path)))
     assert created
     ingest.ingest(db, batch.id, validate_file(path, Limits()), group_size=100)
     ingest.finish_ingest(db, batch.id)
@@ -92,24 +96,13 @@ def test_register_is_idempotent_and_refuses_other_content(db_url: str, tmp_path:
     bid = make_batch(db_url, tmp_path, 5)
     batch = batches.get_batch(db_url, bid)
     assert batch is not None
-    again, created = batches.register_batch(
-        db_url,
-        batch_id=bid,
-        content_hash=batch.content_hash,
-        input_path=batch.input_path,
-        output_path=batch.output_path,
-        error_path=batch.error_path,
+    same = Submission(
+        bid, batch.content_hash, batch.input_path, batch.output_path, batch.error_path
     )
+    again, created = batches.register_batch(db_url, same)
     assert not created and again.id == bid
     with pytest.raises(batches.BatchConflict, match="different content"):
-        batches.register_batch(
-            db_url,
-            batch_id=bid,
-            content_hash="0" * 64,
-            input_path="x",
-            output_path="y",
-            error_path="z",
-        )
+        batches.register_batch(db_url, submission(bid))
 
 
 def test_concurrent_claims_never_overlap(db_url: str, tmp_path: Path) -> None:
@@ -338,12 +331,7 @@ def _register_file(db: str, path: Path, batch_id: str) -> str:
     """Register the batch file at `path` under `batch_id`; returns the id."""
     info = inspect_file(path, Limits())
     batch, _ = batches.register_batch(
-        db,
-        batch_id=batch_id,
-        content_hash=info.content_hash,
-        input_path=str(path),
-        output_path="o",
-        error_path="e",
+        db, Submission(batch_id, info.content_hash, str(path), "o", "e")
     )
     return batch.id
 

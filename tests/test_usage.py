@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from offline_queue.eta import estimate
 from offline_queue.metrics import registry
 from offline_queue.store import admission, batches, ingest
 from offline_queue.store.outlook import Outlook
+from offline_queue.submission import Submission
 from offline_queue.usage import chunk_use
 from offline_queue.validate import Limits, inspect_file, validate_file
 from offline_queue.worker import ChunkWorker
@@ -49,25 +50,19 @@ def chat_file(path: Path, n: int, max_tokens: int) -> Path:
 def admit(db: str, path: Path, tenant: str, window_seconds: int, batch_id: str) -> str:
     """A tenant's batch with a window, created as POST /v1/batches creates it."""
     info = inspect_file(path, Limits())
-    output, errors = virtual_outputs(batch_id)
+    placed = Submission(batch_id, info.content_hash, str(path), *virtual_outputs(batch_id))
     batch, created = admission.admit_batch(
         db,
+        replace(
+            placed,
+            tenant=tenant,
+            input_file_id=f"file-{batch_id}",
+            endpoint="/v1/chat/completions",
+            total_lines=info.lines,
+            completion_window=f"{window_seconds}s",
+        ),
         max_queued=100_000,
         max_waiting=None,
-        batch_id=batch_id,
-        tenant=tenant,
-        input_file_id=f"file-{batch_id}",
-        content_hash=info.content_hash,
-        input_path=str(path),
-        output_path=output,
-        error_path=errors,
-        endpoint="/v1/chat/completions",
-        tier="standard",
-        weight=1,
-        metadata=None,
-        idempotency_key=None,
-        total_lines=info.lines,
-        completion_window=f"{window_seconds}s",
         window_seconds=window_seconds,
     )
     assert created

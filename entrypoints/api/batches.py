@@ -39,6 +39,7 @@ from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import admission, batches, owners
 from offline_queue.store.expiry import set_output_expiry
 from offline_queue.store.tables import Batch
+from offline_queue.submission import Submission
 
 if TYPE_CHECKING:
     from entrypoints.api.settings import ApiSettings
@@ -181,26 +182,27 @@ def create_batch(
         )
     batch_id = f"batch_{uuid.uuid4().hex[:24]}"
     # The output and error files are the batch's result rows: any node's API serves them.
-    output_path, error_path = virtual_outputs(batch_id)
+    sub = Submission(
+        batch_id,
+        f.sha256,
+        f.path,
+        *virtual_outputs(batch_id),
+        tier=tier,
+        weight=weight,
+        metadata=meta,
+        idempotency_key=idempotency_key,
+        tenant=who,
+        input_file_id=f.id,
+        endpoint=body.endpoint,
+        total_lines=f.lines,
+        completion_window=body.completion_window,
+    )
     try:
         batch, created = admission.admit_batch(
             settings.db,
+            sub,
             max_queued=settings.max_queued[tier],
             max_waiting=caller.max_waiting,
-            batch_id=batch_id,
-            tenant=who,
-            input_file_id=f.id,
-            content_hash=f.sha256,
-            input_path=f.path,
-            output_path=output_path,
-            error_path=error_path,
-            endpoint=body.endpoint,
-            tier=tier,
-            weight=weight,
-            metadata=meta,
-            idempotency_key=idempotency_key,
-            total_lines=f.lines,
-            completion_window=body.completion_window,
             window_seconds=seconds,
         )
     except admission.AdmissionRefused as exc:

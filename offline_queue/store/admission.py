@@ -4,8 +4,6 @@ fair between tenants, idempotent per (tenant, key) — one check per tier at a t
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
@@ -15,6 +13,7 @@ from offline_queue.store import clock
 from offline_queue.store.batches import new_batch
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Result
+from offline_queue.submission import Submission
 
 RUNNABLE = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
 """The statuses of a batch that can still run; `cancelling` ends with its in-flight chunk."""
@@ -105,35 +104,23 @@ def _admit(
     )
 
 
-def _differences(b: Batch, want: dict[str, Any]) -> list[str]:
-    have = {
-        "input_file_id": b.input_file_id,
-        "endpoint": b.endpoint,
-        "completion_window": b.completion_window,
-        "metadata": orjson.loads(b.metadata_json) if b.metadata_json else {},
-    }
-    return [field for field, value in want.items() if have[field] != value]
+_SAME_REQUEST = ("input_file_id", "endpoint", "completion_window")
+"""With the metadata, what makes a create with a known idempotency key the same request."""
+
+
+def _differences(b: Batch, sub: Submission) -> list[str]:
+    differ = [name for name in _SAME_REQUEST if getattr(b, name) != getattr(sub, name)]
+    if (orjson.loads(b.metadata_json) if b.metadata_json else {}) != (sub.metadata or {}):
+        differ.append("metadata")
+    return differ
 
 
 def admit_batch(
     db: str,
+    sub: Submission,
     *,
     max_queued: int,
     max_waiting: int | None,
-    batch_id: str,
-    tenant: str,
-    input_file_id: str,
-    content_hash: str,
-    input_path: str,
-    output_path: str,
-    error_path: str,
-    endpoint: str,
-    tier: str,
-    weight: int,
-    metadata: dict[str, str] | None,
-    idempotency_key: str | None,
-    total_lines: int,
-    completion_window: str,
     window_seconds: int,
 ) -> tuple[Batch, bool]:
     """A batch from the API, if admitted (`_admit`): (batch, created).
@@ -141,23 +128,20 @@ def admit_batch(
     The tenant's batch that already holds `idempotency_key` is returned when it was created by
     the same request (file, endpoint, window, metadata), else IdempotencyConflict. The key is
     the tenant's: another tenant's keys are never looked at."""
-    want = {
-        "input_file_id": input_file_id,
-        "endpoint": endpoint,
-        "completion_window": completion_window,
-        "metadata": metadata or {},
-    }
+    tenant, tier = sub.tenant, sub.tier
+    if tenant is None:
+        raise ValueError("an admitted batch has a tenant")
     with session(db) as s:
         _lock(s, f"tier:{tier}")
         _lock(s, f"tenant:{tenant}")
-        if idempotency_key:
+        if sub.idempotency_key:
             existing = s.scalar(
                 select(Batch).where(
-                    Batch.tenant == tenant, Batch.idempotency_key == idempotency_key
+                    Batch.tenant == tenant, Batch.idempotency_key == sub.idempotency_key
                 )
             )
             if existing is not None:
-                differ = _differences(existing, want)
+                differ = _differences(existing, sub)
                 if differ:
                     raise IdempotencyConflict(existing.id, differ)
                 return existing, False
@@ -166,28 +150,10 @@ def admit_batch(
             _waiting(s, tier, tenant, now),
             tenant=tenant,
             tier=tier,
-            lines=total_lines,
+            lines=sub.total_lines,
             max_queued=max_queued,
             max_waiting=max_waiting,
         )
-        batch = new_batch(
-            batch_id=batch_id,
-            content_hash=content_hash,
-            input_path=input_path,
-            output_path=output_path,
-            error_path=error_path,
-            tier=tier,
-            weight=weight,
-            max_attempts=3,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            created_at=now,
-            total_lines=total_lines,
-            endpoint=endpoint,
-            tenant=tenant,
-            input_file_id=input_file_id,
-            completion_window=completion_window,
-            expires_at=now + window_seconds,
-        )
+        batch = new_batch(sub, created_at=now, expires_at=now + window_seconds)
         s.add(batch)
     return batch, True

@@ -13,108 +13,52 @@ from typing import Any
 import orjson
 from sqlalchemy import func, select, update
 
-from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
+from offline_queue.states import TERMINAL_STATUSES, BatchStatus
 from offline_queue.store import clock, totals
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
+from offline_queue.submission import Submission
 
 
 class BatchConflict(ValueError):
     """An explicit batch id or idempotency key already names a batch with other content."""
 
 
-def new_batch(
-    *,
-    batch_id: str,
-    content_hash: str,
-    input_path: str,
-    output_path: str,
-    error_path: str,
-    tier: str,
-    weight: int,
-    max_attempts: int,
-    metadata: dict[str, str] | None,
-    idempotency_key: str | None,
-    created_at: int,
-    total_lines: int = 0,
-    endpoint: str | None = None,
-    tenant: str | None = None,
-    input_file_id: str | None = None,
-    completion_window: str | None = None,
-    expires_at: int | None = None,
-) -> Batch:
+def new_batch(sub: Submission, *, created_at: int, expires_at: int | None = None) -> Batch:
     """A new batch row, `validating`, nothing ingested yet."""
     return Batch(
-        id=batch_id,
-        content_hash=content_hash,
-        idempotency_key=idempotency_key,
-        input_path=input_path,
-        output_path=output_path,
-        error_path=error_path,
+        **sub.columns(),
+        metadata_json=orjson.dumps(sub.metadata).decode() if sub.metadata else None,
         status=BatchStatus.VALIDATING,
-        endpoint=endpoint,
-        tier=tier,
-        weight=weight,
-        max_attempts=max_attempts,
-        metadata_json=orjson.dumps(metadata).decode() if metadata else None,
-        total_lines=total_lines,
         ingested_through=0,
         ingest_done=False,
         created_at=created_at,
-        tenant=tenant,
-        input_file_id=input_file_id,
-        completion_window=completion_window,
         expires_at=expires_at,
     )
 
 
-def register_batch(
-    db: str,
-    *,
-    batch_id: str,
-    content_hash: str,
-    input_path: str,
-    output_path: str,
-    error_path: str,
-    tier: str = Tier.STANDARD,
-    weight: int = 1,
-    max_attempts: int = 3,
-    metadata: dict[str, str] | None = None,
-    idempotency_key: str | None = None,
-) -> tuple[Batch, bool]:
+def register_batch(db: str, sub: Submission) -> tuple[Batch, bool]:
     """The batch for this content, created if new. Returns (batch, created).
 
     Submitting the same content (or the same idempotency key) again returns the batch that
     exists, so a re-run resumes it instead of duplicating it.
     """
     with session(db) as s:
-        existing = s.get(Batch, batch_id)
-        if existing is None and idempotency_key:
+        existing = s.get(Batch, sub.id)
+        if existing is None and sub.idempotency_key:
             existing = s.scalar(
                 select(Batch).where(
-                    Batch.tenant.is_(None), Batch.idempotency_key == idempotency_key
+                    Batch.tenant.is_(None), Batch.idempotency_key == sub.idempotency_key
                 )
             )
         if existing is not None:
-            if existing.content_hash != content_hash:
+            if existing.content_hash != sub.content_hash:
                 raise BatchConflict(
                     f"batch {existing.id} was submitted with different content "
-                    f"(sha256 {existing.content_hash[:12]}…, this file {content_hash[:12]}…)"
+                    f"(sha256 {existing.content_hash[:12]}…, this file {sub.content_hash[:12]}…)"
                 )
             return existing, False
-        batch = new_batch(
-            batch_id=batch_id,
-            content_hash=content_hash,
-            input_path=input_path,
-            output_path=output_path,
-            error_path=error_path,
-            tier=tier,
-            weight=weight,
-            max_attempts=max_attempts,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-            created_at=clock.seconds(s),
-        )
+        batch = new_batch(sub, created_at=clock.seconds(s))
         s.add(batch)
     return batch, True
 
