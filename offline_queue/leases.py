@@ -3,17 +3,15 @@ its batch shows an owner that is alive (OwnerHeartbeat)."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from offline_queue.heartbeat import Heartbeat
 from offline_queue.store import claims, owners
 
-log = logging.getLogger(__name__)
 
-
-class LeaseKeeper:
+class LeaseKeeper(Heartbeat):
     """Renews the leases of the claims in hand every `lease_seconds / 3`.
 
     A chunk can take longer than one lease (a slow engine, a long generation) and still be
@@ -22,21 +20,14 @@ class LeaseKeeper:
     engine and the one claimed ahead of it (flows/chunks.py).
     """
 
+    what = "lease-keeper"
+
     def __init__(self, db: str, lease_seconds: float):
         self.db = db
         self.lease_seconds = lease_seconds
         self._tokens: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-
-    def start(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__(lease_seconds / 3)
 
     @contextmanager
     def holding(self, token: str) -> Iterator[None]:
@@ -48,17 +39,14 @@ class LeaseKeeper:
             with self._lock:
                 self._tokens.discard(token)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            with self._lock:
-                tokens = list(self._tokens)
-            try:
-                claims.renew_leases(self.db, tokens, self.lease_seconds)
-            except Exception as exc:  # the store may be restarting: try again next beat
-                log.warning("lease renewal failed: %s", exc)
+    def beat(self) -> None:
+        with self._lock:
+            tokens = list(self._tokens)
+        if tokens:
+            claims.renew_leases(self.db, tokens, self.lease_seconds)
 
 
-class OwnerHeartbeat:
+class OwnerHeartbeat(Heartbeat):
     """Owns a batch for one run and beats its heartbeat every `lease_seconds / 3`, from the
     run's start (before the engine loads: that can take minutes) to its end.
 
@@ -67,30 +55,23 @@ class OwnerHeartbeat:
     worker, the API, `status`) says why the batch stopped, instead of it staying `in_progress`.
     """
 
+    what = "owner-heartbeat"
+
     def __init__(self, db: str, batch_id: str, owner: str, run_id: str | None, lease: float):
         self.db, self.batch_id, self.owner, self.run_id = db, batch_id, owner, run_id
         self.lease_seconds = lease
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="owner-heartbeat", daemon=True)
+        super().__init__(lease / 3)
 
     def __enter__(self) -> OwnerHeartbeat:
-        self._beat()  # owned (a batch failed by a lost run reopened) before anything runs
-        self._thread.start()
-        return self
+        # The first beat owns the batch (a batch failed by a lost run reopens) before anything
+        # runs on it.
+        return self.start()
 
     def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self.stop()
 
-    def _beat(self) -> bool:
+    def beat(self) -> bool:
+        """False once the batch is over: nothing left to own."""
         return owners.take_ownership(
             self.db, self.batch_id, self.owner, self.run_id, self.lease_seconds
         )
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                if not self._beat():
-                    return  # the batch is over: nothing left to own
-            except Exception as exc:  # the store may be restarting: try again next beat
-                log.warning("batch heartbeat failed: %s", exc)

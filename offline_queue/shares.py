@@ -9,14 +9,11 @@ requests already in flight finish. A worker that dies stops beating and stops co
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections import Counter
 from dataclasses import dataclass
 
+from offline_queue.heartbeat import Heartbeat
 from offline_queue.store import shares as share_rows
-
-log = logging.getLogger(__name__)
 
 MAX_WEIGHT = 1000
 """The largest weight a batch can carry (the API refuses more, and a larger stored one counts as
@@ -57,8 +54,10 @@ def slots_for(me: Participant, active: list[Participant], capacity: int, floor: 
     return max(floor, min(room, round(room * (_weight(me) / workers[me.batch_id]) / total)))
 
 
-class ShareKeeper:
+class ShareKeeper(Heartbeat):
     """Beats every `interval` seconds and keeps `slots` current for the engine's limiter."""
+
+    what = "share-keeper"
 
     def __init__(
         self,
@@ -70,12 +69,11 @@ class ShareKeeper:
         stale_seconds: float = 10.0,
     ):
         self.db, self.engine_key, self.me = db, engine_key, me
-        self.capacity, self.interval, self.stale_seconds = capacity, interval, stale_seconds
+        self.capacity, self.stale_seconds = capacity, stale_seconds
         self.slots = capacity
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="share-keeper", daemon=True)
+        super().__init__(interval)
 
-    def refresh(self) -> int:
+    def beat(self) -> int:
         me = self.me
         rows = share_rows.beat(
             self.db, self.engine_key, me.batch_id, me.owner, me.tier, me.weight, self.stale_seconds
@@ -83,25 +81,9 @@ class ShareKeeper:
         self.slots = slots_for(me, [Participant(*row) for row in rows], self.capacity)
         return self.slots
 
-    def start(self) -> ShareKeeper:
-        self.refresh()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        try:
-            share_rows.leave(self.db, self.engine_key, self.me.batch_id, self.me.owner)
-        except Exception as exc:  # a stale row stops counting by itself
-            log.warning("could not leave the engine share table: %s", exc)
+    def leave(self) -> None:
+        share_rows.leave(self.db, self.engine_key, self.me.batch_id, self.me.owner)
 
     def __call__(self) -> int:
+        """The slots of the last beat: a failed beat keeps them."""
         return self.slots
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.refresh()
-            except Exception as exc:
-                log.warning("share refresh failed (keeping %d slots): %s", self.slots, exc)

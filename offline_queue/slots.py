@@ -25,15 +25,13 @@ queued, by design, and never longer.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from offline_queue.heartbeat import Heartbeat
 from offline_queue.store import slots as seat_rows
 from offline_queue.store.slots import SeatRow
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,9 +66,11 @@ def plan(seats: Iterable[SeatRow], gpus: int) -> Plan:
     return Plan(frozenset(granted), frozenset(yielding))
 
 
-class Seat:
+class Seat(Heartbeat):
     """One shard's row at a node's GPUs, beating every `interval` seconds from a thread of its
     own while it lives (a chunk may take minutes), and looked at afresh when the shard asks."""
+
+    what = "gpu-seat"
 
     def __init__(
         self,
@@ -85,12 +85,11 @@ class Seat:
     ):
         self.db, self.limit, self.gpus, self.shard = db, limit, gpus, shard
         self.batch_id, self.tier = batch_id, tier
-        self.interval, self.stale_seconds = interval, stale_seconds
+        self.stale_seconds = stale_seconds
         self.holding = False
         self.since = seat_rows.now(self.db)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-seat", daemon=True)
+        super().__init__(interval)
 
     def look(self) -> Plan:
         """Beat, and the plan over the live seats."""
@@ -128,23 +127,8 @@ class Seat:
         self.holding, self.since = holding, seat_rows.now(self.db)
         self.look()
 
-    def start(self) -> Seat:
-        self.look()
-        self._thread.start()
-        return self
+    def beat(self) -> Plan:
+        return self.look()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        try:
-            seat_rows.leave(self.db, self.limit, self.shard)
-        except Exception as exc:  # a stale row stops counting by itself
-            log.warning("could not leave the GPU seats: %s", exc)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.look()
-            except Exception as exc:
-                log.warning("GPU seat heartbeat failed: %s", exc)
+    def leave(self) -> None:
+        seat_rows.leave(self.db, self.limit, self.shard)
