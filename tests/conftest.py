@@ -32,6 +32,7 @@ from offline_queue.engines.env import apply_engine_env  # noqa: E402
 apply_engine_env()
 
 from instruments.loopback import free_port, healthy  # noqa: E402
+from instruments.nodes import Cluster, namespaces_refused  # noqa: E402
 from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
 from instruments.processes import BIN, serving  # noqa: E402
 
@@ -104,6 +105,17 @@ def sqlite_url(tmp_path: Path) -> str:
 def db_url(request: pytest.FixtureRequest) -> str:
     """Each test that takes it runs on the embedded default and on PostgreSQL."""
     return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[Cluster]:
+    """Simulated machines (instruments/nodes.py) for one test module; skipped where this kernel
+    or user cannot make namespaces."""
+    refused = namespaces_refused()
+    if refused:
+        pytest.skip(f"this kernel or user cannot make namespaces: {refused}")
+    with Cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

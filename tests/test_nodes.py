@@ -45,15 +45,6 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    refused = namespaces_refused()
-    if refused:
-        pytest.skip(f"this kernel or user cannot make namespaces: {refused}")
-    with Cluster() as c:
-        yield c
-
-
 @contextlib.contextmanager
 def http_server(directory: Path) -> Iterator[int]:
     """A plain HTTP server on the host's 127.0.0.1 serving `directory`; yields its port."""
@@ -78,8 +69,8 @@ def out(node: Node, *cmd: str) -> str:
     return done.stdout.strip()
 
 
-def test_a_node_reads_no_file_another_node_or_the_host_wrote(cluster: Cluster) -> None:
-    a, b = cluster.node("files-a"), cluster.node("files-b")
+def test_a_node_reads_no_file_another_node_or_the_host_wrote(nodes: Cluster) -> None:
+    a, b = nodes.node("files-a"), nodes.node("files-b")
     tag = uuid.uuid4().hex
     places = [f"/tmp/{tag}", f"/var/tmp/{tag}", f"/dev/shm/{tag}", f"{a.home}/{tag}"]
     places.append(f"{a.home}/.cache/{tag}")  # an XDG default under HOME
@@ -102,8 +93,8 @@ def test_a_node_reads_no_file_another_node_or_the_host_wrote(cluster: Cluster) -
     assert cache.startswith(str(a.home))
 
 
-def test_installed_software_is_visible_and_read_only(cluster: Cluster) -> None:
-    node = cluster.node("installed")
+def test_installed_software_is_visible_and_read_only(nodes: Cluster) -> None:
+    node = nodes.node("installed")
     assert out(node, "cat", str(REPO / "pyproject.toml")).startswith("[")
     assert out(node, PYTHON, "-c", "import instruments.nodes; print('ok')") == "ok"
     denied = node.run(["touch", str(REPO / f"written-by-node-{uuid.uuid4().hex}")])
@@ -112,26 +103,26 @@ def test_installed_software_is_visible_and_read_only(cluster: Cluster) -> None:
 
 
 def test_own_loopback_reaches_the_host_only_through_the_bridge(
-    cluster: Cluster, tmp_path: Path
+    nodes: Cluster, tmp_path: Path
 ) -> None:
     (tmp_path / "hello.txt").write_text("hello from the host")
     with http_server(tmp_path) as port:
-        node = cluster.node("http", netns=True)
+        node = nodes.node("http", netns=True)
         # Its 127.0.0.1 is its own: nothing listens on the host's port there.
         assert out(node, PYTHON, "-c", CONNECT, str(port)) == "refused"
-        node.forward(port, cluster.publish(port))
+        node.forward(port, nodes.publish(port))
         get = f"import httpx; print(httpx.get('http://127.0.0.1:{port}/hello.txt').text)"
         assert out(node, PYTHON, "-c", get) == "hello from the host"
 
 
 def test_own_loopback_reaches_postgres_through_its_socket(
-    cluster: Cluster, pg_instance: Postgres | None
+    nodes: Cluster, pg_instance: Postgres | None
 ) -> None:
     if pg_instance is None:
         pytest.skip("an external PostgreSQL (OFFLINE_QUEUE_TEST_PG) has no socket directory here")
     name = f"t_{uuid.uuid4().hex[:12]}"
     pg_instance.create_database(name)
-    node = cluster.node("pg", netns=True)
+    node = nodes.node("pg", netns=True)
     assert out(node, PYTHON, "-c", CONNECT, str(pg_instance.port)) == "refused"
     query = (
         "import sqlalchemy as sa, sys\n"
@@ -142,12 +133,12 @@ def test_own_loopback_reaches_postgres_through_its_socket(
 
 
 def test_a_flow_in_a_node_reports_to_the_sessions_prefect_server(
-    cluster: Cluster, prefect_api: str
+    nodes: Cluster, prefect_api: str
 ) -> None:
     """The Prefect server at the same URL as on the host, through the bridge pair."""
     port = urlsplit(prefect_api).port
     assert port is not None
-    node = cluster.node("prefect", netns=True, reach=[port])
+    node = nodes.node("prefect", netns=True, reach=[port])
     tag = uuid.uuid4().hex[:8]
     code = f"from prefect import flow\n@flow(name='node-{tag}')\ndef f(): return 42\nprint(f())"
     done = node.run(
@@ -170,12 +161,12 @@ def test_a_flow_in_a_node_reports_to_the_sessions_prefect_server(
     assert asyncio.run(runs()) == ["COMPLETED"]
 
 
-def test_each_node_has_its_own_127_0_0_1_port(cluster: Cluster) -> None:
+def test_each_node_has_its_own_127_0_0_1_port(nodes: Cluster) -> None:
     port = free_port()
     listeners = []
     try:
         for name in ("port-a", "port-b"):
-            node = cluster.node(name, netns=True)
+            node = nodes.node(name, netns=True)
             proc = node.popen(
                 [PYTHON, "-c", LISTEN, str(port)],
                 stdin=subprocess.PIPE,
@@ -194,8 +185,8 @@ def test_each_node_has_its_own_127_0_0_1_port(cluster: Cluster) -> None:
                     stream.close()
 
 
-def test_kill_9_of_a_handle_ends_the_process_in_the_node(cluster: Cluster) -> None:
-    node = cluster.node("kill", netns=True)
+def test_kill_9_of_a_handle_ends_the_process_in_the_node(nodes: Cluster) -> None:
+    node = nodes.node("kill", netns=True)
     proc = node.popen(["sleep", "300"])
     # The handle is the command itself (nsenter execs it), not a wrapper around it.
     cmdline = Path(f"/proc/{proc.pid}/cmdline")

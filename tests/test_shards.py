@@ -20,7 +20,7 @@ from uuid import UUID
 import pytest
 from sqlalchemy import func, select
 
-from instruments.nodes import INSTALLED, Cluster, Node, namespaces_refused, vllm_model_info_cache
+from instruments.nodes import INSTALLED, Cluster, Node, vllm_model_info_cache
 from instruments.pools import apply_pools, deploy_tiers
 from instruments.postgres import create_database
 from instruments.prefect_server import prefect_server
@@ -45,15 +45,6 @@ TOPOLOGY = {
         "solo": {"concurrency_limit": 3, "gpu_slots": 1},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def nodes() -> Iterator[Cluster]:
-    refused = namespaces_refused()
-    if refused:
-        pytest.skip(f"this kernel or user cannot make namespaces: {refused}")
-    with Cluster() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -40,15 +40,8 @@ def create_key(
         if value is not None and not 0 <= value < 1 << 62:
             raise ValueError(f"{name}: a size of at least 0")
     key = f"oq-{secrets.token_urlsafe(32)}"
-    keys.add_key(
-        db,
-        digest(key),
-        tenant,
-        tiers=tiers,
-        max_weight=max_weight,
-        max_waiting=max_waiting,
-        max_stored_bytes=max_stored_bytes,
-    )
+    rights = KeyRights(tenant, tiers, max_weight, max_waiting, max_stored_bytes)
+    keys.add_key(db, digest(key), rights)
     return key
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
@@ -71,19 +71,24 @@ Caller = Annotated[Rights, Depends(current_rights)]
 def own_file(settings: ApiSettings, file_id: str, who: str) -> StoredFile:
     if not FILE_ID.match(file_id):
         raise api_error(404, "no such file", "not_found")
-    f = files.get_file(settings.db, file_id)
-    if f is None or f.tenant != who:
-        raise api_error(404, f"no file {file_id}", "not_found")
-    return f
+    return _theirs(files.get_file(settings.db, file_id), who, f"no file {file_id}")
 
 
 def own_batch(settings: ApiSettings, batch_id: str, who: str) -> Batch:
     if not BATCH_ID.match(batch_id):
         raise api_error(404, "no such batch", "not_found")
-    b = batches.get_batch(settings.db, batch_id)
-    if b is None or b.tenant != who:
-        raise api_error(404, f"no batch {batch_id}", "not_found")
-    return b
+    return _theirs(batches.get_batch(settings.db, batch_id), who, f"no batch {batch_id}")
+
+
+Owned = TypeVar("Owned", StoredFile, Batch)
+
+
+def _theirs(row: Owned | None, who: str, missing: str) -> Owned:
+    """Another tenant's row is as missing as one that does not exist: the same 404, so that
+    ids cannot be probed (an id not of the right form is not even echoed)."""
+    if row is None or row.tenant != who:
+        raise api_error(404, missing, "not_found")
+    return row
 
 
 def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -5,7 +5,7 @@ keys)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from sqlalchemy import select, update
 
@@ -24,26 +24,12 @@ class KeyRights:
     max_stored_bytes: int | None
 
 
-def add_key(
-    db: str,
-    key_hash: str,
-    tenant: str,
-    *,
-    tiers: tuple[str, ...] | None = None,
-    max_weight: int | None = None,
-    max_waiting: int | None = None,
-    max_stored_bytes: int | None = None,
-) -> None:
+def add_key(db: str, key_hash: str, rights: KeyRights) -> None:
+    tiers = ",".join(rights.tiers) if rights.tiers is not None else None
     with session(db) as s:
         s.add(
             ApiKey(
-                key_hash=key_hash,
-                tenant=tenant,
-                created_at=int(time.time()),
-                tiers=",".join(tiers) if tiers is not None else None,
-                max_weight=max_weight,
-                max_waiting=max_waiting,
-                max_stored_bytes=max_stored_bytes,
+                key_hash=key_hash, created_at=int(time.time()), **asdict(rights) | {"tiers": tiers}
             )
         )
 
