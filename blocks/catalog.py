@@ -8,7 +8,7 @@ import logging
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from offline_queue.catalog import DEFAULT_CATALOG, Catalog, ServedModel
 from offline_queue.formats import GENERATE_URLS, SUPPORTED_URLS
@@ -23,6 +23,8 @@ class ServedModelBlock(Block):
     _block_type_slug = "served-model"
     _description = "A model name the lines of a batch may name, and the engine that serves it."
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     name: str = Field(min_length=1, description="The name lines give as `model`.")
     aliases: list[str] = Field(
         default_factory=list,
@@ -34,18 +36,16 @@ class ServedModelBlock(Block):
         description=f"What it serves, of {', '.join(SUPPORTED_URLS)}: a chat model serves the "
         "first three, an embedding model /v1/embeddings.",
     )
-    engine: str | None = Field(
-        default=None,
-        description="Engine block (`openai-server/gpu-a100`, `vllm/cpu-local`) or server URL. "
-        "Empty: vLLM in the worker process with `model`.",
-    )
-    model: str | None = Field(
-        default=None,
-        description="In process: the model folder (or a bundled model's name). For a server: "
-        "the served model name to ask for. Empty: the bundled chat model / the server's first.",
-    )
-    group: str | None = Field(default=None, description="Node group that serves it.")
-    release: str | None = Field(default=None, description="Release policy picking its version.")
+    engine: str | None = None
+    """Engine block (`openai-server/gpu-a100`, `vllm/cpu-local`) or server URL. Empty: vLLM in the
+    worker process with `model`."""
+    model: str | None = None
+    """In process: the model folder (or a bundled model's name). For a server: the served model
+    name to ask for. Empty: the bundled chat model / the server's first."""
+    group: str | None = None
+    """Node group that serves it."""
+    release: str | None = None
+    """Release policy picking its version."""
 
     def entry(self) -> ServedModel:
         return ServedModel(

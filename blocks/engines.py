@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from offline_queue.engines.openai_http import HttpEngine, ServerSettings, http_engine
 from offline_queue.engines.vllm_local import LocalVLLM, VLLMSettings, local_engine
@@ -22,52 +22,36 @@ class VLLM(Block):
     _block_type_slug = "vllm"
     _description = "vLLM's LLM engine inside the Prefect worker process (GPU, or CPU build)."
 
-    model: str | None = Field(
-        default=None,
-        description="Hugging Face model folder. Empty: the bundled SmolLM2-135M-Instruct "
-        "(a CPU demo model, converted once and cached).",
-    )
-    served_model_name: str | None = Field(
-        default=None, description="The `model` written in responses. Empty: the folder's name."
-    )
-    dtype: str = Field(
-        default="auto",
-        description="Weights dtype. `auto` is float32 on CPU (no bf16 in hardware there: bf16 "
-        "is ~3x slower) and the model's own dtype on a GPU.",
-    )
-    max_model_len: int | None = Field(
-        default=None,
-        description="Context length. Longer contexts admit longer prompts but fewer concurrent "
-        "sequences in the same KV cache. Empty: the model's own (2048 on CPU).",
-    )
-    tensor_parallel_size: int = Field(
-        default=1,
-        description="GPUs one engine spans. More fits bigger models, not more speed "
-        "for small ones.",
-    )
-    gpu_memory_utilization: float = Field(
-        default=0.9,
-        description="Share of GPU memory vLLM may take (weights + KV cache). Lower it when "
-        "another process shares the GPU.",
-    )
-    kv_cache_memory_bytes: int | None = Field(
-        default=None,
-        description="Fixed KV cache size. Required on CPU (default 512 MiB there; without it "
-        "vLLM wants 92% of RAM); on a GPU, empty lets gpu_memory_utilization decide.",
-    )
-    enforce_eager: bool = Field(
-        default=False,
-        description="Skip CUDA graph capture: faster start, slower decoding. Always on for CPU.",
-    )
-    max_num_seqs: int | None = Field(
-        default=None, description="Most sequences decoded at once. Empty: vLLM's default."
-    )
-    seed: int = Field(default=0, description="Engine seed (requests may set their own).")
-    runner: str = Field(
-        default="auto",
-        description="`generate` (chat, completions, responses) or `pooling` (embeddings). "
-        "`auto`: what the model's architecture is (an embedding model pools).",
-    )
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    model: str | None = None
+    """Hugging Face model folder. Empty: the bundled SmolLM2-135M-Instruct (a CPU demo model,
+    converted once and cached)."""
+    served_model_name: str | None = None
+    """The `model` written in responses. Empty: the folder's name."""
+    dtype: str = "auto"
+    """Weights dtype. `auto` is float32 on CPU (no bf16 in hardware there: bf16 is ~3x slower) and
+    the model's own dtype on a GPU."""
+    max_model_len: int | None = None
+    """Context length. Longer contexts admit longer prompts but fewer concurrent sequences in the
+    same KV cache. Empty: the model's own (2048 on CPU)."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine spans. More fits bigger models, not more speed for small ones."""
+    gpu_memory_utilization: float = 0.9
+    """Share of GPU memory vLLM may take (weights + KV cache). Lower it when another process shares
+    the GPU."""
+    kv_cache_memory_bytes: int | None = None
+    """Fixed KV cache size. Required on CPU (default 512 MiB there; without it vLLM wants 92% of
+    RAM); on a GPU, empty lets gpu_memory_utilization decide."""
+    enforce_eager: bool = False
+    """Skip CUDA graph capture: faster start, slower decoding. Always on for CPU."""
+    max_num_seqs: int | None = None
+    """Most sequences decoded at once. Empty: vLLM's default."""
+    seed: int = 0
+    """Engine seed (requests may set their own)."""
+    runner: str = "auto"
+    """`generate` (chat, completions, responses) or `pooling` (embeddings). `auto`: what the
+    model's architecture is (an embedding model pools)."""
 
     def settings(self) -> VLLMSettings:
         fields = VLLMSettings.__dataclass_fields__
@@ -88,14 +72,14 @@ class OpenAIServer(Block):
     _block_type_slug = "openai-server"
     _description = "An OpenAI-compatible inference server (vllm serve) reached over HTTP."
 
-    base_url: str = Field(description="Up to and including /v1, e.g. http://gpu-1:8000/v1.")
-    api_key: SecretStr | None = Field(
-        default=None, description="Bearer token, if the server wants one."
-    )
-    model: str | None = Field(
-        default=None,
-        description="Served model name sent with every request. Empty: the first the server lists.",
-    )
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    base_url: str
+    """Up to and including /v1, e.g. http://gpu-1:8000/v1."""
+    api_key: SecretStr | None = None
+    """Bearer token, if the server wants one."""
+    model: str | None = None
+    """Served model name sent with every request. Empty: the first the server lists."""
     max_in_flight: int = Field(
         default=32,
         ge=1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from offline_queue.release import Guards, Policy, Stage, StickyBy
 
@@ -22,17 +22,22 @@ class ReleasePolicy(Block):
     _block_type_slug = "release-policy"
     _description = "Gray release of a model family: stable/candidate versions, stage, fraction."
 
-    stable_version: str = Field(description="Model version every batch gets unless routed.")
-    stable_engine: str | None = Field(default=None, description="Engine block of stable.")
-    candidate_version: str | None = Field(default=None, description="The version on trial.")
-    candidate_engine: str | None = Field(default=None, description="Engine block of candidate.")
-    stage: Stage = Field(default="off", description="off, internal, seed, canary or full.")
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    stable_version: str
+    """Model version every batch gets unless routed."""
+    stable_engine: str | None = None
+    """Engine block of stable."""
+    candidate_version: str | None = None
+    """The version on trial."""
+    candidate_engine: str | None = None
+    """Engine block of candidate."""
+    stage: Stage = "off"
+    """off, internal, seed, canary or full."""
     fraction: float = Field(default=0.0, ge=0, le=1, description="Canary share of sticky keys.")
-    sticky_by: StickyBy = Field(
-        default="tenant",
-        description="What keeps routing stable: a tenant (or user group, or batch) always gets "
-        "the same track while the policy stays the same.",
-    )
+    sticky_by: StickyBy = "tenant"
+    """What keeps routing stable: a tenant (or user group, or batch) always gets the same track
+    while the policy stays the same."""
     internal_tenants: list[str] = Field(default_factory=list, description="Stage internal.")
     seed_groups: list[str] = Field(default_factory=list, description="Stage seed.")
     max_error_rate_increase: float = Field(

@@ -9,7 +9,7 @@ import os
 from typing import Any, cast
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, SecretStr
 
 from offline_queue.storage import OPTIONS_VAR
 
@@ -24,11 +24,13 @@ class ObjectStorage(Block):
     _block_type_slug = "offline-queue-storage"
     _description = "Credentials and fsspec options for object-storage locations (s3://…)."
 
-    protocol: str = Field(default="s3", description="The URL scheme these options are for.")
-    options: SecretStr = Field(
-        description='fsspec options as JSON, e.g. {"key": "…", "secret": "…", '
-        '"endpoint_url": "http://minio:9000"}: secret, as they hold credentials.'
-    )
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    protocol: str = "s3"
+    """The URL scheme these options are for."""
+    options: SecretStr
+    """fsspec options as JSON, e.g. {"key": "…", "secret": "…", "endpoint_url":
+    "http://minio:9000"}: secret, as they hold credentials."""
 
     def apply(self) -> None:
         """Make the options this process's (and its ingest child's) for `protocol`, over what

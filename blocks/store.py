@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import cast
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, SecretStr
 
 from offline_queue.store.db import resolve_url
 
@@ -20,7 +20,10 @@ class Store(Block):
         "Database URL of the offline-queue store (postgresql+psycopg://… or sqlite:///…)."
     )
 
-    url: SecretStr = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@db/oq.")
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    url: SecretStr
+    """SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@db/oq."""
 
     def get_url(self) -> str:
         return self.url.get_secret_value()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from offline_queue.states import Tier
 
@@ -27,88 +27,57 @@ class BatchRun(BaseModel):
     """One run of one batch file: where the file and its results are, which engine serves it,
     how it shares that engine, and how hard it tries."""
 
-    input: str = Field(
-        description="The OpenAI Batch JSONL file: a path, an object-storage URL (s3://bucket/key; "
-        "gs://, az:// with their extras), or store://<file id> for a file in the store."
-    )
-    output: str | None = Field(
-        default=None,
-        description="Output file (a path or URL). Default: <input>.output.jsonl next to the input.",
-    )
-    errors: str | None = Field(
-        default=None,
-        description="Error file (a path or URL). Default: <input>.errors.jsonl next to the input.",
-    )
-    tier: Tier = Field(
-        default=Tier.STANDARD, description="Priority tier: critical, standard or bulk."
-    )
-    weight: int = Field(
-        default=1, description="Share of a shared engine within the tier (proportional)."
-    )
-    engine: str | None = Field(
-        default=None,
-        description="Engine block name (e.g. `vllm/a100`) or server URL: it serves the file as "
-        "it is. Empty (and no model): the served-model catalog routes the batch by the model "
-        "its lines name, and a line naming another model, or none served, is an error.",
-    )
-    model: str | None = Field(
-        default=None,
-        description="Model folder for the in-process engine (or, with a server, the served name "
-        "to ask for). Empty: the catalog's entry for the model the lines name.",
-    )
-    chunk_size: int = Field(
-        default=256,
-        description="Requests per task. Larger chunks cost less orchestration; a crash wastes "
-        "at most the chunk in the engine and the one claimed ahead of it per worker, and a "
-        "higher tier waits up to a chunk for the GPU.",
-    )
-    max_attempts: int = Field(
-        default=3,
-        description="Tries per request before it is terminated: retriable failures, and "
-        "workers that died or lost the lease while it ran (then `worker_lost`).",
-    )
-    idempotency_key: str | None = Field(
-        default=None,
-        description="The same key again resumes the same batch instead of a new one.",
-    )
-    batch_id: str | None = Field(
-        default=None, description="Explicit batch id. Default: derived from the file's content."
-    )
-    db: str | None = Field(
-        default=None,
-        description="Store URL (postgresql+psycopg://... or sqlite:///...). Default: the "
-        "`store` block, else OFFLINE_QUEUE_DB, else a SQLite file in the user's data directory.",
-    )
-    store: str | None = Field(
-        default=None,
-        description="Name of an offline-queue-store block holding the store URL (as a secret), "
-        "e.g. `default` as `offline-queue pools apply --db` saves it.",
-    )
-    storage: str | None = Field(
-        default=None,
-        description="Name of an offline-queue-storage block: credentials and options for an "
-        "object-storage input or output (s3://…). Empty: the environment's.",
-    )
-    tenant: str | None = Field(
-        default=None,
-        description="Who the batch is for: a tag on the run, and the key a gray release routes by.",
-    )
-    metadata: dict[str, str] | None = Field(
-        default=None,
-        description="Free-form labels kept on the batch object (OpenAI's `metadata`).",
-    )
-    release_track: str | None = Field(
-        default=None, description="Set by the release router: `stable` or `candidate`."
-    )
-    release_version: str | None = Field(
-        default=None,
-        description="Set by the release router: the model version of that track.",
-    )
-    lease_seconds: float = Field(
-        default=60.0,
-        description="A dead worker's chunk is claimed again after this long; the lease is "
-        "renewed every third of it while the worker lives.",
-    )
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    input: str
+    """The OpenAI Batch JSONL file: a path, an object-storage URL (s3://bucket/key; gs://, az://
+    with their extras), or store://<file id> for a file in the store."""
+    output: str | None = None
+    """Output file (a path or URL). Default: <input>.output.jsonl next to the input."""
+    errors: str | None = None
+    """Error file (a path or URL). Default: <input>.errors.jsonl next to the input."""
+    tier: Tier = Tier.STANDARD
+    """Priority tier: critical, standard or bulk."""
+    weight: int = 1
+    """Share of a shared engine within the tier (proportional)."""
+    engine: str | None = None
+    """Engine block name (e.g. `vllm/a100`) or server URL: it serves the file as it is. Empty (and
+    no model): the served-model catalog routes the batch by the model its lines name, and a line
+    naming another model, or none served, is an error."""
+    model: str | None = None
+    """Model folder for the in-process engine (or, with a server, the served name to ask for).
+    Empty: the catalog's entry for the model the lines name."""
+    chunk_size: int = 256
+    """Requests per task. Larger chunks cost less orchestration; a crash wastes at most the chunk
+    in the engine and the one claimed ahead of it per worker, and a higher tier waits up to a
+    chunk for the GPU."""
+    max_attempts: int = 3
+    """Tries per request before it is terminated: retriable failures, and workers that died or lost
+    the lease while it ran (then `worker_lost`)."""
+    idempotency_key: str | None = None
+    """The same key again resumes the same batch instead of a new one."""
+    batch_id: str | None = None
+    """Explicit batch id. Default: derived from the file's content."""
+    db: str | None = None
+    """Store URL (postgresql+psycopg://... or sqlite:///...). Default: the `store` block, else
+    OFFLINE_QUEUE_DB, else a SQLite file in the user's data directory."""
+    store: str | None = None
+    """Name of an offline-queue-store block holding the store URL (as a secret), e.g. `default` as
+    `offline-queue pools apply --db` saves it."""
+    storage: str | None = None
+    """Name of an offline-queue-storage block: credentials and options for an object-storage input
+    or output (s3://…). Empty: the environment's."""
+    tenant: str | None = None
+    """Who the batch is for: a tag on the run, and the key a gray release routes by."""
+    metadata: dict[str, str] | None = None
+    """Free-form labels kept on the batch object (OpenAI's `metadata`)."""
+    release_track: str | None = None
+    """Set by the release router: `stable` or `candidate`."""
+    release_version: str | None = None
+    """Set by the release router: the model version of that track."""
+    lease_seconds: float = 60.0
+    """A dead worker's chunk is claimed again after this long; the lease is renewed every third of
+    it while the worker lives."""
     parallelism: int | None = Field(
         default=None,
         ge=1,
@@ -132,13 +101,20 @@ class BatchRun(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
 
 
+def one_line(text: str | None) -> str:
+    """A field's description as one line: an attribute docstring keeps its line breaks, and an
+    `Args:` entry of a Google docstring ends at the first line that is not indented under it."""
+    return " ".join((text or "").split())
+
+
 def with_field_docs(fn: F) -> F:
     """Give `fn` (whose parameters are BatchRun's fields) an `Args:` section made of the
     fields' descriptions. Prefect shows a flow parameter's description — in the UI's run form,
     in the deployment's schema — from the flow's docstring, Google style; so each description
     is written once, on its field."""
     lines = [
-        f"        {name}: {field.description}" for name, field in BatchRun.model_fields.items()
+        f"        {name}: {one_line(field.description)}"
+        for name, field in BatchRun.model_fields.items()
     ]
     fn.__doc__ = f"{fn.__doc__ or ''}\n    Args:\n" + "\n".join(lines) + "\n"
     return fn

@@ -13,7 +13,7 @@ from prefect.utilities.callables import parameter_schema
 
 from flows.batch import batch_inference
 from offline_queue.engines import env
-from offline_queue.runs import BatchRun
+from offline_queue.runs import BatchRun, one_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_flow_form_shows_the_field_descriptions() -> None:
     properties = parameter_schema(batch_inference).properties
     for name, field in BatchRun.model_fields.items():
         assert field.description
-        assert properties[name]["description"] == field.description, name
+        assert properties[name]["description"] == one_line(field.description), name
 
 
 def test_parameters_leave_out_what_was_not_chosen() -> None:
