@@ -232,6 +232,19 @@ def plot(ours: list[Run], rb: list[Run], bare: float) -> None:
     fig.savefig(PLOTS / "runbatch.png", dpi=120)
 
 
+def ratios(label: str, runs: list[Run], rb: list[Run], suffix: str) -> None:
+    """Each pair's ratio to its run-batch run, wall and steady, and their medians as RESULT
+    lines (named with `suffix`)."""
+    walls = [o.wall / r.wall for o, r in zip(runs, rb, strict=True)]
+    steadies = [o.steady / r.steady for o, r in zip(runs, rb, strict=True)]
+    print(
+        f"{label}: wall {', '.join(f'{x:.3f}' for x in walls)}; "
+        f"steady {', '.join(f'{x:.3f}' for x in steadies)}"
+    )
+    print(f"RESULT runbatch_ratio{suffix} {statistics.median(walls):.3f}")
+    print(f"RESULT runbatch_steady_ratio{suffix} {statistics.median(steadies):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=512)
@@ -300,29 +313,15 @@ def main() -> None:
         bare_s, bare_tokens = float(bare_line.split()[1]), int(bare_line.split()[2])
         print(f"bare LLM.chat: {bare_s:.1f} s, {bare_tokens} output tokens (generation only)")
 
-        walls = [o.wall / r.wall for o, r in zip(ours, rb, strict=True)]
-        steadies = [o.steady / r.steady for o, r in zip(ours, rb, strict=True)]
-        print(
-            f"ratios of the pairs: wall {', '.join(f'{x:.3f}' for x in walls)}; "
-            f"steady {', '.join(f'{x:.3f}' for x in steadies)}"
-        )
         print(f"(load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
-        print(f"RESULT runbatch_ratio {statistics.median(walls):.3f}")
-        print(f"RESULT runbatch_steady_ratio {statistics.median(steadies):.3f}")
+        ratios("ratios of the pairs", ours, rb, "")
         print(
             f"RESULT runbatch_steady_vs_bare {statistics.median(r.steady for r in rb) / bare_s:.3f}"
         )
         ours_steady = statistics.median(o.steady for o in ours)
         print(f"RESULT ours_steady_vs_bare {ours_steady / bare_s:.3f}")
         if also:
-            walls_b = [o.wall / r.wall for o, r in zip(also, rb, strict=True)]
-            steadies_b = [o.steady / r.steady for o, r in zip(also, rb, strict=True)]
-            print(
-                f"ours-B ({args.ours_also}): wall {', '.join(f'{x:.3f}' for x in walls_b)}; "
-                f"steady {', '.join(f'{x:.3f}' for x in steadies_b)}"
-            )
-            print(f"RESULT runbatch_ratio_b {statistics.median(walls_b):.3f}")
-            print(f"RESULT runbatch_steady_ratio_b {statistics.median(steadies_b):.3f}")
+            ratios(f"ours-B ({args.ours_also})", also, rb, "_b")
         plot(ours, rb, bare_s)
 
 

@@ -720,31 +720,21 @@ for _name, _path in {
     simple(_name, {404}, _get(_path))
 simple("cancel-unknown", {404}, lambda t: t.http().post("/batches/batch_000000/cancel"))
 simple("cancel-not-an-id", {404}, lambda t: t.http().post("/batches/%00/cancel"))
-simple(
-    "get-other-tenants-batch",
-    {404},
-    lambda t: t.http().get(f"/batches/{t.h.tenant().batch_id()}"),
-)
-simple(
-    "cancel-other-tenants-batch",
-    {404},
-    lambda t: t.http().post(f"/batches/{t.h.tenant().batch_id()}/cancel"),
-)
-simple(
-    "get-other-tenants-file",
-    {404},
-    lambda t: t.http().get(f"/files/{t.h.tenant().file_id()}"),
-)
-simple(
-    "get-other-tenants-file-content",
-    {404},
-    lambda t: t.http().get(f"/files/{t.h.tenant().file_id()}/content"),
-)
-simple(
-    "get-other-tenants-output",
-    {404},
-    lambda t: t.http().get(f"/files/{t.h.tenant().batch_id()}-errors/content"),
-)
+
+
+def _other_tenants(method: str, path: str, kind: str) -> Case:
+    """`path` with the id of a `kind` (batch, file) of another tenant: a 404, as if unknown."""
+    return lambda t: t.http().request(method, path.format(getattr(t.h.tenant(), f"{kind}_id")()))
+
+
+for _name, _method, _path, _kind in [
+    ("get-other-tenants-batch", "GET", "/batches/{}", "batch"),
+    ("cancel-other-tenants-batch", "POST", "/batches/{}/cancel", "batch"),
+    ("get-other-tenants-file", "GET", "/files/{}", "file"),
+    ("get-other-tenants-file-content", "GET", "/files/{}/content", "file"),
+    ("get-other-tenants-output", "GET", "/files/{}-errors/content", "batch"),
+]:
+    simple(_name, {404}, _other_tenants(_method, _path, _kind))
 simple(
     "get-own-output-not-ready",
     {404},

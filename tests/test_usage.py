@@ -30,21 +30,15 @@ from offline_queue.usage import chunk_use
 from offline_queue.validate import Limits, inspect_file, validate_file
 from offline_queue.worker import ChunkWorker
 from tests.conftest import run_cli
+from tests.test_pipeline import line, write
 
 
 def chat_file(path: Path, n: int, max_tokens: int) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            body = {
-                "model": "smollm2",
-                "messages": [{"role": "user", "content": f"Count from {i} to {i + 20}."}],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            }
-            line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions"}
-            f.write(json.dumps({**line, "body": body}) + "\n")
-    return path
+    def counting(i: int) -> dict[str, Any]:
+        ask = [{"role": "user", "content": f"Count from {i} to {i + 20}."}]
+        return line(f"r{i}", messages=ask, max_tokens=max_tokens, ignore_eos=True)
+
+    return write(path, [counting(i) for i in range(n)])
 
 
 def admit(db: str, path: Path, tenant: str, window_seconds: int, batch_id: str) -> str:

@@ -213,26 +213,20 @@ def create_batch(
         return api_batch(settings, batch)
     if body.output_expires_after is not None:
         set_output_expiry(settings.db, batch_id, body.output_expires_after.seconds)
-    start_batch(settings, batch_id, f.id, f.path, who, tier, weight, meta.get("user_group"))
+    start_batch(settings, sub, f.id, meta.get("user_group"))
     return api_batch(settings, own_batch(settings, batch_id, who))
 
 
-def start_batch(
-    settings: ApiSettings,
-    batch_id: str,
-    file_id: str,
-    path: str,
-    who: str,
-    tier: Tier,
-    weight: int,
-    group: str | None,
-) -> None:
+def start_batch(settings: ApiSettings, sub: Submission, file_id: str, group: str | None) -> None:
+    """Start the run of the batch just admitted (`sub`): on the deployment, or here. `file_id`
+    stands for the input's path in whatever a tenant reads of a failure."""
+    batch_id, path = sub.id, sub.input_path
     run = BatchRun(
         input=path,
         batch_id=batch_id,
-        tier=tier,
-        weight=weight,
-        tenant=who,
+        tier=Tier(sub.tier),
+        weight=sub.weight,
+        tenant=sub.tenant,
         db=settings.db,
         lease_seconds=settings.lease_seconds,
     )
