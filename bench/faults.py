@@ -50,8 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from instruments.faultproxy import FaultProxy  # noqa: E402
-from instruments.loopback import free_port, healthy  # noqa: E402
+from instruments.loopback import free_port  # noqa: E402
 from instruments.postgres import Postgres, postgres  # noqa: E402
+from instruments.prefect_server import prefect_server  # noqa: E402
 from instruments.processes import BIN, wait_for  # noqa: E402
 from offline_queue.engines.vllm_server import ServerProcess, server_args  # noqa: E402
 from offline_queue.states import TERMINAL_STATUSES  # noqa: E402
@@ -76,7 +77,6 @@ class Services:
     pg: Postgres
     store: str
     """The store's SQLAlchemy URL (the `faults` database)."""
-    prefect: subprocess.Popen[bytes]
     prefect_api: str
     server: ServerProcess
     server_args: list[str]
@@ -107,81 +107,40 @@ class Services:
 
 @contextlib.contextmanager
 def services(work: Path, log: Callable[[str], None] = print) -> Iterator[Services]:
-    """PostgreSQL, a Prefect server, `vllm serve` and the proxy, all on loopback, all ours."""
+    """PostgreSQL, a Prefect server, `vllm serve` and the proxy, all on loopback, all ours. The
+    Prefect server is in a session of its own: the faults kill process groups, never its."""
     from offline_queue.model import prepare_bundled_model
 
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with postgres() as pg:
+    port = free_port()
+    args = server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2")
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(postgres())
         store = pg.create_database("faults")
-        home = work / "prefect-home"
-        home.mkdir(exist_ok=True)
-        prefect_port = free_port()
-        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
-        env = dict(os.environ)
-        for key in ("PREFECT_API_URL", "OFFLINE_QUEUE_DB", "PREFECT_API_DATABASE_CONNECTION_URL"):
-            env.pop(key, None)
-        env.update(
-            PREFECT_HOME=str(home),
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_UI_ENABLED="false",
-            PREFECT_LOGGING_LEVEL="WARNING",
-            VLLM_LOGGING_LEVEL="WARNING",
+        server_log = stack.enter_context((work / "vllm-serve.log").open("ab"))
+        server = ServerProcess(args, "127.0.0.1", port, log=server_log).start()  # beside Prefect's
+        svc: Services | None = None
+        stack.callback(lambda: (svc.server if svc else server).stop())  # a restart replaced it
+        env = stack.enter_context(
+            prefect_server(
+                work / "prefect-home",
+                timeout=300,
+                own_session=True,
+                PREFECT_LOGGING_LEVEL="WARNING",
+            )
         )
-        prefect_log = (work / "prefect-server.log").open("wb")
-        prefect = subprocess.Popen(
-            [
-                str(BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-            ],
-            env=env,
-            stdout=prefect_log,
-            stderr=subprocess.STDOUT,
-            cwd=home,
-            start_new_session=True,
+        env.pop("OFFLINE_QUEUE_DB", None)
+        env["VLLM_LOGGING_LEVEL"] = "WARNING"
+        server.wait_ready(timeout=600)
+        proxy = stack.enter_context(FaultProxy(server.base_url, lambda _: "pass", stall_seconds=2))
+        api = env["PREFECT_API_URL"]
+        svc = Services(work, pg, store, api, server, args, server_log, proxy, env)
+        log(
+            f"services up in {time.monotonic() - started:.0f} s: store {store}, "
+            f"prefect {api}, vllm {server.base_url}, proxy {proxy.url}"
         )
-        port = free_port()
-        args = server_args(prepare_bundled_model(), "127.0.0.1", port, "smollm2")
-        server_log = (work / "vllm-serve.log").open("ab")
-        server = ServerProcess(args, "127.0.0.1", port, log=server_log).start()
-        proxy: FaultProxy | None = None
-        try:
-            wait_for(
-                lambda: prefect.poll() is not None or healthy(f"{prefect_api}/health"), 300, 0.5
-            )
-            if prefect.poll() is not None:
-                raise RuntimeError("prefect server start exited; see prefect-server.log")
-            server.wait_ready(timeout=600)
-            proxy = FaultProxy(server.base_url, lambda _: "pass", stall_seconds=2).__enter__()
-            env["PREFECT_API_URL"] = prefect_api
-            svc = Services(
-                work, pg, store, prefect, prefect_api, server, args, server_log, proxy, env
-            )
-            log(
-                f"services up in {time.monotonic() - started:.0f} s: store {store}, "
-                f"prefect {prefect_api}, vllm {server.base_url}, proxy {proxy.url}"
-            )
-            yield svc
-            server = svc.server
-        finally:
-            if proxy is not None:
-                with contextlib.suppress(Exception):
-                    proxy.__exit__()
-            server.stop()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(prefect.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                prefect.wait(30)
-            if prefect.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(prefect.pid, signal.SIGKILL)
-            prefect_log.close()
-            server_log.close()
+        yield svc
 
 
 # -- one trial -----------------------------------------------------------------------------------

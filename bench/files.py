@@ -47,6 +47,7 @@ from offline_queue.storage import StoreFile  # noqa: E402
 from offline_queue.store import batches  # noqa: E402
 from offline_queue.store.bulk import insert_ignoring_conflicts  # noqa: E402
 from offline_queue.store.db import session  # noqa: E402
+from offline_queue.store.files import Upload  # noqa: E402
 from offline_queue.store.results import RESULT_COLUMNS, response_ids  # noqa: E402
 from offline_queue.store.tables import Result  # noqa: E402
 from offline_queue.submission import Submission  # noqa: E402
@@ -88,10 +89,7 @@ async def blocks(path: Path) -> AsyncIterator[bytes]:
 def upload(db: str, path: Path, root: str | None) -> str:
     limits = Limits(max_file_bytes=8 << 30)
     row = asyncio.run(
-        store_upload(
-            blocks(path), limits, db=db, tenant="bench", filename=path.name, purpose="batch",
-            root=root,
-        )
+        store_upload(blocks(path), limits, Upload("bench", path.name, "batch"), db=db, root=root)
     )  # fmt: skip
     return row.path
 

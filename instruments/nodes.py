@@ -302,32 +302,26 @@ class Node:
         wd = str(cwd or self.home)
         return ["nsenter", "-t", str(self.holder_pid), *joins, f"--wd={wd}", "--", *cmd]
 
-    def popen(
-        self,
-        cmd: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        cwd: Path | str | None = None,
-        **kwargs: Any,
-    ) -> subprocess.Popen[Any]:
+    def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """`subprocess.Popen` in the node; the handle's pid is the command's own process.
         `env` defaults to `self.env()`; `cwd` (a path as the node sees it) to the node's HOME."""
-        proc: subprocess.Popen[Any] = subprocess.Popen(
-            self.command(cmd, cwd), env=dict(env) if env is not None else self.env(), **kwargs
-        )
+        proc: subprocess.Popen[Any] = subprocess.Popen(**self._in_node(cmd, **kwargs))
         self._started.append(proc)
         return proc
 
-    def run(
+    def run(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """`subprocess.run` in the node; `env` and `cwd` as for `popen`."""
+        return subprocess.run(**self._in_node(cmd, **kwargs))
+
+    def _in_node(
         self,
         cmd: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: Path | str | None = None,
         **kwargs: Any,
-    ) -> subprocess.CompletedProcess[Any]:
-        """`subprocess.run` in the node."""
-        return subprocess.run(
-            self.command(cmd, cwd), env=dict(env) if env is not None else self.env(), **kwargs
-        )
+    ) -> dict[str, Any]:
+        env = dict(env) if env is not None else self.env()
+        return {"args": self.command(cmd, cwd), "env": env, **kwargs}
 
     def path(self, path: Path | str) -> Path:
         """Where the host finds `path` as the node sees it (through /proc/<holder>/root): for

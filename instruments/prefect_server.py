@@ -13,15 +13,24 @@ from instruments.processes import BIN, serving
 
 @contextlib.contextmanager
 def prefect_server(
-    home: Path, database_url: str | None = None, ui: bool = False, **settings: str
+    home: Path,
+    database_url: str | None = None,
+    ui: bool = False,
+    *,
+    timeout: float = 180,
+    own_session: bool = False,
+    **settings: str,
 ) -> Iterator[dict[str, str]]:
     """`prefect server start` with its own PREFECT_HOME (SQLite there, or `database_url`, a
-    PostgreSQL URL); yields the environment that points Prefect clients at it."""
+    PostgreSQL URL); yields the environment that points Prefect clients at it. `own_session`:
+    in a process group of its own, for a driver that kills other process groups (its faults)
+    and must not take the server with them; it is stopped as a group."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ)
-    env.pop("PREFECT_API_URL", None)
+    for inherited in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        env.pop(inherited, None)
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -36,10 +45,11 @@ def prefect_server(
         cmd,
         lambda: healthy(f"{api}/health"),
         home / "server.log",
-        timeout=180,
+        timeout=timeout,
         interval=0.5,
         env=env,
         cwd=home,
+        start_new_session=own_session,
     ):
         env["PREFECT_API_URL"] = api
         yield env

@@ -5,6 +5,7 @@ started, awaited and stopped."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -47,16 +48,26 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def stop(*procs: subprocess.Popen[Any], grace: float = 30) -> None:
+def stop(*procs: subprocess.Popen[Any], grace: float = 30, group: bool = False) -> None:
     """SIGTERM to every one at once, then each waited for `grace` seconds, and SIGKILLed if it
-    has not ended: a server that ignores the first signal does not outlive its test."""
+    has not ended: a server that ignores the first signal does not outlive its test. `group`:
+    each was started in a session of its own, and the signals go to its whole process group
+    (what it started goes with it)."""
+
+    def signal_(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
     for proc in procs:
-        proc.terminate()
+        signal_(proc, signal.SIGTERM)
     for proc in procs:
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            signal_(proc, signal.SIGKILL)
             proc.wait(10)
 
 
@@ -73,7 +84,8 @@ def serving(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A server process, its output in `log_path`, yielded once `ready()` (its health URL
     answers); if it dies first, the tail of its log is the error. Stopped on the way out
-    (`stop`, with `grace`); its `returncode` then says how it ended."""
+    (`stop`, with `grace`; the whole process group when started with `start_new_session`); its
+    `returncode` then says how it ended."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
         try:
@@ -82,4 +94,4 @@ def serving(
                 raise RuntimeError(log_path.read_text()[-2000:])
             yield proc
         finally:
-            stop(proc, grace=grace)
+            stop(proc, grace=grace, group=popen.get("start_new_session", False))

@@ -72,39 +72,28 @@ class UploadCheck:
 async def store_upload(
     blocks: AsyncIterator[bytes],
     limits: Limits,
+    upload: files.Upload,
     *,
     db: str,
-    tenant: str,
-    filename: str,
-    purpose: str,
     root: str | None = None,
-    expires_at: int | None = None,
     endpoint: Callable[[], str | None] = lambda: None,
-    max_stored_bytes: int | None = None,
 ) -> StoredFile:
     """Stream the upload into the store (or under `root`), checking the limits on the way, and
     return the file's row: visible to readers only now that it is whole, and only within the
-    tenant's `max_stored_bytes` (else store.files.StorageQuotaExceeded, nothing kept).
+    tenant's quota (else store.files.StorageQuotaExceeded, nothing kept).
     `endpoint` tells, once the blocks are through, the url its request lines are for (the API's
     sniff of the stream). Writes run in a thread, so the event loop serves other requests while
     a block goes to the database."""
     check = UploadCheck(limits)
     if root is None:
-        writer = await asyncio.to_thread(
-            files.FileWriter, db, tenant=tenant, filename=filename, purpose=purpose
-        )
+        writer = await asyncio.to_thread(files.FileWriter, db, upload)
         try:
             async for block in blocks:
                 check.feed(block)
                 await asyncio.to_thread(writer.write, block)
             lines = check.lines()
             return await asyncio.to_thread(
-                writer.commit,
-                lines=lines,
-                sha256=check.digest.hexdigest(),
-                expires_at=expires_at,
-                endpoint=endpoint(),
-                max_stored_bytes=max_stored_bytes,
+                writer.commit, lines=lines, sha256=check.digest.hexdigest(), endpoint=endpoint()
             )
         except BaseException:
             await asyncio.to_thread(writer.abort)
@@ -124,17 +113,13 @@ async def store_upload(
         return await asyncio.to_thread(
             files.add_file,
             db,
+            upload,
             file_id=file_id,
-            tenant=tenant,
-            filename=filename,
-            purpose=purpose,
+            path=path,
             size=check.size,
             lines=lines,
             sha256=check.digest.hexdigest(),
-            path=path,
-            expires_at=expires_at,
             endpoint=endpoint(),
-            max_stored_bytes=max_stored_bytes,
         )
     except BaseException:  # no row points at the bytes: no orphan
         locate(path, db).remove()

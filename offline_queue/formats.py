@@ -7,7 +7,7 @@ error instead of a silently ignored field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
 
@@ -60,15 +60,23 @@ class JsonSchemaFormat(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+Format = TypeVar("Format", "ResponseFormat", "ResponseTextFormat")
+
+
+def _schema_given(fmt: Format, schema: object, what: str) -> Format:
+    """Structured output as both endpoints ask for it: `json_schema` only with its schema."""
+    if fmt.type == "json_schema" and schema is None:
+        raise ValueError(f"type json_schema needs {what}")
+    return fmt
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
     def _schema_when_needed(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type json_schema needs a json_schema object")
-        return self
+        return _schema_given(self, self.json_schema, "a json_schema object")
 
 
 class SamplingFields(_Strict):
@@ -282,9 +290,7 @@ class ResponseTextFormat(_Strict):
 
     @model_validator(mode="after")
     def _schema_when_needed(self) -> ResponseTextFormat:
-        if self.type == "json_schema" and self.schema_ is None:
-            raise ValueError("type json_schema needs a schema")
-        return self
+        return _schema_given(self, self.schema_, "a schema")
 
 
 class ResponseText(_Strict):

@@ -31,6 +31,7 @@ from offline_queue.files import store_upload
 from offline_queue.shares import Participant, slots_for
 from offline_queue.states import Tier
 from offline_queue.store.db import session
+from offline_queue.store.files import Upload
 from offline_queue.store.tables import Batch
 from offline_queue.validate import Limits
 from tests.api_helpers import Api, serve_api
@@ -933,13 +934,7 @@ def test_files_are_private(hostile: Hostile, tmp_path: Path) -> None:
 
     row = asyncio.run(
         store_upload(
-            one_block(),
-            Limits(),
-            db=hostile.api.db,
-            tenant=t.name,
-            filename="f",
-            purpose="batch",
-            root=str(root),
+            one_block(), Limits(), Upload(t.name, "f", "batch"), db=hostile.api.db, root=str(root)
         )
     )
     assert stat.S_IMODE(root.stat().st_mode) == 0o700

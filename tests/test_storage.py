@@ -42,7 +42,7 @@ from offline_queue.storage import (
 )
 from offline_queue.store import batches, claims, expiry, files, ingest
 from offline_queue.store.db import session
-from offline_queue.store.files import CHUNK_BYTES, FileInUse, FileWriter, open_chunks
+from offline_queue.store.files import CHUNK_BYTES, FileInUse, FileWriter, Upload, open_chunks
 from offline_queue.store.tables import FileChunk, Request, StoredFile
 from offline_queue.validate import FileRefused, Limits, inspect_file, validate_file
 from tests.conftest import cli_env, run_cli
@@ -228,7 +228,7 @@ def chunks_of(db: str, file_id: str) -> int:
 def test_a_streamed_file_is_invisible_until_committed_then_reads_back_equal(db_url: str) -> None:
     data = content(8000)
     assert len(data) > (files.COMMIT_EVERY + 2) * CHUNK_BYTES
-    writer = FileWriter(db_url, tenant="t1", filename="in.jsonl", purpose="batch")
+    writer = FileWriter(db_url, Upload("t1", "in.jsonl", "batch"))
     for start in range(0, len(data), 100_003):  # blocks that do not align with chunks
         writer.write(data[start : start + 100_003])
         assert files.get_file(db_url, writer.file_id) is None
@@ -254,7 +254,7 @@ def test_a_streamed_file_is_invisible_until_committed_then_reads_back_equal(db_u
 
 
 def test_an_aborted_write_leaves_nothing(db_url: str) -> None:
-    writer = FileWriter(db_url, tenant="t1", filename="in.jsonl", purpose="batch")
+    writer = FileWriter(db_url, Upload("t1", "in.jsonl", "batch"))
     writer.write(b"z" * (CHUNK_BYTES * (files.COMMIT_EVERY + 1)))
     assert chunks_of(db_url, writer.file_id) > 0
     writer.abort()
@@ -274,11 +274,7 @@ def test_uploads_check_limits_as_blocks_arrive_and_leave_nothing_when_refused(
     data = b"".join(request_line(i) for i in range(50))
     limits = Limits(max_file_bytes=len(data) - 1)
     with pytest.raises(UploadRefused) as refused:
-        asyncio.run(
-            store_upload(
-                blocks_of(data), limits, db=db_url, tenant="t", filename="a", purpose="batch"
-            )
-        )
+        asyncio.run(store_upload(blocks_of(data), limits, Upload("t", "a", "batch"), db=db_url))
     assert refused.value.status == 413
     with session(db_url) as s:
         assert s.scalar(select(func.count()).select_from(StoredFile)) == 0
@@ -290,10 +286,8 @@ def test_uploads_check_limits_as_blocks_arrive_and_leave_nothing_when_refused(
         store_upload(
             blocks_of(data + b"x"),
             Limits(max_line_bytes=10_000),
+            Upload("t", "a", "batch"),
             db=db_url,
-            tenant="t",
-            filename="a",
-            purpose="batch",
             root=str(root),
         )
     )
@@ -304,10 +298,10 @@ def test_uploads_check_limits_as_blocks_arrive_and_leave_nothing_when_refused(
 def test_delete_and_list_files_with_pagination(db_url: str) -> None:
     ids = []
     for i in range(5):
-        w = FileWriter(db_url, tenant="t1", filename=f"f{i}", purpose="batch")
+        w = FileWriter(db_url, Upload("t1", f"f{i}", "batch"))
         w.write(b"line\n")
         ids.append(w.commit(lines=1, sha256=str(i)).id)
-    other = FileWriter(db_url, tenant="t2", filename="x", purpose="batch")
+    other = FileWriter(db_url, Upload("t2", "x", "batch"))
     other.write(b"line\n")
     theirs = other.commit(lines=1, sha256="x").id
 
@@ -335,9 +329,7 @@ def test_delete_and_list_files_with_pagination(db_url: str) -> None:
 
 
 def upload(db: str, data: bytes, tenant: str = "t1") -> StoredFile:
-    return asyncio.run(
-        store_upload(blocks_of(data), Limits(), db=db, tenant=tenant, filename="in", purpose="b")
-    )
+    return asyncio.run(store_upload(blocks_of(data), Limits(), Upload(tenant, "in", "b"), db=db))
 
 
 def test_a_batch_whose_input_is_in_the_store_validates_and_queues_from_it(db_url: str) -> None:
@@ -424,11 +416,11 @@ def test_the_clean_up_removes_expired_outputs_and_files_and_says_so(
     expiry.set_output_expiry(db_url, bid, -1)  # expired a second before it was created
     expiry.set_output_expiry(db_url, kept, 3600)
     old = files.add_file(
-        db_url, file_id="file-old", tenant="t", filename="o", purpose="batch", size=1,
-        lines=1, sha256="s", path=str(tmp_path / "old.jsonl"), expires_at=1,
+        db_url, Upload("t", "o", "batch", expires_at=1), file_id="file-old",
+        path=str(tmp_path / "old.jsonl"), size=1, lines=1, sha256="s",
     )  # fmt: skip
     Path(old.path).write_bytes(b"{}\n")
-    FileWriter(db_url, tenant="t", filename="crashed", purpose="batch")  # never finished
+    FileWriter(db_url, Upload("t", "crashed", "batch"))  # never finished
     before = batches.get_batch(db_url, bid)
 
     removed = cleanup.remove_expired(db_url)
@@ -465,7 +457,7 @@ def test_reading_a_large_stored_file_keeps_memory_bounded(pg_url: str) -> None:
     total = 50 << 20
     base = me.memory_info().rss
     peak = base
-    writer = FileWriter(pg_url, tenant="t", filename="big", purpose="batch")
+    writer = FileWriter(pg_url, Upload("t", "big", "batch"))
     written = 0
     while written < total:
         writer.write(block)

@@ -11,6 +11,7 @@ import pytest
 
 from offline_queue.content import ContentHash
 from offline_queue.files import store_upload
+from offline_queue.store.files import Upload
 from offline_queue.validate import (
     Accepted,
     FileRefused,
@@ -208,9 +209,7 @@ def _upload_hash(data: bytes, directory: Path, block: int) -> str:
             yield data[i : i + block]
 
     db = f"sqlite:///{directory.parent / 'store.db'}"
-    row = asyncio.run(
-        store_upload(blocks(), Limits(), db=db, tenant="t", filename="f", purpose="batch")
-    )
+    row = asyncio.run(store_upload(blocks(), Limits(), Upload("t", "f", "batch"), db=db))
     return row.sha256
 
 

@@ -68,17 +68,12 @@ async def upload(caller: Caller, request: Request) -> dict[str, Any]:
             async for piece in stream:
                 yield piece
 
+        name, quota = form.filename or "batch.jsonl", caller.max_stored_bytes
+        upload = files.Upload(caller.tenant, name, "batch", max_stored_bytes=quota)
         row = await store_upload(
-            blocks(),
-            settings.limits,
-            db=settings.db,
-            tenant=caller.tenant,
-            filename=form.filename or "batch.jsonl",
-            purpose="batch",
-            root=settings.files_root,
+            blocks(), settings.limits, upload, db=settings.db, root=settings.files_root,
             endpoint=lambda: sniff.url,
-            max_stored_bytes=caller.max_stored_bytes,
-        )
+        )  # fmt: skip
     except UploadRefused as exc:
         code = "limit_exceeded" if exc.status == 413 else "invalid_file"
         raise api_error(exc.status, str(exc), code) from exc

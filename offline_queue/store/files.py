@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, insert, select, text, update
@@ -65,39 +66,48 @@ class StorageQuotaExceeded(Exception):
         )
 
 
+@dataclass(frozen=True)
+class Upload:
+    """Who uploads a file and what for, known before its first byte: the row's tenant, name
+    and purpose, when it expires (None: never), and the quota the tenant's files must stay
+    within once it is whole (None: none)."""
+
+    tenant: str
+    filename: str
+    purpose: str
+    expires_at: int | None = None
+    max_stored_bytes: int | None = None
+
+
 def add_file(
     db: str,
+    upload: Upload,
     *,
     file_id: str,
-    tenant: str,
-    filename: str,
-    purpose: str,
+    path: str,
     size: int,
     lines: int,
     sha256: str,
-    path: str,
-    expires_at: int | None = None,
     endpoint: str | None = None,
-    max_stored_bytes: int | None = None,
 ) -> StoredFile:
-    """The row of a file whose bytes are already whole elsewhere (`path`); with
-    `max_stored_bytes`, only while the tenant's files stay within it (one check per tenant at a
-    time on PostgreSQL; SQLite has one writer anyway)."""
+    """The row of a file whose bytes are already whole elsewhere (`path`), only while the
+    tenant's files stay within its quota (one check per tenant at a time on PostgreSQL; SQLite
+    has one writer anyway)."""
     with session(db) as s:
-        _within_quota(s, tenant, size, max_stored_bytes)
+        _within_quota(s, upload.tenant, size, upload.max_stored_bytes)
         row = StoredFile(
             id=file_id,
-            tenant=tenant,
-            filename=filename,
-            purpose=purpose,
+            tenant=upload.tenant,
+            filename=upload.filename,
+            purpose=upload.purpose,
+            expires_at=upload.expires_at,
             bytes=size,
             lines=lines,
             sha256=sha256,
+            endpoint=endpoint,
             path=path,
             created_at=clock.seconds(s),  # the store's: the clean-up judges age by it
             status="ready",
-            expires_at=expires_at,
-            endpoint=endpoint,
         )
         s.add(row)
     return row
@@ -207,16 +217,8 @@ class FileWriter:
     and no reader sees it. A writer that dies midway leaves a `writing` row that the clean-up
     removes (offline_queue/expiry.py)."""
 
-    def __init__(
-        self,
-        db: str,
-        *,
-        tenant: str,
-        filename: str,
-        purpose: str,
-        file_id: str | None = None,
-    ):
-        self.db, self.tenant = db, tenant
+    def __init__(self, db: str, upload: Upload, file_id: str | None = None):
+        self.db, self.upload = db, upload
         self.file_id = file_id or new_file_id()
         self.bytes = 0
         self._buffer = bytearray()
@@ -227,9 +229,9 @@ class FileWriter:
             s.add(
                 StoredFile(
                     id=self.file_id,
-                    tenant=tenant,
-                    filename=filename,
-                    purpose=purpose,
+                    tenant=upload.tenant,
+                    filename=upload.filename,
+                    purpose=upload.purpose,
                     bytes=0,
                     lines=0,
                     sha256="",
@@ -263,25 +265,17 @@ class FileWriter:
         self._seq += len(rows)
         self._pending = []
 
-    def commit(
-        self,
-        *,
-        lines: int,
-        sha256: str,
-        expires_at: int | None = None,
-        endpoint: str | None = None,
-        max_stored_bytes: int | None = None,
-    ) -> StoredFile:
+    def commit(self, *, lines: int, sha256: str, endpoint: str | None = None) -> StoredFile:
         """The last chunks and the row's `ready` in one transaction: the file appears whole —
-        only while the tenant's files stay within `max_stored_bytes` (else StorageQuotaExceeded,
-        and the caller aborts)."""
+        only while the tenant's files stay within the upload's quota (else
+        StorageQuotaExceeded, and the caller aborts)."""
         if not self._open:
             raise ValueError(f"{self.file_id}: the writer is closed")
         if self._buffer:
             self._pending.append(bytes(self._buffer))
             self._buffer.clear()
         with session(self.db) as s:
-            _within_quota(s, self.tenant, self.bytes, max_stored_bytes)
+            _within_quota(s, self.upload.tenant, self.bytes, self.upload.max_stored_bytes)
             self._insert_pending(s)
             done = s.execute(
                 update(StoredFile)
@@ -291,7 +285,7 @@ class FileWriter:
                     lines=lines,
                     sha256=sha256,
                     status="ready",
-                    expires_at=expires_at,
+                    expires_at=self.upload.expires_at,
                     endpoint=endpoint,
                 )
             )
