@@ -325,26 +325,10 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
 
     env, oq = deployed, str(BIN / "offline-queue")
     store = env["OQ_TEST_STORE"]
-    set_policy = cmd(
-        oq,
-        "release",
-        "set",
-        "--stable",
-        "smol-v1",
-        "--stable-engine",
-        vllm_server,
-        "--candidate",
-        "smol-v2",
-        "--candidate-engine",
-        vllm_server,
-        "--stage",
-        "internal",
-        "--internal-tenants",
-        "acme-internal",
-        "--min-samples",
-        "6",
-        env=env,
-    )
+    engines = ["--stable-engine", vllm_server, "--candidate-engine", vllm_server]
+    versions = ["--stable", "smol-v1", "--candidate", "smol-v2"]
+    stage = ["--stage", "internal", "--internal-tenants", "acme-internal", "--min-samples", "6"]
+    set_policy = cmd(oq, "release", "set", *versions, *engines, *stage, env=env)
     assert set_policy.returncode == 0, set_policy.stderr[-2000:]
     routed = cmd(oq, "release", "route", "--key", "acme-internal", "--key", "globex", env=env)
     assert routed.stdout.splitlines() == [
@@ -389,16 +373,8 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
                 OpenAIServer(base_url=proxy.url, max_attempts=1).save(
                     "bad-candidate", overwrite=True
                 )
-            staged = cmd(
-                oq,
-                "release",
-                "set",
-                "--candidate-engine",
-                "openai-server/bad-candidate",
-                "--stage",
-                "full",
-                env=env,
-            )
+            bad_candidate = "--candidate-engine openai-server/bad-candidate --stage full"
+            staged = cmd(oq, "release", "set", *bad_candidate.split(), env=env)
             assert staged.returncode == 0, staged.stderr[-2000:]
             bad = route_run("bad", "globex", 8)
         assert bad.release_track == "candidate"

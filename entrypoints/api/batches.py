@@ -183,20 +183,10 @@ def create_batch(
     batch_id = f"batch_{uuid.uuid4().hex[:24]}"
     # The output and error files are the batch's result rows: any node's API serves them.
     sub = Submission(
-        batch_id,
-        f.sha256,
-        f.path,
-        *virtual_outputs(batch_id),
-        tier=tier,
-        weight=weight,
-        metadata=meta,
-        idempotency_key=idempotency_key,
-        tenant=who,
-        input_file_id=f.id,
-        endpoint=body.endpoint,
-        total_lines=f.lines,
-        completion_window=body.completion_window,
-    )
+        batch_id, f.sha256, f.path, *virtual_outputs(batch_id), tier, weight, metadata=meta,
+        idempotency_key=idempotency_key, tenant=who, input_file_id=f.id, endpoint=body.endpoint,
+        total_lines=f.lines, completion_window=body.completion_window,
+    )  # fmt: skip
     try:
         batch, created = admission.admit_batch(
             settings.db,
