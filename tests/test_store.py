@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from instruments.postgres import postgres
 from instruments.processes import wait_for
 from offline_queue.engines.base import Reply
+from offline_queue.leases import LeaseKeeper
 from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
 from offline_queue.retry import RetryPolicy
 from offline_queue.store import batches, claims, ingest, results, stats
@@ -157,6 +158,7 @@ def test_claims_go_in_prefix_order_each_request_once(db_url: str, tmp_path: Path
 _CLAIMER = """
 import sys, time
 from offline_queue.engines.base import Reply
+from offline_queue.leases import LeaseKeeper
 from offline_queue.store import claims
 db, bid = sys.argv[1:]
 while (c := claims.claim(db, bid, "doomed", 6, lease_seconds=0.5)) is not None:
@@ -228,6 +230,30 @@ def test_renewed_lease_is_not_claimed_again(db_url: str, tmp_path: Path) -> None
         time.sleep(0.15)
         assert claims.renew_leases(db_url, [c.token], 0.3) == 3
         assert claims.claim(db_url, bid, "b", 10, lease_seconds=60) is None
+
+
+def test_a_lease_keeper_keeps_a_chunk_from_other_workers_until_it_stops(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The keeper's thread renews what it holds every third of a lease (offline_queue/heartbeat.py):
+    held for five leases, nobody else can claim the chunk; once the keeper stops, a lease later
+    somebody can."""
+    bid = make_batch(db_url, tmp_path, 3)
+    lease = 0.6
+    c = claims.claim(db_url, bid, "a", 10, lease_seconds=lease)
+    assert c is not None
+    keeper = LeaseKeeper(db_url, lease).start()
+    try:
+        with keeper.holding(c.token):
+            deadline = time.monotonic() + 5 * lease
+            while time.monotonic() < deadline:
+                assert claims.claim(db_url, bid, "b", 10, lease_seconds=60) is None
+                time.sleep(lease / 4)
+    finally:
+        keeper.stop()
+    time.sleep(lease * 1.5)
+    again = claims.claim(db_url, bid, "b", 10, lease_seconds=60)
+    assert again is not None and len(again.requests) == 3
 
 
 def test_retriable_failures_back_off_then_terminate_with_one_error(
