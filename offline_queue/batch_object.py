@@ -88,12 +88,18 @@ class BatchObject(BaseModel):
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
     usage: Usage = Field(default_factory=Usage)
+    # Our extra fields, after OpenAI's.
     model_version: str | None = None
+    """The model version that served it (what a gray release routes and compares by)."""
     input_file: str | None = None
+    """Where its lines were read from: a path, an object-storage URL or store://FILE_ID."""
     output_file: str | None = None
+    """Where the outputs are, once it has finished (store://… for the API's: its rows)."""
     error_file: str | None = None
     run: RunStats | None = None
+    """What the run that returns it did (the flow's result); None in a read from the store."""
     shards: Shards | None = None
+    """How many shards serve it and how many wait for a GPU, while any is live."""
     engine_seconds: float = 0.0
     """GPU time the batch used so far, in engine-seconds (offline_queue/usage.py) — our extra
     field: what a team that owns its GPUs bills a tenant by."""

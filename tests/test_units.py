@@ -146,25 +146,9 @@ def test_max_tokens_is_the_engines_limit_not_the_bodys() -> None:
 
 
 def test_openai_sampling_fields_pass_through() -> None:
-    body = chat(
-        temperature=0.3,
-        top_p=0.9,
-        seed=42,
-        n=3,
-        presence_penalty=0.5,
-        frequency_penalty=-0.5,
-        logit_bias={50256: -100},
-    )
-    assert sampling_kwargs(body, 16) == {
-        "max_tokens": 16,
-        "temperature": 0.3,
-        "top_p": 0.9,
-        "seed": 42,
-        "n": 3,
-        "presence_penalty": 0.5,
-        "frequency_penalty": -0.5,
-        "logit_bias": {50256: -100},
-    }
+    sampling: dict[str, Any] = {"temperature": 0.3, "top_p": 0.9, "seed": 42, "n": 3}
+    sampling |= {"presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {50256: -100}}
+    assert sampling_kwargs(chat(**sampling), 16) == {"max_tokens": 16, **sampling}
 
 
 def test_temperature_zero_is_kept_not_dropped_as_falsy() -> None:
