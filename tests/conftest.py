@@ -34,6 +34,7 @@ apply_engine_env()
 from instruments.loopback import free_port, healthy  # noqa: E402
 from instruments.nodes import Cluster, namespaces_refused  # noqa: E402
 from instruments.postgres import Postgres, create_database, postgres  # noqa: E402
+from instruments.prefect_server import prefect_server  # noqa: E402
 from instruments.processes import BIN, serving  # noqa: E402
 
 if TYPE_CHECKING:
@@ -119,16 +120,20 @@ def nodes() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
-    """One Prefect server for the session (flows in this process and CLI subprocesses)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Prefect server for the session (flows in this process and CLI subprocesses), on the
+    session's PostgreSQL. On SQLite (Prefect's test harness) ten flow runs at once, as the API
+    tests start them, held its database locked past its 60 s busy timeout: the server answered
+    503 and a batch's run could not be created."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=300):
-        from prefect.settings import PREFECT_API_URL
-
-        url = str(PREFECT_API_URL.value())
+    home = tmp_path_factory.mktemp("prefect-home")
+    database = create_database(pg_server, "prefect_session")
+    with prefect_server(home, database_url=database, timeout=300) as env:
+        url = env["PREFECT_API_URL"]
         os.environ["PREFECT_API_URL"] = url
-        yield url
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
 
 
 @pytest.fixture(scope="session")
