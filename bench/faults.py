@@ -126,7 +126,6 @@ def services(work: Path, log: Callable[[str], None] = print) -> Iterator[Service
             prefect_server(
                 work / "prefect-home",
                 timeout=300,
-                own_session=True,
                 PREFECT_LOGGING_LEVEL="WARNING",
             )
         )

@@ -18,13 +18,15 @@ def prefect_server(
     ui: bool = False,
     *,
     timeout: float = 180,
-    own_session: bool = False,
     **settings: str,
 ) -> Iterator[dict[str, str]]:
     """`prefect server start` with its own PREFECT_HOME (SQLite there, or `database_url`, a
-    PostgreSQL URL); yields the environment that points Prefect clients at it. `own_session`:
-    in a process group of its own, for a driver that kills other process groups (its faults)
-    and must not take the server with them; it is stopped as a group."""
+    PostgreSQL URL); yields the environment that points Prefect clients at it.
+
+    In a session of its own, stopped as a process group: `prefect server start` runs the API
+    in a uvicorn child that outlives a SIGTERM to it alone (one was left behind, its parent
+    gone, after a test session), and a driver that kills other process groups (the fault
+    schedule) must not take the server with them."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -49,7 +51,7 @@ def prefect_server(
         interval=0.5,
         env=env,
         cwd=home,
-        start_new_session=own_session,
+        start_new_session=True,
     ):
         env["PREFECT_API_URL"] = api
         yield env

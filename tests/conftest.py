@@ -125,15 +125,17 @@ def prefect_api(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     session's PostgreSQL. On SQLite (Prefect's test harness) ten flow runs at once, as the API
     tests start them, held its database locked past its 60 s busy timeout: the server answered
     503 and a batch's run could not be created."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.context import refresh_global_settings_context
 
     home = tmp_path_factory.mktemp("prefect-home")
     database = create_database(pg_server, "prefect_session")
     with prefect_server(home, database_url=database, timeout=300) as env:
         url = env["PREFECT_API_URL"]
         os.environ["PREFECT_API_URL"] = url
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+        # Prefect's root settings were read at import: every thread of this process (the API's
+        # server, its batch runs) must see the server too, not only this one's context.
+        refresh_global_settings_context()
+        yield url
 
 
 @pytest.fixture(scope="session")
