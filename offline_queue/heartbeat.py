@@ -2,11 +2,11 @@
 (leases.LeaseKeeper), a batch's owner (leases.OwnerHeartbeat), a share of a shared engine
 (shares.ShareKeeper), a seat at a node's GPUs (slots.Seat).
 
-Each beats once when it starts (before anything runs on it), then every `interval` seconds from
-a daemon thread until stopped, and leaves once at the end. No failure here is raised: a beat
-that fails is logged and tried again at the next one (the store may be restarting), and a row
-that is never left goes stale and stops counting by itself — which is also what happens to the
-rows of a worker killed with -9.
+Each beats once when it starts (before anything runs on it; a failure there is the caller's),
+then every `interval` seconds from a daemon thread until stopped, and leaves once at the end.
+From then on no failure is raised: a beat that fails is logged and tried again at the next one
+(the store may be restarting), and a row that is never left goes stale and stops counting by
+itself — which is also what happens to the rows of a worker killed with -9.
 """
 
 from __future__ import annotations

@@ -93,9 +93,9 @@ class Seat(Heartbeat):
 
     def look(self) -> Plan:
         """Beat, and the plan over the live seats."""
-        return plan(self._beat(), self.gpus)
+        return plan(self._beat_rows(), self.gpus)
 
-    def _beat(self) -> list[SeatRow]:
+    def _beat_rows(self) -> list[SeatRow]:
         with self._lock:
             return seat_rows.beat(
                 self.db,
@@ -114,7 +114,7 @@ class Seat(Heartbeat):
     def stuck(self) -> bool:
         """Waiting, with every GPU here held by shards of our tier or a higher one: nothing
         here will be handed to us before one of them ends (a batch's own shards, say)."""
-        rows = self._beat()
+        rows = self._beat_rows()
         return self.shard not in plan(rows, self.gpus).granted and not any(
             r.holding and r.tier > self.tier for r in rows
         )
