@@ -2,7 +2,11 @@
 PostgreSQL: every bad input of CASES (auth, uploads, batch create, pagination, ids) is answered
 4xx in OpenAI's shape without echoing the input and without a 500; then the properties no input
 may break: fair admission, idempotency per tenant, isolation, the access log, file modes, keys
-that can be revoked, and no batch left running."""
+that can be revoked, and no batch left running.
+
+One room over 400 lines on purpose: CASES is one table of hostile inputs run against one pair
+of API servers (its fixtures), and the closing test checks that none of them left a batch
+running; split by topic, each file would start its own servers and lose that last check."""
 
 from __future__ import annotations
 
