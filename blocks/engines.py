@@ -10,6 +10,7 @@ from pydantic import ConfigDict, Field, SecretStr
 
 from offline_queue.engines.openai_http import HttpEngine, ServerSettings, http_engine
 from offline_queue.engines.vllm_local import LocalVLLM, VLLMSettings, local_engine
+from offline_queue.routes import in_process_route
 
 
 class VLLM(Block):
@@ -135,3 +136,18 @@ def load_engine_block(name: str | None, model: str | None = None) -> EngineBlock
     if model:
         block = block.model_copy(update={"model": model})
     return block
+
+
+def route_of(engine: str | None, model: str | None = None) -> str:
+    """The route a batch on this engine waits on, and that a loop on it serves: the same for
+    every way of naming one engine. A VLLM block is vLLM in process on its model
+    (`vllm:MODEL`, as a catalog entry without an engine); a server block keeps its name (its
+    nodes' loopback URLs differ); a URL is itself (with `#model` when one is asked for)."""
+    if engine and not engine.startswith(("http://", "https://")):
+        block = load_engine_block(engine, model)
+        if isinstance(block, VLLM):
+            return in_process_route(block.model)
+        return engine
+    if engine:
+        return f"{engine}#{model}" if model else engine
+    return in_process_route(model)

@@ -12,8 +12,6 @@ from typing import Any, cast
 from prefect.blocks.core import Block
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import (
-    GlobalConcurrencyLimitCreate,
-    GlobalConcurrencyLimitUpdate,
     WorkPoolCreate,
     WorkPoolUpdate,
 )
@@ -34,51 +32,6 @@ class Change:
     name: str
     action: str  # created | updated | unchanged
     detail: str = ""
-
-
-def gpu_limit_name(group: str) -> str:
-    """The global concurrency limit that counts a group's GPUs (pools.yaml's `gpu_slots`): a
-    serving shard holds one of its slots, so the UI shows how many of the group's GPUs serve,
-    and a batch gets this many shards unless told otherwise."""
-    return f"gpu:{group}"
-
-
-def node_gpu_limit_name(group: str, node: str) -> str:
-    """The global concurrency limit that guards one node's GPUs (its worker creates it): a
-    shard serves only while it holds one of its slots."""
-    return f"gpu:{group}:{node}"
-
-
-def node_queue_name(node: str) -> str:
-    """The work queue of one node in its group's pool: only that node's worker polls it, so a
-    shard sent there runs on that node — where the batch's first run saw a GPU free."""
-    return f"node-{node}"
-
-
-def node_queue(group: str, node: str) -> tuple[Change, list[str]]:
-    """Create the node's work queue in the group's pool if missing; the queues the node's
-    worker polls: the pool's own (tiers, default) and its node queue, never another node's.
-    No pool yet (`pools apply` not run: the worker creates it): no queue, and the worker polls
-    the pool's default queue as Prefect's would."""
-    mine = node_queue_name(node)
-    with get_client(sync_client=True) as client:
-        try:
-            existing = [q.name for q in client.read_work_queues(work_pool_name=group)]
-        except ObjectNotFound:
-            return Change("work queue", f"{group}/{mine}", "skipped", "no pool yet"), []
-        change = Change("work queue", f"{group}/{mine}", "unchanged")
-        if mine not in existing:
-            client.create_work_queue(name=mine, work_pool_name=group, priority=1)
-            change = Change("work queue", f"{group}/{mine}", "created", "priority 1")
-    polled = [q for q in existing if not q.startswith("node-")] + [mine]
-    return change, polled
-
-
-def node_gpu_limit(group: str, node: str, gpus: int) -> Change:
-    """Create or update the node's GPU limit: a node says how many GPUs it has when its worker
-    starts (the cluster file names groups, not their nodes)."""
-    with get_client(sync_client=True) as client:
-        return _limit(client, node_gpu_limit_name(group, node), gpus)
 
 
 def _pool(client: SyncPrefectClient, name: str, limit: int, description: str) -> Change:
@@ -125,18 +78,6 @@ def _queues(client: SyncPrefectClient, topology: Topology, group: str) -> list[C
     return changes
 
 
-def _limit(client: SyncPrefectClient, name: str, limit: int) -> Change:
-    try:
-        current = client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-        return Change("concurrency limit", name, "created", f"{limit}")
-    if current.limit == limit:
-        return Change("concurrency limit", name, "unchanged", f"{limit}")
-    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
-    return Change("concurrency limit", name, "updated", f"{current.limit} → {limit}")
-
-
 def _comparable(block: Block) -> dict[str, Any]:
     """The block's own fields (not Prefect's document id and name), secrets revealed."""
     values = {name: getattr(block, name) for name in type(block).model_fields}
@@ -165,7 +106,6 @@ def apply(topology: Topology, store_url: str) -> list[Change]:
         for name, group in topology.groups.items():
             changes.append(_pool(client, name, group.concurrency_limit, group.description))
             changes += _queues(client, topology, name)
-            changes.append(_limit(client, gpu_limit_name(name), group.gpu_slots))
     for group in topology.groups.values():
         if group.engine is not None:
             changes.append(_block(group.engine.build(), group.engine.block.split("/", 1)[1]))
@@ -180,7 +120,6 @@ class QueueRow:
     queue: str
     priority: int
     queue_limit: int | None
-    gpu_limit: int | None
     workers: int
 
 
@@ -192,14 +131,8 @@ def show(topology: Topology) -> list[QueueRow]:
             try:
                 pool = client.read_work_pool(name)
             except ObjectNotFound:
-                rows.append(QueueRow(name, None, "(not applied)", 0, None, None, 0))
+                rows.append(QueueRow(name, None, "(not applied)", 0, None, 0))
                 continue
-            try:
-                gpu: int | None = client.read_global_concurrency_limit_by_name(
-                    gpu_limit_name(name)
-                ).limit
-            except ObjectNotFound:
-                gpu = None
             workers = len(client.read_workers_for_work_pool(name))
             for q in sorted(client.read_work_queues(work_pool_name=name), key=lambda q: q.priority):
                 rows.append(
@@ -209,7 +142,6 @@ def show(topology: Topology) -> list[QueueRow]:
                         q.name,
                         q.priority,
                         q.concurrency_limit,
-                        gpu,
                         workers,
                     )
                 )

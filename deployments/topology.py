@@ -50,8 +50,9 @@ class EngineSpec(BaseModel):
 class GroupSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = ""
-    concurrency_limit: int = Field(ge=1, description="Batch flow runs the group runs at once.")
-    gpu_slots: int = Field(ge=1, description="The `gpu:{group}` global concurrency limit.")
+    concurrency_limit: int = Field(
+        ge=1, description="Batch flow runs the group runs at once (waiting batches hold no GPU)."
+    )
     tiers: dict[Tier, TierSpec] = Field(default_factory=dict)
     engine: EngineSpec | None = None
     """None for a group that runs only control flows (the release router)."""

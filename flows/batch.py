@@ -1,11 +1,11 @@
-"""The batch flow, top to bottom: submit → validate and queue → infer (+ persist, per chunk)
-→ finalize. The flow comes first, then its tasks in the order it runs them; the chunk task and
-the serving loop it leans on are in flows/serving.py.
+"""The batch flow, top to bottom: submit → validate and queue → await the serving loops (infer
++ persist happen there, per chunk, shown as infer-chunk task runs) → finalize. The flow comes
+first, then its tasks in the order it runs them; the wait is in flows/serving.py.
 
-Validation and queueing share one streaming pass (a million-line file never sits in memory),
-and a chunk's results are persisted in the same transaction that marks its requests done, so
-those pairs are one task each. Chunks, not prompts, are Prefect tasks: a task run costs
-6–20 ms here, a chunk of 256 requests seconds.
+Validation and queueing share one streaming pass (a million-line file never sits in memory).
+A waiting batch holds no GPU: each GPU's serving loop claims the next chunk of whichever batch
+comes next on its route (offline_queue/loop.py), so the flow run only routes, queues, watches
+and finalizes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from blocks.catalog import load_catalog
+from blocks.engines import route_of
 from blocks.release import load_policy
 from blocks.storage import use_storage
 from blocks.store import store_url
@@ -35,13 +36,13 @@ from flows.serving import (
     Backlog,
     ProgressArtifact,
     artifact_key,
+    await_loops,
     label_run,
     run_owner,
-    serve,
-    serve_shard,
+    run_stats,
+    serve_here,
     why_stopped,
 )
-from flows.shard import default_parallelism, launch_shards
 from offline_queue.batch_object import BatchObject, RunStats
 from offline_queue.batches import batch_object, place_batch, write_files
 from offline_queue.catalog import Catalog, ServedModel
@@ -79,8 +80,6 @@ def batch_inference(
     release_track: str | None = None,
     release_version: str | None = None,
     lease_seconds: float = 60.0,
-    parallelism: int | None = None,
-    shard: int = 0,
 ) -> dict[str, Any]:
     """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
 
@@ -90,41 +89,42 @@ def batch_inference(
     run = BatchRun(**locals())  # nothing else is defined yet: locals() are the parameters
     db_url = store_url(run.db, run.store)
     use_storage(run.storage)  # before any location is opened (the ingest child inherits it)
-    if run.shard:  # started by the batch's first run: serve, and leave the rest to it
-        return serve_shard(run, db_url)
     submitted = submit(run, db_url)
     bid = submitted.batch_id
     if submitted.served is not None:  # the catalog's engine for the model the lines name
         run = routed(run, submitted.served, bid)
     label_run(bid, run.tier, run.tenant)
-    if run.release_track:
-        batches.label_batch(
-            db_url, bid, release_track=run.release_track, release_version=run.release_version
-        )
-    # Ingest streams the file in the background while the engine starts and serves the lines
-    # already queued: on a million-line file the first results come seconds after submit, not
-    # after the whole file is validated, and the engine's load overlaps the validation.
+    route = route_of(run.engine, run.model)
+    batches.label_batch(
+        db_url,
+        bid,
+        route=route,
+        **(
+            {"release_track": run.release_track, "release_version": run.release_version}
+            if run.release_track
+            else {}
+        ),
+    )
+    serve_here(db_url, route, run.engine, run.model, run.chunk_size, run.lease_seconds)
+    # Ingest streams the file in the background while the loops serve the lines already
+    # queued: on a million-line file the first results come seconds after submit.
     ingest_run = validate_and_queue.submit(
         db_url, bid, submitted.content_hash, submitted.created_at
     )
-    backlog = Backlog.beside(db_url, bid, ingest_run)
     # The batch shows this run as its owner, alive, until the run ends: a run killed where no
     # hook sees it (kill -9) leaves a silent owner, which reap_orphans settles after a lease.
     with OwnerHeartbeat(db_url, bid, *run_owner(), run.lease_seconds):
         stopped = why_stopped(db_url, bid)
         if stopped:
             results.drop_queued(db_url, bid, *stopped)
-
-        tally = RunStats(reused=results.settled_requests(db_url, bid))
-        model_version = None
-        if backlog.has_work():
-            launch_shards(run, bid, run.parallelism or default_parallelism())
-            progress = ProgressArtifact(db_url, bid, submitted.lines)
-            model_version = serve(run, db_url, bid, backlog, tally, progress)
+        start = RunStats(reused=results.settled_requests(db_url, bid))
+        began = results.progress(db_url, bid)
+        progress = ProgressArtifact(db_url, bid, submitted.lines)
+        await_loops(db_url, bid, route, Backlog(db_url, bid, ingest_run), progress)
         ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
-
+        tally = run_stats(db_url, bid, start, began)
         engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
-        done = finalize(db_url, bid, model_version, tally, engine_label)
+        done = finalize(db_url, bid, tally, engine_label)
     if submitted.served is not None and submitted.served.release and run.release_track:
         check_guards(submitted.served.release, db_url)  # as the release router does after one
     return done.model_dump(mode="json")
@@ -251,9 +251,7 @@ def validate_and_queue(db: str, batch_id: str, content_hash: str, created_at: in
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize(
-    db: str, batch_id: str, model_version: str | None, run: RunStats, engine: str
-) -> BatchObject:
+def finalize(db: str, batch_id: str, run: RunStats, engine: str) -> BatchObject:
     """Output and error files from the store, final counts, and a summary for the UI."""
     batch = batches.get_batch(db, batch_id)
     assert batch is not None
@@ -272,7 +270,7 @@ def finalize(
         db,
         batch_id,
         status,
-        model_version=model_version or batch.model_version,
+        waiting_reason=None,
         errors_json=(
             results.first_errors_json(db, batch_id) if status == BatchStatus.FAILED else None
         ),

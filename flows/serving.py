@@ -1,17 +1,18 @@
-"""What the batch flow's serving rests on: the loop that serves a batch's chunks
-while this shard holds a GPU (flows/shard.py) and hands it over at a chunk boundary, a shard's
-own run, the backlog left while the ingest runs beside, the progress artifact, and the run's
-name and owner as the UI and the store show them. flows/batch.py is the flow that uses them.
+"""What the batch flow's await rests on: the wait for the serving loops to serve the batch
+(while its ingest runs beside), with cancel and expiry, the progress artifact, the chunk
+records and the reason a batch waits; loops this process serves itself (`offline-queue run`,
+the API); and the run's name and owner as the UI and the store show them. flows/batch.py is
+the flow that uses them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -26,18 +27,20 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from blocks.engines import load_engine_block
-from flows.chunks import ChunkFeed
-from flows.shard import GpuSlot, Turn, default_parallelism, start_shard
+from flows.chunks import ChunkRecords
 from offline_queue.batch_object import FinishEstimate, RunStats
 from offline_queue.batches import finish_estimate
-from offline_queue.leases import OwnerHeartbeat
-from offline_queue.runs import BatchRun
-from offline_queue.serving import ChunkReport
-from offline_queue.states import BatchStatus, Tier
-from offline_queue.store import batches, claims, results, slots
+from offline_queue.loop import ServingLoop
+from offline_queue.states import BatchStatus
+from offline_queue.store import batches, loops, results
 from offline_queue.store.db import patiently
 from offline_queue.store.tables import Batch
-from offline_queue.worker import ChunkWorker
+
+log = logging.getLogger(__name__)
+
+SERVE_HERE_ENV = "OFFLINE_QUEUE_SERVE_HERE"
+"""Set by `offline-queue run` and the API: this process serves the batches it runs with loops
+of its own (one per route), instead of waiting for a node's."""
 
 PROGRESS_SECONDS = 2.0
 """How often a running batch's progress artifact is brought up to date (a count over the batch)
@@ -50,171 +53,110 @@ def artifact_key(batch_id: str, what: str) -> str:
     return f"{batch_id}-{what}".replace("_", "-").lower()
 
 
-def serve(
-    run: BatchRun,
-    db: str,
-    batch_id: str,
-    backlog: Backlog,
-    tally: RunStats,
-    progress: ProgressArtifact | None = None,
-) -> str | None:
-    """Serve chunks of the batch until nothing is left; returns the engine's model version.
-
-    On a node whose worker made its GPU limit, chunks are served only while this shard holds
-    one of the node's GPUs (flows/shard.py): the engine is loaded once a slot is held (an
-    in-process engine needs the GPU), and at each chunk boundary a shard of a lower tier that a
-    waiting higher tier needs hands the slot over and waits for it again. The process keeps its
-    engine (loaded once per process) for when the slot comes back."""
-    slot = GpuSlot.on_this_node(db, claims.new_owner(), batch_id, Tier(run.tier).rank)
-    model_version = None
-    may_move = True
-    try:
-        while True:
-            turn = Turn.HELD if slot is None else slot.acquire(backlog.open, may_move)
-            if turn is Turn.NOT_NEEDED:
-                break
-            if turn is Turn.ELSEWHERE:  # a run of ours where a GPU is free: a shard moves,
-                may_move = False  # the first run (which finalizes) stays and sends one more
-                moved = run.shard or (run.parallelism or default_parallelism())
-                target = slot.moving_to if slot is not None else None
-                start_shard(run, batch_id, moved, f"{flow_run.get_id()}-moved-{moved}", target)
-                get_run_logger().info("%s has a free GPU: shard %d goes there", target, moved)
-                if run.shard:
-                    break
-                continue
-            chosen = load_engine_block(run.engine, run.model).engine()  # loaded once per process
-            model_version = chosen.model_version
-            label_run(batch_id, run.tier, run.tenant, model_version)
-            batches.set_status(db, batch_id, BatchStatus.IN_PROGRESS, model_version=model_version)
-            with ChunkWorker(
-                db,
-                batch_id,
-                chosen,
-                tier=run.tier,
-                weight=run.weight,
-                max_attempts=run.max_attempts,
-                lease_seconds=run.lease_seconds,
-            ) as worker:
-                done = _serve_chunks(run, db, worker, backlog, tally, slot, progress)
-            if done or slot is None:
-                break
-            slot.release()
-            get_run_logger().info("handed the GPU to a waiting higher tier; waiting for it again")
-    finally:
-        if slot is not None:
-            slot.close()
-    return model_version
+def await_loops(
+    db: str, batch_id: str, route: str, backlog: Backlog, progress: ProgressArtifact
+) -> results.Progress:
+    """Wait while the serving loops of `route` serve the batch, until nothing is left and the
+    ingest is over. Meanwhile: what is queued leaves on cancel or expiry, the progress bar
+    and the chunk records stay live, and a batch no live loop serves says so."""
+    records = ChunkRecords(db, batch_id)
+    waiting = WaitingReason(db, batch_id, route)
+    while True:
+        stop_reason = patiently(lambda: why_stopped(db, batch_id))
+        if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
+            results.drop_queued(db, batch_id, *stop_reason)
+        waiting.check()
+        records.record()
+        progress.after_chunk()
+        final = backlog.settled_or_wait()
+        if final is not None:
+            waiting.clear()
+            records.record()
+            progress.show(final)
+            return final
 
 
-def _serve_chunks(
-    run: BatchRun,
-    db: str,
-    worker: ChunkWorker,
-    backlog: Backlog,
-    tally: RunStats,
-    slot: GpuSlot | None,
-    progress: ProgressArtifact | None,
-) -> bool:
-    """Chunks until nothing is left and the ingest is over — ours, or other workers' (we wait
-    for their leases): True; or until the GPU slot is to be handed over: False."""
-    bid = worker.batch_id
-    feed = ChunkFeed(worker, run.chunk_size, may_claim_ahead=lambda: not _must_yield(slot))
-    try:
-        while True:
-            stop_reason = patiently(lambda: why_stopped(db, bid))
-            if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
-                results.drop_queued(db, bid, *stop_reason)
-            report = feed.next()
-            if report is not None:
-                _count(tally, report)
-                if progress is not None:
-                    progress.after_chunk()
-            else:
-                final = backlog.settled_or_wait(run.lease_seconds)
-                if final is not None:
-                    if progress is not None:
-                        progress.show(final)
-                    return True
-            if _must_yield(slot):  # the chunk boundary
-                return False
-    finally:
-        for report in feed.hand_back():  # what the chunk claimed ahead started, finished
-            _count(tally, report)
+class WaitingReason:
+    """Shown on the batch (`waiting_reason`: status, the batch object, a metric) while no live
+    loop serves its route, and taken away when one does."""
+
+    def __init__(self, db: str, batch_id: str, route: str):
+        self.db, self.batch_id, self.route = db, batch_id, route
+        self.shown: str | None = None
+
+    def check(self) -> None:
+        served = patiently(lambda: loops.serves(self.db, self.route))
+        reason = None if served else f"no serving loop serves {self.route}"
+        if reason != self.shown:
+            batches.label_batch(self.db, self.batch_id, waiting_reason=reason)
+            if reason:
+                get_run_logger().warning("batch %s waits: %s", self.batch_id, reason)
+            self.shown = reason
+
+    def clear(self) -> None:
+        if self.shown:
+            batches.label_batch(self.db, self.batch_id, waiting_reason=None)
+            self.shown = None
 
 
-def _count(tally: RunStats, report: ChunkReport) -> None:
-    tally.inferred += report.inferred
-    tally.reused += report.reused
+_own_loops: dict[tuple[str, str], ServingLoop] = {}
+_own_lock = threading.Lock()
 
 
-def _must_yield(slot: GpuSlot | None) -> bool:
-    return slot is not None and patiently(slot.must_yield)
+def serve_here(
+    db: str, route: str, engine: str | None, model: str | None, chunk: int, lease: float
+) -> None:
+    """When this process serves its own batches (SERVE_HERE_ENV), a loop of its own on `route`,
+    started on first use and kept for the process's life: its engine is loaded once."""
+    if not os.environ.get(SERVE_HERE_ENV):
+        return
+    with _own_lock:
+        loop = _own_loops.get((db, route))
+        if loop is not None and loop.failure is None:
+            return
+        chosen = load_engine_block(engine, model).engine()
+        _own_loops[(db, route)] = ServingLoop(
+            db, chosen, route, chunk_size=chunk, lease_seconds=lease
+        ).start()
 
 
-def serve_shard(run: BatchRun, db: str) -> dict[str, Any]:
-    """A shard the batch's first run started: serve until nothing is left (the first run
-    finalizes)."""
-    assert run.batch_id is not None, "a shard is started with its batch's id"
-    bid = run.batch_id
-    label_run(bid, run.tier, run.tenant)
-    tally = RunStats()
-    backlog = Backlog(db, bid, lambda: _ingest_done(db, bid))
-    if backlog.has_work():
-        with OwnerHeartbeat(db, bid, *run_owner(), run.lease_seconds):  # alive while it serves
-            serve(run, db, bid, backlog, tally)
-    get_run_logger().info("shard %d of %s: %d inferred", run.shard, bid, tally.inferred)
-    return {"batch_id": bid, "shard": run.shard, **tally.model_dump(mode="json")}
+def stop_own_loops() -> None:
+    """Drain this process's loops: what they hold is settled before it exits."""
+    with _own_lock:
+        held = list(_own_loops.values())
+        _own_loops.clear()
+    for loop in held:
+        loop.stop()
 
 
-def _ingest_done(db: str, batch_id: str) -> bool:
-    batch = batches.get_batch(db, batch_id)
-    return batch is None or batch.ingest_done or BatchStatus(batch.status).terminal
+def run_stats(db: str, batch_id: str, start: RunStats, began: results.Progress) -> RunStats:
+    """What this run's wait saw the loops do: requests answered by the engine, and those taken
+    from earlier work (settled before it began, or from the result cache)."""
+    now = results.progress(db, batch_id)
+    settled = results.settled_requests(db, batch_id)
+    from_cache = now.reused - began.reused
+    return RunStats(
+        inferred=max(settled - start.reused - from_cache, 0), reused=start.reused + from_cache
+    )
 
 
 class Backlog:
-    """What is left of the batch to infer while its ingest runs beside the inference: whether
-    there is anything at all — a file of rejected lines, or a batch resumed after its last
-    result, never loads the engine — and, when nothing is claimable, whether the batch is
-    done. `ingested()` says whether the ingest is over (the first run knows from its task; a
-    shard from the store)."""
+    """What is left of the batch while its ingest runs beside the wait: whether there is
+    anything at all, and, once nothing is left and the ingest is over, the final count."""
 
-    def __init__(self, db: str, batch_id: str, ingested: Callable[[], bool]):
-        self.db, self.batch_id, self._ingested = db, batch_id, ingested
+    def __init__(self, db: str, batch_id: str, ingest_run: PrefectFuture[int]):
+        self.db, self.batch_id = db, batch_id
+        self._ingested = threading.Event()
+        ingest_run.add_done_callback(lambda _: self._ingested.set())
 
-    @classmethod
-    def beside(cls, db: str, batch_id: str, ingest_run: PrefectFuture[int]) -> Backlog:
-        """The backlog of the run whose ingest task is `ingest_run`."""
-        ingested = threading.Event()
-        ingest_run.add_done_callback(lambda _: ingested.set())
-        return cls(db, batch_id, ingested.is_set)
-
-    def open(self) -> bool:
-        """Whether the batch may still have work for a shard (one look, no wait)."""
-        ingested = self._ingested()
-        return (
-            not ingested or patiently(lambda: results.progress(self.db, self.batch_id)).pending > 0
-        )
-
-    def has_work(self) -> bool:
-        while True:
-            ingested = self._ingested()
-            p = results.progress(self.db, self.batch_id)
-            if p.pending or ingested:
-                return p.pending > 0
-            time.sleep(0.05)
-
-    def settled_or_wait(self, lease_seconds: float) -> results.Progress | None:
+    def settled_or_wait(self) -> results.Progress | None:
         """The batch's progress once nothing is pending and the ingest is over; else None,
-        after a wait for what is left: leased by another worker, waiting for its retry time,
-        or not ingested yet."""
-        ingested = self._ingested()  # before the count: lines may land in between
+        after a short wait."""
+        ingested = self._ingested.is_set()  # before the count: lines may land in between
         p = patiently(lambda: results.progress(self.db, self.batch_id))
         if p.pending == 0 and ingested:
             return p
-        wait = (p.due_in or 0) if p.processing == 0 else lease_seconds / 6
-        if p.pending == 0:
-            wait = 0.05
-        time.sleep(min(max(wait, 0.05), 2.0))
+        time.sleep(0.25)
         return None
 
 
@@ -249,9 +191,8 @@ class ProgressArtifact:
         batch = batches.get_batch(self.db, self.batch_id)
         estimate = finish_estimate(self.db, batch, p.pending) if batch and p.pending else None
         description = f"Requests of {self.batch_id} with a result"
-        live = slots.batch_shards(self.db, self.batch_id)
-        if live.running or live.waiting:
-            description += f"; shards: {live.running} serving, {live.waiting} waiting for a GPU"
+        if batch is not None and batch.waiting_reason:
+            description += f"; waiting: {batch.waiting_reason}"
         if estimate is not None:
             when = time.strftime("%H:%M:%S %Z", time.localtime(estimate.finish_at))
             description += f"; finish about {when}{' (after its window)' if estimate.late else ''}"

@@ -1,5 +1,5 @@
 """The batch object: OpenAI's, as /v1/batches returns it, with our extra fields (where the
-files are, what a run did, shards, GPU time, the finish estimate) — the output side of the wire
+files are, what a run did, its route, GPU time, the finish estimate) — the output side of the wire
 formats, beside formats.py's request lines."""
 
 from __future__ import annotations
@@ -39,14 +39,6 @@ class RunStats(BaseModel):
 
     inferred: int = 0
     reused: int = 0
-
-
-class Shards(BaseModel):
-    """A batch's live shards: serving (holding a GPU) and waiting for one — our extra field on
-    the batch object (OpenAI has none), present while any shard is live."""
-
-    running: int
-    waiting: int
 
 
 class FinishEstimate(BaseModel):
@@ -98,8 +90,10 @@ class BatchObject(BaseModel):
     error_file: str | None = None
     run: RunStats | None = None
     """What the run that returns it did (the flow's result); None in a read from the store."""
-    shards: Shards | None = None
-    """How many shards serve it and how many wait for a GPU, while any is live."""
+    route: str | None = None
+    """The engine it runs on: the serving loops of this route claim its chunks."""
+    waiting_reason: str | None = None
+    """Why it waits with nobody serving it (no live serving loop on its route), while it does."""
     engine_seconds: float = 0.0
     """GPU time the batch used so far, in engine-seconds (offline_queue/usage.py) — our extra
     field: what a team that owns its GPUs bills a tenant by."""

@@ -23,12 +23,11 @@ from offline_queue.batch_object import (
     LineError,
     RequestCounts,
     RunStats,
-    Shards,
     Usage,
 )
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.storage import locate, resolve, sibling
-from offline_queue.store import outlook, results, slots, usage
+from offline_queue.store import outlook, results, usage
 from offline_queue.store.files import STORE_SCHEME
 from offline_queue.store.tables import Batch
 from offline_queue.submission import Submission
@@ -120,7 +119,8 @@ def batch_object(
         output_file=batch.output_path if finished else None,
         error_file=batch.error_path if finished else None,
         run=run,
-        shards=_shards(db, batch) if not finished else None,
+        route=batch.route,
+        waiting_reason=batch.waiting_reason if not finished else None,
         engine_seconds=round(usage.batch_seconds(db, batch.id), 3),
         estimate=finish_estimate(db, batch, p.pending) if estimate and not finished else None,
     )
@@ -140,13 +140,6 @@ def finish_estimate(db: str, batch: Batch, pending: int) -> FinishEstimate | Non
         late=e.late,
         requests_per_second=round(e.rate, 3),
         requests_ahead=e.ahead,
-    )
-
-
-def _shards(db: str, batch: Batch) -> Shards | None:
-    live = slots.batch_shards(db, batch.id)
-    return (
-        Shards(running=live.running, waiting=live.waiting) if live.running or live.waiting else None
     )
 
 

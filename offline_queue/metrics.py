@@ -1,8 +1,8 @@
 """Prometheus metrics for offline-queue: a custom collector that reads the store on each scrape
 (offline_queue/store/metrics.py).
 
-Why the store and not process-local metrics: the processes that do the work (a run, a shard
-on a worker) live for one batch and are gone before the next scrape; a pushgateway would keep
+Why the store and not process-local metrics: the processes that do the work (a batch's run,
+a node's serving loops) come and go and are gone before the next scrape; a pushgateway would keep
 their last value forever and double-count a retried run. The store already has every fact:
 live request rows for the gauges, and result rows — one per line, never rewritten — whose
 counts, token sums and latency buckets only grow, so they are exposed as counters (and the
@@ -90,11 +90,25 @@ FAMILIES: tuple[Family, ...] = (
         "engine_busy",
     ),
     (
-        "gpu_seats",
+        "serving_loops",
         GaugeMetricFamily,
-        "Shards holding or waiting for a GPU, per gpu: limit.",
-        ["gpu_limit", "state"],
-        "seats",
+        "Live serving loops (one engine each) by route, node and state (serving, draining).",
+        ["route", "node", "state"],
+        "loops",
+    ),
+    (
+        "pending_requests",
+        GaugeMetricFamily,
+        "Requests of unfinished batches still to serve, by route and tier: what to scale on.",
+        ["route", "tier"],
+        "pending",
+    ),
+    (
+        "batches_unserved",
+        GaugeMetricFamily,
+        "Batches waiting because no live serving loop serves their route.",
+        ["route"],
+        "unserved",
     ),
 )
 

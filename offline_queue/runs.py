@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from offline_queue.states import Tier
 
@@ -78,18 +78,6 @@ class BatchRun(BaseModel):
     lease_seconds: float = 60.0
     """A dead worker's chunk is claimed again after this long; the lease is renewed every third of
     it while the worker lives."""
-    parallelism: int | None = Field(
-        default=None,
-        ge=1,
-        description="Shards (flow runs, one GPU each) that work the batch at once. Default: "
-        "every GPU of the group (its `gpu:GROUP` limit); 1 when not run by a worker.",
-    )
-    shard: int = Field(
-        default=0,
-        ge=0,
-        description="Set by the batch's first run for the shards it starts: 0 is the run that "
-        "registers, queues and finalizes the batch, the others only serve it.",
-    )
 
     def parameters(self) -> dict[str, Any]:
         """The flow parameters this run chose: the fields given, without the empty ones.

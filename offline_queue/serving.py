@@ -1,5 +1,5 @@
 """Serving one claimed chunk: answers from the result cache first, the engine for the rest,
-then one settle. Kept out of the flow so it reads the same in a Prefect task, a benchmark or
+then one settle. Kept out of the loop so it reads the same in a serving loop, a benchmark or
 a test."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from offline_queue.cache import ResultCache
-from offline_queue.engines.base import Engine, EngineRequest, Overlap, Reply, Seat, Share
+from offline_queue.engines.base import Engine, EngineRequest, Overlap, Reply
 from offline_queue.store import claims
 from offline_queue.usage import chunk_use
 
@@ -29,16 +29,16 @@ class ChunkFault(RuntimeError):
 
 def serve_claim(
     db: str,
-    batch_id: str,
     claim: claims.Claim,
     engine: Engine,
-    max_attempts: int,
-    share: Share | None = None,
     cache: ResultCache | None = None,
     overlap: Overlap | None = None,
 ) -> ChunkReport:
-    """`cache` is the worker's (written behind); without one, a chunk's answers are cached
-    when it settles. `overlap` goes to the engine (Engine.overlaps)."""
+    """`cache` is the loop's (written behind); without one, a chunk's answers are cached
+    when it settles. `overlap` goes to the engine. The requests carry the batch's tier as
+    the engine's priority."""
+    batch_id, max_attempts = claim.batch_id, claim.max_attempts
+    priority = claim.tier.rank - 1
     own_cache = cache is None
     cache = cache or ResultCache(db, engine.model_version)
     outcomes = claims.abandoned(claim, max_attempts)
@@ -57,12 +57,12 @@ def serve_claim(
                 outcomes.append(claims.Outcome(request, hit.reply(request.url), reused=True))
             else:
                 to_run.append(request)
-    used, unstarted = None, 0
+    used = None
     if to_run:
         began = time.monotonic()
         try:
             replies = engine.infer(
-                [EngineRequest(r.line_no, r.url, r.body) for r in to_run], Seat(share, overlap)
+                [EngineRequest(r.line_no, r.url, r.body, priority) for r in to_run], overlap
             )
         except Exception as exc:
             fault = Reply.error(503, "engine_unavailable", f"engine fault: {exc}", retriable=True)
@@ -71,7 +71,6 @@ def serve_claim(
             claims.settle(db, batch_id, claim, outcomes + faulted, max_attempts, used=spent)
             raise ChunkFault(str(exc)) from exc
         used = chunk_use(engine, time.monotonic() - began, replies)
-        unstarted = sum(r.unstarted for r in replies)
         outcomes += [claims.Outcome(r, reply) for r, reply in zip(to_run, replies, strict=True)]
     settled = claims.settle(db, batch_id, claim, outcomes, max_attempts, used=used)
     cache.remember(
@@ -89,7 +88,7 @@ def serve_claim(
         cache.flush()
     return ChunkReport(
         claimed=len(claim.requests),
-        inferred=len(to_run) - unstarted,
+        inferred=len(to_run),
         reused=len(requests) - len(to_run),
         settled=settled,
     )

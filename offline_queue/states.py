@@ -53,9 +53,9 @@ SETTLED_STATES = (RequestState.COMPLETED, RequestState.TERMINATED)
 
 
 class Tier(StrEnum):
-    """How urgent a batch is. Within a shared engine the best tier present takes the slots
-    (lower tiers keep one each); across runs, each tier is a work queue whose priority the
-    cluster file sets (deployments/pools.yaml), in the same order."""
+    """How urgent a batch is. A serving loop claims the most urgent tier's work first (strict),
+    and the engine schedules its requests first (vLLM's priority); across runs, each tier is a
+    work queue whose priority the cluster file sets (deployments/pools.yaml), in the same order."""
 
     CRITICAL = "critical"
     STANDARD = "standard"
@@ -63,8 +63,13 @@ class Tier(StrEnum):
 
     @property
     def rank(self) -> int:
-        """1 for the most urgent: the order of fair sharing and of the work queues."""
+        """1 for the most urgent: the order of claims and of the work queues."""
         return _RANK[self]
 
 
 _RANK = {Tier.CRITICAL: 1, Tier.STANDARD: 2, Tier.BULK: 3}
+
+
+MAX_WEIGHT = 1000
+"""The largest weight a batch can carry (the API refuses more): a weight is a batch's share of
+its tier between a handful of batches, not a count."""

@@ -2,19 +2,18 @@
 tenants by and plans its nodes by, which token counts do not say (a long prompt and a short one
 cost the GPU very differently from their token counts alone).
 
-One rule for both kinds of engine, counted in engine-seconds (one engine busy for one second):
+Both kinds of engine serve several chunks (of several batches) at once, so a chunk is charged
+its part of the engine's time, which each engine sets on every reply (`Reply.engine_seconds`):
 
-- An engine in this process (`vllm.LLM`, one batch per GPU) is the batch's alone while a chunk
-  is in it: the chunk used the wall time of its `infer` — the slot-seconds of the GPU it holds.
-- A served engine is shared by every batch that sends to it, and a request holds one of its
-  `capacity` seats while it is in flight: the chunk used the seat-seconds its requests held
-  (the sum of their latencies) divided by the seats, capped at the chunk's wall time. A batch
-  alone on the server that keeps every seat busy is charged the wall time; two batches with
-  half the seats each are charged half each; a batch that keeps 8 of 32 seats busy is charged a
-  quarter — the server had room for others all along.
+- vLLM in this process: each engine step's time, split between the chunks by how many of
+  their requests were in the engine during it (engines/vllm_steps.py).
+- A served engine: a request holds one of `capacity` in-flight seats while it runs, so it is
+  charged its latency divided by the seats. A chunk that keeps every seat busy is charged the
+  wall time; one that keeps 8 of 32 busy, a quarter — the server had room for others.
 
-What is not counted: the engine's start (weights loading, a shard's wait for a GPU) and the
-store's work around a chunk; a chunk answered from the result cache costs nothing.
+A chunk is charged at most its wall time. What is not counted: the engine's start (weights
+loading) and the store's work around a chunk; a chunk answered from the result cache costs
+nothing.
 """
 
 from __future__ import annotations
@@ -42,10 +41,7 @@ def chunk_use(
 ) -> EngineUse:
     """The engine use of one chunk whose `infer` of `replies` took `wall_seconds` (see the
     module). A chunk whose `infer` raised has no replies, and `faulted` requests failed with
-    it: a served engine's share of it is 0."""
-    seconds = wall_seconds
-    if engine.shared:
-        held = sum(r.latency_ms or 0.0 for r in replies) / 1000.0
-        seconds = min(wall_seconds, held / max(engine.capacity, 1))
+    it: it is charged nothing."""
+    seconds = min(wall_seconds, sum(r.engine_seconds for r in replies))
     errors = faulted + sum(1 for r in replies if not r.ok)
     return EngineUse(engine.engine_key, seconds, len(replies), errors)

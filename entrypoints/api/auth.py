@@ -7,8 +7,7 @@ import hashlib
 import re
 import secrets
 
-from offline_queue.shares import MAX_WEIGHT
-from offline_queue.states import Tier
+from offline_queue.states import MAX_WEIGHT, Tier
 from offline_queue.store import keys
 from offline_queue.store.keys import KeyRights
 

@@ -34,8 +34,7 @@ from offline_queue.batches import batch_object, virtual_outputs
 from offline_queue.durations import duration_seconds
 from offline_queue.formats import SUPPORTED_URLS
 from offline_queue.runs import BatchRun
-from offline_queue.shares import MAX_WEIGHT
-from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
+from offline_queue.states import MAX_WEIGHT, TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.store import admission, batches, owners
 from offline_queue.store.expiry import set_output_expiry
 from offline_queue.store.tables import Batch

@@ -36,11 +36,15 @@ WATCH_SECONDS = 5.0
 def run_here(
     settings: ApiSettings, batch_id: str, parameters: dict[str, Any], path: str, file_id: str
 ) -> None:
-    """Run the batch on a thread of its own; a failure lands on the batch."""
+    """Run the batch on a thread of its own, served by this process's own serving loop on its
+    route (one per route, kept for the process's life); a failure lands on the batch."""
     owners.take_ownership(settings.db, batch_id, API_OWNER, None, settings.lease_seconds)
 
     def run() -> None:
         from flows.batch import batch_inference
+        from flows.serving import SERVE_HERE_ENV
+
+        os.environ[SERVE_HERE_ENV] = "1"
 
         try:
             batch_inference(**parameters)

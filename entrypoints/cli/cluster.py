@@ -1,17 +1,18 @@
-"""`pools apply|show` and `worker start`: node groups as Prefect work pools (deployments/), and
-the Prefect worker each node of a group runs."""
+"""`pools apply|show` and `worker start|loop|drain|loops`: node groups as Prefect work pools
+(deployments/), and what each node of a group runs: the Prefect worker for the batches' flow
+runs and a serving loop per GPU (docs/scheduling.md)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.table import Table
 
-from entrypoints.cli.shared import DbOption, err, out, use_prefect_defaults
+from entrypoints.cli.shared import DbOption, JsonOption, err, out, use_prefect_defaults
 
 if TYPE_CHECKING:
     from deployments.topology import Topology
@@ -38,7 +39,7 @@ def _load_topology(path: Path) -> Topology:
 
 @pools_app.command("apply")
 def pools_apply(file: PoolsFile = POOLS_FILE, db: DbOption = None) -> None:
-    """Create or update the work pools, tier queues, GPU limits and blocks of FILE.
+    """Create or update the work pools, tier queues and blocks of FILE.
 
     Idempotent: a second run changes nothing. The store URL (`--db`, else OFFLINE_QUEUE_DB,
     else this machine's SQLite default) is saved as the `offline-queue-store/default` block the
@@ -62,18 +63,19 @@ def pools_show(file: PoolsFile = POOLS_FILE) -> None:
     """The live state of the node groups in FILE: pools, queues by priority, limits, workers."""
     from deployments.apply import show
 
-    table = Table("pool", "pool limit", "queue", "priority", "queue limit", "gpu limit", "workers")
+    table = Table("pool", "pool limit", "queue", "priority", "queue limit", "workers")
     for r in show(_load_topology(file)):
         table.add_row(
-            r.pool,
-            str(r.pool_limit),
-            r.queue,
-            str(r.priority),
-            str(r.queue_limit),
-            str(r.gpu_limit),
-            str(r.workers),
+            r.pool, str(r.pool_limit), r.queue, str(r.priority), str(r.queue_limit), str(r.workers)
         )
     out.print(table)
+
+
+EngineOption = Annotated[
+    str | None,
+    typer.Option(help="Engine block or server URL. Default: the group's engine in the file."),
+]
+ModelOption = Annotated[str | None, typer.Option(help="Model (folder or bundled name).")]
 
 
 @worker_app.command(
@@ -83,18 +85,25 @@ def worker_start(
     ctx: typer.Context,
     group: Annotated[str, typer.Option(help="The node group (work pool) this node belongs to.")],
     name: Annotated[str | None, typer.Option(help="Worker name. Default: Prefect's.")] = None,
-    gpus: Annotated[
-        int, typer.Option(min=1, help="GPUs on this node: the slots of its `gpu:` limit.")
-    ] = 1,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs on this node.")] = 1,
+    engine: EngineOption = None,
+    model: ModelOption = None,
+    db: DbOption = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Requests per claim.")] = 256,
+    file: Annotated[Path, typer.Option(help="The cluster file.")] = POOLS_FILE,
 ) -> None:
-    """`prefect worker start` for this node's group, with what a node needs set: the checkout
-    the deployments' pull step moves to (OFFLINE_QUEUE_HOME), the engine environment, quick
-    pick-up of new runs, and the node's GPU limit `gpu:GROUP:HOST` (GPUS slots), which the
-    shards it runs hold while they serve. Arguments after `--` go to `prefect worker start`."""
-    import socket
+    """What a node runs: a serving loop per GPU (per tensor-parallel group; one for a served
+    engine), each its own process with CUDA_VISIBLE_DEVICES set to its GPUs and its engine
+    loaded once, pulling work for the group's engine from the one queue; and `prefect worker
+    start` for the group's pool, which runs the batches' flow runs (they hold no GPU).
 
-    from deployments.apply import node_gpu_limit, node_queue
-    from flows.shard import GPU_GROUP_ENV, GPU_NODE_ENV
+    A loop that dies is started again; SIGTERM or Ctrl-C drains the loops (they finish what they
+    hold), then stops the Prefect worker. Arguments after `--` go to `prefect worker start`."""
+    import signal
+    import subprocess
+    import time
+
+    from deployments.node import loop_commands
     from offline_queue.engines.env import apply_engine_env
 
     apply_engine_env()
@@ -103,19 +112,143 @@ def worker_start(
     use_prefect_defaults()
     if not os.environ.get("PREFECT_API_URL"):
         err.print("[yellow]PREFECT_API_URL is not set: a worker needs a Prefect server.[/yellow]")
-    node = socket.gethostname()
-    change = node_gpu_limit(group, node, gpus)
-    out.print(f"{change.kind} {change.name}: {change.action} ({change.detail})")
-    made, queues = node_queue(group, node)
-    out.print(f"{made.kind} {made.name}: {made.action}; polling {', '.join(queues)}")
-    os.environ.update({GPU_GROUP_ENV: group, GPU_NODE_ENV: node})  # the flow runs inherit it
+    engine = engine or _group_engine(file, group)
+    loops = loop_commands(engine, model, gpus, db=db, chunk_size=chunk_size)
     prefect = Path(sys.executable).with_name("prefect")
     args = [str(prefect), "worker", "start", "--pool", group, "--type", "process"]
     if name:
         args += ["--name", name]
-    if queues and not {"-q", "--work-queue"} & set(ctx.args):  # the pool's and its own only
-        for queue in queues:
-            args += ["--work-queue", queue]
-    if "--limit" not in ctx.args:  # its GPUs' shards, and one waiting to take a GPU over
-        args += ["--limit", str(gpus + 1)]
-    os.execv(args[0], [*args, *ctx.args])
+    children = {i: subprocess.Popen(cmd, env=env) for i, (cmd, env) in enumerate(loops)}
+    out.print(f"{len(loops)} serving loop(s) on {engine or 'vLLM in process'}")
+    worker = subprocess.Popen([*args, *ctx.args])
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping and worker.poll() is None:
+        for i, child in list(children.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            if code == 0:  # drained: its work is done
+                out.print(f"serving loop {i} drained")
+                del children[i]
+            else:  # died: its leases run out; a new one loads the engine again
+                err.print(f"serving loop {i} exited {code}: starting it again")
+                cmd, env = loops[i]
+                children[i] = subprocess.Popen(cmd, env=env)
+        time.sleep(1.0)
+    for child in children.values():
+        child.terminate()  # a loop drains on SIGTERM
+    for child in children.values():
+        child.wait()
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGINT)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    raise typer.Exit(0)
+
+
+def _group_engine(file: Path, group: str) -> str | None:
+    topology = _load_topology(file)
+    spec = topology.groups.get(group)
+    if spec is None:
+        err.print(f"[red]refused:[/red] no group {group!r} in {file}", highlight=False)
+        raise typer.Exit(2)
+    return spec.engine.block if spec.engine is not None else None
+
+
+@worker_app.command("loop")
+def worker_loop(
+    engine: EngineOption = None,
+    model: ModelOption = None,
+    db: DbOption = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Requests per claim.")] = 256,
+    lease_seconds: Annotated[
+        float, typer.Option(help="A dead loop's chunk is claimed again after this long.")
+    ] = 60.0,
+) -> None:
+    """One serving loop in this process (what `worker start` runs per GPU): loads the engine
+    once, then serves its route until drained (SIGTERM, `worker drain`)."""
+    import signal
+
+    from blocks.engines import load_engine_block, route_of
+    from blocks.store import Store
+    from offline_queue.engines.env import apply_engine_env
+    from offline_queue.loop import ServingLoop, devices_here
+    from offline_queue.store.db import resolve_url
+
+    apply_engine_env()
+    use_prefect_defaults()
+    url = db or os.environ.get("OFFLINE_QUEUE_DB")
+    if url is None and os.environ.get("PREFECT_API_URL"):
+        try:  # the store block `pools apply` saved: the cluster's PostgreSQL
+            url = cast(Store, Store.load("default")).get_url()
+        except ValueError:
+            url = None
+    route = route_of(engine, model)
+    chosen = load_engine_block(engine, model).engine()
+    loop = ServingLoop(
+        resolve_url(url),
+        chosen,
+        route,
+        chunk_size=chunk_size,
+        lease_seconds=lease_seconds,
+        devices=devices_here(),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: loop.drain())
+    signal.signal(signal.SIGINT, lambda *_: loop.drain())
+    out.print(f"serving {route} as {loop.id} ({chosen.model_version})")
+    loop.run()
+
+
+@worker_app.command("drain")
+def worker_drain(
+    node: Annotated[
+        str | None, typer.Option(help="The node whose loops drain. Default: this one.")
+    ] = None,
+    everywhere: Annotated[bool, typer.Option(help="Every node's loops.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Let a node's serving loops finish what they hold and claim nothing new (a rolling
+    upgrade): they exit once their chunks are settled, and the rest of the cluster serves on."""
+    import socket
+
+    from offline_queue.store import loops
+    from offline_queue.store.db import resolve_url
+
+    n = loops.drain(resolve_url(db), None if everywhere else (node or socket.gethostname()))
+    out.print(f"{n} serving loop(s) draining")
+
+
+@worker_app.command("loops")
+def worker_loops(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """The live serving loops: route, node, devices, what each has served; and the pending
+    work per route and tier."""
+    from dataclasses import asdict
+
+    import orjson
+
+    from offline_queue.store import loops
+    from offline_queue.store.db import resolve_url
+
+    url = resolve_url(db)
+    live, pending = loops.live_loops(url), loops.pending(url)
+    if as_json:
+        print(orjson.dumps({"loops": [asdict(r) for r in live], "pending": pending}).decode())
+        return
+    table = Table("loop", "route", "node", "devices", "chunks", "requests", "state")
+    for r in live:
+        state = "draining" if r.draining else "serving"
+        table.add_row(
+            r.id, r.route, r.node, r.devices or "-", str(r.chunks), str(r.requests), state
+        )
+    out.print(table)
+    for route, tier, n in pending:
+        out.print(f"pending {route} {tier}: {n}")

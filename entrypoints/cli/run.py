@@ -3,6 +3,7 @@ or only checked."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import orjson
@@ -61,7 +62,8 @@ def run(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run one batch to the end in this process, through the Prefect flow.
+    """Run one batch to the end in this process, through the Prefect flow, served by a serving
+    loop of this process (the same path as a node's, in one process).
 
     Running the same file again resumes it (or, once it is done, only rewrites the files)."""
     from offline_queue.model import ModelError, prepare_bundled_model
@@ -86,7 +88,10 @@ def run(
         raise typer.Exit(2) from exc
     use_prefect_defaults()
     from flows.batch import batch_inference
+    from flows.serving import SERVE_HERE_ENV, stop_own_loops
     from offline_queue.runs import BatchRun
+
+    os.environ[SERVE_HERE_ENV] = "1"
 
     if not engine:  # vLLM in this process: its import and start overlap the Prefect server's
         from offline_queue.engines.vllm_local import start_in_background
@@ -113,6 +118,8 @@ def run(
     except (FileRefused, BatchConflict) as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
+    finally:
+        stop_own_loops()
     print_batch(BatchObject.model_validate(result), as_json)
 
 

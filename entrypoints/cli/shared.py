@@ -74,8 +74,8 @@ def print_batch(batch: BatchObject, as_json: bool) -> None:
         table.add_row("expires", f"{when} ({batch.completion_window} window)")
     if batch.estimate is not None:
         table.add_row("finish", finish_text(batch))
-    if batch.shards is not None:
-        table.add_row("shards", f"{batch.shards.running} running, {batch.shards.waiting} waiting")
+    if batch.waiting_reason:
+        table.add_row("waiting", batch.waiting_reason)
     if batch.engine_seconds:
         table.add_row("engine time", f"{batch.engine_seconds:.1f} s")
     if batch.run is not None:

@@ -20,6 +20,8 @@ class EngineRequest:
     line_no: int
     url: str
     body_json: str
+    priority: int = 0
+    """vLLM's request priority, lower first: the batch's Tier.rank - 1 (critical 0)."""
     _body: Body | None = field(default=None, repr=False)
 
     @property
@@ -45,9 +47,8 @@ class Reply:
     latency_ms: float | None = None
     finished_at: float | None = None
     """When the answer arrived (epoch seconds): per-request timing, finer than the chunk's."""
-    unstarted: bool = False
-    """Not answered because its worker handed the GPU over before the engine started it: it
-    goes back to the queue as it was, no try spent (`Reply.handed_back`)."""
+    engine_seconds: float = 0.0
+    """This request's part of the engine's time (offline_queue/usage.py)."""
 
     @classmethod
     def error(cls, status_code: int, code: str, message: str, *, retriable: bool = False) -> Reply:
@@ -62,60 +63,28 @@ class Reply:
             retriable=retriable,
         )
 
-    @classmethod
-    def handed_back(cls) -> Reply:
-        return cls(ok=False, body=None, status_code=0, retriable=True, unstarted=True)
-
-
-Share = Callable[[], int]
-"""How many requests this batch may have in flight right now (read again and again)."""
-
 
 @dataclass
 class Overlap:
-    """What a worker and an engine that `overlaps` chunks say to each other about one chunk.
+    """What an engine tells the loop about one chunk in it: `room` is set once none of the
+    engine's requests waits to be started, and the loop claims the next chunk then, so the
+    engine stays full through a chunk's tail (offline_queue/loop.py)."""
 
-    A chunk claimed ahead (behind another in the engine) is fed only into the seats the one
-    before it frees, until the worker makes it the `lead` (the one before is settled and the
-    GPU stays). `room` is set by the engine when the chunk leaves room for the next: none of
-    its requests waits to be started. `hand_back` is set by the worker when its GPU goes to a
-    higher tier at this chunk boundary: the chunk starts no more requests, and those it has
-    not started come back `Reply.handed_back()`."""
-
-    lead: threading.Event = field(default_factory=threading.Event)
     room: threading.Event = field(default_factory=threading.Event)
-    hand_back: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class Seat:
-    """Where a chunk sits in the engine: its batch's in-flight `share` (for engines that
-    several batches use at once) and, for an engine that `overlaps`, the chunk's `overlap`."""
-
-    share: Share | None = None
-    overlap: Overlap | None = None
-
-
-ALONE = Seat()
-"""A chunk with no share to keep and nothing to overlap."""
 
 
 class Engine(Protocol):
     model_version: str
     """Names the exact weights: results are cached and stamped by it."""
-    shared: bool
-    """Whether several batches (and processes) use this engine at once, and so share it."""
     engine_key: str
-    """What identifies the engine across processes (for the share table)."""
-    capacity: int
-    """Requests in flight the engine takes at once (split between the batches sharing it)."""
-    overlaps: bool
-    """Whether the engine takes a second chunk from another thread while one is in it, fed
-    only into the seats the first one frees, and heeds `Seat.overlap`."""
+    """What identifies the engine in the engine-time rows."""
 
-    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
-        """One reply per request, in order. Raises only when the whole engine is unusable
-        (a chunk-level fault the caller retries)."""
+    def infer(
+        self, requests: Sequence[EngineRequest], overlap: Overlap | None = None
+    ) -> list[Reply]:
+        """One reply per request, in order; chunks of several threads run in the engine
+        together. Raises only when the whole engine is unusable (a chunk-level fault the
+        caller retries)."""
         ...
 
 

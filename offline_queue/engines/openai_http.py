@@ -2,9 +2,9 @@
 
 One event loop thread and one connection pool per process and server, shared by every chunk
 and batch the process runs; up to `max_in_flight` requests outstanding so the server's
-continuous batching stays full; a batch's own share of those slots can change while a chunk
-runs (see `shares.py`), which is how a critical batch pre-empts a bulk one without killing
-anything.
+continuous batching stays full. A free slot goes to the most urgent request waiting for one
+(its tier, as `priority`), and the request carries that priority to the server too (`vllm serve
+--scheduling-policy priority`): a critical chunk overtakes bulk ones without killing anything.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import email.utils
+import heapq
 import ipaddress
+import itertools
 import math
 import socket
 import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import orjson
 
-from offline_queue.engines.base import ALONE, EngineRequest, Overlap, PerProcess, Reply, Seat, Share
+from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply
 from offline_queue.model import model_version as folder_version
 from offline_queue.retry import RetryPolicy
 from offline_queue.window import Window
@@ -70,26 +71,34 @@ def engine_key(base_url: str, model: str) -> str:
 
 
 class _Limiter:
-    """A semaphore whose size is read from a callable at each acquire, so a batch's share of
-    the server can grow or shrink while its chunk is running."""
+    """At most `size()` requests in flight (read at each acquire: the adaptive window moves);
+    a freed slot goes to the waiter of the lowest priority number, then the earliest."""
 
     def __init__(self, size: Callable[[], int]):
         self.size = size
         self.used = 0
+        self._waiting: list[tuple[int, int]] = []
+        self._seq = itertools.count()
         self._changed = asyncio.Condition()
 
-    async def __aenter__(self) -> None:
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        entry = (priority, next(self._seq))
+        heapq.heappush(self._waiting, entry)
         async with self._changed:
-            while self.used >= max(1, self.size()):
+            while self._waiting[0] != entry or self.used >= max(1, self.size()):
                 # Wake up now and then even without a release: the size may have grown.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=0.25)
+            heapq.heappop(self._waiting)
             self.used += 1
-
-    async def __aexit__(self, *_: object) -> None:
-        async with self._changed:
-            self.used -= 1
             self._changed.notify_all()
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= 1
+                self._changed.notify_all()
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -129,26 +138,22 @@ def _server_message(response: httpx.Response) -> tuple[str, str]:
 
 
 class HttpEngine:
-    shared = True
-    overlaps = True
-    """A second chunk of the same worker joins the first under one limit (`_limiter`): what
-    is in flight stays within the batch's share and the window however many chunks it spans."""
+    """Every chunk the process sends shares one limit (`_limiter`): what is in flight stays
+    within the cap and the window however many chunks and batches it spans."""
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.capacity = settings.max_in_flight
-        # Not adaptive: no window, the fair share under the cap alone.
+        # Not adaptive: no window, the cap alone.
         self.window = Window(cap=settings.max_in_flight) if settings.adaptive else None
         window, cap = self.window, settings.max_in_flight
-        self._unshared = _Limiter((lambda: min(cap, window.limit)) if window else (lambda: cap))
-        self._limiters: weakref.WeakKeyDictionary[Share, _Limiter] = weakref.WeakKeyDictionary()
+        self._limiter = _Limiter((lambda: min(cap, window.limit)) if window else (lambda: cap))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="http-engine", daemon=True
         )
         self._thread.start()
         self._client: httpx.AsyncClient = self._call(self._make_client())
-        self._slots: asyncio.Semaphore = self._call(self._make_semaphore())
         self.model, self.model_version = self._call(self._discover())
         self.engine_key = engine_key(settings.base_url, self.model)
 
@@ -166,9 +171,6 @@ class HttpEngine:
                 max_connections=s.max_in_flight, max_keepalive_connections=s.max_in_flight
             ),
         )
-
-    async def _make_semaphore(self) -> asyncio.Semaphore:
-        return asyncio.Semaphore(self.settings.max_in_flight)
 
     async def _discover(self) -> tuple[str, str]:
         """The model to ask for, and a version naming its weights: the same folder served here
@@ -200,62 +202,41 @@ class HttpEngine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
-        """Every request of the chunk, at most `seat.share()` of them in flight for this batch (and
-        `max_in_flight` for the whole process)."""
-        return list(self._call(self._infer_all(requests, seat.share, seat.overlap)))
-
-    def _limiter(self, share: Share | None) -> _Limiter:
-        """One limit per share (a worker's), kept while the share lives: the chunks a worker
-        has in the engine at once count against it together."""
-        if share is None:
-            return self._unshared
-        limiter = self._limiters.get(share)
-        if limiter is None:
-            ref, window, cap = weakref.ref(share), self.window, self.settings.max_in_flight
-
-            def size() -> int:  # a weak hold: the limit must not keep its own key alive
-                alive = ref()
-                fair = alive() if alive is not None else cap
-                return min(fair, window.limit) if window else fair
-
-            limiter = self._limiters[share] = _Limiter(size)
-        return limiter
+    def infer(
+        self, requests: Sequence[EngineRequest], overlap: Overlap | None = None
+    ) -> list[Reply]:
+        """Every request of the chunk, within the process's one in-flight limit."""
+        return list(self._call(self._infer_all(requests, overlap)))
 
     async def _infer_all(
-        self, requests: Sequence[EngineRequest], share: Share | None, overlap: Overlap | None
+        self, requests: Sequence[EngineRequest], overlap: Overlap | None
     ) -> list[Reply]:
-        """A chunk claimed ahead shares the worker's limit with the one before, so it is sent
-        only into the slots that one frees; handed back, what it has not sent comes back."""
+        """Once every request of the chunk has a slot, the freed ones are the next chunk's."""
         unsent = len(requests)
 
-        def sent() -> bool:  # False: handed back before it was sent
+        def sent() -> None:
             nonlocal unsent
-            if overlap is not None and overlap.hand_back.is_set():
-                return False
             unsent -= 1
-            if unsent == 0 and overlap is not None:  # freed slots are the next chunk's
+            if unsent == 0 and overlap is not None:
                 overlap.room.set()
-            return True
 
-        limiter = self._limiter(share)
-        return await asyncio.gather(*(self._one(r, limiter, sent) for r in requests))
+        return await asyncio.gather(*(self._one(r, sent) for r in requests))
 
-    async def _one(
-        self, request: EngineRequest, limiter: _Limiter, sent: Callable[[], bool]
-    ) -> Reply:
+    async def _one(self, request: EngineRequest, sent: Callable[[], None]) -> Reply:
         s = self.settings
         payload = orjson.loads(request.body_json)  # as validated and normalised at ingest
         payload["model"] = self.model
+        if request.priority:  # vLLM's extension; a server without it is sent none
+            payload["priority"] = request.priority
         content = orjson.dumps(payload)
         attempt, outage_started = 0, None
         last = Reply.error(503, "engine_unavailable", "no attempt made", retriable=True)
         while True:
             attempt += 1
             delay: float | None = None
-            async with limiter, self._slots:
-                if attempt == 1 and not sent():
-                    return Reply.handed_back()
+            async with self._limiter.slot(request.priority):
+                if attempt == 1:
+                    sent()
                 started = time.perf_counter()
                 try:
                     response = await self._client.post(
@@ -287,6 +268,8 @@ class HttpEngine:
                 else:
                     latency_ms = (time.perf_counter() - started) * 1000
                     reply = self._from_response(response, latency_ms)
+                    # A request holds one of `capacity` seats while in flight (usage.py).
+                    reply.engine_seconds = latency_ms / 1000 / max(self.capacity, 1)
                     if response.status_code in OVERLOAD_STATUS:
                         self._overloaded()
                     elif self.window:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from offline_queue.engines import tools
-from offline_queue.engines.base import ALONE, EngineRequest, Overlap, PerProcess, Reply, Seat
+from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply
 from offline_queue.engines.env import apply_engine_env, is_cpu_build
 from offline_queue.engines.responses import (
     embeddings_body,
@@ -74,6 +74,9 @@ class VLLMSettings:
             "enforce_eager": self.enforce_eager,
             "seed": self.seed,
             "runner": self.runner,
+            # Every request carries its tier as its priority: an urgent one is scheduled at the
+            # next step ahead of waiting ones (under "fcfs" vLLM ignores the priority).
+            "scheduling_policy": "priority",
         }
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
@@ -97,9 +100,6 @@ class VLLMSettings:
 class LocalVLLM:
     """A `vllm.LLM` in this process."""
 
-    shared = False
-    overlaps = True
-
     def __init__(self, settings: VLLMSettings):
         _background_start.wait()  # a module half-imported by that thread is not importable yet
         from transformers import AutoTokenizer
@@ -122,7 +122,6 @@ class LocalVLLM:
         """Embeddings run one chunk at a time: `LLM.embed` steps the engine until it is empty."""
         self.steps = SharedSteps(self.llm)
         self.engine_key = f"local:{self.model_dir}"
-        self.capacity = 1
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -227,11 +226,12 @@ class LocalVLLM:
 
     # -- inference -------------------------------------------------------------------------
 
-    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
-        """The chunk's requests into the one engine: chunks of several threads run in it
-        together, as `seat.overlap` says (vllm_steps.py). An embeddings chunk is one `embed` call,
-        one at a time. (`seat.share` is for engines that several batches use at once; this one
-        serves one batch at a time.)"""
+    def infer(
+        self, requests: Sequence[EngineRequest], overlap: Overlap | None = None
+    ) -> list[Reply]:
+        """The chunk's requests into the one engine, with the chunk's priority: chunks of
+        several threads run in it together (vllm_steps.py). An embeddings chunk is one `embed`
+        call, one at a time."""
         replies: list[Reply | None] = [None] * len(requests)
         runnable: list[tuple[int, list[int], Any]] = []
         embeddable: list[tuple[int, list[list[int]]]] = []
@@ -249,9 +249,11 @@ class LocalVLLM:
             else:
                 assert isinstance(prepared, tuple)
                 runnable.append((i, *prepared))
-        self._generate(requests, runnable, replies, seat.overlap)
+        self._generate(requests, runnable, replies, overlap)
         with self._lock:
             self._embed(requests, embeddable, replies)
+        if overlap is not None:
+            overlap.room.set()  # nothing of it waits any more
         missing = [requests[i].line_no for i, r in enumerate(replies) if r is None]
         if missing:  # vLLM returned fewer outputs than prompts: an engine fault, retry the chunk
             raise RuntimeError(f"vLLM returned no output for lines {missing[:5]}")
@@ -279,6 +281,7 @@ class LocalVLLM:
         started = time.perf_counter()
         outputs = iter(self.llm.embed(prompts, pooling_params=params, use_tqdm=False))
         latency_ms = (time.perf_counter() - started) * 1000
+        share = latency_ms / 1000 / len(embeddable)  # the engine was this call's alone
         for i, inputs in embeddable:
             body = requests[i].body
             assert isinstance(body, EmbeddingBody)
@@ -291,6 +294,7 @@ class LocalVLLM:
                 prompt_tokens=tokens,
                 latency_ms=latency_ms,
                 finished_at=time.time(),
+                engine_seconds=share,
             )
 
     def _generate(
@@ -303,11 +307,13 @@ class LocalVLLM:
         if not runnable:
             return
         started = time.time()
-        outcomes = self.steps.run([(ids, params) for _, ids, params in runnable], overlap)
+        priority = requests[runnable[0][0]].priority  # a chunk is of one batch
+        outcomes, seconds = self.steps.run(
+            [(ids, params) for _, ids, params in runnable], overlap, priority
+        )
+        share = seconds / len(runnable)
         for (i, ids, _), outcome in zip(runnable, outcomes, strict=True):
-            if outcome is None:
-                replies[i] = Reply.handed_back()
-            elif isinstance(outcome, Exception):  # vLLM refused this one request
+            if isinstance(outcome, Exception):  # vLLM refused this one request
                 replies[i] = Reply.error(
                     400, "invalid_request", f"line {requests[i].line_no}: body: {outcome}"
                 )
@@ -317,6 +323,7 @@ class LocalVLLM:
                 replies[i] = reply(
                     requests[i], sampled, ids, output, (started, finished_at), self._naming
                 )
+            replies[i].engine_seconds = share  # type: ignore[union-attr]
 
 
 local_engine: PerProcess[VLLMSettings, LocalVLLM] = PerProcess(LocalVLLM)

@@ -1,4 +1,4 @@
-"""Claims: leasing chunks of a batch's requests to a worker, keeping the leases alive, and
+"""Claims: leasing the next chunk of the queue to a serving loop, keeping the leases alive, and
 settling them — results and state changes of a chunk in one transaction, guarded by the
 claim's token.
 
@@ -6,7 +6,7 @@ The guard is what keeps the invariants: a settle only touches rows still leased 
 it came from, and `results` has one primary key per line, so a late or replayed settle from a
 worker whose lease expired inserts nothing.
 
-Order: a claim takes a batch's claimable requests by (prefix_key, id) — requests sharing a
+Order within a batch: a claim takes its claimable requests by (prefix_key, id) — requests sharing a
 rendered prompt prefix, adjacent (offline_queue/prefix.py), so a chunk hands the engine's
 prefix cache whole groups. Only what is queued is ordered: while a file is still streaming
 in, a claim orders the lines ingested so far, so the first chunks of a batch see only the
@@ -24,18 +24,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from offline_queue.batch_object import LineError
 from offline_queue.engines.base import Reply
 from offline_queue.retry import RetryPolicy
-from offline_queue.states import RequestState
+from offline_queue.states import BatchStatus, RequestState, Tier
 from offline_queue.store import clock, usage
 from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.results import RESULT_COLUMNS, error_row, response_ids
-from offline_queue.store.tables import LIVE, Request, Result
+from offline_queue.store.tables import LIVE, Batch, Request, Result
 from offline_queue.usage import EngineUse
 
 
@@ -62,31 +62,81 @@ class Claim:
     token: str
     owner: str
     requests: list[Claimed]
+    batch_id: str
+    """A claim is a chunk of one batch."""
+    tier: Tier = Tier.STANDARD
+    max_attempts: int = 3
 
 
 def _claim_order(r: Claimed) -> tuple[str, int]:
     return r.prefix_key, r.id
 
 
-def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) -> Claim | None:
-    """Lease up to `limit` requests of a batch: queued ones that are due, and those whose
-    lease ran out (a crashed or stalled worker). PostgreSQL skips rows another worker is
-    claiming right now (SKIP LOCKED); SQLite serialises claims with BEGIN IMMEDIATE.
+TIER_RANK = case({str(t): t.rank for t in Tier}, value=Batch.tier, else_=len(Tier) + 1)
+"""The batch's Tier.rank in SQL: 1 is the most urgent."""
+CLAIMABLE_STATUSES = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+"""A cancelling batch's queued requests are dropped by its run, not served."""
 
-    Due and expired are judged, and the new lease stamped, by the store's clock in this one
-    statement: a worker whose clock runs ahead must not see another's live lease as over."""
+
+def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) -> Claim | None:
+    """`claim_next` of one batch (tests and benchmarks that drive one batch by hand)."""
+    return claim_next(db, owner, limit, lease_seconds, batch_id=batch_id)
+
+
+def claim_next(
+    db: str,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    *,
+    routes: Sequence[str] | None = None,
+    batch_id: str | None = None,
+    model_version: str | None = None,
+) -> Claim | None:
+    """Lease up to `limit` requests of the batch that comes next on `routes` (or of `batch_id`):
+    queued ones that are due, and those whose lease ran out (a crashed or stalled loop).
+
+    Which batch comes next, in one statement (docs/scheduling.md): the most urgent tier
+    (strict), then a batch that would miss its window (`late_at`) before the others, then the
+    lowest weighted clock (`vtime`: requests claimed / weight — weights 1:3 get 1:3 of the
+    requests while both have work; a batch not yet served comes first, once), then the oldest.
+    Within the batch, prefix order (`prefix_key`, offline_queue/prefix.py).
+
+    PostgreSQL skips rows another loop is claiming right now (SKIP LOCKED); SQLite serialises
+    claims with BEGIN IMMEDIATE. Due and expired are judged, and the new lease stamped, by the
+    store's clock: a loop whose clock runs ahead must not see another's live lease as over.
+    The same transaction moves the batch's clock and marks it `in_progress`."""
     now = clock.now()
     token = uuid.uuid4().hex
+    due = or_(
+        and_(Request.state == RequestState.QUEUED, Request.not_before <= now),
+        and_(Request.state == RequestState.PROCESSING, Request.lease_expires < now),
+    )
+    has_work = exists().where(Request.batch_id == Batch.id, LIVE, due)
+    candidates = select(Batch.id).where(
+        Batch.status.in_(CLAIMABLE_STATUSES),
+        or_(Batch.expires_at.is_(None), Batch.expires_at > now),
+        has_work,
+    )
+    if routes is not None:
+        candidates = candidates.where(Batch.route.in_(list(routes)))
+    if batch_id is not None:
+        candidates = candidates.where(Batch.id == batch_id)
+    chosen = (
+        candidates.order_by(
+            TIER_RANK,
+            Batch.late_at.is_(None),
+            Batch.vtime.is_not(None),
+            Batch.vtime,
+            Batch.created_at,
+            Batch.id,
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
     claimable = (
         select(Request.id)
-        .where(
-            Request.batch_id == batch_id,
-            LIVE,
-            or_(
-                and_(Request.state == RequestState.QUEUED, Request.not_before <= now),
-                and_(Request.state == RequestState.PROCESSING, Request.lease_expires < now),
-            ),
-        )
+        .where(Request.batch_id == chosen, LIVE, due)
         .order_by(Request.prefix_key, Request.id)  # the claimable index's order
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -110,16 +160,52 @@ def claim(db: str, batch_id: str, owner: str, limit: int, lease_seconds: float) 
             Request.cache_digest,
             Request.attempts,
             Request.prefix_key,
+            Request.batch_id,
         )
         .execution_options(synchronize_session=False)
     )
     with session(db) as s:
         rows = driver_rows(s.connection(), stmt)
-    if not rows:
-        return None
-    claimed = list(map(Claimed._make, rows))
+        if not rows:
+            return None
+        bid = rows[0][-1]
+        batch = _advance(s, bid, len(rows), model_version)
+    claimed = [Claimed._make(row[:-1]) for row in rows]
     claimed.sort(key=_claim_order)  # RETURNING order is not the claim's ORDER BY
-    return Claim(token=token, owner=owner, requests=claimed)
+    return Claim(
+        token=token,
+        owner=owner,
+        requests=claimed,
+        batch_id=bid,
+        tier=Tier(batch.tier),
+        max_attempts=batch.max_attempts,
+    )
+
+
+def _advance(s: Session, batch_id: str, claimed: int, model_version: str | None) -> Batch:
+    """The claimed batch's clock moves by `claimed / weight` (a first claim starts it at the
+    lowest clock of its tier's live batches: a newcomer neither waits for the others' past
+    nor takes their future), and it is `in_progress` from its first chunk on."""
+    batch = s.get(Batch, batch_id)
+    assert batch is not None
+    if batch.vtime is None:
+        floor = s.scalar(
+            select(func.min(Batch.vtime)).where(
+                Batch.tier == batch.tier,
+                Batch.status.in_(CLAIMABLE_STATUSES),
+                Batch.vtime.is_not(None),
+                Batch.id != batch_id,
+            )
+        )
+        batch.vtime = float(floor or 0.0)
+    batch.vtime += claimed / max(batch.weight, 1)
+    if batch.status == BatchStatus.VALIDATING:
+        batch.status = BatchStatus.IN_PROGRESS
+        if batch.in_progress_at is None:
+            batch.in_progress_at = clock.now_seconds()
+    if model_version and batch.model_version is None:
+        batch.model_version = model_version
+    return batch
 
 
 def renew_leases(db: str, tokens: Sequence[str], lease_seconds: float) -> int:
@@ -173,8 +259,6 @@ class Settled:
     completed: int = 0
     retried: int = 0
     terminated: int = 0
-    handed_back: int = 0
-    """Back in the queue unstarted: the GPU went to a higher tier first (Reply.handed_back)."""
     lost: int = 0
     """Outcomes dropped because the lease had passed to another worker (nothing committed)."""
     completed_ids: set[int] = field(default_factory=set)
@@ -218,12 +302,9 @@ def settle(
     done: list[Outcome] = []
     again: list[Outcome] = []
     final: list[Outcome] = []
-    returned: list[int] = []
     for o in outcomes:
         if o.reply.ok:
             done.append(o)
-        elif o.reply.unstarted:
-            returned.append(o.request.id)
         elif o.reply.retriable and o.request.attempts < max_attempts:
             again.append(o)
         else:
@@ -252,16 +333,6 @@ def settle(
                 last_error=o.reply.error_message,
             ):
                 stats.retried += 1
-        if returned:  # handed back before the engine started them: as they were, no try spent
-            stats.handed_back = len(
-                _guarded(
-                    s,
-                    claim_.token,
-                    returned,
-                    state=RequestState.QUEUED,
-                    attempts=Request.attempts - 1,
-                )
-            )
         ids = response_ids(len(done))
         rows = [
             (
@@ -304,11 +375,9 @@ def settle(
                 )
         insert_ignoring_conflicts(s.connection(), Result, RESULT_COLUMNS, rows)
         if used is not None:
-            usage.record(s, batch_id, used)
+            usage.record(s, batch_id, used, loop=claim_.owner)
     stats.completed = len(mine_done)
     stats.completed_ids = mine_done
     stats.terminated = len(mine_final)
-    stats.lost = (
-        len(outcomes) - stats.completed - stats.terminated - stats.retried - stats.handed_back
-    )
+    stats.lost = len(outcomes) - stats.completed - stats.terminated - stats.retried
     return stats

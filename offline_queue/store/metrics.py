@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
-from offline_queue.states import RequestState
+from offline_queue.states import TERMINAL_STATUSES, RequestState
 from offline_queue.store import clock, totals, usage
 from offline_queue.store.db import session
-from offline_queue.store.tables import Batch, GpuSeat, Request
+from offline_queue.store.loops import LOOP_STALE_SECONDS
+from offline_queue.store.tables import LIVE, Batch, Request, ServingLoop
 
 
 @dataclass
@@ -36,8 +37,13 @@ class Snapshot:
     """(tier, direction) → tokens; direction prompt | completion."""
     latency: dict[str, tuple[list[int], int, float]] = field(default_factory=dict)
     """model version → (cumulative counts per bucket, count, sum ms) of answered requests."""
-    seats: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(gpu limit, holding | waiting) → live shard seats."""
+    loops: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """(route, node, serving | draining) → live serving loops."""
+    pending: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(route, tier) → requests of unfinished batches still to serve: what an autoscaler
+    follows (a route with pending work and no loop needs a node)."""
+    unserved: dict[tuple[str], int] = field(default_factory=dict)
+    """(route,) → batches waiting because no live loop serves their route."""
     engine_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
     """(tenant, tier) → engine-seconds used; tenant is "" for CLI batches."""
     engine_requests: dict[tuple[str], int] = field(default_factory=dict)
@@ -48,7 +54,7 @@ class Snapshot:
     """(engine,) → engine-seconds of every batch it served."""
 
 
-def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
+def snapshot(db: str) -> Snapshot:
     """One scrape: ended batches not added up yet are first (store/totals.py), then every
     figure is read in one transaction."""
     totals.roll_up(db)
@@ -93,12 +99,25 @@ def snapshot(db: str, stale_seconds: float = 30.0) -> Snapshot:
                 )
                 summed = [a + b for a, b in zip(buckets, t.buckets, strict=True)]
                 out.latency[t.model_version] = (summed, count + t.timed, total + t.latency_ms)
-        for limit, holding, n in s.execute(
-            select(GpuSeat.gpu_limit, GpuSeat.holding, func.count())
-            .where(GpuSeat.heartbeat > now - stale_seconds)
-            .group_by(GpuSeat.gpu_limit, GpuSeat.holding)
+        for route, node, draining, n in s.execute(
+            select(ServingLoop.route, ServingLoop.node, ServingLoop.draining, func.count())
+            .where(ServingLoop.heartbeat > now - LOOP_STALE_SECONDS)
+            .group_by(ServingLoop.route, ServingLoop.node, ServingLoop.draining)
         ):
-            out.seats[(limit, "holding" if holding else "waiting")] = int(n)
+            out.loops[(route, node, "draining" if draining else "serving")] = int(n)
+        for route, tier, n in s.execute(
+            select(func.coalesce(Batch.route, ""), Batch.tier, func.count())
+            .join(Request, Request.batch_id == Batch.id)
+            .where(Batch.status.not_in(TERMINAL_STATUSES), LIVE)
+            .group_by(Batch.route, Batch.tier)
+        ):
+            out.pending[(route, tier)] = int(n)
+        for route, n in s.execute(
+            select(func.coalesce(Batch.route, ""), func.count())
+            .where(Batch.waiting_reason.is_not(None), Batch.status.not_in(TERMINAL_STATUSES))
+            .group_by(Batch.route)
+        ):
+            out.unserved[(route,)] = int(n)
         out.engine_seconds = usage.seconds_by_tenant_tier(s)
         for engine, spent in usage.by_engine(s).items():
             out.engine_requests[(engine,)] = spent.requests

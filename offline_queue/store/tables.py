@@ -34,6 +34,7 @@ class Batch(Base):
     __table_args__ = (
         Index("ix_batches_release", "release_track", "release_version"),
         Index("ix_batches_tenant_created", "tenant", "created_at"),
+        Index("ix_batches_route_status", "route", "status"),
         # An API batch's idempotency key is its tenant's own: unique per (tenant, key), so no
         # tenant's key can name another's batch. Batches run from the CLI have no tenant and
         # share one key space.
@@ -106,8 +107,17 @@ class Batch(Base):
     """When the batch's result rows were added up into `result_totals` (it had ended): a
     scrape of /metrics reads those few rows instead of the batch's million."""
     late_at: Mapped[int | None] = mapped_column(BigInteger)
-    """When a worker first estimated that the batch would finish after `expires_at` and said
-    so (a Prefect event, an artifact): set once, so many shards raise it once."""
+    """When its run first estimated that the batch would finish after `expires_at` and said so
+    (a Prefect event, an artifact). Set once; from then on the claim order puts the batch first
+    within its tier (offline_queue/store/claims.py)."""
+    route: Mapped[str | None] = mapped_column(String(512))
+    """The engine the batch runs on (offline_queue/routes.py): the serving loops of that route
+    claim its chunks. None until its run has routed it."""
+    vtime: Mapped[float | None] = mapped_column(Float)
+    """Requests claimed divided by weight: the weighted fair share's clock within a tier. None
+    until the first claim, which starts it at the lowest clock of its tier's live batches."""
+    waiting_reason: Mapped[str | None] = mapped_column(Text)
+    """Why the batch waits with nobody serving it (no live loop on its route); None otherwise."""
 
 
 LIVE = text(f"state IN ({', '.join(repr(str(state)) for state in LIVE_STATES)})")
@@ -201,21 +211,6 @@ class CachedResult(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
-class EngineShare(Base):
-    """Who is using a shared engine right now: one row per batch and worker, kept alive by a
-    heartbeat. Each worker derives its own in-flight share from the live rows."""
-
-    __tablename__ = "engine_shares"
-
-    engine_key: Mapped[str] = mapped_column(String(512), primary_key=True)
-    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
-    tier: Mapped[int] = mapped_column(Integer)
-    """1 critical, 2 standard, 3 bulk: lower goes first."""
-    weight: Mapped[int] = mapped_column(Integer)
-    heartbeat: Mapped[float] = mapped_column(Float, index=True)
-
-
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
@@ -272,26 +267,6 @@ class FileChunk(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-class GpuSeat(Base):
-    """A shard at a node's GPUs: holding one of them, or waiting for one, kept alive by a
-    heartbeat. Prefect's global concurrency limit (`gpu_limit`) is what holds the GPU; this row is
-    what it cannot say — the tier of whoever waits — so that holders of a lower tier see, at
-    their chunk boundary, whom to hand their GPU to (offline_queue/slots.py)."""
-
-    __tablename__ = "gpu_seats"
-
-    gpu_limit: Mapped[str] = mapped_column(String(255), primary_key=True)
-    """The node's `gpu:` limit: its GPUs are the seats."""
-    shard: Mapped[str] = mapped_column(String(128), primary_key=True)
-    batch_id: Mapped[str] = mapped_column(String(64), index=True)
-    tier: Mapped[int] = mapped_column(Integer)
-    """The batch's Tier.rank: 1 is the most urgent."""
-    holding: Mapped[bool] = mapped_column(Boolean)
-    since: Mapped[float] = mapped_column(Float)
-    """When the shard began to hold, or to wait (first come first served within a tier)."""
-    heartbeat: Mapped[float] = mapped_column(Float, index=True)
-
-
 class EngineTime(Base):
     """Engine-seconds a batch used, one row per served chunk (offline_queue/usage.py says how a
     chunk's seconds are counted): GPU time is what a team that owns its GPUs bills and plans by.
@@ -310,6 +285,30 @@ class EngineTime(Base):
     errors: Mapped[int] = mapped_column(Integer)
     """Requests the engine failed in the chunk (any code): failures per engine."""
     at: Mapped[float] = mapped_column(Float)
+    loop: Mapped[str | None] = mapped_column(String(128))
+    """The serving loop that served the chunk."""
+
+
+class ServingLoop(Base):
+    """A serving loop: one engine on its node's GPU (or tensor-parallel group), pulling chunks of
+    every batch on its `route`. Kept alive by its heartbeat; a loop silent for longer than
+    LOOP_STALE_SECONDS no longer counts as serving its route."""
+
+    __tablename__ = "serving_loops"
+    __table_args__ = (Index("ix_serving_loops_route", "route", "heartbeat"),)
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node: Mapped[str] = mapped_column(String(255))
+    route: Mapped[str] = mapped_column(String(512))
+    devices: Mapped[str | None] = mapped_column(String(64))
+    """CUDA_VISIBLE_DEVICES of the loop's process (None: no GPU, or all of them)."""
+    model_version: Mapped[str | None] = mapped_column(String(256))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat: Mapped[float] = mapped_column(Float)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Asked to finish what it holds and claim nothing new (`offline-queue worker drain`)."""
+    chunks: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ResultTotals(Base):

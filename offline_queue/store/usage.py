@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
@@ -17,9 +18,9 @@ from offline_queue.store.tables import Batch, EngineTime
 from offline_queue.usage import EngineUse
 
 
-def record(s: Session, batch_id: str, used: EngineUse) -> None:
-    """One chunk's engine use, in the caller's transaction, stamped by the store's clock
-    (a window of `usage` compares stamps written on many nodes)."""
+def record(s: Session, batch_id: str, used: EngineUse, loop: str | None = None) -> None:
+    """One chunk's engine use by `loop`, in the caller's transaction, stamped by the store's
+    clock (a window of `usage` compares stamps written on many nodes)."""
     s.execute(
         insert(EngineTime).values(
             batch_id=batch_id,
@@ -28,6 +29,7 @@ def record(s: Session, batch_id: str, used: EngineUse) -> None:
             requests=used.requests,
             errors=used.errors,
             at=clock.now(),
+            loop=loop,
         )
     )
 
@@ -125,3 +127,31 @@ def seconds_by_tenant_tier(s: Session) -> dict[tuple[str, str], float]:
         .group_by(who, Batch.tier)
     )
     return {(t, tier): float(sec or 0.0) for t, tier, sec in rows}
+
+
+class ChunkRow(NamedTuple):
+    id: int
+    seconds: float
+    requests: int
+    errors: int
+    at: float
+    loop: str | None
+
+
+def chunks_after(db: str, batch_id: str, after_id: int) -> list[ChunkRow]:
+    """The batch's served chunks recorded after row `after_id`, in order: what its run shows as
+    infer-chunk task runs."""
+    with session(db, readonly=True) as s:
+        rows = s.execute(
+            select(
+                EngineTime.id,
+                EngineTime.seconds,
+                EngineTime.requests,
+                EngineTime.errors,
+                EngineTime.at,
+                EngineTime.loop,
+            )
+            .where(EngineTime.batch_id == batch_id, EngineTime.id > after_id)
+            .order_by(EngineTime.id)
+        ).all()
+    return [ChunkRow(*row) for row in rows]
