@@ -35,12 +35,12 @@ from flows.release import check_guards
 from flows.serving import (
     Backlog,
     ProgressArtifact,
+    ServedHere,
     artifact_key,
     await_loops,
     label_run,
     run_owner,
     run_stats,
-    serve_here,
     why_stopped,
 )
 from offline_queue.batch_object import BatchObject, RunStats
@@ -105,7 +105,6 @@ def batch_inference(
             else {}
         ),
     )
-    serve_here(db_url, route, run.engine, run.model, run.chunk_size, run.lease_seconds)
     # Ingest streams the file in the background while the loops serve the lines already
     # queued: on a million-line file the first results come seconds after submit.
     ingest_run = validate_and_queue.submit(
@@ -113,14 +112,17 @@ def batch_inference(
     )
     # The batch shows this run as its owner, alive, until the run ends: a run killed where no
     # hook sees it (kill -9) leaves a silent owner, which reap_orphans settles after a lease.
-    with OwnerHeartbeat(db_url, bid, *run_owner(), run.lease_seconds):
+    with (
+        ServedHere(db_url, route, run) as here,
+        OwnerHeartbeat(db_url, bid, *run_owner(), run.lease_seconds),
+    ):
         stopped = why_stopped(db_url, bid)
         if stopped:
             results.drop_queued(db_url, bid, *stopped)
         start = RunStats(reused=results.settled_requests(db_url, bid))
         began = results.progress(db_url, bid)
         progress = ProgressArtifact(db_url, bid, submitted.lines)
-        await_loops(db_url, bid, route, Backlog(db_url, bid, ingest_run), progress)
+        await_loops(db_url, bid, here, Backlog(db_url, bid, ingest_run), progress)
         ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
         tally = run_stats(db_url, bid, start, began)
         engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"

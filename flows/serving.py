@@ -12,6 +12,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 from uuid import UUID
 
@@ -31,6 +33,7 @@ from flows.chunks import ChunkRecords
 from offline_queue.batch_object import FinishEstimate, RunStats
 from offline_queue.batches import finish_estimate
 from offline_queue.loop import ServingLoop
+from offline_queue.runs import BatchRun
 from offline_queue.states import BatchStatus
 from offline_queue.store import batches, loops, results
 from offline_queue.store.db import patiently
@@ -54,13 +57,13 @@ def artifact_key(batch_id: str, what: str) -> str:
 
 
 def await_loops(
-    db: str, batch_id: str, route: str, backlog: Backlog, progress: ProgressArtifact
+    db: str, batch_id: str, here: ServedHere, backlog: Backlog, progress: ProgressArtifact
 ) -> results.Progress:
-    """Wait while the serving loops of `route` serve the batch, until nothing is left and the
+    """Wait while the serving loops of the batch's route serve it, until nothing is left and the
     ingest is over. Meanwhile: what is queued leaves on cancel or expiry, the progress bar
     and the chunk records stay live, and a batch no live loop serves says so."""
     records = ChunkRecords(db, batch_id)
-    waiting = WaitingReason(db, batch_id, route)
+    waiting = WaitingReason(db, batch_id, here.key[1])
     while True:
         stop_reason = patiently(lambda: why_stopped(db, batch_id))
         if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
@@ -68,7 +71,7 @@ def await_loops(
         waiting.check()
         records.record()
         progress.after_chunk()
-        final = backlog.settled_or_wait()
+        final = backlog.settled_or_wait(here.ensure)
         if final is not None:
             waiting.clear()
             records.record()
@@ -99,34 +102,61 @@ class WaitingReason:
             self.shown = None
 
 
-_own_loops: dict[tuple[str, str], ServingLoop] = {}
+@dataclass
+class _OwnLoop:
+    loop: ServingLoop
+    users: int = 0
+
+
+_own_loops: dict[tuple[str, str], _OwnLoop] = {}
 _own_lock = threading.Lock()
 
 
-def serve_here(
-    db: str, route: str, engine: str | None, model: str | None, chunk: int, lease: float
-) -> None:
-    """When this process serves its own batches (SERVE_HERE_ENV), a loop of its own on `route`,
-    started on first use and kept for the process's life: its engine is loaded once."""
-    if not os.environ.get(SERVE_HERE_ENV):
-        return
-    with _own_lock:
-        loop = _own_loops.get((db, route))
-        if loop is not None and loop.failure is None:
+class ServedHere:
+    """When this process serves its own batches (SERVE_HERE_ENV), a loop of its own on the
+    batch's route, started once the batch has work (a file of rejected lines, or a resumed
+    batch with nothing left, never loads an engine) and kept while any of this process's
+    batches on the route runs; the engine stays loaded for the process's life, so a loop
+    started again costs nothing. Otherwise nothing: a node's loops serve the batch."""
+
+    def __init__(self, db: str, route: str, run: BatchRun):
+        self.key = (db, route)
+        self.run = run
+        self.own: _OwnLoop | None = None
+
+    def ensure(self) -> None:
+        if self.own is not None or not os.environ.get(SERVE_HERE_ENV):
             return
-        chosen = load_engine_block(engine, model).engine()
-        _own_loops[(db, route)] = ServingLoop(
-            db, chosen, route, chunk_size=chunk, lease_seconds=lease
-        ).start()
+        with _own_lock:
+            own = _own_loops.get(self.key)
+            if own is None:
+                db, route = self.key
+                chosen = load_engine_block(self.run.engine, self.run.model).engine()
+                loop = ServingLoop(
+                    db,
+                    chosen,
+                    route,
+                    chunk_size=self.run.chunk_size,
+                    lease_seconds=self.run.lease_seconds,
+                )
+                own = _own_loops[self.key] = _OwnLoop(loop.start())
+            own.users += 1
+            self.own = own
 
+    def __enter__(self) -> ServedHere:
+        return self
 
-def stop_own_loops() -> None:
-    """Drain this process's loops: what they hold is settled before it exits."""
-    with _own_lock:
-        held = list(_own_loops.values())
-        _own_loops.clear()
-    for loop in held:
-        loop.stop()
+    def __exit__(self, *_: object) -> None:
+        own = self.own
+        if own is None:
+            return
+        with _own_lock:
+            own.users -= 1
+            last = own.users == 0 and _own_loops.get(self.key) is own
+            if last:
+                del _own_loops[self.key]
+        if last:
+            own.loop.stop()
 
 
 def run_stats(db: str, batch_id: str, start: RunStats, began: results.Progress) -> RunStats:
@@ -149,13 +179,15 @@ class Backlog:
         self._ingested = threading.Event()
         ingest_run.add_done_callback(lambda _: self._ingested.set())
 
-    def settled_or_wait(self) -> results.Progress | None:
+    def settled_or_wait(self, has_work: Callable[[], None]) -> results.Progress | None:
         """The batch's progress once nothing is pending and the ingest is over; else None,
-        after a short wait."""
+        after a short wait (`has_work` is called first when something is pending)."""
         ingested = self._ingested.is_set()  # before the count: lines may land in between
         p = patiently(lambda: results.progress(self.db, self.batch_id))
         if p.pending == 0 and ingested:
             return p
+        if p.pending:
+            has_work()
         time.sleep(0.25)
         return None
 

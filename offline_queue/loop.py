@@ -3,9 +3,13 @@
 A loop claims the next chunk of whichever batch comes next on its route (store/claims.py:
 tier, deadline, weighted fair share) whenever its engine has room — none of the engine's
 requests waits to be started — so chunks of several batches run in the engine at once, and
-a batch's tail never leaves it part-empty while other work waits. Each chunk is served on a
-thread of its own (cache, engine with the batch's tier as priority, one settle). Idle, it
-looks again every POLL_SECONDS: a new batch is claimed within a second.
+a batch's tail never leaves it part-empty while other work waits. While the engine is full it
+still looks, every POLL_SECONDS, for work of a more urgent tier than any it holds: such a
+chunk goes in at once, and its requests (the batch's tier as the engine's priority) are
+scheduled ahead of the waiting ones at the engine's next step — preemption without a second
+engine and without killing anything. Each chunk is served on a thread of its own (cache,
+engine, one settle). Idle, it looks again every POLL_SECONDS: a new batch is claimed within
+a second.
 
 Drained (`offline-queue worker drain`, SIGTERM), it claims nothing more and finishes what it
 holds. Killed, it costs its leases: its chunks are claimed again by the others after a lease.
@@ -98,11 +102,15 @@ class ServingLoop:
             self._thread.join(timeout)
 
     def _run_logged(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:  # the batches wait for another loop: say why this one went
-            self.failure = exc
-            log.exception("serving loop %s stopped", self.id)
+        """`run`, started again a second after a failure (what it held goes back to the queue
+        when its leases run out) until it is drained."""
+        while not self.draining:
+            try:
+                self.run()
+            except Exception as exc:
+                self.failure = exc
+                log.exception("serving loop %s failed; starting it again", self.id)
+                time.sleep(1.0)
 
     def run(self) -> None:
         loops.join(
@@ -116,16 +124,27 @@ class ServingLoop:
         beat = _Beat(self)
         self.keeper.start()
         beat.start()
-        held: dict[Future[ChunkReport | None], Overlap] = {}
+        held: dict[Future[ChunkReport | None], tuple[Overlap, int]] = {}
         pool = ThreadPoolExecutor(MAX_CHUNKS, thread_name_prefix="chunk")
+        urgent_at = 0.0
         try:
             while not self.draining:
-                if len(held) < MAX_CHUNKS and all(o.room.is_set() for o in list(held.values())):
-                    if self._claim_one(pool, held):
+                in_hand = list(held.values())
+                if len(in_hand) < MAX_CHUNKS:
+                    waiting = [rank for overlap, rank in in_hand if not overlap.room.is_set()]
+                    if not waiting:  # the engine has room
+                        if self._claim_one(pool, held):
+                            continue
+                        self._changed.wait(POLL_SECONDS)  # idle: look again soon
+                        self._changed.clear()
                         continue
-                    self._changed.wait(POLL_SECONDS)  # idle: look again soon
-                else:
-                    self._changed.wait(0.05)
+                    # Full: only work more urgent than the least urgent chunk that waits in it.
+                    worst = max(waiting)
+                    if worst > 1 and time.monotonic() >= urgent_at:
+                        if self._claim_one(pool, held, max_rank=worst - 1):
+                            continue
+                        urgent_at = time.monotonic() + POLL_SECONDS
+                self._changed.wait(0.05)
                 self._changed.clear()
             for future in list(held):
                 future.result()
@@ -138,21 +157,30 @@ class ServingLoop:
                 beat.stop()
 
     def _claim_one(
-        self, pool: ThreadPoolExecutor, held: dict[Future[ChunkReport | None], Overlap]
+        self,
+        pool: ThreadPoolExecutor,
+        held: dict[Future[ChunkReport | None], tuple[Overlap, int]],
+        max_rank: int | None = None,
     ) -> bool:
-        claim = claims.claim_next(
-            self.db,
-            self.id,
-            self.chunk_size,
-            self.keeper.lease_seconds,
-            routes=[self.route],
-            model_version=self.engine.model_version,
-        )
+        try:
+            claim = claims.claim_next(
+                self.db,
+                self.id,
+                self.chunk_size,
+                self.keeper.lease_seconds,
+                routes=[self.route],
+                model_version=self.engine.model_version,
+                max_rank=max_rank,
+            )
+        except Exception as exc:  # the store is restarting, or busy: look again in a moment
+            log.warning("serving loop %s could not claim: %s", self.id, exc)
+            time.sleep(1.0)
+            return False
         if claim is None:
             return False
         overlap = Overlap()
         future = pool.submit(self._serve, claim, overlap)
-        held[future] = overlap
+        held[future] = (overlap, claim.tier.rank)
 
         def settled(f: Future[ChunkReport | None]) -> None:
             held.pop(f, None)

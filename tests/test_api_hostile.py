@@ -32,7 +32,6 @@ from sqlalchemy import delete, select
 from instruments.postgres import create_database
 from instruments.processes import wait_for
 from offline_queue.files import store_upload
-from offline_queue.shares import Participant, slots_for
 from offline_queue.states import Tier
 from offline_queue.store.db import session
 from offline_queue.store.files import Upload
@@ -959,15 +958,6 @@ def test_keys_list_and_revoke(hostile: Hostile, prefect_api: str) -> None:
     assert revoked.returncode == 0, revoked.stderr
     assert t.http().get("/batches").status_code == 401
     assert run_cli("keys", "revoke", key_id, "--db", hostile.api.db, env=env).returncode == 1
-
-
-def test_weights_from_the_store_cannot_break_sharing() -> None:
-    """Whatever weights the store holds, every worker gets 1..capacity slots, and no division
-    by zero."""
-    for weights in ([0], [0, 0], [-1, 1], [-5, 1], [2**63, 1], [1, 1]):
-        people = [Participant(f"b{i}", "w", 2, w) for i, w in enumerate(weights)]
-        for me in people:
-            assert 1 <= slots_for(me, people, 32) <= 32
 
 
 def test_zz_no_batch_left_running(hostile: Hostile) -> None:

@@ -28,7 +28,7 @@ from instruments.processes import BIN, wait_for
 from offline_queue.engines.base import Reply
 from offline_queue.retry import RetryPolicy
 from offline_queue.states import BatchStatus
-from offline_queue.store import admission, batches, claims, clock, results, shares
+from offline_queue.store import admission, batches, claims, clock, loops, results
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request
 from tests.conftest import REPO, cli_env
@@ -131,13 +131,14 @@ def test_expiry_and_status_stamps_are_the_stores(
     assert batches.get_batch_expired(db_url, "batch_none") == (None, False)
 
 
-def test_share_heartbeats_are_judged_by_the_stores_clock(
+def test_loop_heartbeats_are_judged_by_the_stores_clock(
     db_url: str, ahead: Callable[[], None]
 ) -> None:
-    shares.beat(db_url, "engine", "batch-a", "on-time", 2, 1, stale_seconds=10)
+    loops.join(db_url, "on-time", "node-a", "vllm:m", None, "m@1")
     ahead()
-    live = shares.beat(db_url, "engine", "batch-b", "ahead", 2, 1, stale_seconds=10)
-    assert sorted(owner for _, owner, _, _ in live) == ["ahead", "on-time"]
+    loops.join(db_url, "ahead", "node-b", "vllm:m", None, "m@1")
+    assert sorted(r.id for r in loops.live_loops(db_url)) == ["ahead", "on-time"]
+    assert loops.serves(db_url, "vllm:m") and not loops.serves(db_url, "vllm:other")
 
 
 # --- Across processes: a worker under `faketime`, the PostgreSQL server on the real clock. ---

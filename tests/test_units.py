@@ -1,4 +1,4 @@
-"""The pure functions, one at a time: engine shares, backoff, the OpenAI → vLLM sampling mapping,
+"""The pure functions, one at a time: backoff, the OpenAI → vLLM sampling mapping,
 Retry-After, the shape of an output file line, the adaptive window and a server's share key.
 
 One room over 400 lines on purpose: each test here needs no store, engine or server, and that
@@ -20,72 +20,8 @@ from offline_queue.engines.openai_http import _retry_after
 from offline_queue.engines.sampling import sampling_kwargs, structured_outputs
 from offline_queue.formats import ChatCompletionBody, CompletionBody
 from offline_queue.retry import RetryPolicy
-from offline_queue.shares import Participant, slots_for
 from offline_queue.store.results import ResultLine
 from offline_queue.window import Window
-
-# ---- slots_for ---------------------------------------------------------------------------
-
-
-def p(batch: str, tier: int = 2, weight: int = 1, owner: str = "w") -> Participant:
-    return Participant(batch_id=batch, owner=owner, tier=tier, weight=weight)
-
-
-def shares(everyone: list[Participant], capacity: int) -> dict[tuple[str, str], int]:
-    return {(me.batch_id, me.owner): slots_for(me, everyone, capacity) for me in everyone}
-
-
-def test_a_batch_alone_has_the_whole_engine() -> None:
-    me = p("a")
-    assert slots_for(me, [], 16) == 16  # its first beat: not in the live rows yet
-    assert slots_for(me, [me], 16) == 16
-
-
-def test_tiers_are_strict_and_each_lower_batch_keeps_one_slot() -> None:
-    critical, bulk1, bulk2 = p("crit", tier=1, weight=1), p("b1", tier=3, weight=50), p("b2", 3)
-    got = shares([critical, bulk1, bulk2], 16)
-    # However heavy a bulk batch is, it keeps its floor only; the rest goes to the best tier.
-    assert got == {("crit", "w"): 14, ("b1", "w"): 1, ("b2", "w"): 1}
-    # Standard sits between: below critical it is at the floor too.
-    standard = p("std", tier=2, weight=4)
-    assert slots_for(standard, [critical, standard, bulk1], 16) == 1
-    # With critical gone, standard is best and takes what the bulk floor leaves.
-    assert slots_for(standard, [standard, bulk1], 16) == 15
-
-
-def test_one_tier_shares_in_proportion_to_weight() -> None:
-    got = shares([p("heavy", weight=3), p("light", weight=1)], 8)
-    assert got == {("heavy", "w"): 6, ("light", "w"): 2}
-
-
-def test_a_batchs_weight_is_split_between_its_workers() -> None:
-    # Batch a has two workers, b one: a batch, not a worker, is what weighs.
-    everyone = [p("a", owner="w1"), p("a", owner="w2"), p("b", owner="w1")]
-    assert shares(everyone, 8) == {("a", "w1"): 2, ("a", "w2"): 2, ("b", "w1"): 4}
-
-
-def test_shares_round_to_the_nearest_slot() -> None:
-    # 8 * 2/3 = 5.33 and 8 * 1/3 = 2.67: rounded, not truncated, so the slots add up.
-    got = shares([p("two", weight=2), p("one", weight=1)], 8)
-    assert got == {("two", "w"): 5, ("one", "w"): 3}
-    assert sum(shares([p(str(i)) for i in range(3)], 10).values()) == 9  # 3.33 each → 3
-
-
-def test_capacity_smaller_than_the_participants_still_gives_everyone_a_slot() -> None:
-    everyone = [p("crit", tier=1)] + [p(f"bulk{i}", tier=3) for i in range(4)]
-    got = shares(everyone, 2)
-    # Nobody is starved to zero: a batch at zero slots would never finish a chunk.
-    assert set(got.values()) == {1}
-    assert shares([p(str(i)) for i in range(5)], 3) == {(str(i), "w"): 1 for i in range(5)}
-
-
-def test_my_own_row_is_replaced_by_what_i_am_now() -> None:
-    # The live rows hold my previous beat (standard); I have just become critical.
-    stale, now = p("me", tier=2), p("me", tier=1)
-    other = p("other", tier=2)
-    assert slots_for(now, [stale, other], 10) == 9
-    assert slots_for(other, [now, other], 10) == 1
-
 
 # ---- RetryPolicy -------------------------------------------------------------------------
 
@@ -405,9 +341,9 @@ def test_half_refused_halves_the_window_down_to_one() -> None:
     assert size <= 2 and any(why == "overloaded" for _, _, why in window.history)
 
 
-def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_shares() -> None:
-    """Every node of a group serves at 127.0.0.1:8000: its shards share that engine with each
-    other, not with every node's (one key for all would split one engine's share N ways)."""
+def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_time() -> None:
+    """Every node of a group serves at 127.0.0.1:8000: each node's engine is an engine of its
+    own in the engine-time rows and metrics (one key for all would add N engines up as one)."""
     import socket
 
     from offline_queue.engines.openai_http import engine_key

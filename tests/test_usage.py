@@ -23,12 +23,12 @@ from offline_queue.engines.base import Reply
 from offline_queue.engines.vllm_local import LocalVLLM
 from offline_queue.eta import estimate
 from offline_queue.metrics import registry
-from offline_queue.store import admission, batches, ingest
+from offline_queue.serving import serve_claim
+from offline_queue.store import admission, batches, claims, ingest
 from offline_queue.store.outlook import Outlook
 from offline_queue.submission import Submission
 from offline_queue.usage import chunk_use
 from offline_queue.validate import Limits, inspect_file, validate_file
-from offline_queue.worker import ChunkWorker
 from tests.conftest import run_cli
 from tests.test_pipeline import line, write
 
@@ -106,11 +106,8 @@ def test_usage_matches_the_engine_time_measured_around_the_run(
     ingest.finish_ingest(pg_url, bid)
 
     began = time.monotonic()
-    with ChunkWorker(
-        pg_url, bid, engine, tier="standard", weight=1, max_attempts=3, lease_seconds=60
-    ) as worker:
-        while worker.serve_next(8) is not None:
-            pass
+    while (claim := claims.claim(pg_url, bid, "usage-test", 8, lease_seconds=60)) is not None:
+        serve_claim(pg_url, claim, engine)
     measured = time.monotonic() - began
 
     env = dict(os.environ)
@@ -119,7 +116,9 @@ def test_usage_matches_the_engine_time_measured_around_the_run(
     rows = json.loads(shown.stdout)
     assert [r["batch_id"] for r in rows] == [bid] and rows[0]["chunks"] == 6
     used = rows[0]["engine_seconds"]
-    assert abs(used - measured) <= 0.1 * measured, (used, measured)
+    # The engine's steps, not the claims, settles and tokenizing around them: a little less
+    # than the wall time of the chunks served one after the other.
+    assert 0.7 * measured <= used <= measured, (used, measured)
     other = run_cli("usage", "--tenant", "other", "--db", pg_url, "--json", env=env)
     assert json.loads(other.stdout) == []
     table = run_cli("usage", "--tenant", "acme", "--db", pg_url, env=env)

@@ -106,7 +106,10 @@ def worker_start(
     from deployments.node import loop_commands
     from offline_queue.engines.env import apply_engine_env
 
+    from flows.serving import SERVE_HERE_ENV
+
     apply_engine_env()
+    os.environ.pop(SERVE_HERE_ENV, None)  # its flow runs wait for the loops
     os.environ.setdefault("OFFLINE_QUEUE_HOME", str(REPO_ROOT))
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
     use_prefect_defaults()

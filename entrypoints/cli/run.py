@@ -88,7 +88,7 @@ def run(
         raise typer.Exit(2) from exc
     use_prefect_defaults()
     from flows.batch import batch_inference
-    from flows.serving import SERVE_HERE_ENV, stop_own_loops
+    from flows.serving import SERVE_HERE_ENV
     from offline_queue.runs import BatchRun
 
     os.environ[SERVE_HERE_ENV] = "1"
@@ -118,8 +118,6 @@ def run(
     except (FileRefused, BatchConflict) as exc:
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
-    finally:
-        stop_own_loops()
     print_batch(BatchObject.model_validate(result), as_json)
 
 

@@ -49,7 +49,9 @@ def server_args(
     extra: Sequence[str] = (),
     on_cpu: bool | None = None,
 ) -> list[str]:
-    """`vllm serve` arguments; on the CPU build, the settings measured to work (docs/engines.md)."""
+    """`vllm serve` arguments; on the CPU build, the settings measured to work (docs/engines.md).
+    Priority scheduling is on: every request a loop sends carries its batch's tier as its
+    `priority`, so urgent requests are scheduled at the server's next step."""
     args = [
         str(model_dir),
         "--host",
@@ -59,6 +61,8 @@ def server_args(
         "--served-model-name",
         served_model_name,
     ]
+    if "--scheduling-policy" not in extra:
+        args += ["--scheduling-policy", "priority"]
     if is_cpu_build() if on_cpu is None else on_cpu:
         given = set(extra)
         defaults = {"--dtype": "float32", "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES)}

@@ -92,6 +92,7 @@ def claim_next(
     routes: Sequence[str] | None = None,
     batch_id: str | None = None,
     model_version: str | None = None,
+    max_rank: int | None = None,
 ) -> Claim | None:
     """Lease up to `limit` requests of the batch that comes next on `routes` (or of `batch_id`):
     queued ones that are due, and those whose lease ran out (a crashed or stalled loop).
@@ -100,7 +101,9 @@ def claim_next(
     (strict), then a batch that would miss its window (`late_at`) before the others, then the
     lowest weighted clock (`vtime`: requests claimed / weight — weights 1:3 get 1:3 of the
     requests while both have work; a batch not yet served comes first, once), then the oldest.
-    Within the batch, prefix order (`prefix_key`, offline_queue/prefix.py).
+    Within the batch, prefix order (`prefix_key`, offline_queue/prefix.py). `max_rank` keeps
+    to batches of that tier rank or more urgent (a loop whose engine is full looks only for
+    work more urgent than what it holds).
 
     PostgreSQL skips rows another loop is claiming right now (SKIP LOCKED); SQLite serialises
     claims with BEGIN IMMEDIATE. Due and expired are judged, and the new lease stamped, by the
@@ -122,6 +125,8 @@ def claim_next(
         candidates = candidates.where(Batch.route.in_(list(routes)))
     if batch_id is not None:
         candidates = candidates.where(Batch.id == batch_id)
+    if max_rank is not None:
+        candidates = candidates.where(max_rank >= TIER_RANK)
     chosen = (
         candidates.order_by(
             TIER_RANK,
