@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from prefect.blocks.core import Block
 
-from offline_queue.engines.base import ALONE, EngineRequest, Reply, Seat
+from offline_queue.engines.base import EngineRequest, Overlap, Reply
 from offline_queue.formats import CHAT_URL, COMPLETIONS_URL
 
 MODEL = "instant-benchmark-engine"
@@ -32,18 +32,20 @@ _COMPLETION = (
 
 class InstantEngine:
     """Zero work per request: every request of a call gets the same fixed completion (one
-    reply object, shared), so what is timed is the pipeline around it."""
+    reply object, shared), so what is timed is the pipeline around it. Nothing of a chunk ever
+    waits in it, so a loop claims its next chunk while this one settles."""
 
     model_version = MODEL
-    shared = False
-    overlaps = False
     engine_key = MODEL
-    capacity = 1 << 30
 
     def __init__(self) -> None:
         self._calls = itertools.count()
 
-    def infer(self, requests: Sequence[EngineRequest], seat: Seat = ALONE) -> list[Reply]:
+    def infer(
+        self, requests: Sequence[EngineRequest], overlap: Overlap | None = None
+    ) -> list[Reply]:
+        if overlap is not None:
+            overlap.room.set()
         now = time.time()
         call, created = next(self._calls), int(now)
         replies = {

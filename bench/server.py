@@ -6,7 +6,9 @@
    server's throughput stops growing (`RESULT knee_in_flight <n>`).
 2. The same kind of requests (chat, max 32 tokens, temperature 0) through (a) the plain client
    at the best level found and (b) the `batch-inference` flow with the OpenAIServer engine at
-   that level: `RESULT server_overhead_ratio <b / a>` (seconds per output token).
+   that level, served by one serving loop in this process (a node's loop, as
+   `offline-queue worker loop` runs it): `RESULT server_overhead_ratio <b / a>` (seconds per
+   output token).
 Each measured run has prompts of its own, so no cache carries work between them.
 """
 
@@ -76,8 +78,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     args = parser.parse_args()
 
-    from blocks.engines import OpenAIServer
+    from blocks.engines import OpenAIServer, route_of
     from flows.batch import batch_inference
+    from offline_queue.loop import ServingLoop
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
@@ -101,18 +104,20 @@ def main() -> None:
 
             seconds_a, tokens_a = asyncio.run(plain_client(url, requests(n, "plain", 0), best))
             db = f"sqlite:///{work / 'bench.db'}"
-            OpenAIServer(base_url=url, max_in_flight=best).save("bench-server", overwrite=True)
-            warm = write_jsonl(work / "warm.jsonl", requests(8, "warmflow", 60 * n))
-            batch_inference(input=str(warm), db=db, engine="openai-server/bench-server")
-            path = write_jsonl(work / "bench.jsonl", requests(n, "flow", n))
-            started = time.perf_counter()
-            result = batch_inference(
-                input=str(path),
-                db=db,
-                engine="openai-server/bench-server",
-                chunk_size=args.chunk_size,
-            )
-            seconds_b = time.perf_counter() - started
+            block = OpenAIServer(base_url=url, max_in_flight=best)
+            block.save("bench-server", overwrite=True)
+            engine = "openai-server/bench-server"
+            loop = ServingLoop(db, block.engine(), route_of(engine), chunk_size=args.chunk_size)
+            loop.start()  # the flow only queues and waits: the loop serves
+            try:
+                warm = write_jsonl(work / "warm.jsonl", requests(8, "warmflow", 60 * n))
+                batch_inference(input=str(warm), db=db, engine=engine)
+                path = write_jsonl(work / "bench.jsonl", requests(n, "flow", n))
+                started = time.perf_counter()
+                result = batch_inference(input=str(path), db=db, engine=engine)
+                seconds_b = time.perf_counter() - started
+            finally:
+                loop.stop()
             assert result["run"]["inferred"] == n, result["run"]
             tokens_b = result["usage"]["output_tokens"]
     print(f"(in flight {best}, chunk_size {args.chunk_size}, {n} requests)")

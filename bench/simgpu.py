@@ -8,7 +8,8 @@ and two cores. It lives under bench/ on purpose: no product module imports it, n
 it, and its answers say what it is (model `simulated-gpu`).
 
 The model of a GPU: requests join a running batch of at most `max_num_seqs` (the rest wait,
-first come first served); each engine step produces one token for every running request and
+by the request's `priority`, lower first, as vLLM's priority scheduling that `engine serve`
+turns on orders them — then first come first served); each engine step produces one token for every running request and
 takes `step_base + step_per_seq × running` seconds; a request leaves after its `max_tokens`
 steps. So throughput grows with the requests in flight up to `max_num_seqs` and is flat after
 (the knee bench/server.py measured on the real `vllm serve`). The defaults give 25 req/s at 64
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import os
 import signal
@@ -41,6 +43,7 @@ MODEL = "simulated-gpu"
 class Seq:
     tokens_left: int
     tokens: int
+    priority: int
     done: asyncio.Future[None]
 
 
@@ -61,10 +64,10 @@ class Gpu:
     def in_flight(self) -> int:
         return len(self.running) + len(self.waiting)
 
-    async def generate(self, tokens: int) -> None:
+    async def generate(self, tokens: int, priority: int = 0) -> None:
         self.arrivals.append(time.time())
-        seq = Seq(tokens, tokens, asyncio.get_running_loop().create_future())
-        self.waiting.append(seq)
+        seq = Seq(tokens, tokens, priority, asyncio.get_running_loop().create_future())
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority)  # after its equals
         self._wake.set()
         try:
             await seq.done
@@ -155,11 +158,13 @@ class Server:
     async def route(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         if method == "POST" and path.endswith("/chat/completions"):
             try:
-                tokens = int(orjson.loads(body).get("max_tokens") or self.default_tokens)
+                request = orjson.loads(body)
+                tokens = int(request.get("max_tokens") or self.default_tokens)
+                priority = int(request.get("priority") or 0)
             except (orjson.JSONDecodeError, AttributeError, ValueError, TypeError):
                 return 400, b'{"error":{"message":"bad body","type":"invalid_request_error"}}'
             tokens = max(1, tokens)
-            await self.gpu.generate(tokens)
+            await self.gpu.generate(tokens, priority)
             self.count += 1
             return 200, _chat(self.count, tokens)
         if path.endswith("/models"):

@@ -32,8 +32,9 @@ private` (inside the netns when there is one) that mounts the tmpfs, binds the i
 software back in and then waits; every command joins its namespaces with `nsenter`, which
 `exec`s the command, so the handle's pid is the command's. Leaving the node SIGTERMs, then
 SIGKILLs, every process in its mount namespace (whatever it forked, setsid or not), ends the
-holder — which unmounts everything with the namespace — and deletes the netns. The holder also
-ends by itself when the process that made the node dies.
+holder — which unmounts everything with the namespace — and deletes the netns; losing it
+(`lose()`, a fault schedule's lost machine) SIGKILLs them all first. The holder also ends by
+itself when the process that made the node dies.
 
 One room a little over 400 lines: a node and the cluster that bridges its services are one
 mechanism (the cluster's bridges are the other half of a node's `forward`), and their
@@ -252,6 +253,16 @@ class Node:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
+
+    def lose(self, timeout: float = 10) -> None:
+        """The machine lost: every process of the node SIGKILLed at once — nothing drains, no
+        handler runs, as in a power cut — then the node taken down as `stop` does."""
+        deadline = time.monotonic() + timeout
+        while self.pids() and time.monotonic() < deadline:  # again for what forked meanwhile
+            self._signal_all(signal.SIGKILL)
+            self._reap()
+            time.sleep(0.05)
+        self.stop()
 
     def _signal_all(self, sig: int) -> None:
         for pid in self.pids():

@@ -16,9 +16,9 @@ from instruments.processes import BIN
 REPO = Path(__file__).resolve().parents[1]
 
 
-def apply_pools(topology: Mapping[str, Any], folder: Path, store: str, env: dict[str, str]) -> None:
+def apply_pools(topology: Mapping[str, Any], folder: Path, store: str, env: dict[str, str]) -> Path:
     """`topology` (pools.yaml's shape) written to `folder` and applied against `store`, with
-    the Prefect server `env` names."""
+    the Prefect server `env` names; the file written (what `worker start --file` reads)."""
     pools = folder / "pools.yaml"
     pools.write_text(yaml.safe_dump(dict(topology)))
     applied = subprocess.run(
@@ -30,6 +30,7 @@ def apply_pools(topology: Mapping[str, Any], folder: Path, store: str, env: dict
         cwd=REPO,
     )
     assert applied.returncode == 0, applied.stderr[-2000:]
+    return pools
 
 
 def deploy_tiers(topology: Mapping[str, Any], **parameters: object) -> None:

@@ -68,7 +68,7 @@ class ServingLoop:
         chunk_size: int = 256,
         lease_seconds: float = 60.0,
         devices: str | None = None,
-        on_chunk: Callable[[ChunkReport], None] | None = None,
+        on_chunk: Callable[[str, ChunkReport], None] | None = None,
     ):
         self.db, self.engine, self.route = db, engine, route
         self.chunk_size, self.devices, self.on_chunk = chunk_size, devices, on_chunk
@@ -206,7 +206,7 @@ class ServingLoop:
         self.chunks += 1
         self.requests += report.claimed
         if self.on_chunk is not None:
-            self.on_chunk(report)
+            self.on_chunk(claim.batch_id, report)
         return report
 
 

@@ -119,6 +119,31 @@ def workers(
             stop(*procs)
 
 
+LOOP = [str(BIN / "offline-queue"), "worker", "loop"]
+
+
+@contextlib.contextmanager
+def loops(env: dict[str, str], *engines: str, log: Path | None = None) -> Iterator[None]:
+    """A serving loop for each engine (`offline-queue worker loop --engine E`, as a node of a
+    group with that engine runs), on the cluster's store: batches routed to those engines are
+    served by them."""
+    with log.open("ab") if log else open(os.devnull, "wb") as out:
+        procs = [
+            subprocess.Popen(
+                [*LOOP, "--engine", engine, "--db", env["OQ_TEST_STORE"], "--chunk-size", "8"],
+                env=env,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            for engine in engines
+        ]
+        try:
+            yield
+        finally:
+            stop(*procs)
+
+
 def cmd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         list(args), env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
@@ -161,7 +186,7 @@ def test_pools_apply_twice_changes_nothing_and_a_bad_file_nothing_at_all(
 
 
 def test_deploy_worker_and_deployment_run_end_to_end(
-    deployed: dict[str, str], tmp_path: Path, vllm_server: str
+    deployed: dict[str, str], tmp_path: Path
 ) -> None:
     cluster = deployed
     # The nightly schedule: its next run is 02:00 in Paris.
@@ -192,7 +217,7 @@ def test_deploy_worker_and_deployment_run_end_to_end(
 
     with workers(cluster, tmp_path, "cpu-local"):
         run_id = _end_to_end(cluster, tmp_path)
-        _priority(cluster, tmp_path, vllm_server)
+        _priority(cluster, tmp_path)
     _prefect_ui_shows_the_batch(cluster, run_id)
 
 
@@ -265,29 +290,42 @@ def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
     print(f"Prefect UI screenshots in {ARTIFACTS}")
 
 
-def _priority(env: dict[str, str], tmp_path: Path, server_url: str) -> None:
-    """Pool limit 1: with bulk runs queued, a critical run submitted last runs next."""
+def _priority(env: dict[str, str], tmp_path: Path) -> None:
+    """The node's one loop busy with three bulk batches when a critical batch's run is created:
+    its run starts beside them (the limits count batches), the loop takes its chunks ahead of
+    the bulk ones, and it finishes before any of them — with the engine the node loaded once."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
+    from sqlalchemy import select
+
+    from offline_queue.store.db import session
+    from offline_queue.store.tables import Batch
+
+    store = env["OQ_TEST_STORE"]
+    paths: dict[str, Path] = {}
+
+    def start(name: str, deployment: str, n: int) -> UUID:
+        paths[name] = write(
+            tmp_path / f"{name}.jsonl",
+            [line(f"{name}-{i}", max_tokens=16, ignore_eos=True) for i in range(n)],
+        )
+        started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
+            f"batch-inference/{deployment}",
+            parameters={"input": str(paths[name]), "chunk_size": 8},
+            timeout=0,
+        )
+        return started.id
+
+    def stored(name: str) -> Batch | None:
+        with session(store) as s:
+            return s.scalar(select(Batch).where(Batch.input_path == str(paths[name])))
 
     with api(env):
-        runs = {}
-        for name, deployment in [
-            ("bulk-1", "local-bulk"),
-            ("bulk-2", "local-bulk"),
-            ("bulk-3", "local-bulk"),
-            ("critical", "local-critical"),
-        ]:
-            path = write(
-                tmp_path / f"{name}.jsonl", [line(f"{name}-{i}", max_tokens=4) for i in range(3)]
-            )
-            started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
-                f"batch-inference/{deployment}",
-                parameters={"input": str(path), "engine": server_url},
-                timeout=0,
-            )
-            runs[name] = started.id
+        runs = {f"bulk-{k}": start(f"bulk-{k}", "local-bulk", 48) for k in range(3)}
+        wait_for(lambda: (b := stored("bulk-0")) is not None and b.in_progress_at, timeout=300)
+        created = time.time()
+        runs["critical"] = start("critical", "local-critical", 4)
         with get_client(sync_client=True) as client:
 
             def finished() -> dict[str, FlowRun] | None:
@@ -301,15 +339,16 @@ def _priority(env: dict[str, str], tmp_path: Path, server_url: str) -> None:
     assert all(r.state and r.state.is_completed() for r in states.values()), {
         n: r.state for n, r in states.items()
     }
-    start = {n: r.start_time for n, r in states.items() if r.start_time is not None}
-    assert start.keys() == states.keys(), "every completed run has its start time"
-    order = sorted(states, key=lambda n: start[n])
-    print("run order:", order)
-    # bulk-1 may have started before the critical run existed; every other bulk run waits.
-    assert order.index("critical") <= 1
-    crit_end = states["critical"].end_time
-    assert crit_end is not None
-    assert all(start[b] >= crit_end for b in order[order.index("critical") + 1 :])
+    ended = {n: b.completed_at or 0 for n in runs if (b := stored(n)) is not None}
+    assert 0 not in ended.values() and len(ended) == 4
+    crit = stored("critical")
+    assert crit is not None and crit.in_progress_at is not None
+    print(
+        f"critical: served {crit.in_progress_at - created:.1f} s after its run was created; "
+        f"done {ended['critical'] - created:.0f} s after; bulk done "
+        f"{sorted(round(ended[n] - created) for n in runs if n != 'critical')} s after"
+    )
+    assert all(ended["critical"] <= ended[n] for n in runs if n != "critical"), ended
 
 
 def test_gray_release_routes_stamps_and_rolls_back_by_itself(
@@ -359,7 +398,9 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
         assert batch is not None
         return batch
 
-    with workers(env, tmp_path, "cpu-local", "control"):
+    # Both tracks' engines are the server: one loop serves that route (the candidate's own
+    # route gets its loop below, once its block exists).
+    with workers(env, tmp_path, "cpu-local", "control"), loops(env, vllm_server):
         internal = route_run("internal", "acme-internal", 5)
         assert (internal.release_track, internal.release_version) == ("candidate", "smol-v2")
         assert internal.status == "completed" and internal.model_version  # the engine's weights
@@ -376,7 +417,8 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
             bad_candidate = "--candidate-engine openai-server/bad-candidate --stage full"
             staged = cmd(oq, "release", "set", *bad_candidate.split(), env=env)
             assert staged.returncode == 0, staged.stderr[-2000:]
-            bad = route_run("bad", "globex", 8)
+            with loops(env, "openai-server/bad-candidate"):
+                bad = route_run("bad", "globex", 8)
         assert bad.release_track == "candidate"
         shown = cmd(oq, "release", "show", env=env).stdout
         assert "stage" in shown and " off" in shown.split("stage", 1)[1].splitlines()[0]

@@ -4,6 +4,7 @@ leaves its batch `failed` with the reason in `errors` (seen through the `openai`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from tests.api_helpers import Api, serve_api
 from tests.conftest import REPO, cli_env, run_cli
 from tests.test_cli import custom_ids
 from tests.test_cluster import api as prefect_at
-from tests.test_cluster import cluster, deployed, workers  # noqa: F401  # fixtures
+from tests.test_cluster import cluster, deployed, loops, workers  # noqa: F401  # fixtures
 from tests.test_pipeline import line, write
 from tests.test_store import make_batch, submission
 
@@ -224,8 +225,8 @@ def test_cancel_of_a_deployment_run_in_prefect_fails_its_batch_with_the_reason(
     request: pytest.FixtureRequest, tmp_path: Path, vllm_server: str
 ) -> None:
     """A deployment's run on a worker (`offline-queue worker start`), cancelled through the
-    Prefect API as the UI's Cancel does while its chunk is in flight: the worker stops the
-    flow's process and runs its on_cancellation hook, and the batch ends `failed` with
+    Prefect API as the UI's Cancel does while a loop has its chunk in flight: the worker stops
+    the flow's process and runs its on_cancellation hook, and the batch ends `failed` with
     `run_cancelled` naming the flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
@@ -242,10 +243,12 @@ def test_cancel_of_a_deployment_run_in_prefect_fails_its_batch_with_the_reason(
             return s.scalar(select(Batch).where(Batch.input_path == str(path)))
 
     with (
+        contextlib.ExitStack() as stack,
         FaultProxy(vllm_server.removesuffix("/v1"), lambda n: "stall", stall_seconds=600) as hang,
         workers(env, tmp_path, "cpu-local"),
         prefect_at(env),
     ):
+        stack.enter_context(loops(env, hang.url))
         started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
             "batch-inference/local",
             parameters={"input": str(path), "engine": hang.url},

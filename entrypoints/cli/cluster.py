@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -104,9 +104,8 @@ def worker_start(
     import time
 
     from deployments.node import loop_commands
-    from offline_queue.engines.env import apply_engine_env
-
     from flows.serving import SERVE_HERE_ENV
+    from offline_queue.engines.env import apply_engine_env
 
     apply_engine_env()
     os.environ.pop(SERVE_HERE_ENV, None)  # its flow runs wait for the loops
@@ -178,37 +177,20 @@ def worker_loop(
     ] = 60.0,
 ) -> None:
     """One serving loop in this process (what `worker start` runs per GPU): loads the engine
-    once, then serves its route until drained (SIGTERM, `worker drain`)."""
-    import signal
-
-    from blocks.engines import load_engine_block, route_of
-    from blocks.store import Store
+    once, then serves its route until drained (SIGTERM, `worker drain`). With a Prefect server
+    it is a flow run (`serving-loop`) whose table artifact shows what it served."""
+    from flows.loop import node_loop, serving_loop
     from offline_queue.engines.env import apply_engine_env
-    from offline_queue.loop import ServingLoop, devices_here
     from offline_queue.store.db import resolve_url
 
     apply_engine_env()
     use_prefect_defaults()
-    url = db or os.environ.get("OFFLINE_QUEUE_DB")
-    if url is None and os.environ.get("PREFECT_API_URL"):
-        try:  # the store block `pools apply` saved: the cluster's PostgreSQL
-            url = cast(Store, Store.load("default")).get_url()
-        except ValueError:
-            url = None
-    route = route_of(engine, model)
-    chosen = load_engine_block(engine, model).engine()
-    loop = ServingLoop(
-        resolve_url(url),
-        chosen,
-        route,
-        chunk_size=chunk_size,
-        lease_seconds=lease_seconds,
-        devices=devices_here(),
-    )
-    signal.signal(signal.SIGTERM, lambda *_: loop.drain())
-    signal.signal(signal.SIGINT, lambda *_: loop.drain())
-    out.print(f"serving {route} as {loop.id} ({chosen.model_version})")
-    loop.run()
+    if not os.environ.get("PREFECT_API_URL"):
+        node_loop(engine, model, resolve_url(db), chunk_size, lease_seconds).run()
+        return
+    # No --db nor OFFLINE_QUEUE_DB: the store block `pools apply` saved (the cluster's).
+    store = None if db or os.environ.get("OFFLINE_QUEUE_DB") else "default"
+    serving_loop(engine, model, db, store, chunk_size, lease_seconds)
 
 
 @worker_app.command("drain")

@@ -60,6 +60,13 @@ def run(
         str | None,
         typer.Option(help="An offline-queue-storage block: credentials for s3:// (and others)."),
     ] = None,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            help="Serve the batch with a loop in this process. --no-serve: only route, queue "
+            "and wait; the serving loops of the cluster's nodes serve it."
+        ),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Run one batch to the end in this process, through the Prefect flow, served by a serving
@@ -91,9 +98,12 @@ def run(
     from flows.serving import SERVE_HERE_ENV
     from offline_queue.runs import BatchRun
 
-    os.environ[SERVE_HERE_ENV] = "1"
+    if serve:
+        os.environ[SERVE_HERE_ENV] = "1"
+    else:
+        os.environ.pop(SERVE_HERE_ENV, None)
 
-    if not engine:  # vLLM in this process: its import and start overlap the Prefect server's
+    if serve and not engine:  # vLLM here: its import and start overlap the Prefect server's
         from offline_queue.engines.vllm_local import start_in_background
 
         start_in_background(engine_ahead(input, model, db))
