@@ -1,12 +1,14 @@
 """Are N GPU nodes kept busy? Simulated GPU nodes (bench/simgpu.py), each in a network namespace
 of its own (instruments.nodes) with its engine at its own 127.0.0.1:8000 and its own
-`offline-queue worker start --gpus 1`; a real Prefect server and PostgreSQL on the host, reached
-through Unix sockets; one bulk batch fanned out over the nodes' shards.
+`offline-queue worker start --gpus 1` (a Prefect worker, and one serving loop on the group's
+served engine at the node's loopback); a real Prefect server and PostgreSQL on the host,
+reached through Unix sockets; one bulk batch whose chunks every node's loop pulls.
 
     .venv/bin/python bench/cluster.py [--nodes 1,2,4,8,16] [--requests 1500] [--chunk-size 256]
 
 `--requests` is per node (a run at N nodes has N × that many lines), so every run lasts about
-as long. Nodes are added as N grows; the batch at N nodes has `parallelism` N. Figures:
+as long. Nodes are added as N grows. Every loop serves the same route (the engine block's
+name): the route names the kind of engine, each loop talks to its own node's server. Figures:
 
 - `RESULT cluster_ratio_<N>`: steady-state throughput at N nodes ÷ at 1 node (target ≥ 0.9 N).
   Steady state: from the moment every engine has received its first request to the moment the
@@ -14,12 +16,13 @@ as long. Nodes are added as N grows; the batch at N nodes has `parallelism` N. F
 - `RESULT engine_idle_fraction`: at the largest N, the share of each engine's time, from its
   first request until the batch had nothing left to claim, with nothing in flight (target ≤ 0.05).
   The engines record their own timelines.
-- `RESULT critical_first_result_vs_chunk`: a critical batch (one shard) started while the bulk
-  shards hold every GPU: its first committed result after the run was started ÷ one bulk chunk
-  time (the 1-node run's median time between chunk commits). Target: ≤ 1 + a shard's start ÷
-  chunk time (`RESULT critical_target_vs_chunk`, the start measured: run created → its seat).
-  Then both batches must finish with every custom_id exactly once (`RESULT critical_exactly_once`).
-- The store's cost per shard at the largest N over the steady window, from PostgreSQL's
+- `RESULT critical_first_result_vs_chunk`: a critical batch started while bulk work holds every
+  loop: its first committed result after its run was created ÷ one bulk chunk time (the 1-node
+  run's median time between chunk commits). Target: seconds, and ≤ 1 + the flow run's start ÷
+  chunk time (`RESULT critical_target_vs_chunk`, the start measured: run created → its first
+  line queued, when the loops can claim it). Then both batches must finish with every
+  custom_id exactly once (`RESULT critical_exactly_once`).
+- The store's cost per loop at the largest N over the steady window, from PostgreSQL's
   pg_stat_statements (every statement the store's database ran, by kind), and the CPU each kind
   of process used (from /proc), which is what limits N on a small machine.
 
@@ -103,9 +106,17 @@ class SimNode:
             return client.get(f"http://engine/{what}").json()
 
 
-def start_node(machines: Cluster, i: int, env: dict[str, str], prefect_port: int) -> SimNode:
+def start_node(
+    machines: Cluster,
+    i: int,
+    env: dict[str, str],
+    prefect_port: int,
+    cluster_file: Path,
+    store: str,
+    chunk_size: int,
+) -> SimNode:
     """A node with its own netns: the Prefect server forwarded to its 127.0.0.1, its engine on
-    127.0.0.1:8000, and its worker (one GPU)."""
+    127.0.0.1:8000, and its `worker start` (one GPU: one serving loop, and a Prefect worker)."""
     node = machines.node(f"sim-{i}", netns=True, reach=[prefect_port])
     side = machines.dir / f"sim-{i}-engine.sock"
     engine = node.popen(
@@ -115,9 +126,11 @@ def start_node(machines: Cluster, i: int, env: dict[str, str], prefect_port: int
     )
     assert engine.stdout is not None and engine.stdout.readline().strip() == b"ready"
     LOGS.mkdir(parents=True, exist_ok=True)
-    log = (LOGS / f"sim-{i}-worker.log").open("wb")  # the shards' output too
+    log = (LOGS / f"sim-{i}-worker.log").open("wb")  # its loop's and flow runs' output too
+    worker = [str(BIN / "offline-queue"), "worker", "start", "--group", GROUP, "--gpus", "1"]
+    worker += ["--file", str(cluster_file), "--db", store, "--chunk-size", str(chunk_size)]
     node.popen(
-        [str(BIN / "offline-queue"), "worker", "start", "--group", GROUP, "--gpus", "1"],
+        worker,
         env=node.env(env, PREFECT_LOGGING_LEVEL="INFO"),  # when each run was picked up, started
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -125,35 +138,40 @@ def start_node(machines: Cluster, i: int, env: dict[str, str], prefect_port: int
     return SimNode(node, side)
 
 
-def workers_online(n: int) -> bool:
+def nodes_online(n: int, store: str) -> bool:
+    """`n` Prefect workers online and `n` serving loops live (their rows in `serving_loops`)."""
     from prefect.client.orchestration import get_client
+
+    from offline_queue.store import loops
 
     with get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(GROUP)
-        limits = client.read_global_concurrency_limits(limit=200)
-    nodes = [lim for lim in limits if lim.name.startswith(f"gpu:{GROUP}:")]
-    return sum(1 for w in workers if w.status == "ONLINE") >= n and len(nodes) >= n
+    online = sum(1 for w in workers if w.status == "ONLINE")
+    return online >= n and len(loops.live_loops(store)) >= n
 
 
-def set_up(machines: Cluster, env: dict[str, str], max_nodes: int, store: str) -> None:
-    """The cluster file (one group of `max_nodes` GPUs, tiers with room for every shard), the
-    engine block and one deployment per tier."""
-    topology = {
-        "tiers": {t: {"priority": p, "concurrency_limit": 2 * max_nodes} for t, p in TIERS.items()},
-        "groups": {GROUP: {"concurrency_limit": 2 * max_nodes + 2, "gpu_slots": max_nodes}},
+def set_up(machines: Cluster, env: dict[str, str], store: str) -> Path:
+    """The cluster file (one group whose engine is each node's own simulated server; a batch's
+    flow run holds no GPU, so a few runs at once are room enough), its engine block and one
+    deployment per tier; the file, for the nodes' `worker start`."""
+    engine = {
+        "block": f"openai-server/{ENGINE_BLOCK}",
+        "type": "openai-server",
+        "base_url": f"http://127.0.0.1:{ENGINE_PORT}/v1",
+        "max_in_flight": 64,
     }
-    apply_pools(topology, machines.dir, store, env)
-    from blocks.engines import OpenAIServer
-
-    OpenAIServer(base_url=f"http://127.0.0.1:{ENGINE_PORT}/v1", max_in_flight=64).save(
-        ENGINE_BLOCK, overwrite=True
-    )
-    deploy_tiers(topology, db=store, engine=f"openai-server/{ENGINE_BLOCK}")
+    topology = {
+        "tiers": {t: {"priority": p, "concurrency_limit": 4} for t, p in TIERS.items()},
+        "groups": {GROUP: {"concurrency_limit": 8, "engine": engine}},
+    }
+    cluster_file = apply_pools(topology, machines.dir, store, env)
+    deploy_tiers(topology, db=store, engine=engine["block"])
+    return cluster_file
 
 
 def all_serving(sims: list[SimNode], began: float, args: argparse.Namespace) -> None:
     """Once every engine has had a request since `began`, or after `--all-serving-seconds` (a
-    shard still looking for a free GPU then counts as an idle one)."""
+    loop that has not claimed yet then counts as an idle engine)."""
     wait_for(
         lambda: (
             time.time() - began > args.all_serving_seconds
@@ -164,19 +182,12 @@ def all_serving(sims: list[SimNode], began: float, args: argparse.Namespace) -> 
     )
 
 
-def flow_runs() -> int:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.count_flow_runs()
-
-
-def start_run(tier: str, path: Path, **params: object) -> UUID:
+def start_run(tier: str, path: Path) -> UUID:
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
-        f"batch-inference/{GROUP}-{tier}", parameters={"input": str(path), **params}, timeout=0
+        f"batch-inference/{GROUP}-{tier}", parameters={"input": str(path)}, timeout=0
     )
     return started.id
 
@@ -188,14 +199,17 @@ class StoreStats:
     """pg_stat_statements of the store's database: calls per kind of statement."""
 
     KINDS = [
-        ("share beat", r"engine_shares"),
-        ("GPU seat beat", r"gpu_seats"),
+        ("claim", r"for update skip locked"),
+        ("batch clock", r"update batches set .*vtime|min\(batches\.vtime\)"),
+        ("loop beat", r"update serving_loops"),
+        ("loop lookup", r"from serving_loops"),
         ("owner heartbeat", r"update batches set owner"),
         ("lease renewal", r"update requests set lease_expires"),
-        ("claim", r"for update skip locked|update requests set state=.*lease_owner"),
         ("progress count", r"group by requests\.state|count\(\*\).*from results"),
         ("settle", r"insert into results|update requests set state"),
+        ("engine time", r"insert into engine_time"),
         ("result cache", r"result_cache"),
+        ("batch read", r"^select .* from batches"),
         ("pool pre-ping", r"^select 1$"),
         ("transaction", r"^(begin|commit|rollback)"),
     ]
@@ -261,10 +275,14 @@ def role_of(cmd: str, in_node: bool) -> str | None:
         return "engine (simulated)"
     if "instruments.bridge" in cmd:
         return "bridge in a node" if in_node else "bridge on the host"
-    if in_node and "worker start" in cmd:
+    if in_node and "worker loop" in cmd:
+        return "serving loop"
+    if in_node and "worker start --group" in cmd:
+        return "worker start"
+    if in_node and "worker start --pool" in cmd:
         return "Prefect worker"
     if in_node and ("prefect.engine" in cmd or "flow_run" in cmd or "-m prefect" in cmd):
-        return "flow run (shard)"
+        return "flow run"
     if in_node and "python" in cmd:
         return "other in a node: " + cmd[:60]
     if "prefect server start" in cmd or ("uvicorn" in cmd and "prefect" in cmd):
@@ -309,8 +327,6 @@ class Run:
     wall: float = 0.0
     spread: float = 0.0
     """Seconds from the batch's run to every engine serving it."""
-    runs: int = 0
-    """Flow runs the batch took: its N shards, and one more for each shard that moved."""
     never: int = 0
     """Engines that got no request of the batch."""
 
@@ -373,9 +389,8 @@ def measure(
 ) -> Run:
     total = n * args.requests
     path = lines(machines.dir / f"bulk-{n}.jsonl", total, f"n{n}", args.max_tokens)
-    runs_before = flow_runs()
     began = time.time()
-    start_run("bulk", path, parallelism=n, chunk_size=args.chunk_size)
+    start_run("bulk", path)
     all_serving(sims, began, args)  # the steady window opens here
     opened = time.time()
     queries_before, cpu_before = stats.snapshot(), cpu_by_role(machines)
@@ -397,7 +412,7 @@ def measure(
         empty, busy_load = occupancy(arrivals, ends, opened, closed)
         idle, load, spans = idle + empty, load + busy_load, spans + closed - opened
     run = Run(n, rate=completions / window, window=window, idle=idle / spans)
-    run.spread, run.runs, run.never = opened - began, flow_runs() - runs_before, never
+    run.spread, run.never = opened - began, never
     run.in_flight = load / max(spans - idle, 1e-9)
     run.wall = (done.completed_at or time.time()) - began
     if n == 1:
@@ -415,7 +430,7 @@ def measure(
         f"({run.rate / n:.1f} per node), engines idle {100 * run.idle:.1f} % of their time "
         f"and {run.in_flight:.0f} in flight on average when not, "
         f"batch of {total} in {run.wall:.0f} s; every engine serving {run.spread:.0f} s after the "
-        f"run started; {run.runs} flow runs for {n} shards; {run.never} engine(s) never served",
+        f"run started; {run.never} engine(s) never served",
         flush=True,
     )
     return run
@@ -437,32 +452,28 @@ def critical(
     chunk_seconds: float,
     args: argparse.Namespace,
 ) -> Critical:
-    """A critical batch (one shard) while bulk shards hold every GPU; both must finish, every
-    custom_id once."""
-    from sqlalchemy import select
+    """A critical batch while bulk work holds every loop; both must finish, every custom_id
+    once."""
+    from offline_queue.store import results
 
-    from offline_queue.store.db import session
-    from offline_queue.store.tables import GpuSeat
-
-    n_bulk = n * max(args.requests, args.chunk_size * 8)  # outlasts a shard's start
+    n_bulk = n * max(args.requests, args.chunk_size * 8)  # outlasts a flow run's start
     bulk = lines(machines.dir / "crit-bulk.jsonl", n_bulk, "cb", args.max_tokens)
     crit = lines(machines.dir / "crit.jsonl", args.critical_requests, "cc", args.max_tokens)
     began = time.time()
-    start_run("bulk", bulk, parallelism=n, chunk_size=args.chunk_size)
+    start_run("bulk", bulk)
     all_serving(sims, began, args)
-    time.sleep(chunk_seconds * 1.3)  # into the shards' second chunks, off their boundaries
+    time.sleep(chunk_seconds * 1.3)  # into the loops' second chunks, off their boundaries
     arrived = time.time()
-    start_run("critical", crit, parallelism=1, chunk_size=args.chunk_size)
+    start_run("critical", crit)
     found = wait_for(lambda: batch_row(store, crit), 300, 0.05)
     assert found is not None  # wait_for returns only what is there
     row = found
 
-    def seated() -> float | None:
-        with session(store) as s:
-            seat = s.scalar(select(GpuSeat.shard).where(GpuSeat.batch_id == row.id))
-        return time.time() if seat else None
+    def queued() -> float | None:
+        p = results.progress(store, row.id)
+        return time.time() if p.pending + p.completed + p.failed else None
 
-    seat_at: float = wait_for(seated, 300, 0.05)  # type: ignore[assignment]  # never None
+    queued_at: float = wait_for(queued, 300, 0.05)  # type: ignore[assignment]  # never None
     first: float = wait_for(lambda: min(commit_times(store, row.id), default=0.0), 600, 0.2)
 
     crit_done = wait_for(lambda: final(store, crit), 900, 1)
@@ -477,9 +488,9 @@ def critical(
     }
     print("; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()), flush=True)
     once = all(checks.values())
-    start = seat_at - arrived
+    start = queued_at - arrived
     detail = (
-        f"critical at {n} nodes: its shard waited for a GPU {start:.1f} s after its run was "
+        f"critical at {n} nodes: its first line queued {start:.1f} s after its run was "
         f"created; first result {first - arrived:.1f} s after; a bulk chunk takes "
         f"{chunk_seconds:.1f} s; bulk finished {bulk_done.completed_at - arrived:.0f} s after"
     )
@@ -555,27 +566,30 @@ def main() -> None:
         prefect_port = int(env["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
         store = pg.socket_url(store_db)  # what the nodes reach (no TCP into their netns)
         env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-        set_up(machines, env, counts[-1], store)
+        cluster_file = set_up(machines, env, store)
         stats = StoreStats(pg.url, store_db)
         sims: list[SimNode] = []
         runs: list[Run] = []
         for n in counts:
             started = time.monotonic()
             while len(sims) < n:
-                sims.append(start_node(machines, len(sims) + 1, env, prefect_port))
-            wait_for(lambda n=n: workers_online(n), 600, 1)  # type: ignore[misc]
+                i = len(sims) + 1
+                sims.append(
+                    start_node(machines, i, env, prefect_port, cluster_file, store, args.chunk_size)
+                )
+            wait_for(lambda n=n: nodes_online(n, store), 600, 1)  # type: ignore[misc]
             print(f"{n} node(s) up in {time.monotonic() - started:.0f} s", flush=True)
             runs.append(measure(n, sims, machines, store, stats, args))
         top = runs[-1]
         chunk = runs[0].chunk_seconds or args.chunk_size / (top.rate / top.nodes)
         crit = None if args.no_critical else critical(top.nodes, sims, machines, store, chunk, args)
     base = runs[0].rate / runs[0].nodes
-    print(f"\nstore statements per shard per second at {top.nodes} nodes (pg_stat_statements):")
+    print(f"\nstore statements per loop per second at {top.nodes} nodes (pg_stat_statements):")
     for kind, rate in sorted(top.queries.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<16} {rate:7.2f}/s")
-    per_shard = sum(top.queries.values())
-    print(f"  {'all':<16} {per_shard:7.2f}/s for {top.rate / top.nodes:.1f} requests/s a shard")
-    print("the most frequent statements, per shard per second:")
+    per_loop = sum(top.queries.values())
+    print(f"  {'all':<16} {per_loop:7.2f}/s for {top.rate / top.nodes:.1f} requests/s a loop")
+    print("the most frequent statements, per loop per second:")
     for rate, text in top.statements:
         print(f"  {rate:7.2f}/s  {text}")
     print(f"\nCPU over the steady window at {top.nodes} nodes (2 cores on this machine):")
@@ -587,8 +601,8 @@ def main() -> None:
         print(f"RESULT cluster_req_per_s_{r.nodes} {r.rate:.1f}")
         print(f"RESULT cluster_all_serving_s_{r.nodes} {r.spread:.1f}")
     print(f"RESULT engine_idle_fraction {top.idle:.3f}")
-    print(f"RESULT store_statements_per_shard_per_s {per_shard:.1f}")
-    print(f"RESULT store_statements_per_request {per_shard / (top.rate / top.nodes):.3f}")
+    print(f"RESULT store_statements_per_loop_per_s {per_loop:.1f}")
+    print(f"RESULT store_statements_per_request {per_loop / (top.rate / top.nodes):.3f}")
     if crit is not None:
         print(f"RESULT critical_first_result_vs_chunk {crit.first_vs_chunk:.2f}")
         print(f"RESULT critical_target_vs_chunk {crit.target_vs_chunk:.2f}")

@@ -5,29 +5,39 @@ its invariants are one procedure that a reader follows from top to bottom; split
 would be used by this script and its test (tests/test_faults.py) alone.
 
     .venv/bin/python bench/faults.py [--seed 7] [--trials-per-kind 20]
-                                     [--kinds worker,engine,postgres,proxy] [--requests 48]
-                                     [--out DIR]
+                                     [--kinds run,loop,node,engine,postgres,proxy]
+                                     [--requests 48] [--out DIR]
 
 The driver starts its own services on loopback — a PostgreSQL cluster (the store), a
 `prefect server start` (every `offline-queue run` reports to it instead of starting a
 temporary server of its own), a `vllm serve` with the bundled model, and a fault-injecting
 proxy in front of it — then runs small batches with real `offline-queue run` subprocesses
-and, at a moment drawn from a seeded schedule, injects one fault per trial:
+(each a flow run serving its batch with a loop of its own), beside which some trials start
+`offline-queue worker loop` processes on the same route (a node's loops), and, at a moment
+drawn from a seeded schedule, injects one fault per trial:
 
-- `worker`:   SIGKILL an `offline-queue run` process, then re-run it until it exits 0;
+- `run`:      SIGKILL an `offline-queue run` process (its flow and its loop), then re-run it
+              until it exits 0;
+- `loop`:     SIGKILL a serving loop while it holds a chunk of the batch; the others claim the
+              chunk again once its lease runs out;
+- `node`:     the run and a loop on a simulated node (instruments.nodes), and the node lost:
+              every process in it SIGKILLed at once; the batch is re-run on the host;
 - `engine`:   SIGKILL the vLLM server's process group and restart it (the run waits through
               the outage, or is re-run if it gave up);
 - `postgres`: SIGKILL the postmaster and its backends, restart with `pg_ctl` (a run that died
-              of it is re-run until it exits 0);
-- `proxy`:    the run goes through the proxy, whose seeded plan mixes 500, 429, stalls and
+              of it is re-run until it exits 0; the loops ride it out);
+- `proxy`:    the batch goes through the proxy, whose seeded plan mixes 500, 429, stalls and
               mid-body resets with passed-through requests.
 
-Some trials put two workers on the same batch. After each trial the invariants are checked
+Some trials put two runs on the same batch. After each trial the invariants are checked
 straight from the store (SQL, not the product's code) and the files: every custom_id of the
 input exactly once across output + error file, no line with two result rows, the batch in a
-terminal status, the store's counts equal to the files' lines. The end is a table and
-`RESULT trials|lost|duplicated <n>`; the exit status is 1 when anything was lost or duplicated
-or a trial never finished. `run_schedule()` is the same thing for a test (tests/test_faults.py).
+terminal status, the store's counts equal to the files' lines; and every loop the driver did
+not kill drained cleanly at the end (a loop outlives engine and store outages). The end is a
+table and `RESULT trials|lost|duplicated <n>`; the exit status is 1 when anything was lost or
+duplicated or a trial never finished. `run_schedule()` is the same thing for a test
+(tests/test_faults.py). The `node` kind needs what simulated nodes need (root, namespaces);
+without them it is left out of the schedule, and says so.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,19 +66,21 @@ sys.path.insert(0, str(REPO))
 
 from instruments.faultproxy import FaultProxy  # noqa: E402
 from instruments.loopback import free_port  # noqa: E402
+from instruments.nodes import Node, namespaces_refused, shared_dir  # noqa: E402
 from instruments.postgres import Postgres, postgres  # noqa: E402
 from instruments.prefect_server import prefect_server  # noqa: E402
 from instruments.processes import BIN, wait_for  # noqa: E402
 from offline_queue.engines.vllm_server import ServerProcess, server_args  # noqa: E402
 from offline_queue.states import TERMINAL_STATUSES  # noqa: E402
 
-KINDS = ("worker", "engine", "postgres", "proxy")
-LEASE_SECONDS = 5  # a killed worker's chunk is claimed again after this long
+KINDS = ("run", "loop", "node", "engine", "postgres", "proxy")
+LEASE_SECONDS = 5  # a killed run's or loop's chunk is claimed again after this long
 # One `offline-queue run` invocation, counted from its start or from the end of the last
 # service restart, whichever is later (a vLLM restart alone took 6.7 min on a loaded machine);
 # longer is a hang, not slowness.
 RUN_TIMEOUT = 420.0
 MAX_INVOCATIONS = 6  # per trial: the first run and the re-runs after faults
+DRAIN_SECONDS = 60.0  # a loop asked to drain once the batch is over holds nothing: it exits
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -87,6 +100,9 @@ class Services:
     server_log: IO[bytes]
     proxy: FaultProxy
     env: dict[str, str]
+    shared: Path
+    """Where a `node` trial's batch files are: a directory the nodes see (the work folder may
+    be under /tmp, which is each node's own)."""
 
     @property
     def store_plain(self) -> str:
@@ -138,7 +154,9 @@ def services(work: Path, log: Callable[[str], None] = print) -> Iterator[Service
         server.wait_ready(timeout=600)
         proxy = stack.enter_context(FaultProxy(server.base_url, lambda _: "pass", stall_seconds=2))
         api = env["PREFECT_API_URL"]
-        svc = Services(work, pg, store, api, server, args, server_log, proxy, env)
+        shared = shared_dir("oq-faults-")
+        stack.callback(shutil.rmtree, shared, ignore_errors=True)
+        svc = Services(work, pg, store, api, server, args, server_log, proxy, env, shared)
         log(
             f"services up in {time.monotonic() - started:.0f} s: store {store}, "
             f"prefect {api}, vllm {server.base_url}, proxy {proxy.url}"
@@ -155,13 +173,19 @@ class Trial:
     index: int
     requests: int
     chunk: int
-    workers: int
+    runs: int
+    """`offline-queue run` processes started on the batch at once."""
+    loops: int
+    """`offline-queue worker loop` processes on the batch's route beside them."""
     trigger: int
     """Committed results at which the fault is injected (proxy: not used)."""
     injected: int = 0
     """Faults actually delivered: a signal to a live process, or a non-pass proxy answer."""
     fault_at: int = -1
     """Results committed just before the kill (-1: no kill, or the store could not say)."""
+    held: int = 0
+    """Requests leased to the killed run, loop or node as it died (-1: the store could not
+    say): a kill mid-chunk, whose chunk is claimed again once the lease runs out."""
     invocations: int = 0
     exit_codes: list[int] = field(default_factory=list)
     """Of every `offline-queue run` invocation (-9: SIGKILLed by the driver)."""
@@ -216,19 +240,28 @@ def proxy_plan(rng: random.Random, p_fault: float) -> Callable[[int], str]:
     return lambda n: plan[n % len(plan)]
 
 
+def _popen(svc: Services, cmd: list[str], log: Path, node: Node | None) -> subprocess.Popen[bytes]:
+    """`cmd` here, or in `node` (pointed at its private places), its output in `log`.out/.err."""
+    streams = {
+        "stdout": log.with_suffix(".out").open("wb"),
+        "stderr": log.with_suffix(".err").open("wb"),
+    }
+    if node is not None:
+        return node.popen(cmd, env=node.env(svc.env), **streams)
+    return subprocess.Popen(cmd, env=svc.env, cwd=REPO, **streams)
+
+
 class Runs:
     """The `offline-queue run` processes of one trial, each invocation logged to its own file."""
 
-    def __init__(self, svc: Services, trial: Trial, path: Path, engine: str):
-        self.svc, self.trial, self.path, self.engine = svc, trial, path, engine
+    def __init__(self, svc: Services, trial: Trial, path: Path, engine: str, logs: Path):
+        self.svc, self.trial, self.path, self.engine, self.logs = svc, trial, path, engine, logs
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs = path.parent / f"{path.stem}.logs"
-        self.logs.mkdir(exist_ok=True)
         self.last_json: dict[str, Any] | None = None
         self.restored = 0.0
         """When the faulted service was back (monotonic clock; 0: no restart)."""
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, node: Node | None = None) -> subprocess.Popen[bytes]:
         self.trial.invocations += 1
         n = self.trial.invocations
         cmd = [
@@ -245,13 +278,7 @@ class Runs:
             str(LEASE_SECONDS),
             "--json",
         ]
-        proc = subprocess.Popen(
-            cmd,
-            env=self.svc.env,
-            stdout=(self.logs / f"run{n}.out").open("wb"),
-            stderr=(self.logs / f"run{n}.err").open("wb"),
-            cwd=REPO,
-        )
+        proc = _popen(self.svc, cmd, self.logs / f"run{n}", node)
         proc.started = time.monotonic()  # type: ignore[attr-defined]
         proc.number = n  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -261,8 +288,9 @@ class Runs:
         return [p for p in self.procs if p.poll() is None]
 
     def finish(self) -> bool:
-        """Wait for every process; re-run after each failure until one run exits 0 after all
-        the others ended (or the invocation budget is spent). True when the batch got there."""
+        """Wait for every process; re-run (here) after each failure until one run exits 0 after
+        all the others ended (or the invocation budget is spent). True when the batch got
+        there."""
         while True:
             for p in list(self.procs):
                 since = max(p.started, self.restored)  # type: ignore[attr-defined]
@@ -288,6 +316,61 @@ class Runs:
             self.start()
 
 
+class Loops:
+    """The trial's `offline-queue worker loop` processes on the batch's route: started before
+    its runs, drained (SIGTERM) once the batch is over. One the driver did not kill must still
+    be there then and drain cleanly: a loop rides out engine and store outages."""
+
+    def __init__(self, svc: Services, trial: Trial, engine: str, logs: Path):
+        self.svc, self.trial, self.engine, self.logs = svc, trial, engine, logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed: list[subprocess.Popen[bytes]] = []
+
+    def start(self, node: Node | None = None) -> subprocess.Popen[bytes]:
+        cmd = [
+            str(BIN / "offline-queue"),
+            "worker",
+            "loop",
+            "--engine",
+            self.engine,
+            "--db",
+            self.svc.store,
+            "--chunk-size",
+            str(self.trial.chunk),
+            "--lease-seconds",
+            str(LEASE_SECONDS),
+        ]
+        proc = _popen(self.svc, cmd, self.logs / f"loop{len(self.procs) + 1}", node)
+        self.procs.append(proc)
+        return proc
+
+    def live(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.procs if p.poll() is None]
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        self.killed.append(proc)
+
+    def stop(self) -> None:
+        for i, p in enumerate(self.procs, 1):
+            if p.poll() is not None and p not in self.killed:
+                self.trial.problems.append(f"loop {i} exited {p.returncode} mid-batch")
+        draining = self.live()
+        for p in draining:
+            p.terminate()
+        for p in draining:
+            i = self.procs.index(p) + 1
+            try:
+                p.wait(DRAIN_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.trial.problems.append(f"loop {i} still there {DRAIN_SECONDS:.0f} s after")
+                p.kill()
+                p.wait()
+                continue
+            if p.returncode != 0:
+                self.trial.problems.append(f"loop {i} exited {p.returncode} when drained")
+
+
 def _query(plain_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     import psycopg
 
@@ -307,6 +390,25 @@ def committed(svc: Services, path: Path) -> int:
         return int(rows[0][0])
     except Exception:
         return -1
+
+
+def held(svc: Services, owners: str) -> int:
+    """Requests leased right now to the loops whose id is LIKE `owners` (a loop's id is
+    host:pid:suffix); -1 while the store cannot say."""
+    try:
+        rows = _query(
+            svc.store_plain,
+            "SELECT count(*) FROM requests WHERE state = 'processing' AND lease_owner LIKE %s",
+            owners,
+        )
+        return int(rows[0][0])
+    except Exception:
+        return -1
+
+
+def of_process(proc: subprocess.Popen[bytes]) -> str:
+    """The loops of a process here (this host's pids are unique), as `held` matches them."""
+    return f"%:{proc.pid}:%"
 
 
 def check(
@@ -378,26 +480,54 @@ def check(
 
 
 def _inject(
-    svc: Services, trial: Trial, runs: Runs, rng: random.Random, kind: str, path: Path
+    svc: Services,
+    trial: Trial,
+    runs: Runs,
+    loops: Loops,
+    rng: random.Random,
+    node: Node | None,
 ) -> None:
-    """Start the trial's workers, deliver its fault at the drawn moment, and see the batch
-    through to a run that exits 0 (re-running after each failure)."""
-    trigger = trial.trigger
-    for _ in range(trial.workers):
-        runs.start()
+    """Start the trial's loops and runs (a `node` trial's in its node), deliver its fault at the
+    drawn moment, and see the batch through to a run that exits 0 (re-running after each
+    failure)."""
+    kind, trigger = trial.kind, trial.trigger
+    for _ in range(trial.loops):
+        loops.start(node)
+    for _ in range(trial.runs):
+        runs.start(node)
 
     if kind != "proxy":
-        # The random moment: once `trigger` results are committed, plus a little jitter.
+        # The random moment: once `trigger` results are committed, plus a little jitter; a loop
+        # is killed once it also holds a chunk of the batch.
+        victim = rng.choice(loops.procs) if kind == "loop" else None
+
+        def moment() -> bool:
+            if not runs.live() or committed(svc, runs.path) < trigger:
+                return not runs.live()
+            return victim is None or victim.poll() is not None or held(svc, of_process(victim)) > 0
+
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not runs.live() or committed(svc, path) >= trigger, RUN_TIMEOUT, 0.05)
-        time.sleep(rng.uniform(0, 6) if trigger == 0 else rng.uniform(0, 0.3))
+            wait_for(moment, RUN_TIMEOUT, 0.05)
+        time.sleep(rng.uniform(0, 6) if trigger == 0 and victim is None else rng.uniform(0, 0.3))
         if runs.live():
-            trial.fault_at = committed(svc, path)
-        if kind == "worker":
+            trial.fault_at = committed(svc, runs.path)
+        if kind == "run":
             live = runs.live()
             if live:
-                victim = rng.choice(live)
-                victim.send_signal(signal.SIGKILL)
+                chosen = rng.choice(live)
+                trial.held = held(svc, of_process(chosen))
+                chosen.send_signal(signal.SIGKILL)
+                trial.injected += 1
+        elif kind == "loop":
+            if victim is not None and victim.poll() is None:
+                trial.held = held(svc, of_process(victim))
+                loops.kill(victim)
+                trial.injected += 1
+        elif kind == "node":
+            if node is not None and runs.live():
+                trial.held = held(svc, f"{node.name}:%")
+                loops.killed += loops.procs  # every loop of the trial is on the node
+                node.lose()
                 trial.injected += 1
         elif kind == "engine":
             if runs.live() and svc.server.proc and svc.server.proc.poll() is None:
@@ -412,21 +542,29 @@ def _inject(
             svc.pg.start()
             runs.restored = time.monotonic()
     runs.finish()
+    loops.stop()
 
 
 def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) -> Trial:
     rng = random.Random(f"{seed}:{kind}:{index}")
     n = rng.randint(max(8, requests // 2), requests)
     chunk = rng.choice((4, 6, 8))
-    workers = 2 if kind in ("worker", "postgres") and rng.random() < 0.25 else 1
+    runs = 2 if kind in ("run", "postgres") and rng.random() < 0.25 else 1
+    if kind == "loop":
+        loops = rng.randint(1, 2)
+    elif kind in ("node", "postgres"):
+        loops = 1  # the node's loop; a loop that must ride out the store's restart
+    else:
+        loops = int(rng.random() < 0.5)
     # One trial in five strikes before any result (start-up, ingest, first chunk), the rest
     # once a drawn number of results is committed: kills land everywhere in a batch's life.
     trigger = 0 if rng.random() < 0.2 else rng.randint(1, max(1, n - 2 * chunk))
-    trial = Trial(kind, index, n, chunk, workers, trigger)
+    trial = Trial(kind, index, n, chunk, runs, loops, trigger)
     tag = f"s{seed}-{kind}-{index}"
-    folder = svc.work / "trials"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{tag}.jsonl"
+    trials = svc.work / "trials"
+    logs = trials / f"{tag}.logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = (svc.shared if kind == "node" else trials) / f"{tag}.jsonl"
     items, expected = batch_lines(rng, tag, n)
     path.write_text("".join(json.dumps(x) + "\n" for x in items))
     for stale in (path.with_suffix(".output.jsonl"), path.with_suffix(".errors.jsonl")):
@@ -439,18 +577,23 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
         svc.proxy._counter = itertools.count()
         svc.proxy.seen = Counter()
         engine = svc.proxy.url
-    runs = Runs(svc, trial, path, engine)
+    runs_ = Runs(svc, trial, path, engine, logs)
+    loops_ = Loops(svc, trial, engine, logs)
+    node = Node(f"faults-{index}").start() if kind == "node" else None
     try:
-        _inject(svc, trial, runs, rng, kind, path)
-    except BaseException:  # interrupted: leave no `offline-queue run` behind
-        for p in runs.live():
+        _inject(svc, trial, runs_, loops_, rng, node)
+    except BaseException:  # interrupted: leave no `offline-queue` process behind
+        for p in [*runs_.live(), *loops_.live()]:
             p.kill()
         raise
+    finally:
+        if node is not None:
+            node.stop()
     if kind == "proxy":
         trial.injected = sum(c for f, c in svc.proxy.seen.items() if f != "pass")
         svc.proxy.plan = lambda _: "pass"
     try:
-        check(svc, trial, path, expected, runs.last_json)
+        check(svc, trial, path, expected, runs_.last_json)
     except Exception as exc:  # the store itself unreadable is a finding, not a crash
         trial.problems.append(f"check failed: {type(exc).__name__}: {exc}")
     trial.seconds = time.monotonic() - started
@@ -482,8 +625,8 @@ class Summary:
 
     def table(self) -> str:
         head = (
-            f"{'kind':<9} {'trials':>6} {'faults':>6} {'mid':>4} {'runs':>5} {'requests':>8} "
-            f"{'failed':>6} {'lost':>5} {'dup':>5} {'s/trial':>7} {'problems':>8}"
+            f"{'kind':<9} {'trials':>6} {'faults':>6} {'mid':>4} {'held':>4} {'runs':>5} "
+            f"{'requests':>8} {'failed':>6} {'lost':>5} {'dup':>5} {'s/trial':>7} {'problems':>8}"
         )
         rows = [head, "-" * len(head)]
         kinds = list(dict.fromkeys(t.kind for t in self.trials))
@@ -494,7 +637,8 @@ class Summary:
             rows.append(
                 f"{kind:<9} {len(ts):>6} {sum(t.injected for t in ts):>6} "
                 f"{sum(0 < t.fault_at < t.requests for t in ts):>4} "
-                f"{sum(t.invocations for t in ts):>5} {sum(t.requests for t in ts):>8} "
+                f"{sum(t.held > 0 for t in ts):>4} {sum(t.invocations for t in ts):>5} "
+                f"{sum(t.requests for t in ts):>8} "
                 f"{sum(t.failed_requests for t in ts):>6} {sum(t.lost for t in ts):>5} "
                 f"{sum(t.duplicated for t in ts):>5} "
                 f"{sum(t.seconds for t in ts) / len(ts):>7.1f} "
@@ -522,6 +666,10 @@ def run_schedule(
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (known: {', '.join(KINDS)})")
+    refused = namespaces_refused() if "node" in kinds else None
+    if refused:
+        log(f"the node kind is left out: this machine cannot make nodes ({refused})")
+        kinds = tuple(k for k in kinds if k != "node")
     work = out or Path(tempfile.mkdtemp(prefix="oq-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     record = work / "trials.jsonl"
@@ -535,8 +683,9 @@ def run_schedule(
                     f.write(json.dumps(asdict(trial)) + "\n")
                 log(
                     f"{kind:<8} #{index:<3} n={trial.requests:<3} chunk={trial.chunk} "
-                    f"workers={trial.workers} trigger={trial.trigger:<3} at={trial.fault_at:<3} "
-                    f"faults={trial.injected:<3} runs={trial.invocations} "
+                    f"runs={trial.runs} loops={trial.loops} trigger={trial.trigger:<3} "
+                    f"at={trial.fault_at:<3} held={trial.held:<2} faults={trial.injected:<3} "
+                    f"invocations={trial.invocations} "
                     f"status={trial.status:<9} lost={trial.lost} dup={trial.duplicated} "
                     f"{trial.seconds:5.1f} s {'; '.join(trial.problems)}"
                 )
@@ -575,7 +724,8 @@ def main() -> int:
     print(summary.table())
     print(
         "faults: kills delivered to a live process (proxy: injected answers); mid: kills with "
-        "some but not all results committed; runs: `offline-queue run` invocations; failed: "
+        "some but not all results committed; held: kills of a run, loop or node that held "
+        "leased requests (mid-chunk); runs: `offline-queue run` invocations; failed: "
         "error-file lines (the invalid line some batches carry, or requests out of attempts)"
     )
     for problem in summary.problems:

@@ -9,13 +9,14 @@ it, and its answers say what it is (model `simulated-gpu`).
 
 The model of a GPU: requests join a running batch of at most `max_num_seqs` (the rest wait,
 by the request's `priority`, lower first, as vLLM's priority scheduling that `engine serve`
-turns on orders them — then first come first served); each engine step produces one token for every running request and
-takes `step_base + step_per_seq × running` seconds; a request leaves after its `max_tokens`
-steps. So throughput grows with the requests in flight up to `max_num_seqs` and is flat after
-(the knee bench/server.py measured on the real `vllm serve`). The defaults give 25 req/s at 64
-in flight for 16-token answers (the published H100 Llama-3-8B 256-in/256-out figure, in
-requests per second): 64 / (16 × (40 + 1.875 × 64) ms). Steps are scheduled on the wall clock,
-not after each wake-up, so a CPU-starved process catches up instead of being a slower GPU.
+turns on orders them — then first come first served); each engine step produces one token for
+every running request and takes `step_base + step_per_seq × running` seconds; a request leaves
+after its `max_tokens` steps. So throughput grows with the requests in flight up to
+`max_num_seqs` and is flat after (the knee bench/server.py measured on the real `vllm serve`).
+The defaults give 25 req/s at 64 in flight for 16-token answers (the published H100
+Llama-3-8B 256-in/256-out figure, in requests per second): 64 / (16 × (40 + 1.875 × 64) ms).
+Steps are scheduled on the wall clock, not after each wake-up, so a CPU-starved process
+catches up instead of being a slower GPU.
 
 A side endpoint on a Unix socket (`--side`, in a directory the host sees: the node's own
 127.0.0.1 is unreachable from outside its network namespace) serves what the benchmark reads:

@@ -35,7 +35,7 @@ LOOP_FLAGS = ["--chunk-size", "8", "--lease-seconds", "3"]
 
 def queued(db: str, tmp_path: Path, n: int, tag: str, **fields: Any) -> str:
     """A batch of `n` lines, queued, on ROUTE (or `route=`), with its tier and weight."""
-    bid = make_batch(db, tmp_path, n, tag=tag)
+    bid = make_batch(db, tmp_path, n, tag=tag, max_tokens=6)
     batches.label_batch(db, bid, **{"route": ROUTE, **fields})
     return bid
 
@@ -262,7 +262,7 @@ def test_a_loop_killed_mid_chunk_loses_nothing(
 ) -> None:
     """kill -9 of `offline-queue worker loop` while its chunks are in the engine: another loop
     claims them again after the lease; every line answered exactly once."""
-    bid = make_batch(sqlite_url, tmp_path, 24, tag="k")
+    bid = make_batch(sqlite_url, tmp_path, 24, tag="k", max_tokens=24)
     route = in_process_route(None)
     batches.label_batch(sqlite_url, bid, route=route)
     proc = subprocess.Popen(

@@ -53,7 +53,13 @@ def submission(batch_id: str, content_hash: str = "0" * 64, folder: Path = NOWHE
 
 
 def make_batch(
-    db: str, tmp_path: Path, n: int, bad_every: int = 0, tag: str = "r", prefixes: int = 0
+    db: str,
+    tmp_path: Path,
+    n: int,
+    bad_every: int = 0,
+    tag: str = "r",
+    prefixes: int = 0,
+    max_tokens: int | None = None,
 ) -> str:
     path = tmp_path / f"in-{n}.jsonl"
     with path.open("w") as f:
@@ -61,6 +67,8 @@ def make_batch(
             body: dict = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
             if (system := system_prompt(i, prefixes)) is not None:
                 body["messages"].insert(0, {"role": "system", "content": system})
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
             if bad_every and i % bad_every == 0:
                 body["max_tokens"] = -1
             f.write(
