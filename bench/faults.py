@@ -242,13 +242,10 @@ def proxy_plan(rng: random.Random, p_fault: float) -> Callable[[int], str]:
 
 def _popen(svc: Services, cmd: list[str], log: Path, node: Node | None) -> subprocess.Popen[bytes]:
     """`cmd` here, or in `node` (pointed at its private places), its output in `log`.out/.err."""
-    streams = {
-        "stdout": log.with_suffix(".out").open("wb"),
-        "stderr": log.with_suffix(".err").open("wb"),
-    }
-    if node is not None:
-        return node.popen(cmd, env=node.env(svc.env), **streams)
-    return subprocess.Popen(cmd, env=svc.env, cwd=REPO, **streams)
+    with log.with_suffix(".out").open("wb") as out, log.with_suffix(".err").open("wb") as err:
+        if node is not None:
+            return node.popen(cmd, env=node.env(svc.env), stdout=out, stderr=err)
+        return subprocess.Popen(cmd, env=svc.env, cwd=REPO, stdout=out, stderr=err)
 
 
 class Runs:
@@ -502,8 +499,10 @@ def _inject(
         victim = rng.choice(loops.procs) if kind == "loop" else None
 
         def moment() -> bool:
-            if not runs.live() or committed(svc, runs.path) < trigger:
-                return not runs.live()
+            if not runs.live():
+                return True
+            if committed(svc, runs.path) < trigger:
+                return False
             return victim is None or victim.poll() is not None or held(svc, of_process(victim)) > 0
 
         with contextlib.suppress(TimeoutError):
@@ -519,7 +518,7 @@ def _inject(
                 chosen.send_signal(signal.SIGKILL)
                 trial.injected += 1
         elif kind == "loop":
-            if victim is not None and victim.poll() is None:
+            if victim is not None and victim.poll() is None and runs.live():
                 trial.held = held(svc, of_process(victim))
                 loops.kill(victim)
                 trial.injected += 1
@@ -549,17 +548,17 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
     rng = random.Random(f"{seed}:{kind}:{index}")
     n = rng.randint(max(8, requests // 2), requests)
     chunk = rng.choice((4, 6, 8))
-    runs = 2 if kind in ("run", "postgres") and rng.random() < 0.25 else 1
+    n_runs = 2 if kind in ("run", "postgres") and rng.random() < 0.25 else 1
     if kind == "loop":
-        loops = rng.randint(1, 2)
+        n_loops = rng.randint(1, 2)
     elif kind in ("node", "postgres"):
-        loops = 1  # the node's loop; a loop that must ride out the store's restart
+        n_loops = 1  # the node's loop; a loop that must ride out the store's restart
     else:
-        loops = int(rng.random() < 0.5)
+        n_loops = int(rng.random() < 0.5)
     # One trial in five strikes before any result (start-up, ingest, first chunk), the rest
     # once a drawn number of results is committed: kills land everywhere in a batch's life.
     trigger = 0 if rng.random() < 0.2 else rng.randint(1, max(1, n - 2 * chunk))
-    trial = Trial(kind, index, n, chunk, runs, loops, trigger)
+    trial = Trial(kind, index, n, chunk, n_runs, n_loops, trigger)
     tag = f"s{seed}-{kind}-{index}"
     trials = svc.work / "trials"
     logs = trials / f"{tag}.logs"
@@ -577,13 +576,13 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
         svc.proxy._counter = itertools.count()
         svc.proxy.seen = Counter()
         engine = svc.proxy.url
-    runs_ = Runs(svc, trial, path, engine, logs)
-    loops_ = Loops(svc, trial, engine, logs)
+    runs = Runs(svc, trial, path, engine, logs)
+    loops = Loops(svc, trial, engine, logs)
     node = Node(f"faults-{index}").start() if kind == "node" else None
     try:
-        _inject(svc, trial, runs_, loops_, rng, node)
+        _inject(svc, trial, runs, loops, rng, node)
     except BaseException:  # interrupted: leave no `offline-queue` process behind
-        for p in [*runs_.live(), *loops_.live()]:
+        for p in [*runs.live(), *loops.live()]:
             p.kill()
         raise
     finally:
@@ -593,7 +592,7 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
         trial.injected = sum(c for f, c in svc.proxy.seen.items() if f != "pass")
         svc.proxy.plan = lambda _: "pass"
     try:
-        check(svc, trial, path, expected, runs_.last_json)
+        check(svc, trial, path, expected, runs.last_json)
     except Exception as exc:  # the store itself unreadable is a finding, not a crash
         trial.problems.append(f"check failed: {type(exc).__name__}: {exc}")
     trial.seconds = time.monotonic() - started

@@ -5,6 +5,7 @@ loop is drained."""
 
 from __future__ import annotations
 
+import contextvars
 import signal
 import socket
 import threading
@@ -95,7 +96,11 @@ def serving_loop(
             except Exception as exc:  # a record: the serving goes on
                 log.warning("could not update the served table: %s", exc)
 
-    reporter = threading.Thread(target=report, name="served-report", daemon=True)
+    # The run's context goes along: the artifact is the run's, created from another thread.
+    context = contextvars.copy_context()
+    reporter = threading.Thread(
+        target=context.run, args=(report,), name="served-report", daemon=True
+    )
     reporter.start()
     try:
         loop.run()

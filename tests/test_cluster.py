@@ -250,7 +250,8 @@ def _end_to_end(env: dict[str, str], tmp_path: Path) -> str:
 
 def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
     """Headless Chromium (Debian's, driven by Playwright; no browser download) opens the flow
-    run's page in the Prefect UI and finds the batch's artifacts and its summary table."""
+    run's page in the Prefect UI and finds the batch's artifacts, its summary table and its
+    infer-chunk task runs, then the node's serving-loop run and its table of what it served."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("OQ_REQUIRE_BROWSER"):
             pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
@@ -259,8 +260,13 @@ def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
     from playwright.sync_api import expect, sync_playwright
     from prefect.client.orchestration import get_client
 
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
     with api(env), get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(run_id))
+        (loop_run, *_) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["serving-loop"]))
+        )
     batch_id = next(t.removeprefix("batch:") for t in run.tags if t.startswith("batch:"))
     key = batch_id.replace("_", "-").lower()
     ui = env["PREFECT_API_URL"].removesuffix("/api")
@@ -285,6 +291,19 @@ def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
             row = table.get_by_role("row").filter(has_text="requests")
             expect(row).to_contain_text("5")
             page.screenshot(path=ARTIFACTS / "prefect-ui-batch-summary.png", full_page=True)
+            # The run graph's chunks: infer-chunk task runs the node's loop served.
+            page.goto(f"{ui}/runs/flow-run/{run_id}")
+            page.get_by_text(re.compile(r"^Task Runs", re.I)).first.click()
+            expect(page.get_by_text("infer-chunk-1").first).to_be_visible(timeout=30_000)
+            page.screenshot(path=ARTIFACTS / "prefect-ui-batch-chunks.png", full_page=True)
+            # The loop's own run: what it served, as a table artifact.
+            page.goto(f"{ui}/runs/flow-run/{loop_run.id}")
+            expect(page.get_by_text(loop_run.name).first).to_be_visible(timeout=60_000)
+            page.get_by_text("Artifacts", exact=True).first.click()
+            expect(page.get_by_text(re.compile(r"^serving-loop-")).first).to_be_visible(
+                timeout=30_000
+            )
+            page.screenshot(path=ARTIFACTS / "prefect-ui-serving-loop.png", full_page=True)
         finally:
             browser.close()
     print(f"Prefect UI screenshots in {ARTIFACTS}")

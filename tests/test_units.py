@@ -352,3 +352,16 @@ def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_time() -> None:
     assert engine_key("http://127.0.0.1:8000/v1/", "m") == f"{here}:http://127.0.0.1:8000/v1#m"
     assert engine_key("http://localhost:8000/v1", "m").startswith(f"{here}:")
     assert engine_key("http://gpu-1:8000/v1", "m") == "http://gpu-1:8000/v1#m"
+
+
+def test_a_node_runs_a_loop_per_gpu_each_with_its_own_devices() -> None:
+    """vLLM in process: one loop per GPU (per tensor-parallel group), CUDA_VISIBLE_DEVICES set
+    for each; a served engine: one loop (the server spreads its own GPUs)."""
+    from deployments.node import loop_commands
+
+    per_gpu = loop_commands(None, None, 4, db=None, chunk_size=8)
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in per_gpu] == ["0", "1", "2", "3"]
+    assert all(cmd[-4:] == ["worker", "loop", "--chunk-size", "8"] for cmd, _ in per_gpu)
+    served = loop_commands("http://127.0.0.1:8000/v1", None, 4, db="sqlite:///x", chunk_size=8)
+    assert len(served) == 1 and served[0][0][-2:] == ["--db", "sqlite:///x"]
+    assert served[0][0][-4:-2] == ["--engine", "http://127.0.0.1:8000/v1"]
