@@ -22,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The flow runs here and is served by a loop of this process, as `offline-queue run` does.
+os.environ["OFFLINE_QUEUE_SERVE_HERE"] = "1"
 
 import bench.quiet  # noqa: E402, F401  (before Prefect and vLLM)
 

@@ -188,11 +188,6 @@ def show(store: str, name: str, run: Run, zero: float) -> None:
 
 
 def small_batches(store: str, work: Path, batches: int, lines: int) -> float:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        limit = client.read_deployment_by_name("batch-inference/local").global_concurrency_limit
-    print(f"batch-inference/local: deployment concurrency limit {limit.limit if limit else None}")
     ended(store, [start("local", batch_file(work / "warm.jsonl", 4, 900_000))])
     total = batches * lines
     one = start("local", batch_file(work / "one.jsonl", total, 0))
@@ -210,7 +205,7 @@ def small_batches(store: str, work: Path, batches: int, lines: int) -> float:
     waits = [r.start - r.called for r in runs]
     print(
         f"flow run start after its call: median {statistics.median(waits):.1f} s, "
-        f"max {max(waits):.1f} s (the worker's poll, AwaitingConcurrencySlot, process start)"
+        f"max {max(waits):.1f} s (the worker's poll, the process start)"
     )
     return wall / single
 

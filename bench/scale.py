@@ -21,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The flow runs here and is served by a loop of this process, as `offline-queue run` does.
+os.environ["OFFLINE_QUEUE_SERVE_HERE"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from bench.lines import write_lines  # noqa: E402

@@ -21,7 +21,7 @@ class VLLM(Block):
 
     _block_type_name = "vLLM in process"
     _block_type_slug = "vllm"
-    _description = "vLLM's LLM engine inside the Prefect worker process (GPU, or CPU build)."
+    _description = "vLLM's LLM engine inside a node's serving loop (GPU, or CPU build)."
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -65,9 +65,8 @@ class VLLM(Block):
 class OpenAIServer(Block):
     """An OpenAI-compatible server — first of all `vllm serve` on a GPU node — over HTTP.
 
-    Several batches, in several processes, can share one server: each gets in-flight slots by
-    tier and weight (recomputed every second from the store), so continuous batching stays
-    full and a critical batch pre-empts bulk ones without killing anything."""
+    A node's serving loop sends it the chunks of every batch on its route under one in-flight
+    limit; a free slot goes to the most urgent request, which carries its tier as `priority`."""
 
     _block_type_name = "OpenAI-compatible server"
     _block_type_slug = "openai-server"
@@ -84,7 +83,7 @@ class OpenAIServer(Block):
     max_in_flight: int = Field(
         default=32,
         ge=1,
-        description="Requests outstanding at once from one worker process. Enough to keep the "
+        description="Requests outstanding at once from one serving loop. Enough to keep the "
         "server's continuous batching full; past the server's max_num_seqs they only queue.",
     )
     timeout: float = Field(

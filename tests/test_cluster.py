@@ -259,7 +259,6 @@ def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
         return
     from playwright.sync_api import expect, sync_playwright
     from prefect.client.orchestration import get_client
-
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     with api(env), get_client(sync_client=True) as client:

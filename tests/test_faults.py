@@ -1,5 +1,6 @@
-"""A short fault schedule (bench/faults.py): the `offline-queue run` process, the vLLM server
-and PostgreSQL SIGKILLed mid-batch, and faults injected by a proxy — nothing lost, nothing twice.
+"""A short fault schedule (bench/faults.py): the `offline-queue run` process, a serving loop, a
+whole node (every process in its namespace), the vLLM server and PostgreSQL SIGKILLed mid-batch,
+and faults injected by a proxy — nothing lost, nothing twice.
 
 The driver starts its own PostgreSQL, Prefect server and `vllm serve`, so the session's shared
 services are neither used nor disturbed. `make faults` runs the full schedule."""
@@ -26,14 +27,17 @@ def _driver() -> ModuleType:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # ~2.5 min alone; two vLLM starts take far longer on a busy machine
+@pytest.mark.timeout(1800)  # two vLLM starts and the loops' take far longer on a busy machine
 def test_short_fault_schedule_loses_nothing_and_does_nothing_twice(tmp_path: Path) -> None:
+    from instruments.nodes import namespaces_refused
+
     faults = _driver()
     summary = faults.run_schedule(seed=11, trials_per_kind=1, requests=24, out=tmp_path)
     print(summary.table())
     print(summary.result_lines())
-    assert len(summary.trials) == 4
-    assert {t.kind for t in summary.trials} == set(faults.KINDS)
+    kinds = {k for k in faults.KINDS if k != "node" or not namespaces_refused()}
+    assert len(summary.trials) == len(kinds)
+    assert {t.kind for t in summary.trials} == kinds
     for trial in summary.trials:
         assert trial.injected >= 1, f"{trial.kind}: the fault never landed ({trial})"
         assert trial.status == "completed", trial
