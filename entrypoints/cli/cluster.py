@@ -98,12 +98,11 @@ def worker_start(
     start` for the group's pool, which runs the batches' flow runs (they hold no GPU).
 
     A loop that dies is started again; SIGTERM or Ctrl-C drains the loops (they finish what they
-    hold), then stops the Prefect worker. Arguments after `--` go to `prefect worker start`."""
+    hold) and stops the Prefect worker; both go with this process however it ends. Arguments
+    after `--` go to `prefect worker start`."""
     import signal
-    import subprocess
-    import time
 
-    from deployments.node import loop_commands
+    from deployments.node import Node, loop_commands
     from flows.serving import SERVE_HERE_ENV
     from offline_queue.engines.env import apply_engine_env
 
@@ -115,14 +114,15 @@ def worker_start(
     if not os.environ.get("PREFECT_API_URL"):
         err.print("[yellow]PREFECT_API_URL is not set: a worker needs a Prefect server.[/yellow]")
     engine = engine or _group_engine(file, group)
-    loops = loop_commands(engine, model, gpus, db=db, chunk_size=chunk_size)
+    # A group without an engine (the release router's) runs flows only: no loop.
+    serves = engine is not None or model is not None
+    loops = loop_commands(engine, model, gpus, db=db, chunk_size=chunk_size) if serves else []
     prefect = Path(sys.executable).with_name("prefect")
     args = [str(prefect), "worker", "start", "--pool", group, "--type", "process"]
     if name:
         args += ["--name", name]
-    children = {i: subprocess.Popen(cmd, env=env) for i, (cmd, env) in enumerate(loops)}
     out.print(f"{len(loops)} serving loop(s) on {engine or 'vLLM in process'}")
-    worker = subprocess.Popen([*args, *ctx.args])
+    node = Node(loops, [*args, *ctx.args], lambda said: err.print(said, highlight=False))
     stopping = False
 
     def stop(*_: object) -> None:
@@ -131,29 +131,8 @@ def worker_start(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while not stopping and worker.poll() is None:
-        for i, child in list(children.items()):
-            code = child.poll()
-            if code is None:
-                continue
-            if code == 0:  # drained: its work is done
-                out.print(f"serving loop {i} drained")
-                del children[i]
-            else:  # died: its leases run out; a new one loads the engine again
-                err.print(f"serving loop {i} exited {code}: starting it again")
-                cmd, env = loops[i]
-                children[i] = subprocess.Popen(cmd, env=env)
-        time.sleep(1.0)
-    for child in children.values():
-        child.terminate()  # a loop drains on SIGTERM
-    for child in children.values():
-        child.wait()
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGINT)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+    node.supervise(lambda: stopping)
+    node.stop()
     raise typer.Exit(0)
 
 
