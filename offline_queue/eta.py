@@ -4,11 +4,10 @@ still time to act (add a node, raise its tier, cancel something), not when it ex
 
 - A batch that is being served has a rate of its own: the requests its engines answered since
   it went `in_progress`, by the store's clock. That rate already reflects what it shares its
-  GPUs with; what can still take them from it is work of more urgent tiers (a critical batch
-  preempts it at a chunk boundary), so that is counted ahead of its own remaining requests.
+  GPUs with; what can still take them from it is work of more urgent tiers (a loop serves a
+  critical batch first), so that is counted ahead of its own remaining requests.
 - A batch not served yet has no rate: its tier's recent throughput stands in for one, and the
-  batches of its tier created before it are counted ahead too (their shards came first to the
-  GPUs).
+  batches of its tier created before it are counted ahead too.
 - Neither: no estimate yet (nothing of the tier ran in the last few minutes).
 
 The estimate is deliberately simple and errs late: the work of a more urgent tier is counted

@@ -1,6 +1,6 @@
 """The one way a worker keeps a row alive that others read as a sign of life: a claim's lease
-(leases.LeaseKeeper), a batch's owner (leases.OwnerHeartbeat), a share of a shared engine
-(shares.ShareKeeper), a seat at a node's GPUs (slots.Seat).
+(leases.LeaseKeeper), a batch's owner (leases.OwnerHeartbeat), a serving loop's row
+(loop.py).
 
 Each beats once when it starts (before anything runs on it; a failure there is the caller's),
 then every `interval` seconds from a daemon thread until stopped, and leaves once at the end.

@@ -17,7 +17,7 @@ class LeaseKeeper(Heartbeat):
     A chunk can take longer than one lease (a slow engine, a long generation) and still be
     ours; a worker killed with -9 stops renewing, and its chunk is claimed again within one
     lease. That is what bounds resume waste to the chunks a worker has in hand: the one in its
-    engine and the one claimed ahead of it (flows/chunks.py).
+    engine (offline_queue/loop.py).
     """
 
     what = "lease-keeper"

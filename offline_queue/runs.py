@@ -25,7 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class BatchRun(BaseModel):
     """One run of one batch file: where the file and its results are, which engine serves it,
-    how it shares that engine, and how hard it tries."""
+    its place in the queue, and how hard it tries."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -39,7 +39,8 @@ class BatchRun(BaseModel):
     tier: Tier = Tier.STANDARD
     """Priority tier: critical, standard or bulk."""
     weight: int = 1
-    """Share of a shared engine within the tier (proportional)."""
+    """Share of the GPUs within the tier: weights 1:3 get 1:3 of the requests while both have
+    work (1 to 1000)."""
     engine: str | None = None
     """Engine block name (e.g. `vllm/a100`) or server URL: it serves the file as it is. Empty (and
     no model): the served-model catalog routes the batch by the model its lines name, and a line
@@ -48,9 +49,9 @@ class BatchRun(BaseModel):
     """Model folder for the in-process engine (or, with a server, the served name to ask for).
     Empty: the catalog's entry for the model the lines name."""
     chunk_size: int = 256
-    """Requests per task. Larger chunks cost less orchestration; a crash wastes at most the chunk
-    in the engine and the one claimed ahead of it per worker, and a higher tier waits up to a
-    chunk for the GPU."""
+    """Requests per claim, when this process serves the batch with a loop of its own (a node's
+    loops claim chunks of their own size). Larger chunks cost less orchestration; a loop killed
+    mid-chunk wastes the chunks it held."""
     max_attempts: int = 3
     """Tries per request before it is terminated: retriable failures, and workers that died or lost
     the lease while it ran (then `worker_lost`)."""

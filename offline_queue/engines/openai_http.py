@@ -57,10 +57,10 @@ class ServerSettings:
 
 
 def engine_key(base_url: str, model: str) -> str:
-    """Which server the batches sharing it (shares.py) have in common. A server on loopback is
+    """Which server a chunk used, in the engine-time rows and metrics. A server on loopback is
     this machine's own: every node of a group runs its `vllm serve` at 127.0.0.1:8000, and one
-    key for all of them would split one node's engine between every node's shards (16 nodes:
-    4 requests in flight each instead of 64) — so the host name is part of it."""
+    key for all of them would add every node's engine up as one — so the host name is part of
+    it."""
     where = base_url.rstrip("/")
     host = httpx.URL(where).host
     try:

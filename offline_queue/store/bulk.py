@@ -2,7 +2,7 @@
 fast engine, SQLAlchemy's per-row parameter processing was most of a settle's Python time
 (cProfile of bench/ceiling.py). An insert is one multi-row VALUES statement (per 2,000 rows or
 so), not an `executemany` of one statement per row: against one PostgreSQL shared by every
-shard of a cluster, what a settle costs the server then grows with chunks, not with requests
+loop of a cluster, what a settle costs the server then grows with chunks, not with requests
 (bench/cluster.py counts the statements). The statements stay the same on both stores, only the
 placeholder differs."""
 

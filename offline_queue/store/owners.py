@@ -53,7 +53,7 @@ def take_ownership(
     A batch that failed because a run ended (RUN_ERRORS) is reopened: the new run resumes it
     (nothing with a result runs again), and a run that was reaped while it was in fact alive
     (a store outage longer than its lease) takes its batch back at its next beat. Several runs
-    of one batch (shards, a re-run beside a live run) each beat: the last one is the owner
+    of one batch (a re-run beside a live run) each beat: the last one is the owner
     shown, and the batch lives while any of them does."""
     with session(db) as s:
         batch = s.get(Batch, batch_id, with_for_update=True)
