@@ -69,7 +69,7 @@ lint: $(LINT_STAMP)
 
 # Every benchmark, one after the other (they share 2 cores: never in parallel). Each ends with
 # `RESULT name value` lines; logs in bench/out/, plots in bench/plots/, figures in BENCHMARKS.md.
-BENCHES := overhead server adaptive ceiling ingest scheduling scale cluster scrape prefix runbatch embeddings
+BENCHES := overhead server adaptive ceiling ingest scheduling loops scale cluster scrape prefix runbatch embeddings
 bench: setup
 	$(BIN)/offline-queue model prepare
 	mkdir -p bench/out

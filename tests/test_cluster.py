@@ -326,12 +326,10 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
     def start(name: str, deployment: str, n: int) -> UUID:
         paths[name] = write(
             tmp_path / f"{name}.jsonl",
-            [line(f"{name}-{i}", max_tokens=16, ignore_eos=True) for i in range(n)],
+            [line(f"{name}-{i}", max_tokens=32, ignore_eos=True) for i in range(n)],
         )
         started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
-            f"batch-inference/{deployment}",
-            parameters={"input": str(paths[name]), "chunk_size": 8},
-            timeout=0,
+            f"batch-inference/{deployment}", parameters={"input": str(paths[name])}, timeout=0
         )
         return started.id
 
@@ -340,7 +338,8 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
             return s.scalar(select(Batch).where(Batch.input_path == str(paths[name])))
 
     with api(env):
-        runs = {f"bulk-{k}": start(f"bulk-{k}", "local-bulk", 48) for k in range(3)}
+        # 600 requests: more than the engine runs at once (~240 on this CPU build).
+        runs = {f"bulk-{k}": start(f"bulk-{k}", "local-bulk", 200) for k in range(3)}
         wait_for(lambda: (b := stored("bulk-0")) is not None and b.in_progress_at, timeout=300)
         created = time.time()
         runs["critical"] = start("critical", "local-critical", 4)
