@@ -275,6 +275,8 @@ class Runs:
             str(LEASE_SECONDS),
             "--json",
         ]
+        if self.trial.kind == "loop":  # only the trial's loops serve: one of them is the victim
+            cmd.append("--no-serve")
         proc = _popen(self.svc, cmd, self.logs / f"run{n}", node)
         proc.started = time.monotonic()  # type: ignore[attr-defined]
         proc.number = n  # type: ignore[attr-defined]
@@ -496,18 +498,24 @@ def _inject(
     if kind != "proxy":
         # The random moment: once `trigger` results are committed, plus a little jitter; a loop
         # is killed once it also holds a chunk of the batch.
-        victim = rng.choice(loops.procs) if kind == "loop" else None
+        # The loop killed is one that holds a chunk of the batch at that moment.
+        victim: subprocess.Popen[bytes] | None = None
 
         def moment() -> bool:
+            nonlocal victim
             if not runs.live():
                 return True
             if committed(svc, runs.path) < trigger:
                 return False
-            return victim is None or victim.poll() is not None or held(svc, of_process(victim)) > 0
+            if kind != "loop":
+                return True
+            holding = [p for p in loops.live() if held(svc, of_process(p)) > 0]
+            victim = rng.choice(holding) if holding else None
+            return victim is not None
 
         with contextlib.suppress(TimeoutError):
             wait_for(moment, RUN_TIMEOUT, 0.05)
-        time.sleep(rng.uniform(0, 6) if trigger == 0 and victim is None else rng.uniform(0, 0.3))
+        time.sleep(rng.uniform(0, 6) if trigger == 0 and kind != "loop" else rng.uniform(0, 0.3))
         if runs.live():
             trial.fault_at = committed(svc, runs.path)
         if kind == "run":
@@ -550,7 +558,7 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
     chunk = rng.choice((4, 6, 8))
     n_runs = 2 if kind in ("run", "postgres") and rng.random() < 0.25 else 1
     if kind == "loop":
-        n_loops = rng.randint(1, 2)
+        n_loops = 2  # the victim, and one that serves on
     elif kind in ("node", "postgres"):
         n_loops = 1  # the node's loop; a loop that must ride out the store's restart
     else:

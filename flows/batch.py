@@ -122,9 +122,9 @@ def batch_inference(
         start = RunStats(reused=results.settled_requests(db_url, bid))
         began = results.progress(db_url, bid)
         progress = ProgressArtifact(db_url, bid, submitted.lines)
-        await_loops(db_url, bid, here, Backlog(db_url, bid, ingest_run), progress)
+        final, records = await_loops(db_url, bid, here, Backlog(db_url, bid, ingest_run), progress)
         ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
-        tally = run_stats(db_url, bid, start, began)
+        tally = run_stats(start, began, final, records.inferred(here.loop_id))
         engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"
         done = finalize(db_url, bid, tally, engine_label)
     if submitted.served is not None and submitted.served.release and run.release_track:

@@ -6,6 +6,7 @@ work itself happens in the loops (offline_queue/loop.py)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from uuid import UUID
 
 from prefect import task
@@ -27,20 +28,28 @@ def infer_chunk() -> None:
 
 
 class ChunkRecords:
-    """The batch's chunks not yet shown, made task runs of its flow run (none outside one)."""
+    """The batch's chunks served since this run began, made task runs of its flow run (none
+    outside one), and the requests each loop sent to its engine for them."""
 
     def __init__(self, db: str, batch_id: str):
         self.db, self.batch_id = db, batch_id
         run_id = flow_run.get_id()
         self.flow_run_id = UUID(run_id) if run_id else None
-        self._last = 0
+        self._last = usage.last_chunk(db, batch_id)  # a resumed batch's earlier chunks: not ours
         self._count = 0
+        self.sent: Counter[str | None] = Counter()
+
+    def inferred(self, loop: str | None) -> int:
+        """Requests `loop` sent to its engine for the batch (None: every loop together)."""
+        return self.sent[loop] if loop is not None else sum(self.sent.values())
 
     def record(self) -> None:
         rows = usage.chunks_after(self.db, self.batch_id, self._last)
         if not rows:
             return
         self._last = rows[-1].id
+        for row in rows:
+            self.sent[row.loop] += row.requests
         if self.flow_run_id is None:
             return
         try:

@@ -58,7 +58,7 @@ def artifact_key(batch_id: str, what: str) -> str:
 
 def await_loops(
     db: str, batch_id: str, here: ServedHere, backlog: Backlog, progress: ProgressArtifact
-) -> results.Progress:
+) -> tuple[results.Progress, ChunkRecords]:
     """Wait while the serving loops of the batch's route serve it, until nothing is left and the
     ingest is over. Meanwhile: what is queued leaves on cancel or expiry, the progress bar
     and the chunk records stay live, and a batch no live loop serves says so."""
@@ -76,7 +76,7 @@ def await_loops(
             waiting.clear()
             records.record()
             progress.show(final)
-            return final
+            return final, records
 
 
 class WaitingReason:
@@ -143,6 +143,11 @@ class ServedHere:
             own.users += 1
             self.own = own
 
+    @property
+    def loop_id(self) -> str | None:
+        """This process's loop, once it served the batch."""
+        return self.own.loop.id if self.own is not None else None
+
     def __enter__(self) -> ServedHere:
         return self
 
@@ -159,15 +164,13 @@ class ServedHere:
             own.loop.stop()
 
 
-def run_stats(db: str, batch_id: str, start: RunStats, began: results.Progress) -> RunStats:
-    """What this run's wait saw the loops do: requests answered by the engine, and those taken
-    from earlier work (settled before it began, or from the result cache)."""
-    now = results.progress(db, batch_id)
-    settled = results.settled_requests(db, batch_id)
-    from_cache = now.reused - began.reused
-    return RunStats(
-        inferred=max(settled - start.reused - from_cache, 0), reused=start.reused + from_cache
-    )
+def run_stats(
+    start: RunStats, began: results.Progress, final: results.Progress, sent: int
+) -> RunStats:
+    """What this run did: requests sent to an engine for it (`sent`: by this process's own loop
+    when it served the batch, else by every loop), and those taken from earlier work (settled
+    before it began, or answered from the result cache meanwhile)."""
+    return RunStats(inferred=sent, reused=start.reused + final.reused - began.reused)
 
 
 class Backlog:

@@ -64,17 +64,19 @@ def admit(db: str, path: Path, tenant: str, window_seconds: int, batch_id: str) 
 
 
 @dataclass
-class SharedEngine:
-    """The two facts `chunk_use` reads of a served engine."""
+class ServedEngine:
+    """What `chunk_use` reads of an engine: its key (the replies carry their seconds)."""
 
-    shared: bool = True
-    capacity: int = 32
     engine_key: str = "http://127.0.0.1:8000/v1#m"
 
 
 def test_a_served_engine_charges_the_seats_a_chunk_held() -> None:
-    replies = [Reply(ok=True, body="{}", latency_ms=2000.0) for _ in range(32)]
-    engine: Any = SharedEngine()
+    """A served engine charges each request its latency over its 32 seats (openai_http.py):
+    a chunk keeping every seat busy for 2 s is charged 2 s, one keeping 8, a quarter."""
+    replies = [
+        Reply(ok=True, body="{}", latency_ms=2000.0, engine_seconds=2.0 / 32) for _ in range(32)
+    ]
+    engine: Any = ServedEngine()
     assert chunk_use(engine, 2.0, replies).seconds == pytest.approx(2.0)  # every seat: the time
     assert chunk_use(engine, 2.0, replies[:8]).seconds == pytest.approx(0.5)  # a quarter
     assert chunk_use(engine, 1.0, replies).seconds == pytest.approx(1.0)  # never above the wall

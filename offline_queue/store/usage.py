@@ -138,6 +138,14 @@ class ChunkRow(NamedTuple):
     loop: str | None
 
 
+def last_chunk(db: str, batch_id: str) -> int:
+    """The id of the batch's last served chunk row (0: none yet)."""
+    with session(db, readonly=True) as s:
+        return int(
+            s.scalar(select(func.max(EngineTime.id)).where(EngineTime.batch_id == batch_id)) or 0
+        )
+
+
 def chunks_after(db: str, batch_id: str, after_id: int) -> list[ChunkRow]:
     """The batch's served chunks recorded after row `after_id`, in order: what its run shows as
     infer-chunk task runs."""
