@@ -77,8 +77,8 @@ bench: setup
 		$(BIN)/python bench/$$b.py | tee bench/out/$$b.log || exit 1; done
 	grep -h '^RESULT' $(addprefix bench/out/,$(addsuffix .log,$(BENCHES)))
 
-# Fault schedules: SIGKILL the worker, the vLLM server, PostgreSQL, and proxy-injected engine
-# faults, 20 seeded trials of each; ends with RESULT trials|lost|duplicated (BENCHMARKS.md).
+# Fault schedules: SIGKILL a run, a serving loop, a whole simulated node, the vLLM server,
+# PostgreSQL, and proxy-injected engine faults, 20 seeded trials of each; ends with RESULT trials|lost|duplicated (BENCHMARKS.md).
 faults: setup
 	$(BIN)/offline-queue model prepare
 	$(BIN)/python bench/faults.py --seed 7 --trials-per-kind 20 $(FAULTS_ARGS)
