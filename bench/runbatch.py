@@ -14,7 +14,8 @@ and the largest process's peak RSS come from wait4.
 
 Steady state is read from the logs, timestamped as each line arrives: from vLLM's "init
 engine … took" line (the engine is ready; both tools log it) to the last result — ours: the
-last `chunk of N` line of the infer-chunk task; run-batch: its `Running batch: 100%` line.
+last `chunk of N` line (the flow logs each chunk its loop served, within a quarter second);
+run-batch: its `Running batch: 100%` line.
 
 Bare: `LLM.chat` on the same prompts in a process of its own (the flow's in-process engine
 and environment, after an 8-prompt warm-up), generation only.

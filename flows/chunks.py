@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 from uuid import UUID
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
@@ -48,8 +48,16 @@ class ChunkRecords:
         if not rows:
             return
         self._last = rows[-1].id
+        logger = get_run_logger()
         for row in rows:
             self.sent[row.loop] += row.requests
+            logger.info(
+                "chunk of %d served by %s: %d failed, %.2f engine-seconds",
+                row.requests,
+                row.loop or "a loop",
+                row.errors,
+                row.seconds,
+            )
         if self.flow_run_id is None:
             return
         try:
