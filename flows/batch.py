@@ -33,7 +33,6 @@ from blocks.storage import use_storage
 from blocks.store import store_url
 from flows.release import check_guards
 from flows.serving import (
-    Backlog,
     ProgressArtifact,
     ServedHere,
     artifact_key,
@@ -122,7 +121,7 @@ def batch_inference(
         start = RunStats(reused=results.settled_requests(db_url, bid))
         began = results.progress(db_url, bid)
         progress = ProgressArtifact(db_url, bid, submitted.lines)
-        final, records = await_loops(db_url, bid, here, Backlog(db_url, bid, ingest_run), progress)
+        final, records = await_loops(db_url, bid, here, ingest_run, progress)
         ingest_run.result()  # raises if the ingest failed: the run fails and a re-run resumes it
         tally = run_stats(start, began, final, records.inferred(here.loop_id))
         engine_label = run.engine or f"vllm in process ({run.model or 'bundled model'})"

@@ -12,7 +12,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 from uuid import UUID
@@ -56,27 +55,52 @@ def artifact_key(batch_id: str, what: str) -> str:
     return f"{batch_id}-{what}".replace("_", "-").lower()
 
 
+WAIT_SECONDS = (0.25, 1.0)
+"""How often a waiting run looks at its batch: at once after a change, backing off to a second
+while nothing changes (a run per batch, and a node may run many)."""
+REASON_SECONDS = 5.0
+
+
 def await_loops(
-    db: str, batch_id: str, here: ServedHere, backlog: Backlog, progress: ProgressArtifact
+    db: str,
+    batch_id: str,
+    here: ServedHere,
+    ingest_run: PrefectFuture[int],
+    progress: ProgressArtifact,
 ) -> tuple[results.Progress, ChunkRecords]:
     """Wait while the serving loops of the batch's route serve it, until nothing is left and the
     ingest is over. Meanwhile: what is queued leaves on cancel or expiry, the progress bar
-    and the chunk records stay live, and a batch no live loop serves says so."""
+    and the chunk records stay live, and a batch no live loop serves says so. Each look is
+    one count over the queue's index (and a batch read); the rest only when it changed."""
     records = ChunkRecords(db, batch_id)
     waiting = WaitingReason(db, batch_id, here.key[1])
+    ingested = threading.Event()
+    ingest_run.add_done_callback(lambda _: ingested.set())
+    seen, wait, reason_at = -1, WAIT_SECONDS[0], 0.0
     while True:
         stop_reason = patiently(lambda: why_stopped(db, batch_id))
         if stop_reason:  # cancelled or expired: what is queued leaves, in-flight finishes
             results.drop_queued(db, batch_id, *stop_reason)
-        waiting.check()
-        records.record()
-        progress.after_chunk()
-        final = backlog.settled_or_wait(here.ensure)
-        if final is not None:
+        done = ingested.is_set()  # before the count: lines may land in between
+        left = patiently(lambda: results.pending(db, batch_id))
+        if left == 0 and done:
+            final = patiently(lambda: results.progress(db, batch_id))
             waiting.clear()
             records.record()
             progress.show(final)
             return final, records
+        if left:
+            here.ensure()
+        if time.monotonic() >= reason_at:
+            waiting.check()
+            reason_at = time.monotonic() + REASON_SECONDS
+        if left != seen:
+            seen, wait = left, WAIT_SECONDS[0]
+            records.record()
+            progress.after_chunk()
+        else:
+            wait = min(wait * 2, WAIT_SECONDS[1])
+        time.sleep(wait)
 
 
 class WaitingReason:
@@ -171,28 +195,6 @@ def run_stats(
     when it served the batch, else by every loop), and those taken from earlier work (settled
     before it began, or answered from the result cache meanwhile)."""
     return RunStats(inferred=sent, reused=start.reused + final.reused - began.reused)
-
-
-class Backlog:
-    """What is left of the batch while its ingest runs beside the wait: whether there is
-    anything at all, and, once nothing is left and the ingest is over, the final count."""
-
-    def __init__(self, db: str, batch_id: str, ingest_run: PrefectFuture[int]):
-        self.db, self.batch_id = db, batch_id
-        self._ingested = threading.Event()
-        ingest_run.add_done_callback(lambda _: self._ingested.set())
-
-    def settled_or_wait(self, has_work: Callable[[], None]) -> results.Progress | None:
-        """The batch's progress once nothing is pending and the ingest is over; else None,
-        after a short wait (`has_work` is called first when something is pending)."""
-        ingested = self._ingested.is_set()  # before the count: lines may land in between
-        p = patiently(lambda: results.progress(self.db, self.batch_id))
-        if p.pending == 0 and ingested:
-            return p
-        if p.pending:
-            has_work()
-        time.sleep(0.25)
-        return None
 
 
 class ProgressArtifact:

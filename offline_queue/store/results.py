@@ -123,6 +123,13 @@ class Progress:
         return self.queued + self.processing
 
 
+def pending(db: str, batch_id: str) -> int:
+    """Requests of the batch still to serve: one count over the queue's partial index, cheap
+    enough for a run to ask every fraction of a second however large the batch."""
+    with session(db, readonly=True) as s:
+        return int(s.scalar(select(func.count()).where(Request.batch_id == batch_id, LIVE)) or 0)
+
+
 def progress(db: str, batch_id: str) -> Progress:
     with session(db, readonly=True) as s:
         p = Progress()
