@@ -137,7 +137,7 @@ def _finish_order(engine: LocalVLLM, bulk_priority: int) -> tuple[list[float], l
         assert all(r.ok for r in replies)
         got[tag] = sorted(r.finished_at or 0.0 for r in replies)
 
-    bulk = threading.Thread(target=serve, args=("bulk", 600, bulk_priority))
+    bulk = threading.Thread(target=serve, args=("bulk", 400, bulk_priority))
     bulk.start()
     time.sleep(1.0)  # the bulk chunk fills the engine; most of it waits
     serve("critical", 6, 0)
@@ -148,7 +148,7 @@ def _finish_order(engine: LocalVLLM, bulk_priority: int) -> tuple[list[float], l
 def test_the_engine_schedules_a_critical_chunk_ahead_of_waiting_bulk_requests(
     engine: LocalVLLM,
 ) -> None:
-    """vLLM's priority scheduling: the critical requests, added after 600 bulk ones (the engine
+    """vLLM's priority scheduling: the critical requests, added after 400 bulk ones (the engine
     runs ~240 at once), finish while most bulk requests still wait. At equal priority (what
     `fcfs` would do) they finish behind them: the order changed by the priority, not chance."""
     critical, bulk = _finish_order(engine, bulk_priority=2)
