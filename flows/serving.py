@@ -91,7 +91,7 @@ def await_loops(
             return final, records
         if left:
             here.ensure()
-        if time.monotonic() >= reason_at:
+        if left and here.own is None and time.monotonic() >= reason_at:  # waits for a node's
             waiting.check()
             reason_at = time.monotonic() + REASON_SECONDS
         if left != seen:
