@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.store import clock
@@ -113,17 +114,18 @@ def serves(db: str, route: str) -> bool:
         )
 
 
+def pending_in(s: Session) -> list[tuple[str, str, int]]:
+    """(route, tier, requests still to serve) over the unfinished batches, in the caller's
+    session: what an autoscaler follows (`worker loops`, /metrics)."""
+    rows = s.execute(
+        select(func.coalesce(Batch.route, ""), Batch.tier, func.count())
+        .join(Request, Request.batch_id == Batch.id)
+        .where(Batch.status.not_in(TERMINAL_STATUSES), LIVE)
+        .group_by(Batch.route, Batch.tier)
+    ).all()
+    return [(route, tier, int(n)) for route, tier, n in rows]
+
+
 def pending(db: str) -> list[tuple[str, str, int]]:
-    """(route, tier, requests still to serve) over the unfinished batches: what an autoscaler
-    follows."""
     with session(db, readonly=True) as s:
-        rows = s.execute(
-            select(Batch.route, Batch.tier, func.count())
-            .join(Request, Request.batch_id == Batch.id)
-            .where(
-                Batch.status.not_in(TERMINAL_STATUSES),
-                LIVE,
-            )
-            .group_by(Batch.route, Batch.tier)
-        ).all()
-    return [(route or "", tier, int(n)) for route, tier, n in rows]
+        return pending_in(s)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from offline_queue.states import TERMINAL_STATUSES, RequestState
-from offline_queue.store import clock, totals, usage
+from offline_queue.store import clock, loops, totals, usage
 from offline_queue.store.db import session
 from offline_queue.store.loops import LOOP_STALE_SECONDS
-from offline_queue.store.tables import LIVE, Batch, Request, ServingLoop
+from offline_queue.store.tables import Batch, Request, ServingLoop
 
 
 @dataclass
@@ -105,13 +105,8 @@ def snapshot(db: str) -> Snapshot:
             .group_by(ServingLoop.route, ServingLoop.node, ServingLoop.draining)
         ):
             out.loops[(route, node, "draining" if draining else "serving")] = int(n)
-        for route, tier, n in s.execute(
-            select(func.coalesce(Batch.route, ""), Batch.tier, func.count())
-            .join(Request, Request.batch_id == Batch.id)
-            .where(Batch.status.not_in(TERMINAL_STATUSES), LIVE)
-            .group_by(Batch.route, Batch.tier)
-        ):
-            out.pending[(route, tier)] = int(n)
+        for route, tier, n in loops.pending_in(s):
+            out.pending[(route, tier)] = n
         for route, n in s.execute(
             select(func.coalesce(Batch.route, ""), func.count())
             .where(Batch.waiting_reason.is_not(None), Batch.status.not_in(TERMINAL_STATUSES))
