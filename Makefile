@@ -1,13 +1,15 @@
 # The two commands of the README: `make run` and `make test`. Each sets up what it needs.
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
-# `make setup ENGINE=gpu` on a CUDA node; the CPU build of vLLM is the default.
+# `make setup ENGINE=gpu` on a CUDA node builds .venv-gpu with the CUDA `vllm` pinned to the
+# version of the CPU build (pyproject.toml); the CPU build in .venv is the default. Two venvs:
+# the two builds install the same `vllm` module and must never share one.
 ENGINE ?= cpu
+VENV := $(if $(filter gpu,$(ENGINE)),.venv-gpu,.venv)
+BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test browser faketime prometheus lint bench faults clean
+.PHONY: setup run test browser faketime prometheus lint bench faults gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -66,6 +68,12 @@ lint: $(LINT_STAMP)
 	$(LINT_VENV)/bin/ruff check .
 	$(LINT_VENV)/bin/ruff format --check .
 	$(LINT_VENV)/bin/mypy
+
+# What a lent GPU runs first: `make gpu-smoke ENGINE=gpu MODEL=Qwen/Qwen2.5-0.5B-Instruct` (a
+# folder, or a model id in the node's Hugging Face cache); without MODEL, the CPU rehearsal.
+# One JSON report: bench/out/gpu-smoke.json (README, "On a CUDA node").
+gpu-smoke: setup
+	$(BIN)/python bench/gpu_smoke.py $(if $(MODEL),--model $(MODEL),--rehearsal)
 
 # Every benchmark, one after the other (they share 2 cores: never in parallel). Each ends with
 # `RESULT name value` lines; logs in bench/out/, plots in bench/plots/, figures in BENCHMARKS.md.

@@ -120,11 +120,11 @@ def timed(tool: str, cmd: list[str], env: dict[str, str], log: Path) -> Run:
 
 def engine_flags() -> list[str]:
     """`offline-queue run`'s vLLM settings on this machine, as run-batch flags."""
-    from offline_queue.engines.env import is_cpu_build
+    from offline_queue.engines.env import vllm_on_cpu
     from offline_queue.engines.vllm_local import VLLMSettings
 
     flags: list[str] = []
-    for key, value in VLLMSettings().llm_kwargs(is_cpu_build()).items():
+    for key, value in VLLMSettings().llm_kwargs(vllm_on_cpu()).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)

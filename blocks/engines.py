@@ -14,10 +14,8 @@ from offline_queue.routes import in_process_route
 
 
 class VLLM(Block):
-    """vLLM in the worker process: the highest throughput, one batch per GPU at a time.
-
-    The engine starts on the first chunk a process runs and stays loaded for the process's
-    life, so a worker that runs many batches pays the start-up once."""
+    """vLLM in a node's serving loop: the engine is loaded once for the loop's life and
+    serves every batch routed to its model (offline_queue/loop.py)."""
 
     _block_type_name = "vLLM in process"
     _block_type_slug = "vllm"
@@ -26,8 +24,9 @@ class VLLM(Block):
     model_config = ConfigDict(use_attribute_docstrings=True)
 
     model: str | None = None
-    """Hugging Face model folder. Empty: the bundled SmolLM2-135M-Instruct (a CPU demo model,
-    converted once and cached)."""
+    """Hugging Face model folder, or a model id in the node's Hugging Face cache. Empty: the
+    bundled SmolLM2-135M-Instruct (a CPU demo model, converted once and cached) — on the CPU
+    build only; a GPU engine refuses to start without a model."""
     served_model_name: str | None = None
     """The `model` written in responses. Empty: the folder's name."""
     dtype: str = "auto"
@@ -81,15 +80,17 @@ class OpenAIServer(Block):
     model: str | None = None
     """Served model name sent with every request. Empty: the first the server lists."""
     max_in_flight: int = Field(
-        default=32,
+        default=1024,
         ge=1,
-        description="Requests outstanding at once from one serving loop. Enough to keep the "
-        "server's continuous batching full; past the server's max_num_seqs they only queue.",
+        description="The most requests outstanding at the server from one node's process (its "
+        "loops share it); the adaptive window finds the server's knee under it. Past the "
+        "server's max_num_seqs requests wait in its priority queue.",
     )
-    timeout: float = Field(
-        default=120.0,
+    timeout: float | None = Field(
+        default=None,
         gt=0,
-        description="Seconds to wait for one answer; a stalled request is then retried.",
+        description="Seconds to wait for one answer before it is retried. Empty: 2 minutes "
+        "plus a quarter second per max_tokens (15 minutes without max_tokens).",
     )
     max_attempts: int = Field(
         default=4,

@@ -54,6 +54,9 @@ class GroupSpec(BaseModel):
         ge=1, description="Batch flow runs the group runs at once (waiting batches hold no GPU)."
     )
     tiers: dict[Tier, TierSpec] = Field(default_factory=dict)
+    device: Literal["gpu", "cpu"] = "gpu"
+    """What the group's nodes run their engines on. A GPU group's in-process engine must name
+    its model; the bundled demo model is for `cpu` groups only."""
     engine: EngineSpec | None = None
     """None for a group that runs only control flows (the release router)."""
 
@@ -94,10 +97,16 @@ def load_topology(path: Path) -> Topology:
         if group.engine is None:
             continue
         try:
-            group.engine.build()
+            block = group.engine.build()
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             raise TopologyError(
                 f"{path}: groups.{name}.engine.{_where(first['loc'])}: {first['msg']}"
             ) from exc
+        if group.device == "gpu" and isinstance(block, VLLM) and not block.model:
+            raise TopologyError(
+                f"{path}: groups.{name}.engine.model: a GPU group must name its model (a Hugging "
+                "Face model folder on its nodes, or a model id in their Hugging Face cache); "
+                "the bundled demo model is for `device: cpu` groups"
+            )
     return topology

@@ -139,19 +139,45 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def resolve_model(model: str | None) -> Path:
-    """A model argument as a folder vLLM can load: None or the bundled chat model's name (the
-    bundled chat model), the bundled embedding model's name, or a folder path."""
+def resolve_model(model: str | None, on_gpu: bool = False) -> Path:
+    """A model argument as a folder vLLM can load, as it is (nothing is converted): a Hugging
+    Face model folder, a model id this node's Hugging Face cache holds (nothing is downloaded),
+    or a bundled model's name. Empty means the bundled chat model — on the CPU only: on a GPU a
+    135M demo model would be a silent waste of it, so the engine must name its model."""
+    if not model and on_gpu:
+        raise ModelError(
+            "a GPU engine must name its model: a Hugging Face model folder, or a model id in "
+            "this node's Hugging Face cache (the bundled SmolLM2-135M is the CPU demo model)"
+        )
     if not model or model == BUNDLED_MODEL_NAME:
         return prepare_bundled_model()
     if model == BUNDLED_EMBEDDING_NAME:
         return prepare_bundled_embedding()
     path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return path
+    cached = _in_hub_cache(model)
+    if cached is None:
         raise ModelError(
-            f"{model}: not a model folder (no config.json); pass a Hugging Face folder"
+            f"{model}: neither a model folder (no config.json) nor a model id in this node's "
+            "Hugging Face cache; pass a Hugging Face folder, or download the model first "
+            "(`hf download ORG/NAME`)"
         )
-    return path
+    return cached
+
+
+def _in_hub_cache(model_id: str) -> Path | None:
+    """The snapshot folder of `org/name` in the Hugging Face cache (HF_HOME), if one is there."""
+    if model_id.count("/") != 1 or model_id.startswith(("/", ".", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def model_context(directory: Path) -> int | None:

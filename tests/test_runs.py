@@ -49,7 +49,7 @@ def test_loading_the_deployment_entrypoint_sets_the_engine_env_first() -> None:
     """Prefect loads `flows/batch.py:batch_inference` as a script (no package __init__ runs):
     the engine's environment must be set by then, and nothing may have imported torch, vLLM or
     transformers before it."""
-    names = [*env._ALWAYS, *(env._CPU if env.is_cpu_build() else {})]
+    names = [*env._ALWAYS, *(env._CPU if env.vllm_on_cpu() else {})]
     child_env = {k: v for k, v in os.environ.items() if k not in names}
     code = (
         "import os, sys\n"

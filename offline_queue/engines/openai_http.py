@@ -45,15 +45,44 @@ class ServerSettings:
     api_key: str | None = None
     model: str | None = None
     """The served model name to send; None: the first model the server lists."""
-    max_in_flight: int = 32
-    """The cap: with `adaptive`, the window (window.py) finds its size under it."""
+    max_in_flight: int = 1024
+    """The cap, per process and server (every loop of the process shares it): with `adaptive`,
+    the window (window.py) finds the server's knee under it. As high as the largest GPU's
+    running batch (an H100 runs up to 1,024 sequences): a lower cap starves it."""
     adaptive: bool = True
-    timeout: float = 120.0
+    timeout: float | None = None
+    """Seconds for one answer; None: `answer_timeout` of the request's max_tokens."""
     max_attempts: int = 4
     backoff_seconds: float = 0.5
     backoff_cap_seconds: float = 20.0
     outage_seconds: float = 300.0
     """How long a request keeps retrying while the server refuses connections (a restart)."""
+
+
+DEFAULT_TIMEOUT = 900.0
+"""A request without max_tokens may run to the model's context: 15 minutes."""
+TIMEOUT_BASE, TIMEOUT_PER_TOKEN = 120.0, 0.25
+"""A request with max_tokens gets 2 minutes (a wait in the server's queue, the prefill) and a
+quarter second per token — a floor far under any GPU's per-sequence decode rate — so a long
+answer is not cut off and retried from scratch."""
+
+
+def answer_timeout(payload: dict[str, Any], fixed: float | None = None) -> float:
+    """Seconds to wait for one answer: the operator's fixed figure, else what max_tokens
+    (or max_completion_tokens, or a responses line's max_output_tokens) allows."""
+    if fixed is not None:
+        return fixed
+    tokens = next(
+        (
+            payload[k]
+            for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+            if isinstance(payload.get(k), int)
+        ),
+        None,
+    )
+    if tokens is None:
+        return DEFAULT_TIMEOUT
+    return min(DEFAULT_TIMEOUT, TIMEOUT_BASE + TIMEOUT_PER_TOKEN * tokens)
 
 
 def engine_key(base_url: str, model: str) -> str:
@@ -143,7 +172,6 @@ class HttpEngine:
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.capacity = settings.max_in_flight
         # Not adaptive: no window, the cap alone.
         self.window = Window(cap=settings.max_in_flight) if settings.adaptive else None
         window, cap = self.window, settings.max_in_flight
@@ -166,7 +194,7 @@ class HttpEngine:
         return httpx.AsyncClient(
             base_url=s.base_url.rstrip("/"),
             headers=headers,
-            timeout=httpx.Timeout(s.timeout, connect=10.0),
+            timeout=httpx.Timeout(s.timeout or DEFAULT_TIMEOUT, connect=10.0),
             limits=httpx.Limits(
                 max_connections=s.max_in_flight, max_keepalive_connections=s.max_in_flight
             ),
@@ -229,6 +257,7 @@ class HttpEngine:
         if request.priority:  # vLLM's extension; a server without it is sent none
             payload["priority"] = request.priority
         content = orjson.dumps(payload)
+        timeout = answer_timeout(payload, s.timeout)
         attempt, outage_started = 0, None
         last = Reply.error(503, "engine_unavailable", "no attempt made", retriable=True)
         while True:
@@ -243,6 +272,7 @@ class HttpEngine:
                         request.url.removeprefix("/v1"),
                         content=content,
                         headers={"Content-Type": "application/json"},
+                        timeout=httpx.Timeout(timeout, connect=10.0),
                     )
                     await response.aread()
                 except httpx.ConnectError as exc:
@@ -258,7 +288,7 @@ class HttpEngine:
                     last = Reply.error(
                         504,
                         "timeout",
-                        f"no answer in {s.timeout:.0f} s ({type(exc).__name__})",
+                        f"no answer in {timeout:.0f} s ({type(exc).__name__})",
                         retriable=True,
                     )
                 except httpx.TransportError as exc:  # reset, cut mid-body, protocol error
@@ -268,8 +298,8 @@ class HttpEngine:
                 else:
                     latency_ms = (time.perf_counter() - started) * 1000
                     reply = self._from_response(response, latency_ms)
-                    # A request holds one of `capacity` seats while in flight (usage.py).
-                    reply.engine_seconds = latency_ms / 1000 / max(self.capacity, 1)
+                    # A request holds one of the window's seats while in flight (usage.py).
+                    reply.engine_seconds = latency_ms / 1000 / max(self._limiter.size(), 1)
                     if response.status_code in OVERLOAD_STATUS:
                         self._overloaded()
                     elif self.window:

@@ -18,7 +18,7 @@ import orjson
 
 from offline_queue.engines import tools
 from offline_queue.engines.base import EngineRequest, Overlap, PerProcess, Reply
-from offline_queue.engines.env import apply_engine_env, is_cpu_build
+from offline_queue.engines.env import apply_engine_env, platform_is_cpu
 from offline_queue.engines.responses import (
     embeddings_body,
 )
@@ -106,11 +106,12 @@ class LocalVLLM:
         from vllm import LLM
 
         self.settings = settings
-        self.model_dir = resolve_model(settings.model)
+        on_cpu = platform_is_cpu()
+        self.model_dir = resolve_model(settings.model, on_gpu=not on_cpu)
         self.model_version = model_version(self.model_dir)
         self.model_name = settings.served_model_name or self.model_dir.name
-        context = model_context(self.model_dir)
-        self.llm = LLM(model=str(self.model_dir), **settings.llm_kwargs(is_cpu_build(), context))
+        kwargs = settings.llm_kwargs(on_cpu, model_context(self.model_dir))
+        self.llm = LLM(model=str(self.model_dir), **kwargs)
         config = self.llm.llm_engine.model_config
         self.max_model_len: int = config.max_model_len
         self.embeds = config.runner_type == "pooling"

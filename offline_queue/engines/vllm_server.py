@@ -22,7 +22,7 @@ from typing import IO
 
 import httpx
 
-from offline_queue.engines.env import apply_engine_env, is_cpu_build
+from offline_queue.engines.env import apply_engine_env, platform_is_cpu, vllm_on_cpu
 from offline_queue.engines.vllm_local import CPU_KV_CACHE_BYTES, CPU_MAX_MODEL_LEN
 from offline_queue.model import model_context
 
@@ -42,39 +42,35 @@ def _answer_vllm_version_for_the_cpu_build() -> None:
 
 
 def server_args(
-    model_dir: Path,
-    host: str,
-    port: int,
-    served_model_name: str,
-    extra: Sequence[str] = (),
-    on_cpu: bool | None = None,
+    model_dir: Path, host: str, port: int, served_model_name: str, extra: Sequence[str] = ()
 ) -> list[str]:
-    """`vllm serve` arguments; on the CPU build, the settings measured to work (docs/engines.md).
-    Priority scheduling is on: every request a loop sends carries its batch's tier as its
-    `priority`, so urgent requests are scheduled at the server's next step."""
-    args = [
-        str(model_dir),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--served-model-name",
-        served_model_name,
-    ]
+    """`vllm serve` arguments. Priority scheduling is on: every request a loop sends carries
+    its batch's tier as its `priority`, so urgent requests are scheduled at the server's next
+    step. The CPU build's settings are added by the launcher (`cpu_defaults`), which asks vLLM's
+    platform."""
+    args = [str(model_dir), "--host", host, "--port", str(port)]
+    args += ["--served-model-name", served_model_name]
     if "--scheduling-policy" not in extra:
         args += ["--scheduling-policy", "priority"]
-    if is_cpu_build() if on_cpu is None else on_cpu:
-        given = set(extra)
-        defaults = {"--dtype": "float32", "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES)}
-        context = model_context(model_dir)
-        if context is None or context > CPU_MAX_MODEL_LEN:  # a shorter one is vLLM's to pick
-            defaults["--max-model-len"] = str(CPU_MAX_MODEL_LEN)
-        for flag, value in defaults.items():
-            if flag not in given:
-                args += [flag, value]
-        if "--enforce-eager" not in given:
-            args.append("--enforce-eager")
     return [*args, *extra]
+
+
+def cpu_defaults(args: Sequence[str]) -> list[str]:
+    """On vLLM's CPU platform, the settings measured to work (docs/engines.md) unless the
+    operator gave them: float32, eager mode, a 2,048-token context cap, a 512 MiB KV cache.
+    `args[0]` is the model folder. Nothing is added on a GPU: vLLM's defaults hold there."""
+    given = set(args)
+    added: list[str] = []
+    defaults = {"--dtype": "float32", "--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES)}
+    context = model_context(Path(args[0]))
+    if context is None or context > CPU_MAX_MODEL_LEN:  # a shorter one is vLLM's to pick
+        defaults["--max-model-len"] = str(CPU_MAX_MODEL_LEN)
+    for flag, value in defaults.items():
+        if flag not in given:
+            added += [flag, value]
+    if "--enforce-eager" not in given:
+        added.append("--enforce-eager")
+    return [*args, *added]
 
 
 class ServerProcess:
@@ -157,13 +153,14 @@ def main(argv: Sequence[str]) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = ["vllm", "serve", *argv]
+    args = cpu_defaults(argv) if platform_is_cpu() else list(argv)
+    sys.argv = ["vllm", "serve", *args]
     vllm_main()
 
 
 # At import, not under __main__: vLLM's spawned engine-core process imports this module too.
 apply_engine_env(in_process=False)
-if is_cpu_build():
+if vllm_on_cpu():
     _answer_vllm_version_for_the_cpu_build()
 
 if __name__ == "__main__":
