@@ -18,6 +18,7 @@ from blocks.engines import load_engine_block, route_of
 from blocks.store import store_url
 from offline_queue.loop import ServingLoop, devices_here
 from offline_queue.serving import ChunkReport
+from offline_queue.webhooks import run_in_thread
 
 REPORT_SECONDS = 10.0
 
@@ -68,6 +69,7 @@ def node_loop(
     )
     signal.signal(signal.SIGTERM, lambda *_: loop.drain())
     signal.signal(signal.SIGINT, lambda *_: loop.drain())
+    run_in_thread(db)  # the node delivers webhooks too: any process with the store may
     return loop
 
 

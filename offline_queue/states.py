@@ -73,3 +73,25 @@ _RANK = {Tier.CRITICAL: 1, Tier.STANDARD: 2, Tier.BULK: 3}
 MAX_WEIGHT = 1000
 """The largest weight a batch can carry (the API refuses more): a weight is a batch's share of
 its tier between a handful of batches, not a count."""
+
+
+class EventType(StrEnum):
+    """What a webhook (and a Prefect event) says ended: OpenAI's event types."""
+
+    BATCH_COMPLETED = "batch.completed"
+    BATCH_FAILED = "batch.failed"
+    BATCH_CANCELLED = "batch.cancelled"
+    BATCH_EXPIRED = "batch.expired"
+    RESPONSE_COMPLETED = "response.completed"
+    RESPONSE_FAILED = "response.failed"
+    RESPONSE_CANCELLED = "response.cancelled"
+    RESPONSE_INCOMPLETE = "response.incomplete"
+
+
+BATCH_ENDINGS = {
+    BatchStatus.COMPLETED: EventType.BATCH_COMPLETED,
+    BatchStatus.FAILED: EventType.BATCH_FAILED,
+    BatchStatus.CANCELLED: EventType.BATCH_CANCELLED,
+    BatchStatus.EXPIRED: EventType.BATCH_EXPIRED,
+}
+"""The event each terminal batch status raises."""

@@ -1,16 +1,17 @@
 """The OpenAI-compatible batch API: /v1/files and /v1/batches, per-tenant API keys with rights,
 limits and backpressure. The official `openai` SDK works against it unchanged.
 
-This module assembles the app: its settings (settings.py) and the watch over lost runs (runs.py)
-on `app.state`, the gate every request passes before a route reads its body (gate.py: key,
-sizes, access log), the routes of files.py and batches.py, and the handlers that put every error
-in OpenAI's shape (errors.py). Everything a tenant sees is scoped to it (deps.py): another
-tenant's file or batch is a 404.
+This module assembles the app: its settings (settings.py), the watch over lost runs (runs.py)
+and a webhook dispatcher (offline_queue/webhooks.py) beside it, the gate every request passes
+before a route reads its body (gate.py: key, sizes, access log), the routes of files.py and
+batches.py, and the handlers that put every error in OpenAI's shape (errors.py). Everything a
+tenant sees is scoped to it (deps.py): another tenant's file or batch is a 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,16 +22,22 @@ from entrypoints.api import batches, files, models, runs
 from entrypoints.api.errors import install_error_handlers
 from entrypoints.api.gate import HEALTH, METRICS, Gate, access_log
 from entrypoints.api.settings import ApiSettings
+from offline_queue.webhooks import Dispatcher
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = asyncio.create_task(runs.watch(settings.db))
+        stop = asyncio.Event()
+        deliveries = asyncio.create_task(Dispatcher(settings.db).run(stop))
         try:
             yield
         finally:
             watch.cancel()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(deliveries, 15)
 
     app = FastAPI(
         lifespan=lifespan,

@@ -6,14 +6,24 @@ Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need
 This module only assembles the commands; each group lives in a module of its own: run.py (run,
 validate), batches.py (submit, status, watch, results, cancel, cleanup), engine.py (model, engine),
 cluster.py (pools, worker), api.py (keys, api), release.py (release), metrics.py (metrics),
-usage.py (usage).
+usage.py (usage), webhooks.py (webhooks).
 """
 
 from __future__ import annotations
 
 import typer
 
-from entrypoints.cli import api, batches, cluster, engine, metrics, release, run, usage
+from entrypoints.cli import (
+    api,
+    batches,
+    cluster,
+    engine,
+    metrics,
+    release,
+    run,
+    usage,
+    webhooks,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -41,3 +51,4 @@ app.add_typer(api.api_app, name="api")
 app.add_typer(api.keys_app, name="keys")
 app.add_typer(release.release_app, name="release")
 app.add_typer(metrics.metrics_app, name="metrics")
+app.add_typer(webhooks.webhooks_app, name="webhooks")

@@ -129,6 +129,28 @@ def run(
         err.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
     print_batch(BatchObject.model_validate(result), as_json)
+    deliver_now(db)
+
+
+def deliver_now(db: str | None) -> None:
+    """The first attempt of what is due (this batch's ending) before the process exits; a
+    retry is for whoever runs a dispatcher on the store later (the API, a node,
+    `webhooks deliver`)."""
+    import asyncio
+
+    import httpx
+
+    from offline_queue.store.db import resolve_url
+    from offline_queue.webhooks import TIMEOUT_SECONDS, Dispatcher
+
+    async def once() -> None:
+        async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS) as client:
+            await Dispatcher(resolve_url(db)).once(client)
+
+    try:
+        asyncio.run(once())
+    except Exception as exc:  # the batch is done; its event waits in the outbox
+        err.print(f"webhooks not delivered yet: {exc}", highlight=False)
 
 
 def engine_ahead(input: str, model: str | None, db: str | None) -> VLLMSettings | None:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from offline_queue.retry import RetryPolicy
+from offline_queue.store import outbox  # noqa: F401  (registers the outbox: every ending writes its event)
 
 log = logging.getLogger(__name__)
 

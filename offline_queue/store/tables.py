@@ -333,3 +333,64 @@ class ResultTotals(Base):
     """Their latencies' sum."""
     buckets: Mapped[str] = mapped_column(Text)
     """JSON list: how many of them took at most each of LATENCY_BUCKETS_MS."""
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant's events go (`offline-queue webhooks add`), signed with its secret."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant", "tenant"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(128))
+    """None: the endpoint of work sent without a tenant (the CLI's own runs)."""
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(128))
+    """`whsec_` + base64 of the signing key (Standard Webhooks)."""
+    events: Mapped[str] = mapped_column(Text)
+    """Comma-separated EventType values it wants."""
+    retry_seconds: Mapped[float] = mapped_column(Float)
+    """How long an event is retried before it is given up."""
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class WebhookEvent(Base):
+    """One ending (a batch's, a response's), written in the transaction that ended it: the
+    durable outbox. `announced` once it was also emitted as a Prefect event."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_announced", "announced"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    data_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    announced: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: leased by a dispatcher while it is sent, retried with backoff
+    until it is accepted (2xx) or its endpoint's retry time has passed."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            sqlite_where=text("delivered_at IS NULL AND given_up_at IS NULL"),
+            postgresql_where=text("delivered_at IS NULL AND given_up_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    endpoint_id: Mapped[str] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    give_up_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires: Mapped[float | None] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
+    given_up_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,78 @@
+"""The outbox: an ending is written in the transaction that ends it. Whatever moves a batch to
+a terminal status (the flow's finalize, a lost run's reaper, a failed run's hook), the flush
+that writes it also writes the event and one delivery per endpoint of the batch's tenant that
+wants it — so no restart, on any node, can lose one, and no code path can forget to."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import event, inspect, select
+from sqlalchemy.orm import Session
+
+from offline_queue.states import BATCH_ENDINGS, BatchStatus, EventType
+from offline_queue.store import clock
+from offline_queue.store.tables import Batch, WebhookDelivery, WebhookEndpoint, WebhookEvent
+
+
+def new_event_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+def record(s: Session, tenant: str | None, type: EventType, data_id: str) -> str:
+    """Write one event and its deliveries in `s`'s transaction; returns the event's id."""
+    event_id = new_event_id()
+    s.add(
+        WebhookEvent(
+            id=event_id,
+            tenant=tenant,
+            type=str(type),
+            data_id=data_id,
+            created_at=clock.now_seconds(),
+            announced=False,
+        )
+    )
+    same_tenant = (
+        WebhookEndpoint.tenant.is_(None) if tenant is None else WebhookEndpoint.tenant == tenant
+    )
+    for endpoint in s.scalars(select(WebhookEndpoint).where(same_tenant)):
+        if str(type) not in endpoint.events.split(","):
+            continue
+        s.add(
+            WebhookDelivery(
+                event_id=event_id,
+                endpoint_id=endpoint.id,
+                attempts=0,
+                next_attempt_at=clock.now(),
+                give_up_at=clock.now() + endpoint.retry_seconds,
+            )
+        )
+    return event_id
+
+
+def _ended(batch: Batch) -> EventType | None:
+    """The event of a batch this flush moves to a terminal status, if it does."""
+    history = inspect(batch).attrs.status.history
+    if not history.added:
+        return None
+    new = history.added[0]
+    old = history.deleted[0] if history.deleted else None
+    if new == old:
+        return None
+    try:
+        return BATCH_ENDINGS.get(BatchStatus(new))
+    except ValueError:
+        return None
+
+
+@event.listens_for(Session, "before_flush")
+def _batch_endings(s: Session, _context: Any, _instances: Any) -> None:
+    ended = [
+        (batch, kind)
+        for batch in list(s.dirty) + list(s.new)
+        if isinstance(batch, Batch) and (kind := _ended(batch)) is not None
+    ]
+    with s.no_autoflush:
+        for batch, kind in ended:
+            record(s, batch.tenant, kind, batch.id)
