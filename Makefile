@@ -9,7 +9,7 @@ VENV := $(if $(filter gpu,$(ENGINE)),.venv-gpu,.venv)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test browser faketime prometheus lint bench faults gpu-smoke clean
+.PHONY: setup run test browser faketime prometheus redis lint bench faults gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ run: setup
 	$(BIN)/offline-queue run examples/batch.jsonl
 	$(BIN)/offline-queue run examples/embeddings.jsonl
 
-test: setup browser faketime prometheus
+test: setup browser faketime prometheus redis
 	$(BIN)/offline-queue model prepare
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -51,6 +51,12 @@ prometheus:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) \
 		|| echo "no prometheus: the Prometheus scrape test will be skipped"; }
+
+# The stream tests run Debian's redis-server on loopback; without it they are skipped.
+redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+		|| echo "no redis-server: the Redis Streams tests will be skipped"; }
 
 # Lint and types in a venv of their own without vLLM (its 4-minute install): a fresh machine has
 # the verdict in about a minute. mypy sees the project's other dependencies with their types;

@@ -143,7 +143,7 @@ def finish_estimate(db: str, batch: Batch, pending: int) -> FinishEstimate | Non
     )
 
 
-def _line(row: results.ResultLine) -> bytes:
+def file_line(row: results.ResultLine) -> bytes:
     """One file line, built around the stored body without parsing it again."""
     request_id = "req_" + row.response_id.removeprefix("batch_req_")
     head = (
@@ -181,7 +181,7 @@ def output_lines(db: str, batch: Batch, kind: Kind) -> Iterator[bytes]:
     if batch.outputs_removed_at is not None:
         raise OutputsRemoved(f"the {kind} of {batch.id} expired and was removed")
     for row in results.iter_results(db, batch.id, ok=kind == "output"):
-        yield _line(row)
+        yield file_line(row)
 
 
 def output_source(db: str, batch: Batch, kind: Kind) -> Iterator[bytes]:
@@ -229,5 +229,5 @@ def write_files(db: str, batch: Batch) -> tuple[int, int]:
             counts[i] += 1
             out = outs[i]
             if out is not None:
-                out.write(_line(row))
+                out.write(file_line(row))
     return counts[0], counts[1]

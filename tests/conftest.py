@@ -94,6 +94,20 @@ def pg_server(pg_instance: Postgres | None) -> str:
     return pg_instance.url
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server on loopback for the session (Debian's redis-server, which `make test`
+    installs); without one the stream tests are skipped, unless OQ_REQUIRE_REDIS says not to."""
+    from instruments.redis_server import redis_installed, redis_server
+
+    if not redis_installed():
+        if os.environ.get("OQ_REQUIRE_REDIS"):
+            pytest.fail("redis-server is missing (apt-get install redis-server)")
+        pytest.skip("no redis-server: the stream tests need one")
+    with redis_server() as url:
+        yield url
+
+
 @pytest.fixture
 def pg_url(pg_server: str) -> str:
     """A fresh database on the session's server for one test."""

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from offline_queue.batches import _line
+from offline_queue.batches import file_line
 from offline_queue.engines.openai_http import _retry_after
 from offline_queue.engines.sampling import sampling_kwargs, structured_outputs
 from offline_queue.formats import ChatCompletionBody, CompletionBody
@@ -250,7 +250,7 @@ def row(**fields: Any) -> ResultLine:
 
 
 def test_an_output_line_is_openais_shape_around_the_stored_body() -> None:
-    raw = _line(row())
+    raw = file_line(row())
     assert raw.endswith(b"\n") and raw.count(b"\n") == 1
     assert orjson.loads(raw) == {
         "id": "batch_req_abc123",
@@ -266,7 +266,7 @@ def test_an_output_line_is_openais_shape_around_the_stored_body() -> None:
 
 
 def test_an_engine_error_line_keeps_the_servers_answer() -> None:
-    raw = _line(
+    raw = file_line(
         row(
             ok=False,
             status_code=400,
@@ -288,7 +288,7 @@ def test_an_engine_error_line_keeps_the_servers_answer() -> None:
 
 
 def test_an_error_line_without_an_answer_has_a_null_response() -> None:
-    raw = _line(
+    raw = file_line(
         row(
             ok=False,
             custom_id=None,  # a line so broken it has no custom_id
@@ -308,9 +308,9 @@ def test_an_error_line_without_an_answer_has_a_null_response() -> None:
 
 def test_a_line_escapes_what_it_did_not_build() -> None:
     tricky = 'a"b\\c\né'
-    line = orjson.loads(_line(row(custom_id=tricky, ok=False, error_message=tricky)))
+    line = orjson.loads(file_line(row(custom_id=tricky, ok=False, error_message=tricky)))
     assert line["custom_id"] == tricky and line["error"]["message"] == tricky
-    assert orjson.loads(_line(row(body=None)))["response"]["body"] is None
+    assert orjson.loads(file_line(row(body=None)))["response"]["body"] is None
 
 
 def _window_after(refuse_every: int, replies: int = 3000, cap: int = 64) -> tuple[int, Window]:

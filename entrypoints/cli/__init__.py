@@ -6,7 +6,7 @@ Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need
 This module only assembles the commands; each group lives in a module of its own: run.py (run,
 validate), batches.py (submit, status, watch, results, cancel, cleanup), engine.py (model, engine),
 cluster.py (pools, worker), api.py (keys, api), release.py (release), metrics.py (metrics),
-usage.py (usage), webhooks.py (webhooks).
+usage.py (usage), webhooks.py (webhooks), streams.py (streams).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from entrypoints.cli import (
     metrics,
     release,
     run,
+    streams,
     usage,
     webhooks,
 )
@@ -52,3 +53,4 @@ app.add_typer(api.keys_app, name="keys")
 app.add_typer(release.release_app, name="release")
 app.add_typer(metrics.metrics_app, name="metrics")
 app.add_typer(webhooks.webhooks_app, name="webhooks")
+app.add_typer(streams.streams_app, name="streams")

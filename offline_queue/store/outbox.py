@@ -71,7 +71,8 @@ def _batch_endings(s: Session, _context: Any, _instances: Any) -> None:
     ended = [
         (batch, kind)
         for batch in list(s.dirty) + list(s.new)
-        if isinstance(batch, Batch) and (kind := _ended(batch)) is not None
+        # A stream's batches are the queue's bookkeeping: its consumers have the answers.
+        if isinstance(batch, Batch) and batch.source is None and (kind := _ended(batch)) is not None
     ]
     with s.no_autoflush:
         for batch, kind in ended:

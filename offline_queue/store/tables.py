@@ -118,6 +118,9 @@ class Batch(Base):
     until the first claim, which starts it at the lowest clock of its tier's live batches."""
     waiting_reason: Mapped[str | None] = mapped_column(Text)
     """Why the batch waits with nobody serving it (no live loop on its route); None otherwise."""
+    source: Mapped[str | None] = mapped_column(String(16))
+    """Where its lines came from: None for a file (a flow run owns it); `stream` for entries
+    of a Redis stream (no flow run: the loops serve it, its consumers reply and close it)."""
 
 
 LIVE = text(f"state IN ({', '.join(repr(str(state)) for state in LIVE_STATES)})")
@@ -394,3 +397,30 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[float | None] = mapped_column(Float)
     given_up_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class StreamEntry(Base):
+    """A Redis stream entry taken into the queue: one per (stream, custom_id), written in the
+    transaction that queues its request, so a redelivered entry is found here and never
+    queued (nor inferred) twice. Replied once its result is on the results stream."""
+
+    __tablename__ = "stream_entries"
+    __table_args__ = (
+        Index(
+            "ix_stream_entries_unreplied",
+            "stream",
+            "batch_id",
+            sqlite_where=text("replied_at IS NULL"),
+            postgresql_where=text("replied_at IS NULL"),
+        ),
+    )
+
+    stream: Mapped[str] = mapped_column(String(256), primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    entry_id: Mapped[str] = mapped_column(String(64))
+    batch_id: Mapped[str] = mapped_column(String(64))
+    line_no: Mapped[int] = mapped_column(Integer)
+    reply_to: Mapped[str] = mapped_column(String(256))
+    reply_owner: Mapped[str | None] = mapped_column(String(128))
+    reply_lease: Mapped[float | None] = mapped_column(Float)
+    replied_at: Mapped[float | None] = mapped_column(Float)

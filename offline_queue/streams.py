@@ -1,0 +1,247 @@
+"""A Redis Streams consumer group in front of the queue: the original design's light buffer.
+
+Each entry's field `line` is one OpenAI batch line (optional fields `tier`, `reply_to`). A
+consumer reads entries (its own pending ones first, then those a dead consumer left idle —
+XAUTOCLAIM — then new ones), validates them, and queues the valid ones as one batch per read
+in the transaction that records them (store/streams.py); only then are they acknowledged. A
+consumer killed between read and commit leaves its entries pending: another claims them,
+nothing is lost. A redelivered entry whose custom_id the stream has is not queued again. A bad
+entry becomes an error line on the results stream and is acknowledged.
+
+The queue's serving loops answer the requests (this process's own, or the group's nodes'); any
+consumer of the stream writes each answer to `reply_to` (default `NAME:results`), field `line`
+= the output or error line exactly as a batch's files have it, and closes the batches that are
+all replied. Past `max_pending` unanswered entries in the store the consumers stop reading: the
+stream holds the surge, the store and this process stay bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from offline_queue.batch_object import LineError
+from offline_queue.batches import file_line, virtual_outputs
+from offline_queue.states import Tier
+from offline_queue.store import results
+from offline_queue.store import streams as store
+from offline_queue.store.results import ResultLine
+from offline_queue.submission import Submission
+from offline_queue.validate import Accepted, Limits, Rejected, validate_line
+
+log = logging.getLogger(__name__)
+
+RESULTS_SUFFIX = ":results"
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    redis_url: str
+    stream: str
+    group: str = "offline-queue"
+    consumer: str = ""
+    """Empty: this host and process."""
+    tenant: str | None = None
+    tier: Tier = Tier.BULK
+    route: str = ""
+    max_attempts: int = 3
+    read_count: int = 256
+    """Entries per read: one batch in the queue."""
+    block_ms: int = 500
+    claim_idle_ms: int = 30_000
+    """An entry pending this long with another consumer is taken over (its consumer died)."""
+    max_pending: int = 10_000
+    reply_lease_seconds: float = 30.0
+
+    @property
+    def reply_stream(self) -> str:
+        return self.stream + RESULTS_SUFFIX
+
+
+TIERS = tuple(t.value for t in Tier)
+
+
+def _refused(custom_id: str | None, message: str) -> Rejected:
+    return Rejected(1, custom_id, LineError(code="invalid_request", message=message, line=1))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StreamConsumer:
+    """One member of the stream's consumer group (`offline-queue streams consume`)."""
+
+    def __init__(self, db: str, settings: StreamSettings):
+        import redis
+
+        self.db, self.s = db, settings
+        self.name = settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.limits = Limits()
+        self._stop = threading.Event()
+        self.taken = self.queued = self.rejected = self.replied = 0
+        self._recovered = False
+
+    # -- the group ---------------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Create the group if it is new (from the stream's start: entries already in it are
+        work waiting) and the stream with it."""
+        import redis
+
+        try:
+            self.redis.xgroup_create(self.s.stream, self.s.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stopped(self, timeout: float) -> bool:
+        """Whether it was asked to stop, waiting up to `timeout` seconds for it."""
+        return self._stop.wait(timeout)
+
+    def run(self) -> None:
+        """Take and reply until stopped."""
+        self.join()
+        while not self._stop.is_set():
+            took = self.take_once()
+            answered = self.reply_once()
+            if not took and not answered and self._stop.wait(0.05):
+                break
+
+    # -- taking ------------------------------------------------------------------------------
+
+    def take_once(self) -> int:
+        """One read: this consumer's own pending entries first (after a restart), then those a
+        dead consumer left idle, then new ones. Returns how many were taken."""
+        room = min(self.s.read_count, self.s.max_pending - store.waiting(self.db, self.s.stream))
+        if room <= 0:  # the stream holds the surge
+            self._stop.wait(self.s.block_ms / 1000)
+            return 0
+        entries = self._pending_own(room) if not self._recovered else []
+        if not entries:
+            self._recovered = True
+            entries = self._idle_of_others(room)
+        if not entries:
+            read: Any = self.redis.xreadgroup(
+                self.s.group, self.name, {self.s.stream: ">"}, count=room, block=self.s.block_ms
+            )
+            entries = [e for _, batch in read or [] for e in batch]
+        if entries:
+            self._take(entries)
+        return len(entries)
+
+    def _pending_own(self, room: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        read: Any = self.redis.xreadgroup(self.s.group, self.name, {self.s.stream: "0"}, count=room)
+        return [e for _, batch in read or [] for e in batch if e[1]]
+
+    def _idle_of_others(self, room: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        claimed: Any = self.redis.xautoclaim(
+            self.s.stream,
+            self.s.group,
+            self.name,
+            min_idle_time=self.s.claim_idle_ms,
+            start_id="0-0",
+            count=room,
+        )
+        return [e for e in claimed[1] if e[1]]
+
+    def _take(self, entries: Sequence[tuple[Any, dict[Any, Any]]]) -> None:
+        """Validate, queue the valid ones (one transaction), answer the bad ones, then ack."""
+        good: dict[Tier, list[store.Entry]] = {}
+        errors: list[tuple[str, bytes]] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            f = {_text(k): v for k, v in fields.items()}
+            reply_to = _text(f.get("reply_to") or self.s.reply_stream)
+            line = f.get("line")
+            raw = line if isinstance(line, bytes) else str(line or "").encode()
+            tier_word = _text(f.get("tier") or self.s.tier)
+            checked = validate_line(1, raw, len(raw) > self.limits.max_line_bytes, self.limits)
+            if line is None:
+                checked = _refused(None, "line: missing (the entry's field `line` holds it)")
+            elif tier_word not in TIERS:
+                checked = _refused(
+                    checked.custom_id, f"tier: {tier_word!r} is not one of {', '.join(TIERS)}"
+                )
+            if isinstance(checked, Accepted):
+                good.setdefault(Tier(tier_word), []).append(
+                    store.Entry(entry_id, reply_to, checked)
+                )
+            else:
+                errors.append((reply_to, self._error_line(entry_id, checked)))
+        for tier, batch in good.items():
+            queued = store.queue_entries(
+                self.db, self.s.stream, self._submission(tier, batch), self.s.route, batch
+            )
+            self.queued += len(queued)
+        if errors:
+            pipe = self.redis.pipeline()
+            for reply_to, text in errors:
+                pipe.xadd(reply_to, {"line": text})
+            pipe.execute()
+            self.rejected += len(errors)
+        # Only now, with every valid entry committed in the store (or found there): the ack.
+        self.redis.xack(self.s.stream, self.s.group, *[e[0] for e in entries])
+        self.taken += len(entries)
+
+    def _submission(self, tier: Tier, entries: Sequence[store.Entry]) -> Submission:
+        batch_id = f"batch_{uuid.uuid4().hex}"
+        digest = hashlib.sha256("\n".join(e.entry_id for e in entries).encode()).hexdigest()
+        output, errors = virtual_outputs(batch_id)
+        return Submission(
+            id=batch_id,
+            content_hash=digest,
+            input_path=store.input_path(self.s.stream),
+            output_path=output,
+            error_path=errors,
+            tier=tier,
+            max_attempts=self.s.max_attempts,
+            tenant=self.s.tenant,
+            total_lines=len(entries),
+        )
+
+    @staticmethod
+    def _error_line(entry_id: str, rejected: Rejected) -> bytes:
+        message = rejected.error.message.replace("line 1:", f"entry {entry_id}:", 1)
+        if not message.startswith("entry "):
+            message = f"entry {entry_id}: {message}"
+        row = ResultLine(
+            line_no=1,
+            custom_id=rejected.custom_id,
+            response_id=results.response_id(),
+            ok=False,
+            status_code=None,
+            body=None,
+            error_code=rejected.error.code,
+            error_message=message,
+        )
+        return file_line(row).rstrip(b"\n")
+
+    # -- replying ----------------------------------------------------------------------------
+
+    def reply_once(self) -> int:
+        """Write the answers of this stream's entries that have one, then close what is done."""
+        owner = f"{self.name}:{id(self)}"
+        replies = store.claim_replies(
+            self.db, self.s.stream, owner, self.s.read_count, self.s.reply_lease_seconds
+        )
+        if replies:
+            pipe = self.redis.pipeline()
+            for r in replies:
+                pipe.xadd(r.reply_to, {"line": file_line(r.result).rstrip(b"\n")})
+            pipe.execute()
+            store.replied(self.db, self.s.stream, owner, [r.custom_id for r in replies])
+            self.replied += len(replies)
+        store.close_batches(self.db, self.s.stream)
+        return len(replies)
