@@ -188,6 +188,29 @@ class ServedHere:
             own.loop.stop()
 
 
+_kept: dict[tuple[str, str], ServedHere] = {}
+
+
+def keep_own_loop(db: str, route: str, run: BatchRun) -> None:
+    """A loop of this process on `route` until `release_kept_loops`, when it serves its own
+    work (SERVE_HERE_ENV): what the API's single responses wait on in its run-here mode."""
+    if (db, route) in _kept or not os.environ.get(SERVE_HERE_ENV):
+        return
+    here = ServedHere(db, route, run)
+    with _own_lock:
+        if (db, route) in _kept:
+            return
+        _kept[(db, route)] = here
+    here.ensure()
+
+
+def release_kept_loops(db: str) -> None:
+    """The kept loops on `db` stop once nothing else of this process uses them (the API's
+    shutdown)."""
+    for key in [k for k in _kept if k[0] == db]:
+        _kept.pop(key).__exit__()
+
+
 def run_stats(
     start: RunStats, began: results.Progress, final: results.Progress, sent: int
 ) -> RunStats:

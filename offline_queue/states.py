@@ -95,3 +95,19 @@ BATCH_ENDINGS = {
     BatchStatus.EXPIRED: EventType.BATCH_EXPIRED,
 }
 """The event each terminal batch status raises."""
+
+RESPONSE_ENDINGS = {
+    BatchStatus.COMPLETED: EventType.RESPONSE_COMPLETED,
+    BatchStatus.FAILED: EventType.RESPONSE_FAILED,
+    BatchStatus.CANCELLED: EventType.RESPONSE_CANCELLED,
+    BatchStatus.EXPIRED: EventType.RESPONSE_INCOMPLETE,
+}
+"""The event each terminal status of a single response raises."""
+
+SERVICE_TIERS = {
+    "priority": Tier.CRITICAL,
+    "default": Tier.STANDARD,
+    "auto": Tier.STANDARD,
+    "flex": Tier.BULK,
+}
+"""OpenAI's `service_tier` of a single request, as the queue's tier."""

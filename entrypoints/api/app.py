@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from entrypoints.api import batches, files, models, runs
+from entrypoints.api import batches, files, models, responses, runs
 from entrypoints.api.errors import install_error_handlers
 from entrypoints.api.gate import HEALTH, METRICS, Gate, access_log
 from entrypoints.api.settings import ApiSettings
@@ -38,6 +38,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(deliveries, 15)
+            from flows.serving import release_kept_loops
+
+            await asyncio.to_thread(release_kept_loops, settings.db)
 
     app = FastAPI(
         lifespan=lifespan,
@@ -71,5 +74,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(models.router)
+    app.include_router(responses.router)
     app.add_middleware(Gate, settings=settings)
     return app

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from offline_queue.expiry import remove_expired
 from offline_queue.store import owners
+from offline_queue.store import responses as single_responses
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -80,11 +81,13 @@ def awaiting(settings: ApiSettings, batch_id: str, started: FlowRun) -> None:
 
 
 def watch_once(db: str) -> None:
-    """Beat for the batches waiting here, settle lost runs, remove what has expired."""
+    """Beat for the batches waiting here, settle lost runs, remove what has expired, close the
+    single responses that have their answer."""
     owners.beat_owned(db, API_OWNER)
     for lost in owners.reap_orphans(db):
         log.warning("batch %s lost its run (owner %s)", lost.batch_id, lost.owner)
     remove_expired(db)  # logs what it removed
+    single_responses.close(db)  # answered single responses: completed or failed, and told
 
 
 async def watch(db: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session
 
-from offline_queue.states import BATCH_ENDINGS, BatchStatus, EventType
+from offline_queue.states import BATCH_ENDINGS, RESPONSE_ENDINGS, BatchStatus, EventType
 from offline_queue.store import clock
 from offline_queue.store.tables import Batch, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
@@ -51,6 +51,11 @@ def record(s: Session, tenant: str | None, type: EventType, data_id: str) -> str
     return event_id
 
 
+_ENDINGS = {None: BATCH_ENDINGS, "response": RESPONSE_ENDINGS}
+"""By a batch's source: a file's batch, or a single response. A stream's batches are the
+queue's bookkeeping: its consumers have the answers, no event says so."""
+
+
 def _ended(batch: Batch) -> EventType | None:
     """The event of a batch this flush moves to a terminal status, if it does."""
     history = inspect(batch).attrs.status.history
@@ -60,8 +65,11 @@ def _ended(batch: Batch) -> EventType | None:
     old = history.deleted[0] if history.deleted else None
     if new == old:
         return None
+    endings = _ENDINGS.get(batch.source)
+    if endings is None:
+        return None
     try:
-        return BATCH_ENDINGS.get(BatchStatus(new))
+        return endings.get(BatchStatus(new))
     except ValueError:
         return None
 
@@ -71,8 +79,7 @@ def _batch_endings(s: Session, _context: Any, _instances: Any) -> None:
     ended = [
         (batch, kind)
         for batch in list(s.dirty) + list(s.new)
-        # A stream's batches are the queue's bookkeeping: its consumers have the answers.
-        if isinstance(batch, Batch) and batch.source is None and (kind := _ended(batch)) is not None
+        if isinstance(batch, Batch) and (kind := _ended(batch)) is not None
     ]
     with s.no_autoflush:
         for batch, kind in ended:

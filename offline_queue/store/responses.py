@@ -1,0 +1,135 @@
+"""Single responses in the queue: one request each, in a batch of its own (`source` =
+`response`) that no flow run owns — the serving loops answer it like any other, and whoever
+looks (the API's watch, a poll, the waiting call) closes it once its request has its result,
+which raises its `response.*` event (store/outbox.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import exists, insert, select, update
+
+from offline_queue.states import BatchStatus, RequestState
+from offline_queue.store import clock
+from offline_queue.store.admission import RUNNABLE, admit_in, lock_admission
+from offline_queue.store.db import session
+from offline_queue.store.results import ResultLine
+from offline_queue.store.tables import LIVE, Batch, Request, Result
+from offline_queue.submission import Submission
+from offline_queue.validate import Accepted
+
+SOURCE = "response"
+WINDOW_SECONDS = 24 * 3600
+"""A single response not answered within a day expires (OpenAI keeps background ones as long)."""
+
+
+def create(
+    db: str,
+    sub: Submission,
+    route: str,
+    line: Accepted,
+    *,
+    max_queued: int,
+    max_waiting: int | None,
+) -> Batch:
+    """Admit and queue one request (AdmissionRefused past the tenant's quota or tier's room)."""
+    assert sub.tenant is not None
+    with session(db) as s:
+        lock_admission(s, sub.tier, sub.tenant)
+        batch = admit_in(
+            s, sub, max_queued=max_queued, max_waiting=max_waiting, window_seconds=WINDOW_SECONDS
+        )
+        batch.source, batch.route = SOURCE, route
+        batch.total_lines, batch.ingested_through, batch.ingest_done = 1, 1, True
+        s.flush()
+        s.execute(
+            insert(Request).values(
+                batch_id=batch.id,
+                line_no=1,
+                custom_id=line.custom_id,
+                url=line.url,
+                body=line.body_json,
+                cache_digest=line.cache_digest,
+                state=RequestState.QUEUED,
+                attempts=0,
+                not_before=0.0,
+                prefix_key=line.prefix_key,
+            )
+        )
+    return batch
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A response as the store has it: its batch, its request's state, its result if any."""
+
+    batch: Batch
+    state: str | None
+    result: ResultLine | None
+
+
+def look(db: str, tenant: str, response_id: str) -> Seen | None:
+    """The tenant's response (None for another tenant's, or none), closed first if its result
+    is in."""
+    close(db, response_id)
+    with session(db, readonly=True) as s:
+        batch = s.scalar(
+            select(Batch).where(
+                Batch.id == response_id, Batch.tenant == tenant, Batch.source == SOURCE
+            )
+        )
+        if batch is None:
+            return None
+        state = s.scalar(select(Request.state).where(Request.batch_id == response_id))
+        row = s.execute(
+            select(
+                Result.line_no,
+                Result.custom_id,
+                Result.response_id,
+                Result.ok,
+                Result.status_code,
+                Result.body,
+                Result.error_code,
+                Result.error_message,
+            ).where(Result.batch_id == response_id)
+        ).first()
+    return Seen(batch, state, ResultLine(*row) if row is not None else None)
+
+
+def close(db: str, response_id: str | None = None, limit: int = 500) -> int:
+    """Move answered responses (one, or up to `limit`) to their terminal status: completed
+    with a good answer, failed with an error."""
+    live = exists().where(Request.batch_id == Batch.id, LIVE)
+    q = select(Batch).where(Batch.source == SOURCE, Batch.status.in_(RUNNABLE), ~live)
+    q = q.where(Batch.id == response_id) if response_id else q.limit(limit)
+    with session(db) as s:
+        done = list(s.scalars(q.with_for_update(skip_locked=True)))
+        for batch in done:
+            ok = s.scalar(select(Result.ok).where(Result.batch_id == batch.id))
+            status = BatchStatus.COMPLETED if ok else BatchStatus.FAILED
+            batch.status = status
+            stamp = "completed_at" if ok else "failed_at"
+            setattr(batch, stamp, clock.now_seconds())
+    return len(done)
+
+
+def cancel(db: str, tenant: str, response_id: str) -> bool:
+    """Cancel the tenant's response if it is not done: a queued request leaves the queue; one in
+    the engine finishes there, its answer unused. False when there is none to cancel."""
+    with session(db) as s:
+        batch = s.scalar(
+            select(Batch)
+            .where(Batch.id == response_id, Batch.tenant == tenant, Batch.source == SOURCE)
+            .with_for_update()
+        )
+        if batch is None or batch.status not in RUNNABLE:
+            return False
+        s.execute(
+            update(Request)
+            .where(Request.batch_id == response_id, Request.state == RequestState.QUEUED)
+            .values(state=RequestState.TERMINATED, last_error="cancelled")
+            .execution_options(synchronize_session=False)
+        )
+        batch.status = BatchStatus.CANCELLED
+        batch.cancelled_at = clock.now_seconds()
+    return True

@@ -1,0 +1,150 @@
+"""Single requests through the queue, driven by the official `openai` SDK over real HTTP:
+background responses (create, retrieve, cancel), `service_tier` on a synchronous call, a client
+that goes away, and the tenant's rights — each request a row in the same queue as the batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.responses import Response
+from sqlalchemy import select
+
+from instruments.processes import wait_for
+from offline_queue.states import Tier
+from offline_queue.store.db import session
+from offline_queue.store.tables import Batch, WebhookEvent
+from tests.api_helpers import Api, serve_api
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+MODEL = "smollm2"
+
+
+def _settings(tmp_path: Path, db: str, engine: str, **extra: object) -> object:
+    from entrypoints.api.settings import ApiSettings
+
+    return ApiSettings(db=db, data_dir=tmp_path / "api", engine=engine, **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def api(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
+    """The API serving its own work (a loop of its own on the server's route)."""
+    with serve_api(_settings(tmp_path, pg_url, vllm_server)) as api:  # type: ignore[arg-type]
+        yield api
+
+
+@pytest.fixture
+def unserved(tmp_path: Path, pg_url: str, vllm_server: str) -> Iterator[Api]:
+    """An API whose work goes to a cluster's loops (a deployment) — none here: what it queues
+    waits."""
+    settings = _settings(tmp_path, pg_url, vllm_server, deployment="route-batch/none")
+    with serve_api(settings) as api:  # type: ignore[arg-type]
+        yield api
+
+
+def tier_of(db: str, response_id: str) -> str:
+    with session(db) as s:
+        batch = s.get(Batch, response_id)
+        assert batch is not None
+        return batch.tier
+
+
+def test_a_background_response_is_queued_polled_and_answered(api: Api) -> None:
+    client = api.client("acme")
+    created = client.responses.create(
+        model=MODEL,
+        input="Say hello.",
+        background=True,
+        service_tier="flex",
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert created.id.startswith("resp_") and created.status in ("queued", "in_progress")
+    assert created.background is True
+    assert tier_of(api.db, created.id) == Tier.BULK  # flex: the bulk tier
+
+    def answered() -> Response | None:
+        r = client.responses.retrieve(created.id)
+        return r if r.status in ("completed", "incomplete", "failed") else None
+
+    done = wait_for(answered, timeout=120, interval=0.2)
+    assert done is not None
+    assert done.status in ("completed", "incomplete"), done
+    assert done.output_text.strip()
+    assert done.id == created.id and done.usage is not None and done.usage.output_tokens > 0
+    # Another tenant's id is a 404, as if it did not exist.
+    with pytest.raises(openai.NotFoundError):
+        api.client("globex").responses.retrieve(created.id)
+    # Its ending is an event in the outbox (a webhook for acme's endpoints, a Prefect event).
+    with session(api.db) as s:
+        kinds = list(s.scalars(select(WebhookEvent.type).where(WebhookEvent.data_id == created.id)))
+    assert kinds == ["response.completed"]
+
+
+def test_a_synchronous_flex_call_waits_for_its_answer_in_the_queue(api: Api) -> None:
+    client = api.client("acme")
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=8,
+        temperature=0,
+        service_tier="flex",
+    )
+    assert answer.choices[0].message.content
+    assert answer.service_tier == "flex"
+    with session(api.db) as s:
+        tiers = list(s.scalars(select(Batch.tier).where(Batch.source == "response")))
+    assert tiers == [Tier.BULK]
+    sync = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, temperature=0)
+    assert sync.status in ("completed", "incomplete") and sync.background is False
+    assert tier_of(api.db, sync.id) == Tier.STANDARD  # no service_tier: the default tier
+
+
+def test_rights_and_bad_requests_are_refused_before_the_queue(api: Api) -> None:
+    limited = api.client("acme", tiers=("standard", "bulk"))
+    with pytest.raises(openai.PermissionDeniedError, match="service_tier priority"):
+        limited.responses.create(model=MODEL, input="x", background=True, service_tier="priority")
+    client = api.client("acme")
+    with pytest.raises(openai.BadRequestError, match="service_tier"):
+        client.responses.create(model=MODEL, input="x", background=True, service_tier="fast")
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        client.responses.create(model=MODEL, input="x", background=True, max_output_tokens=-1)
+    with session(api.db) as s:
+        assert s.scalar(select(Batch.id).where(Batch.source == "response")) is None
+
+
+def test_a_queued_response_is_cancelled_and_a_client_that_leaves_cancels_its_call(
+    unserved: Api,
+) -> None:
+    client = unserved.client("acme")
+    queued = client.responses.create(model=MODEL, input="x", background=True, max_output_tokens=4)
+    assert queued.status == "queued"
+    cancelled = client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled"
+    assert client.responses.retrieve(queued.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match="already cancelled"):
+        client.responses.cancel(queued.id)
+    # A synchronous call waits on its connection; the client gives up: the request is cancelled.
+    key = unserved.key("acme")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{unserved.url}/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4},
+            timeout=1.5,
+        )
+
+    def cancelled_calls() -> int:
+        with session(unserved.db) as s:
+            rows = s.scalars(
+                select(Batch.status).where(
+                    Batch.source == "response", Batch.endpoint == "/v1/chat/completions"
+                )
+            )
+            return sum(1 for status in rows if status == "cancelled")
+
+    wait_for(lambda: cancelled_calls() == 1, timeout=30)
