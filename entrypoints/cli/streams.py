@@ -37,6 +37,9 @@ def consume(
         ),
     ] = True,
     chunk_size: Annotated[int, typer.Option(min=1, help="Requests per claim of the loop.")] = 64,
+    read_count: Annotated[
+        int, typer.Option(min=1, help="Entries per read: one batch in the queue.")
+    ] = 256,
     max_pending: Annotated[
         int, typer.Option(min=1, help="Stop reading while this many taken entries wait.")
     ] = 10_000,
@@ -66,6 +69,7 @@ def consume(
         tier=tier,
         route=route,
         max_pending=max_pending,
+        read_count=read_count,
         claim_idle_ms=int(claim_idle * 1000),
     )
     member = StreamConsumer(url, settings)

@@ -1,0 +1,173 @@
+"""Single requests at the door: background responses accepted by one API process, and a Redis
+stream taken into the queue.
+
+    .venv/bin/python bench/singles.py [--responses 4000] [--clients 32] [--entries 100000]
+
+1. `RESULT background_accepted_per_s`: `offline-queue api serve` (one process, PostgreSQL store,
+   `--deployment` so nothing is served here: acceptance alone) and 32 concurrent clients
+   (httpx, keep-alive) creating background responses; then the store holds exactly one
+   queued request per accepted response (`RESULT background_lost`, `RESULT
+   background_duplicated`). Target ≥ 1,000/s.
+2. `RESULT stream_entries_per_s`: 100,000 entries XADDed to Debian's redis-server, then one
+   `offline-queue streams consume --no-serve` takes them all into the store (first entry
+   queued → last); its peak RSS against one that took 10,000 (`RESULT stream_rss_ratio`, memory
+   flat). Target ≥ 20,000/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from instruments.loopback import free_port  # noqa: E402
+from instruments.postgres import create_database, postgres  # noqa: E402
+from instruments.processes import BIN, stop, wait_for  # noqa: E402
+from instruments.redis_server import redis_server  # noqa: E402
+
+
+def body(i: int) -> dict[str, object]:
+    return {"model": "smollm2", "input": f"Question {i}: say hi.", "max_output_tokens": 8,
+            "background": True, "service_tier": "flex"}  # fmt: skip
+
+
+async def hammer(url: str, key: str, total: int, clients: int) -> tuple[float, list[str]]:
+    import httpx
+
+    ids: list[str] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
+            while not queue.empty():
+                i = queue.get_nowait()
+                answer = await http.post("/responses", json=body(i))
+                assert answer.status_code == 200, answer.text
+                ids.append(answer.json()["id"])
+
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - began, ids
+
+
+def background(pg_url: str, work: Path, total: int, clients: int) -> None:
+    from sqlalchemy import func, select
+
+    from entrypoints.api.auth import create_key
+    from offline_queue.store.db import session
+    from offline_queue.store.tables import Batch, Request
+
+    store = create_database(pg_url, "oq_singles")
+    key = create_key(store, "acme", tiers=("critical", "standard", "bulk"), max_waiting=10**7)
+    port = free_port()
+    api = subprocess.Popen(
+        [str(BIN / "offline-queue"), "api", "serve", "--port", str(port), "--db", store,
+         "--deployment", "route-batch/none", "--data-dir", str(work / "api")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _up(port), timeout=120)
+        url = f"http://127.0.0.1:{port}/v1"
+        asyncio.run(hammer(url, key, 200, clients))  # warm-up
+        seconds, ids = asyncio.run(hammer(url, key, total, clients))
+    finally:
+        stop(api)
+    with session(store) as s:
+        rows = {
+            str(cid): int(n)
+            for cid, n in s.execute(
+                select(Request.custom_id, func.count())
+                .join(Batch, Batch.id == Request.batch_id)
+                .where(Batch.source == "response")
+                .group_by(Request.custom_id)
+            )
+        }
+    lost = sum(1 for i in ids if i not in rows)
+    dup = sum(1 for n in rows.values() if n > 1)
+    print(f"{total} background responses from {clients} clients: {seconds:.1f} s")
+    print(f"RESULT background_accepted_per_s {total / seconds:.0f}")
+    print(f"RESULT background_lost {lost}")
+    print(f"RESULT background_duplicated {dup}")
+
+
+def _up(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def take(r: object, pg_url: str, redis_url: str, n: int, name: str) -> tuple[float, float]:
+    """XADD `n` entries, then one consumer takes them: (seconds, its peak RSS in MB)."""
+    from offline_queue.store import streams as stream_store
+
+    store = create_database(pg_url, f"oq_stream_{name}")
+    stream = f"bench-{name}"
+    line = {"custom_id": "", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                     "max_tokens": 8}}  # fmt: skip
+    pipe = r.pipeline(transaction=False)  # type: ignore[attr-defined]
+    for i in range(n):
+        line["custom_id"] = f"e{i}"
+        pipe.xadd(stream, {"line": json.dumps(line)})
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    consumer = subprocess.Popen(
+        ["/usr/bin/time", "-f", "%M", str(BIN / "offline-queue"), "streams", "consume",
+         "--no-serve", "--redis", redis_url, "--stream", stream, "--db", store,
+         "--max-pending", str(n * 2), "--read-count", "1000"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: stream_store.waiting(store, stream) > 0, timeout=300, interval=0.05)
+        began = time.perf_counter()
+        wait_for(lambda: stream_store.waiting(store, stream) >= n, timeout=900, interval=0.2)
+        seconds = time.perf_counter() - began
+    finally:
+        consumer.terminate()
+        _, err = consumer.communicate(timeout=120)
+    return seconds, int(err.strip().splitlines()[-1]) / 1024
+
+
+def stream_ingest(pg_url: str, redis_url: str, entries: int) -> None:
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    small = take(r, pg_url, redis_url, entries // 10, "small")
+    large = take(r, pg_url, redis_url, entries, "large")
+    for n, (seconds, peak) in ((entries // 10, small), (entries, large)):
+        print(f"{n} entries taken in {seconds:.1f} s; consumer peak RSS {peak:.0f} MB")
+    print(f"RESULT stream_entries_per_s {entries / large[0]:.0f}")
+    print(f"RESULT stream_rss_ratio {large[1] / small[1]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--responses", type=int, default=4000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--entries", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as d, postgres() as pg:
+        background(pg.url, Path(d), args.responses, args.clients)
+        with redis_server() as redis_url:
+            stream_ingest(pg.url, redis_url, args.entries)
+
+
+if __name__ == "__main__":
+    main()
