@@ -159,7 +159,7 @@ def resolve_model(model: str | None, on_gpu: bool = False) -> Path:
     cached = _in_hub_cache(model)
     if cached is None:
         raise ModelError(
-            f"{model}: neither a model folder (no config.json) nor a model id in this node's "
+            f"{model}: not a model folder (no config.json), nor a model id in this node's "
             "Hugging Face cache; pass a Hugging Face folder, or download the model first "
             "(`hf download ORG/NAME`)"
         )

@@ -11,10 +11,11 @@ import httpx
 import openai
 import pytest
 from openai.types.responses import Response
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from instruments.processes import wait_for
 from offline_queue.states import Tier
+from offline_queue.store import responses as single_responses
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, WebhookEvent
 from tests.api_helpers import Api, serve_api
@@ -148,3 +149,12 @@ def test_a_queued_response_is_cancelled_and_a_client_that_leaves_cancels_its_cal
             return sum(1 for status in rows if status == "cancelled")
 
     wait_for(lambda: cancelled_calls() == 1, timeout=30)
+    # One nobody serves within its window ends as `incomplete`, and says so.
+    late = client.responses.create(model=MODEL, input="x", background=True, max_output_tokens=4)
+    with session(unserved.db) as s:
+        s.execute(update(Batch).where(Batch.id == late.id).values(expires_at=1))
+    single_responses.close(unserved.db)
+    assert client.responses.retrieve(late.id).status == "incomplete"
+    with session(unserved.db) as s:
+        kinds = list(s.scalars(select(WebhookEvent.type).where(WebhookEvent.data_id == late.id)))
+    assert kinds == ["response.incomplete"]

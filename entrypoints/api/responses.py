@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -72,16 +73,30 @@ def _tier(caller: Caller, service_tier: object) -> Tier:
     return tier
 
 
+ROUTES_SECONDS = 10.0
+"""How long a model's route is reused: a catalog change reaches single requests this late."""
+_routes: dict[tuple[str | None, str], tuple[float, tuple[str, str | None, str | None]]] = {}
+
+
 def _route(settings: ApiSettings, model: str) -> tuple[str, str | None, str | None]:
     """(route, engine, model) of a request naming `model`: its catalog entry's engine, else
-    this API's engine."""
-    from blocks.catalog import load_catalog
+    this API's engine. Remembered for ROUTES_SECONDS: the catalog and engine blocks are
+    Prefect blocks, a round trip each."""
+    key = (settings.engine, model)
+    now = time.monotonic()
+    known = _routes.get(key)
+    if known is not None and now - known[0] < ROUTES_SECONDS:
+        return known[1]
+    from blocks.catalog import catalog_here
     from blocks.engines import route_of
 
-    served = load_catalog().find(model)
+    served = catalog_here().find(model)
     if served is not None:
-        return route_of(served.engine, served.model), served.engine, served.model
-    return route_of(settings.engine, None), settings.engine, None
+        found = route_of(served.engine, served.model), served.engine, served.model
+    else:
+        found = route_of(settings.engine, None), settings.engine, None
+    _routes[key] = (now, found)
+    return found
 
 
 def _queue(settings: ApiSettings, caller: Caller, url: str, body: dict[str, Any]) -> str:

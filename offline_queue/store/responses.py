@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import exists, insert, select, update
+from sqlalchemy.orm import Session
 
 from offline_queue.states import BatchStatus, RequestState
 from offline_queue.store import clock
@@ -98,7 +99,8 @@ def look(db: str, tenant: str, response_id: str) -> Seen | None:
 
 def close(db: str, response_id: str | None = None, limit: int = 500) -> int:
     """Move answered responses (one, or up to `limit`) to their terminal status: completed
-    with a good answer, failed with an error."""
+    with a good answer, failed with an error; and (all of them) those past their window
+    unanswered to expired (OpenAI's `incomplete`)."""
     live = exists().where(Request.batch_id == Batch.id, LIVE)
     q = select(Batch).where(Batch.source == SOURCE, Batch.status.in_(RUNNABLE), ~live)
     q = q.where(Batch.id == response_id) if response_id else q.limit(limit)
@@ -110,7 +112,31 @@ def close(db: str, response_id: str | None = None, limit: int = 500) -> int:
             batch.status = status
             stamp = "completed_at" if ok else "failed_at"
             setattr(batch, stamp, clock.now_seconds())
+        if response_id is None:  # the watch also ends those nobody served within their window
+            late = s.scalars(
+                select(Batch)
+                .where(
+                    Batch.source == SOURCE,
+                    Batch.status.in_(RUNNABLE),
+                    Batch.expires_at < clock.now_seconds(),
+                )
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            for batch in late:
+                _drop_queued(s, batch.id, "expired")
+                batch.status = BatchStatus.EXPIRED
+                batch.expired_at = clock.now_seconds()
     return len(done)
+
+
+def _drop_queued(s: Session, batch_id: str, why: str) -> None:
+    s.execute(
+        update(Request)
+        .where(Request.batch_id == batch_id, Request.state == RequestState.QUEUED)
+        .values(state=RequestState.TERMINATED, last_error=why)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def cancel(db: str, tenant: str, response_id: str) -> bool:
@@ -124,12 +150,7 @@ def cancel(db: str, tenant: str, response_id: str) -> bool:
         )
         if batch is None or batch.status not in RUNNABLE:
             return False
-        s.execute(
-            update(Request)
-            .where(Request.batch_id == response_id, Request.state == RequestState.QUEUED)
-            .values(state=RequestState.TERMINATED, last_error="cancelled")
-            .execution_options(synchronize_session=False)
-        )
+        _drop_queued(s, response_id, "cancelled")
         batch.status = BatchStatus.CANCELLED
         batch.cancelled_at = clock.now_seconds()
     return True
