@@ -149,6 +149,12 @@ def test_a_queued_response_is_cancelled_and_a_client_that_leaves_cancels_its_cal
             return sum(1 for status in rows if status == "cancelled")
 
     wait_for(lambda: cancelled_calls() == 1, timeout=30)
+    # Admission counts them: past the tenant's quota, a 429 as OpenAI's flex answers.
+    quota = unserved.client("initech", max_waiting=2)
+    for _ in range(2):
+        quota.responses.create(model=MODEL, input="x", background=True, service_tier="flex")
+    with pytest.raises(openai.RateLimitError, match="quota of 2"):
+        quota.responses.create(model=MODEL, input="x", background=True, service_tier="flex")
     # One nobody serves within its window ends as `incomplete`, and says so.
     late = client.responses.create(model=MODEL, input="x", background=True, max_output_tokens=4)
     with session(unserved.db) as s:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 router = APIRouter()
 
+_glance = admission.Glance()
+"""This process's view of the tiers' and tenants' waiting work (a single request's admission)."""
 RESPONSE_ID = re.compile(r"\Aresp_[0-9a-f]{32}\Z")
 POLL_SECONDS = 0.05
 """How often a waiting call looks for its answer: well under a step of any engine."""
@@ -116,16 +118,12 @@ def _queue(settings: ApiSettings, caller: Caller, url: str, body: dict[str, Any]
         endpoint=url, total_lines=1,
     )  # fmt: skip
     try:
-        store.create(
-            settings.db,
-            sub,
-            route,
-            checked,
-            max_queued=settings.max_queued[tier],
-            max_waiting=caller.max_waiting,
+        _glance.admit(
+            settings.db, caller.tenant, tier, 1, settings.max_queued[tier], caller.max_waiting
         )
     except admission.AdmissionRefused as exc:
         raise api_error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "5"}) from exc
+    store.create(settings.db, sub, route, checked)
     if settings.deployment is None:  # this process serves its own work
         from flows.serving import keep_own_loop
         from offline_queue.runs import BatchRun

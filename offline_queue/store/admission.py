@@ -4,6 +4,9 @@ fair between tenants, idempotent per (tenant, key) — one check per tier at a t
 
 from __future__ import annotations
 
+import threading
+import time
+
 import orjson
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
@@ -174,3 +177,45 @@ def lock_admission(s: Session, tier: str, tenant: str) -> None:
     """What `admit_in` needs held first (on PostgreSQL; SQLite's writer lock already is)."""
     _lock(s, f"tier:{tier}")
     _lock(s, f"tenant:{tenant}")
+
+
+GLANCE_SECONDS = 0.5
+
+
+class Glance:
+    """What admission sees of a tier and a tenant, read at most every GLANCE_SECONDS by this
+    process and counted on as it admits: the single requests' admission (one per HTTP call, a
+    thousand a second) without a lock and a scan of the runnable batches each. Between two reads
+    another process's admissions are not seen, so a tier or a quota may be passed by what the
+    API processes admit in half a second; a batch's admission stays exact (`admit_batch`)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[float, list[tuple[str, str, int]]]] = {}
+        self._lock = threading.Lock()
+
+    def admit(
+        self, db: str, tenant: str, tier: str, lines: int, max_queued: int, max_waiting: int | None
+    ) -> None:
+        """AdmissionRefused, or room for `lines` more requests (counted here at once)."""
+        key = (tier, tenant)
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None or time.monotonic() - seen[0] > GLANCE_SECONDS:
+                with session(db, readonly=True) as s:
+                    rows = _waiting(s, tier, tenant, clock.seconds(s))
+                seen = self._seen[key] = (time.monotonic(), rows)
+            rows = seen[1]
+            _admit(
+                rows,
+                tenant=tenant,
+                tier=tier,
+                lines=lines,
+                max_queued=max_queued,
+                max_waiting=max_waiting,
+            )
+            for i, (t, k, n) in enumerate(rows):
+                if (t, k) == (tenant, tier):
+                    rows[i] = (t, k, n + lines)
+                    break
+            else:
+                rows.append((tenant, tier, lines))

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from offline_queue.states import BatchStatus, RequestState
 from offline_queue.store import clock
-from offline_queue.store.admission import RUNNABLE, admit_in, lock_admission
+from offline_queue.store.admission import RUNNABLE
+from offline_queue.store.batches import new_batch
 from offline_queue.store.db import session
 from offline_queue.store.results import ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result
@@ -24,22 +25,12 @@ WINDOW_SECONDS = 24 * 3600
 """A single response not answered within a day expires (OpenAI keeps background ones as long)."""
 
 
-def create(
-    db: str,
-    sub: Submission,
-    route: str,
-    line: Accepted,
-    *,
-    max_queued: int,
-    max_waiting: int | None,
-) -> Batch:
-    """Admit and queue one request (AdmissionRefused past the tenant's quota or tier's room)."""
-    assert sub.tenant is not None
+def create(db: str, sub: Submission, route: str, line: Accepted) -> Batch:
+    """Queue one admitted request (admission.Glance), in one transaction."""
     with session(db) as s:
-        lock_admission(s, sub.tier, sub.tenant)
-        batch = admit_in(
-            s, sub, max_queued=max_queued, max_waiting=max_waiting, window_seconds=WINDOW_SECONDS
-        )
+        now = clock.seconds(s)
+        batch = new_batch(sub, created_at=now, expires_at=now + WINDOW_SECONDS)
+        s.add(batch)
         batch.source, batch.route = SOURCE, route
         batch.total_lines, batch.ingested_through, batch.ingest_done = 1, 1, True
         s.flush()
