@@ -109,18 +109,32 @@ class Dispatcher:
         )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Rounds every POLL_SECONDS (at once again after a full round) until `stop` is set."""
+        """Until `stop` is set: every POLL_SECONDS, lease what is due and send each on a task
+        of its own — a round never waits for a slow endpoint, whose deliveries hold only their
+        own leases (PER_ENDPOINT of them at most)."""
         stop = stop or asyncio.Event()
+        sending: set[asyncio.Task[None]] = set()
         async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
             while not stop.is_set():
                 try:
-                    sent = await self.once(client)
+                    room = self.batch - len(sending)
+                    due = (
+                        await asyncio.to_thread(
+                            store.claim_due, self.db, self.owner, room, LEASE_SECONDS
+                        )
+                        if room > 0
+                        else []
+                    )
+                    for d in due:
+                        task = asyncio.create_task(self._send(client, d))
+                        sending.add(task)
+                        task.add_done_callback(sending.discard)
+                    await asyncio.to_thread(announce, self.db)
                 except Exception as exc:  # the store may be restarting: look again next time
                     log.warning("webhook round failed: %s", exc)
-                    sent = 0
-                if sent < self.batch:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+            await asyncio.gather(*sending, return_exceptions=True)
 
 
 def announce(db: str) -> None:

@@ -24,7 +24,7 @@ from offline_queue.store import batches, owners
 from offline_queue.store import webhooks as store
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch
-from offline_queue.webhooks import Dispatcher, new_secret
+from offline_queue.webhooks import Dispatcher, new_secret, run_in_thread
 from tests.conftest import REPO, cli_env, run_cli
 from tests.test_pipeline import line, write
 from tests.test_store import make_batch
@@ -45,6 +45,8 @@ class Receiver:
     url: str
     got: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
     fail_next: int = 0
+    delay: float = 0.0
+    """Seconds it takes to answer (a slow endpoint)."""
 
     def accepted(self) -> list[tuple[dict[str, str], bytes]]:
         return [(h, b) for h, b, status in self.got if status == 200]
@@ -60,6 +62,7 @@ def receivers() -> Iterator[list[Receiver]]:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                time.sleep(rec.delay)
                 status = 500 if rec.fail_next > 0 else 200
                 rec.fail_next -= status == 500
                 rec.got.append((dict(self.headers.items()), body, status))
@@ -203,3 +206,28 @@ def test_a_run_announces_its_end_and_the_cli_manages_endpoints(
     assert run_cli("webhooks", "remove", fields["id"], "--db", sqlite_url, env=env).returncode == 1
     bad = run_cli("webhooks", "add", "--url", "ftp://x", "--db", sqlite_url, env=env)
     assert bad.returncode == 2 and "--url" in bad.stderr
+
+
+def test_a_slow_endpoint_delays_nobody_elses(
+    sqlite_url: str, tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    """acme's endpoint takes 6 s to answer; globex's event, raised after acme's, is delivered
+    while acme's still waits (a dispatcher's round never waits for a slow endpoint)."""
+    slow, fast = receivers
+    slow.delay = 6.0
+    store.add_endpoint(sqlite_url, "acme", slow.url, new_secret(), list(EventType), 3600)
+    store.add_endpoint(sqlite_url, "globex", fast.url, new_secret(), list(EventType), 3600)
+    loop, stopping = run_in_thread(sqlite_url)
+    try:
+        ended_batch(sqlite_url, tmp_path, "acme", "a")
+        time.sleep(1.0)  # acme's delivery is on its way, and hangs
+        ended_at = time.monotonic()
+        ended_batch(sqlite_url, tmp_path, "globex", "g")
+        wait_for(lambda: len(fast.accepted()) == 1, timeout=30)
+        took = time.monotonic() - ended_at
+        assert not slow.got, "acme's endpoint answered already: it was not slow"
+        assert took < 3.0, took
+        wait_for(lambda: len(slow.accepted()) == 1, timeout=30)
+    finally:
+        loop.call_soon_threadsafe(stopping.set)
+    print(f"globex's event delivered {took:.1f} s after its batch ended, acme's still hanging")
