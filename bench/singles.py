@@ -12,6 +12,10 @@ stream taken into the queue.
    `offline-queue streams consume --no-serve` takes them all into the store (first entry
    queued → last); its peak RSS against one that took 10,000 (`RESULT stream_rss_ratio`, memory
    flat). Target ≥ 20,000/s.
+3. `RESULT flex_overhead_s`, `RESULT background_overhead_s`: on an idle loop (the API's own,
+   vLLM in process), one request at a time: a flex chat call's answer, and a background
+   response polled every 20 ms, each less the engine's own time for it (its result's latency);
+   the worst of `--latency` (5). Target ≤ 1 s.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -157,14 +162,86 @@ def stream_ingest(pg_url: str, redis_url: str, entries: int) -> None:
     print(f"RESULT stream_rss_ratio {large[1] / small[1]:.2f}")
 
 
+def latency(pg_url: str, work: Path, n: int) -> None:
+    """An idle loop (the API's own, vLLM in process): each flex call and background response,
+    one at a time, against the engine's own time for it (the result's latency)."""
+    import httpx
+    from sqlalchemy import select
+
+    from entrypoints.api.auth import create_key
+    from offline_queue.store.db import session
+    from offline_queue.store.tables import Result
+
+    store = create_database(pg_url, "oq_latency")
+    key = create_key(store, "acme", tiers=("critical", "standard", "bulk"))
+    port = free_port()
+    api = subprocess.Popen(
+        [str(BIN / "offline-queue"), "api", "serve", "--port", str(port), "--db", store,
+         "--data-dir", str(work / "api-latency")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    over: dict[str, list[float]] = {"flex": [], "background": []}
+    try:
+        wait_for(lambda: _up(port), timeout=120)
+        http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=600,
+        )
+        chat = {"model": "smollm2", "max_tokens": 8, "temperature": 0, "service_tier": "flex"}
+        http.post(
+            "/chat/completions", json={**chat, "messages": [{"role": "user", "content": "warm"}]}
+        )
+        for i in range(n):
+            began = time.perf_counter()
+            answer = http.post(
+                "/chat/completions",
+                json={**chat, "messages": [{"role": "user", "content": f"Count to {i}."}]},
+            )
+            took = time.perf_counter() - began
+            assert answer.status_code == 200, answer.text
+            over["flex"].append(took - _engine_seconds(store, select, session, Result))
+            began = time.perf_counter()
+            created = http.post(
+                "/responses",
+                json={
+                    "model": "smollm2",
+                    "input": f"Name {i} colours.",
+                    "max_output_tokens": 8,
+                    "background": True,
+                },
+            )
+            rid = created.json()["id"]
+            while http.get(f"/responses/{rid}").json()["status"] not in ("completed", "incomplete"):
+                time.sleep(0.02)
+            took = time.perf_counter() - began
+            over["background"].append(took - _engine_seconds(store, select, session, Result))
+    finally:
+        stop(api)
+    for kind, values in over.items():
+        worst = max(values)
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        print(f"{kind}: answered {shown} s after the engine's own time")
+        print(f"RESULT {kind}_overhead_s {worst:.2f}")
+
+
+def _engine_seconds(store: str, select: Any, session: Any, result: Any) -> float:
+    """The engine's time for the latest answered request (its result's latency)."""
+    with session(store) as s:
+        ms = s.scalar(select(result.latency_ms).order_by(result.finished_at.desc()).limit(1))
+    return float(ms or 0) / 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--responses", type=int, default=4000)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--latency", type=int, default=5, help="one-at-a-time requests")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d, postgres() as pg:
         background(pg.url, Path(d), args.responses, args.clients)
+        latency(pg.url, Path(d), args.latency)
         with redis_server() as redis_url:
             stream_ingest(pg.url, redis_url, args.entries)
 
