@@ -105,7 +105,7 @@ def serving_loop(
     )
     reporter.start()
     try:
-        loop.run()
+        loop.serve()
     finally:
         stop.set()
         served.show()

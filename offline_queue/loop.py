@@ -92,7 +92,7 @@ class ServingLoop:
 
     def start(self) -> ServingLoop:
         """`run` on a daemon thread (a one-machine run, the API's own loop)."""
-        self._thread = threading.Thread(target=self._run_logged, name="serving-loop", daemon=True)
+        self._thread = threading.Thread(target=self.serve, name="serving-loop", daemon=True)
         self._thread.start()
         return self
 
@@ -101,9 +101,10 @@ class ServingLoop:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _run_logged(self) -> None:
-        """`run`, started again a second after a failure (what it held goes back to the queue
-        when its leases run out) until it is drained."""
+    def serve(self) -> None:
+        """`run`, started again a second after a failure — the store restarting when the loop
+        joins, say (what it held goes back to the queue when its leases run out) — until it is
+        drained. What a node's loop process and `start` run."""
         while not self.draining:
             try:
                 self.run()
@@ -113,6 +114,7 @@ class ServingLoop:
                 time.sleep(1.0)
 
     def run(self) -> None:
+        self.keeper = LeaseKeeper(self.db, self.keeper.lease_seconds)  # a thread starts once
         loops.join(
             self.db,
             self.id,

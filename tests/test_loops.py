@@ -309,3 +309,33 @@ def test_a_loop_killed_mid_chunk_loses_nothing(
 def _no_loop_left() -> Any:
     yield
     assert not [t for t in threading.enumerate() if t.name == "serving-loop" and t.is_alive()]
+
+
+def test_a_loop_that_starts_while_the_store_is_down_serves_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """A node's loop process (`worker loop`) whose PostgreSQL is down when it joins (the fault
+    schedule saw such a process exit 1) is started again every second in its process, and
+    serves once the store is back."""
+    from instruments.postgres import create_database, postgres
+
+    route = in_process_route(None)
+    with postgres() as pg:
+        db = create_database(pg.url, "down")
+        bid = make_batch(db, tmp_path, 8, tag="d", max_tokens=4)
+        batches.label_batch(db, bid, route=route)
+        pg.kill()
+        proc = subprocess.Popen(
+            [*LOOP_COMMAND, "--db", db, *LOOP_FLAGS],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(20)  # its engine loads, its first joins fail
+            assert proc.poll() is None, "the loop process exited while the store was down"
+            pg.start()
+            wait_for(lambda: results.settled_requests(db, bid) == 8, timeout=180)
+        finally:
+            proc.terminate()
+            proc.wait(60)

@@ -165,7 +165,7 @@ def worker_loop(
     apply_engine_env()
     use_prefect_defaults()
     if not os.environ.get("PREFECT_API_URL"):
-        node_loop(engine, model, resolve_url(db), chunk_size, lease_seconds).run()
+        node_loop(engine, model, resolve_url(db), chunk_size, lease_seconds).serve()
         return
     # No --db nor OFFLINE_QUEUE_DB: the store block `pools apply` saved (the cluster's).
     store = None if db or os.environ.get("OFFLINE_QUEUE_DB") else "default"

@@ -21,7 +21,9 @@ LOOP_BEAT_SECONDS = 2.0
 def join(
     db: str, loop_id: str, node: str, route: str, devices: str | None, model_version: str
 ) -> None:
+    """The loop's row, new (a loop started again after a failure may find its old one)."""
     with session(db) as s:
+        s.execute(delete(ServingLoop).where(ServingLoop.id == loop_id))
         s.execute(
             insert(ServingLoop).values(
                 id=loop_id,
