@@ -164,3 +164,47 @@ def test_a_queued_response_is_cancelled_and_a_client_that_leaves_cancels_its_cal
     with session(unserved.db) as s:
         kinds = list(s.scalars(select(WebhookEvent.type).where(WebhookEvent.data_id == late.id)))
     assert kinds == ["response.incomplete"]
+
+
+def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
+    tmp_path: Path, pg_url: str, vllm_server: str, prefect_api: str
+) -> None:
+    """The real command, in an environment that does not ask for a process's own loops (the
+    test session's does): `api serve` without --deployment serves its single requests itself."""
+    import os
+    import subprocess
+
+    from entrypoints.api.auth import create_key
+    from flows.serving import SERVE_HERE_ENV
+    from instruments.loopback import free_port
+    from instruments.processes import BIN, stop
+    from tests.conftest import REPO, cli_env
+
+    key = create_key(pg_url, "acme", tiers=("standard", "bulk"))
+    port = free_port()
+    env = {k: v for k, v in cli_env(prefect_api).items() if k != SERVE_HERE_ENV}
+    api = subprocess.Popen(
+        [str(BIN / "offline-queue"), "api", "serve", "--port", str(port), "--db", pg_url,
+         "--engine", vllm_server, "--data-dir", str(tmp_path / "api")],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=120)
+        wait_for(lambda: _up(port), timeout=120)
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            service_tier="flex",
+        )
+        assert answer.choices[0].message.content is not None
+    finally:
+        stop(api)
+    assert os.environ.get(SERVE_HERE_ENV)  # the session's own is untouched
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -11,6 +11,7 @@ OpenAI's flex does). A synchronous call whose client goes away is cancelled.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import uuid
@@ -101,8 +102,8 @@ def _route(settings: ApiSettings, model: str) -> tuple[str, str | None, str | No
     return found
 
 
-def _queue(settings: ApiSettings, caller: Caller, url: str, body: dict[str, Any]) -> str:
-    """Validate and admit one request; returns its response id (its batch's id)."""
+def _queue(settings: ApiSettings, caller: Caller, url: str, body: dict[str, Any]) -> store.Seen:
+    """Validate, admit and queue one request: what the store now holds of it."""
     service_tier = body.pop("service_tier", None)  # the queue's, not the engine's
     tier = _tier(caller, service_tier)
     response_id = f"resp_{uuid.uuid4().hex}"
@@ -123,14 +124,16 @@ def _queue(settings: ApiSettings, caller: Caller, url: str, body: dict[str, Any]
         )
     except admission.AdmissionRefused as exc:
         raise api_error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "5"}) from exc
-    store.create(settings.db, sub, route, checked)
+    batch = store.create(settings.db, sub, route, checked)
     if settings.deployment is None:  # this process serves its own work
-        from flows.serving import keep_own_loop
+        from flows.serving import SERVE_HERE_ENV, keep_own_loop
         from offline_queue.runs import BatchRun
+
+        os.environ[SERVE_HERE_ENV] = "1"  # as a batch run here does (runs.run_here)
 
         run = BatchRun(input="-", engine=engine, model=model, lease_seconds=settings.lease_seconds)
         keep_own_loop(settings.db, route, run)
-    return response_id
+    return store.Seen(batch, "queued", None)
 
 
 def response_object(seen: store.Seen, service_tier: str | None = None) -> dict[str, Any]:
@@ -212,12 +215,10 @@ async def create_response(request: Request, caller: Caller) -> Any:
         raise api_error(
             400, "background: true or false", "invalid_request_error", param="background"
         )
-    rid = await asyncio.to_thread(_queue, settings, caller, "/v1/responses", body)
+    queued = await asyncio.to_thread(_queue, settings, caller, "/v1/responses", body)
     if background:
-        seen = await asyncio.to_thread(store.look, settings.db, caller.tenant, rid)
-        assert seen is not None
-        return response_object(seen, tier_asked)
-    seen = await _answer(request, settings, caller, rid)
+        return response_object(queued, tier_asked)
+    seen = await _answer(request, settings, caller, queued.batch.id)
     if seen.batch.status != BatchStatus.COMPLETED:
         return _failed(seen)
     obj = response_object(seen, tier_asked)
@@ -231,8 +232,8 @@ async def chat_completion(request: Request, caller: Caller) -> Any:
     settings = settings_of(request)
     body = await _body(request)
     tier_asked = body.get("service_tier")
-    rid = await asyncio.to_thread(_queue, settings, caller, "/v1/chat/completions", body)
-    seen = await _answer(request, settings, caller, rid)
+    queued = await asyncio.to_thread(_queue, settings, caller, "/v1/chat/completions", body)
+    seen = await _answer(request, settings, caller, queued.batch.id)
     if seen.batch.status != BatchStatus.COMPLETED or seen.result is None or not seen.result.body:
         return _failed(seen)
     answer: dict[str, Any] = orjson.loads(seen.result.body)
