@@ -91,6 +91,11 @@ def get_engine(url: str) -> Engine:
     """The process's engine for `url`, with the schema migrated to head."""
     sa_url = make_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if sa_url.get_backend_name() == "postgresql":
+        # Connections open lazily, so a process that needs two holds two; one that serves many
+        # callers at once (the API: 32 clients) keeps up to 20 open instead of opening and
+        # closing one per transaction past the pool (a server process forked each time).
+        kwargs.update(pool_size=20, max_overflow=20)
     if sa_url.get_backend_name() == "sqlite":
         if sa_url.database and sa_url.database != ":memory:":
             _private_file(Path(sa_url.database))
