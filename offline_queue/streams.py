@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ from offline_queue.validate import Accepted, Limits, Rejected, validate_line
 log = logging.getLogger(__name__)
 
 RESULTS_SUFFIX = ":results"
+REPLY_SECONDS = 0.25
+"""How often a consumer looks for answers to write (a look is over every unreplied entry)."""
+WAITING_SECONDS = 1.0
+"""How stale the backlog a consumer stops reading at may be (the rest it counts itself)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class StreamConsumer:
         self._stop = threading.Event()
         self.taken = self.queued = self.rejected = self.replied = 0
         self._recovered = False
+        self._counted, self._counted_at, self._taken_at_count = 0, -WAITING_SECONDS, 0
 
     # -- the group ---------------------------------------------------------------------------
 
@@ -113,9 +119,12 @@ class StreamConsumer:
     def run(self) -> None:
         """Take and reply until stopped."""
         self.join()
+        replied_at = 0.0
         while not self._stop.is_set():
             took = self.take_once()
-            answered = self.reply_once()
+            answered = 0
+            if time.monotonic() - replied_at > REPLY_SECONDS:  # a look over the unreplied
+                answered, replied_at = self.reply_once(), time.monotonic()
             if not took and not answered and self._stop.wait(0.05):
                 break
 
@@ -124,7 +133,7 @@ class StreamConsumer:
     def take_once(self) -> int:
         """One read: this consumer's own pending entries first (after a restart), then those a
         dead consumer left idle, then new ones. Returns how many were taken."""
-        room = min(self.s.read_count, self.s.max_pending - store.waiting(self.db, self.s.stream))
+        room = min(self.s.read_count, self.s.max_pending - self._waiting())
         if room <= 0:  # the stream holds the surge
             self._stop.wait(self.s.block_ms / 1000)
             return 0
@@ -140,6 +149,18 @@ class StreamConsumer:
         if entries:
             self._take(entries)
         return len(entries)
+
+    def _waiting(self) -> int:
+        """The stream's entries waiting in the store: counted (a count over the queue) every
+        WAITING_SECONDS, or at once when a read could reach `max_pending`; in between, what
+        this consumer took since is added on."""
+        now = time.monotonic()
+        guess = self._counted + self.taken - self._taken_at_count
+        near = guess + self.s.read_count >= self.s.max_pending
+        if near or now - self._counted_at > WAITING_SECONDS:
+            self._counted = store.waiting(self.db, self.s.stream)
+            self._counted_at, self._taken_at_count = now, self.taken
+        return self._counted + self.taken - self._taken_at_count
 
     def _pending_own(self, room: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         read: Any = self.redis.xreadgroup(self.s.group, self.name, {self.s.stream: "0"}, count=room)

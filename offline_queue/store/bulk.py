@@ -27,21 +27,31 @@ def _mark(conn: Connection) -> str:
 
 
 def insert_ignoring_conflicts(
-    conn: Connection, table: type[Base], columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
-) -> None:
+    conn: Connection,
+    table: type[Base],
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    returning: str | None = None,
+) -> list[Any]:
     """INSERT … ON CONFLICT DO NOTHING of `rows` (tuples in `columns` order): a row whose key is
-    there already (a replayed settle, two ingesters of one batch) is skipped, not an error."""
+    there already (a replayed settle, two ingesters of one batch) is skipped, not an error.
+    `returning`: a column whose values, of the rows inserted, are returned."""
+    inserted: list[Any] = []
     if not rows:
-        return
+        return inserted
     row_marks = "(" + ", ".join([_mark(conn)] * len(columns)) + ")"
     per_statement = max(1, MAX_PARAMETERS // len(columns))
     head = f"INSERT INTO {table.__tablename__} ({', '.join(columns)}) VALUES "
+    tail = " ON CONFLICT DO NOTHING" + (f" RETURNING {returning}" if returning else "")
     for start in range(0, len(rows), per_statement):
         part = rows[start : start + per_statement]
-        conn.exec_driver_sql(
-            head + ", ".join([row_marks] * len(part)) + " ON CONFLICT DO NOTHING",
+        done = conn.exec_driver_sql(
+            head + ", ".join([row_marks] * len(part)) + tail,
             tuple(value for row in part for value in row),
         )
+        if returning:
+            inserted += [row[0] for row in done]
+    return inserted
 
 
 def select_in(

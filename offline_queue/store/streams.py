@@ -12,6 +12,7 @@ from sqlalchemy import and_, exists, func, insert, or_, select, update
 from offline_queue.states import BatchStatus, RequestState
 from offline_queue.store import clock
 from offline_queue.store.batches import new_batch
+from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.results import ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result, StreamEntry
@@ -19,6 +20,7 @@ from offline_queue.submission import Submission
 from offline_queue.validate import Accepted
 
 SOURCE = "stream"
+ENTRY_COLUMNS = ("stream", "custom_id", "entry_id", "batch_id", "line_no", "reply_to")
 
 
 @dataclass(frozen=True)
@@ -36,20 +38,22 @@ def queue_entries(
     """Queue the entries whose custom_id the stream has not seen, as one batch (`sub`), with
     their stream_entries rows, in one transaction. Returns the entry ids queued now; the
     others were taken before (a redelivery, a repeat) and wait for, or have, their answer."""
+    rows = [
+        (stream, e.line.custom_id, e.entry_id, sub.id, n, e.reply_to)
+        for n, e in enumerate(entries, 1)
+    ]
     with session(db) as s:
-        seen = set(
-            s.scalars(
-                select(StreamEntry.custom_id).where(
-                    StreamEntry.stream == stream,
-                    StreamEntry.custom_id.in_([e.line.custom_id for e in entries]),
-                )
+        # The key decides: an entry whose (stream, custom_id) is there is not queued again.
+        new = set(
+            insert_ignoring_conflicts(
+                s.connection(), StreamEntry, ENTRY_COLUMNS, rows, returning="custom_id"
             )
         )
-        fresh: list[Entry] = []
-        for e in entries:
-            if e.line.custom_id not in seen:
-                seen.add(e.line.custom_id)
-                fresh.append(e)
+        fresh: list[tuple[int, Entry]] = []
+        for n, e in enumerate(entries, 1):
+            if e.line.custom_id in new:  # the first of a custom_id twice in one read
+                new.discard(e.line.custom_id)
+                fresh.append((n, e))
         if not fresh:
             return []
         batch = new_batch(sub, created_at=clock.seconds(s))
@@ -72,24 +76,10 @@ def queue_entries(
                     "not_before": 0.0,
                     "prefix_key": e.line.prefix_key,
                 }
-                for n, e in enumerate(fresh, 1)
+                for n, e in fresh
             ],
         )
-        s.execute(
-            insert(StreamEntry),
-            [
-                {
-                    "stream": stream,
-                    "custom_id": e.line.custom_id,
-                    "entry_id": e.entry_id,
-                    "batch_id": sub.id,
-                    "line_no": n,
-                    "reply_to": e.reply_to,
-                }
-                for n, e in enumerate(fresh, 1)
-            ],
-        )
-    return [e.entry_id for e in fresh]
+    return [e.entry_id for _, e in fresh]
 
 
 @dataclass(frozen=True)
