@@ -142,7 +142,7 @@ def take(r: object, pg_url: str, redis_url: str, n: int, name: str) -> tuple[flo
     try:
         wait_for(lambda: stream_store.waiting(store, stream) > 0, timeout=300, interval=0.05)
         began = time.perf_counter()
-        wait_for(lambda: stream_store.waiting(store, stream) >= n, timeout=900, interval=0.2)
+        wait_for(lambda: stream_store.waiting(store, stream) >= n, timeout=900, interval=1.0)
         seconds = time.perf_counter() - began
         status = Path(f"/proc/{consumer.pid}/status").read_text()
         peak_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])

@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 
 from offline_queue.states import BatchStatus, RequestState
 from offline_queue.store import clock
 from offline_queue.store.batches import new_batch
 from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import session
+from offline_queue.store.ingest import REQUEST_COLUMNS
 from offline_queue.store.results import ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result, StreamEntry
 from offline_queue.submission import Submission
@@ -61,24 +62,16 @@ def queue_entries(
         batch.total_lines, batch.ingested_through, batch.ingest_done = len(fresh), len(fresh), True
         s.add(batch)
         s.flush()
-        s.execute(
-            insert(Request),
+        insert_ignoring_conflicts(
+            s.connection(),
+            Request,
+            REQUEST_COLUMNS,
             [
-                {
-                    "batch_id": sub.id,
-                    "line_no": n,
-                    "custom_id": e.line.custom_id,
-                    "url": e.line.url,
-                    "body": e.line.body_json,
-                    "cache_digest": e.line.cache_digest,
-                    "state": RequestState.QUEUED,
-                    "attempts": 0,
-                    "not_before": 0.0,
-                    "prefix_key": e.line.prefix_key,
-                }
+                (sub.id, n, e.line.custom_id, e.line.url, e.line.body_json, e.line.cache_digest,
+                 RequestState.QUEUED, 0, 0.0, e.line.prefix_key)
                 for n, e in fresh
             ],
-        )
+        )  # fmt: skip
     return [e.entry_id for _, e in fresh]
 
 
@@ -95,11 +88,23 @@ def claim_replies(
     """Lease up to `limit` answered, unreplied entries of the stream to this consumer."""
     free = or_(StreamEntry.reply_lease.is_(None), StreamEntry.reply_lease < clock.now())
     answered = and_(Result.batch_id == StreamEntry.batch_id, Result.line_no == StreamEntry.line_no)
+    # Only the stream's open batches that have an answer are looked into: a look stays cheap
+    # while a surge of unanswered entries waits (a probe per open batch, not per entry).
+    answered_batches = select(Batch.id).where(
+        Batch.source == SOURCE,
+        Batch.input_path == input_path(stream),
+        Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)),
+        exists().where(Result.batch_id == Batch.id),
+    )
     with session(db) as s:
+        batch_ids = list(s.scalars(answered_batches))
+        if not batch_ids:
+            return []
         keys = s.execute(
             select(StreamEntry.custom_id)
             .where(
                 StreamEntry.stream == stream,
+                StreamEntry.batch_id.in_(batch_ids),
                 StreamEntry.replied_at.is_(None),
                 free,
                 exists().where(answered),
