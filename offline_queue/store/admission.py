@@ -135,7 +135,8 @@ def admit_batch(
     if tenant is None:
         raise ValueError("an admitted batch has a tenant")
     with session(db) as s:
-        lock_admission(s, tier, tenant)
+        _lock(s, f"tier:{tier}")
+        _lock(s, f"tenant:{tenant}")
         if sub.idempotency_key:
             existing = s.scalar(
                 select(Batch).where(
@@ -147,36 +148,18 @@ def admit_batch(
                 if differ:
                     raise IdempotencyConflict(existing.id, differ)
                 return existing, False
-        batch = admit_in(
-            s, sub, max_queued=max_queued, max_waiting=max_waiting, window_seconds=window_seconds
+        now = clock.seconds(s)  # the store's time: every worker judges expiry by it
+        _admit(
+            _waiting(s, tier, tenant, now),
+            tenant=tenant,
+            tier=tier,
+            lines=sub.total_lines,
+            max_queued=max_queued,
+            max_waiting=max_waiting,
         )
+        batch = new_batch(sub, created_at=now, expires_at=now + window_seconds)
+        s.add(batch)
     return batch, True
-
-
-def admit_in(
-    s: Session, sub: Submission, *, max_queued: int, max_waiting: int | None, window_seconds: int
-) -> Batch:
-    """In `s`'s transaction (the tier's and tenant's locks taken): the new batch, added, if
-    `_admit` lets it in."""
-    assert sub.tenant is not None
-    now = clock.seconds(s)  # the store's time: every worker judges expiry by it
-    _admit(
-        _waiting(s, sub.tier, sub.tenant, now),
-        tenant=sub.tenant,
-        tier=sub.tier,
-        lines=sub.total_lines,
-        max_queued=max_queued,
-        max_waiting=max_waiting,
-    )
-    batch = new_batch(sub, created_at=now, expires_at=now + window_seconds)
-    s.add(batch)
-    return batch
-
-
-def lock_admission(s: Session, tier: str, tenant: str) -> None:
-    """What `admit_in` needs held first (on PostgreSQL; SQLite's writer lock already is)."""
-    _lock(s, f"tier:{tier}")
-    _lock(s, f"tenant:{tenant}")
 
 
 GLANCE_SECONDS = 0.5
