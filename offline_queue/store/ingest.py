@@ -38,6 +38,23 @@ REQUEST_COLUMNS = (
 """The columns ingest fills: the rest start empty."""
 
 
+def queued_row(batch_id: str, line_no: int, item: Accepted) -> tuple[Any, ...]:
+    """A request just queued, in REQUEST_COLUMNS order (a file's line, a stream entry, a single
+    response)."""
+    return (
+        batch_id,
+        line_no,
+        item.custom_id,
+        item.url,
+        item.body_json,
+        item.cache_digest,
+        RequestState.QUEUED,
+        0,
+        0.0,
+        item.prefix_key,
+    )
+
+
 @dataclass
 class IngestReport:
     accepted: int = 0
@@ -96,20 +113,7 @@ def ingest(
         if isinstance(item, Accepted):
             report.accepted += 1
             report.endpoints.add(item.url)
-            requests.append(
-                (
-                    batch_id,
-                    item.line_no,
-                    item.custom_id,
-                    item.url,
-                    item.body_json,
-                    item.cache_digest,
-                    RequestState.QUEUED,
-                    0,
-                    0.0,
-                    item.prefix_key,
-                )
-            )
+            requests.append(queued_row(batch_id, item.line_no, item))
         else:
             report.rejected += 1
             rejections.append(

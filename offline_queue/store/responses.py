@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from sqlalchemy import exists, insert, select, update
 from sqlalchemy.orm import Session
 
-from offline_queue.states import BatchStatus, RequestState
+from offline_queue.states import LIVE_STATES, BatchStatus, RequestState
 from offline_queue.store import clock
 from offline_queue.store.admission import RUNNABLE
 from offline_queue.store.db import session
-from offline_queue.store.results import ResultLine
+from offline_queue.store.ingest import REQUEST_COLUMNS, queued_row
+from offline_queue.store.results import RESULT_LINE, ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result
 from offline_queue.submission import Submission
 from offline_queue.validate import Accepted
@@ -45,20 +46,8 @@ def create(db: str, sub: Submission, route: str, line: Accepted) -> Batch:
             )
             .returning(Batch.created_at)
         )
-        s.execute(
-            insert(Request).values(
-                batch_id=sub.id,
-                line_no=1,
-                custom_id=line.custom_id,
-                url=line.url,
-                body=line.body_json,
-                cache_digest=line.cache_digest,
-                state=RequestState.QUEUED,
-                attempts=0,
-                not_before=0.0,
-                prefix_key=line.prefix_key,
-            )
-        )
+        row = queued_row(sub.id, 1, line)
+        s.execute(insert(Request).values(dict(zip(REQUEST_COLUMNS, row, strict=True))))
     return Batch(**values, created_at=created)
 
 
@@ -72,9 +61,21 @@ class Seen:
 
 
 def look(db: str, tenant: str, response_id: str) -> Seen | None:
-    """The tenant's response (None for another tenant's, or none), closed first if its result
-    is in."""
-    close(db, response_id)
+    """The tenant's response (None for another tenant's, or none); closed, and read again, when
+    its result is in and nobody closed it yet. A look while it waits writes nothing: a
+    synchronous call looks every 50 ms."""
+    seen = _read(db, tenant, response_id)
+    if (
+        seen is not None
+        and seen.batch.status in RUNNABLE
+        and seen.state not in LIVE_STATES
+        and close(db, response_id)
+    ):
+        seen = _read(db, tenant, response_id)
+    return seen
+
+
+def _read(db: str, tenant: str, response_id: str) -> Seen | None:
     with session(db, readonly=True) as s:
         batch = s.scalar(
             select(Batch).where(
@@ -84,18 +85,7 @@ def look(db: str, tenant: str, response_id: str) -> Seen | None:
         if batch is None:
             return None
         state = s.scalar(select(Request.state).where(Request.batch_id == response_id))
-        row = s.execute(
-            select(
-                Result.line_no,
-                Result.custom_id,
-                Result.response_id,
-                Result.ok,
-                Result.status_code,
-                Result.body,
-                Result.error_code,
-                Result.error_message,
-            ).where(Result.batch_id == response_id)
-        ).first()
+        row = s.execute(select(*RESULT_LINE).where(Result.batch_id == response_id)).first()
     return Seen(batch, state, ResultLine(*row) if row is not None else None)
 
 

@@ -195,26 +195,26 @@ class ResultLine(NamedTuple):
     error_message: str | None
 
 
+RESULT_LINE = (
+    Result.line_no,
+    Result.custom_id,
+    Result.response_id,
+    Result.ok,
+    Result.status_code,
+    Result.body,
+    Result.error_code,
+    Result.error_message,
+)
+"""The columns a ResultLine is made of, in its order."""
+
+
 def iter_results(
     db: str, batch_id: str, chunk: int = 5000, ok: bool | None = None
 ) -> Iterator[ResultLine]:
     """Every result row of a batch in line order (only the outputs, or only the errors, when
     `ok` says), streamed (a million rows never in memory) and fetched at the driver: building
     a SQLAlchemy row, let alone an ORM object, per line was most of finalize."""
-    stmt = (
-        select(
-            Result.line_no,
-            Result.custom_id,
-            Result.response_id,
-            Result.ok,
-            Result.status_code,
-            Result.body,
-            Result.error_code,
-            Result.error_message,
-        )
-        .where(Result.batch_id == batch_id)
-        .order_by(Result.line_no)
-    )
+    stmt = select(*RESULT_LINE).where(Result.batch_id == batch_id).order_by(Result.line_no)
     if ok is not None:
         stmt = stmt.where(Result.ok.is_(ok))
     with session(db, readonly=True) as s:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, exists, func, or_, select, update
 
-from offline_queue.states import BatchStatus, RequestState
+from offline_queue.states import BatchStatus
 from offline_queue.store import clock
 from offline_queue.store.batches import new_batch
 from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import session
-from offline_queue.store.ingest import REQUEST_COLUMNS
-from offline_queue.store.results import ResultLine
+from offline_queue.store.ingest import REQUEST_COLUMNS, queued_row
+from offline_queue.store.results import RESULT_LINE, ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result, StreamEntry
 from offline_queue.submission import Submission
 from offline_queue.validate import Accepted
@@ -66,12 +66,8 @@ def queue_entries(
             s.connection(),
             Request,
             REQUEST_COLUMNS,
-            [
-                (sub.id, n, e.line.custom_id, e.line.url, e.line.body_json, e.line.cache_digest,
-                 RequestState.QUEUED, 0, 0.0, e.line.prefix_key)
-                for n, e in fresh
-            ],
-        )  # fmt: skip
+            [queued_row(sub.id, n, e.line) for n, e in fresh],
+        )
     return [e.entry_id for _, e in fresh]
 
 
@@ -125,18 +121,7 @@ def claim_replies(
             )
         )
         rows = s.execute(
-            select(
-                StreamEntry.reply_to,
-                StreamEntry.custom_id,
-                Result.line_no,
-                Result.custom_id,
-                Result.response_id,
-                Result.ok,
-                Result.status_code,
-                Result.body,
-                Result.error_code,
-                Result.error_message,
-            )
+            select(StreamEntry.reply_to, StreamEntry.custom_id, *RESULT_LINE)
             .join(Result, answered)
             .where(StreamEntry.stream == stream, StreamEntry.custom_id.in_(taken))
         ).all()
