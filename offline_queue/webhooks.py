@@ -77,12 +77,16 @@ class Dispatcher:
 
     async def once(self, client: httpx.AsyncClient) -> int:
         """Lease what is due, send it all at once, settle each; returns how many were sent."""
-        due = await asyncio.to_thread(
-            store.claim_due, self.db, self.owner, self.batch, LEASE_SECONDS
-        )
+        due = await self._lease(self.batch)
         await asyncio.gather(*(self._send(client, d) for d in due))
         await asyncio.to_thread(announce, self.db)
         return len(due)
+
+    async def _lease(self, room: int) -> list[store.Due]:
+        """Up to `room` due deliveries, leased to this dispatcher."""
+        if room <= 0:
+            return []
+        return await asyncio.to_thread(store.claim_due, self.db, self.owner, room, LEASE_SECONDS)
 
     async def _send(self, client: httpx.AsyncClient, due: store.Due) -> None:
         body = payload(due)
@@ -117,15 +121,7 @@ class Dispatcher:
         async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
             while not stop.is_set():
                 try:
-                    room = self.batch - len(sending)
-                    due = (
-                        await asyncio.to_thread(
-                            store.claim_due, self.db, self.owner, room, LEASE_SECONDS
-                        )
-                        if room > 0
-                        else []
-                    )
-                    for d in due:
+                    for d in await self._lease(self.batch - len(sending)):
                         task = asyncio.create_task(self._send(client, d))
                         sending.add(task)
                         task.add_done_callback(sending.discard)
