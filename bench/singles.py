@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from instruments.loopback import free_port  # noqa: E402
+from instruments.loopback import free_port, healthy  # noqa: E402
 from instruments.postgres import create_database, postgres  # noqa: E402
 from instruments.processes import BIN, stop, wait_for  # noqa: E402
 from instruments.redis_server import redis_server  # noqa: E402
@@ -84,7 +84,7 @@ def background(pg_url: str, work: Path, total: int, clients: int) -> None:
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_for(lambda: _up(port), timeout=120)
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}/health"), timeout=120)
         url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(hammer(url, key, 200, clients))  # warm-up
         seconds, ids = asyncio.run(hammer(url, key, total, clients))
@@ -106,15 +106,6 @@ def background(pg_url: str, work: Path, total: int, clients: int) -> None:
     print(f"RESULT background_accepted_per_s {total / seconds:.0f}")
     print(f"RESULT background_lost {lost}")
     print(f"RESULT background_duplicated {dup}")
-
-
-def _up(port: int) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def take(r: object, pg_url: str, redis_url: str, n: int, name: str) -> tuple[float, float]:
@@ -183,7 +174,7 @@ def latency(pg_url: str, work: Path, n: int) -> None:
     )  # fmt: skip
     over: dict[str, list[float]] = {"flex": [], "background": []}
     try:
-        wait_for(lambda: _up(port), timeout=120)
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}/health"), timeout=120)
         http = httpx.Client(
             base_url=f"http://127.0.0.1:{port}/v1",
             headers={"Authorization": f"Bearer {key}"},

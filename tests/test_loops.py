@@ -33,6 +33,16 @@ LOOP_COMMAND = [sys.executable, "-m", "entrypoints.cli", "worker", "loop"]
 LOOP_FLAGS = ["--chunk-size", "8", "--lease-seconds", "3"]
 
 
+def loop_process(db: str) -> subprocess.Popen[bytes]:
+    """`offline-queue worker loop` on the bundled model's route, as a node runs it."""
+    return subprocess.Popen(
+        [*LOOP_COMMAND, "--db", db, *LOOP_FLAGS],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def queued(db: str, tmp_path: Path, n: int, tag: str, **fields: Any) -> str:
     """A batch of `n` lines, queued, on ROUTE (or `route=`), with its tier and weight."""
     bid = make_batch(db, tmp_path, n, tag=tag, max_tokens=6)
@@ -265,12 +275,7 @@ def test_a_loop_killed_mid_chunk_loses_nothing(
     bid = make_batch(sqlite_url, tmp_path, 24, tag="k", max_tokens=24)
     route = in_process_route(None)
     batches.label_batch(sqlite_url, bid, route=route)
-    proc = subprocess.Popen(
-        [*LOOP_COMMAND, "--db", sqlite_url, *LOOP_FLAGS],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = loop_process(sqlite_url)
     try:
 
         def leased() -> bool:
@@ -325,12 +330,7 @@ def test_a_loop_that_starts_while_the_store_is_down_serves_once_it_is_back(
         bid = make_batch(db, tmp_path, 8, tag="d", max_tokens=4)
         batches.label_batch(db, bid, route=route)
         pg.kill()
-        proc = subprocess.Popen(
-            [*LOOP_COMMAND, "--db", db, *LOOP_FLAGS],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = loop_process(db)
         try:
             time.sleep(20)  # its engine loads, its first joins fail
             assert proc.poll() is None, "the loop process exited while the store was down"

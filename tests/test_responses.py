@@ -176,7 +176,7 @@ def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
 
     from entrypoints.api.auth import create_key
     from flows.serving import SERVE_HERE_ENV
-    from instruments.loopback import free_port
+    from instruments.loopback import free_port, healthy
     from instruments.processes import BIN, stop
     from tests.conftest import REPO, cli_env
 
@@ -190,7 +190,7 @@ def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
     )  # fmt: skip
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=120)
-        wait_for(lambda: _up(port), timeout=120)
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}/health"), timeout=120)
         answer = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "Hi"}],
@@ -201,10 +201,3 @@ def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
     finally:
         stop(api)
     assert os.environ.get(SERVE_HERE_ENV)  # the session's own is untouched
-
-
-def _up(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
