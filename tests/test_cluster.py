@@ -330,7 +330,7 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
     def start(name: str, deployment: str, n: int) -> UUID:
         paths[name] = write(
             tmp_path / f"{name}.jsonl",
-            [line(f"{name}-{i}", max_tokens=16, ignore_eos=True) for i in range(n)],
+            [line(f"{name}-{i}", max_tokens=32, ignore_eos=True) for i in range(n)],
         )
         started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
             f"batch-inference/{deployment}", parameters={"input": str(paths[name])}, timeout=0
@@ -342,8 +342,8 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
             return s.scalar(select(Batch).where(Batch.input_path == str(paths[name])))
 
     with api(env):
-        # 450 requests: more than the engine runs at once (~240 on this CPU build).
-        runs = {f"bulk-{k}": start(f"bulk-{k}", "local-bulk", 150) for k in range(3)}
+        # 600 requests: more than the engine runs at once (~240 on this CPU build).
+        runs = {f"bulk-{k}": start(f"bulk-{k}", "local-bulk", 200) for k in range(3)}
         wait_for(lambda: (b := stored("bulk-0")) is not None and b.in_progress_at, timeout=300)
         created = time.time()
         runs["critical"] = start("critical", "local-critical", 4)
@@ -386,7 +386,7 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
     )
     behind = [n for n, left in waiting.items() if left > 0]
     print(f"bulk requests still queued when the critical batch was: {waiting}")
-    # 450 bulk requests, more than the engine runs at once: the loop claims a chunk only when
+    # 600 bulk requests, more than the engine runs at once: the loop claims a chunk only when
     # none of the engine's requests waits, so at least one bulk batch is still queued.
     assert behind, waiting
     assert all(ended["critical"] <= ended[n] for n in behind), (ended, waiting)
