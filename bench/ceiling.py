@@ -55,7 +55,7 @@ def phases(db: str, batch_id: str) -> dict[str, float]:
 
 
 def ceiling(n: int, chunk_size: int, db: str, work: Path, profile: str | None) -> dict:
-    from flows.batch import batch_inference
+    from offline_queue.flows.batch import batch_inference
 
     InstantBenchmarkEngine().save(BLOCK.split("/")[1], overwrite=True)
     warm = write_lines(work / "warm.jsonl", 1000, "warm", first=n)

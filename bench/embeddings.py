@@ -69,8 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     n = args.inputs
 
-    from flows.batch import batch_inference
     from offline_queue.engines.vllm_local import VLLMSettings, local_engine
+    from offline_queue.flows.batch import batch_inference
     from offline_queue.model import BUNDLED_EMBEDDING_NAME
 
     engine = local_engine(VLLMSettings(model=BUNDLED_EMBEDDING_NAME))

@@ -37,8 +37,8 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 def overhead(n: int, chunk_size: int, work: Path) -> float:
     from vllm import SamplingParams
 
-    from flows.batch import batch_inference
     from offline_queue.engines.vllm_local import VLLMSettings, local_engine
+    from offline_queue.flows.batch import batch_inference
 
     engine = local_engine(VLLMSettings())
     db = f"sqlite:///{work / 'bench.db'}"

@@ -113,7 +113,7 @@ def bare(engine: Any, items: list[dict]) -> tuple[float, int]:
 
 def ours(engine: Any, items: list[dict], work: Path, db: str, chunk_size: int) -> tuple[float, int]:
     """Seconds and output tokens of the batch flow on the file as given."""
-    from flows.batch import batch_inference
+    from offline_queue.flows.batch import batch_inference
 
     engine.llm.reset_prefix_cache()
     path = write_jsonl(work / f"{items[0]['custom_id']}.jsonl", items)
@@ -150,8 +150,8 @@ def main() -> None:
     parser.add_argument("--bare-only", action="store_true", help="skip the flow")
     args = parser.parse_args()
 
-    from flows.batch import batch_inference
     from offline_queue.engines.vllm_local import VLLMSettings, local_engine
+    from offline_queue.flows.batch import batch_inference
 
     engine = local_engine(VLLMSettings())
     n, p, t = args.requests, args.prefixes, args.prefix_tokens

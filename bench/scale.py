@@ -37,7 +37,7 @@ BLOCK = "instant-benchmark-engine/bench"
 def worker(path: str, db: str, chunk_size: int) -> None:
     """One worker process: the flow on the shared batch, with the instant engine."""
     import bench.instant  # noqa: F401  (registers the block type in this process)
-    from flows.batch import batch_inference
+    from offline_queue.flows.batch import batch_inference
 
     batch_inference(input=path, db=db, engine=BLOCK, chunk_size=chunk_size)
 
@@ -46,7 +46,7 @@ def queue_batch(path: Path, db: str) -> str:
     """Register and queue the batch once, with the flow's own first two tasks."""
     from prefect import flow
 
-    from flows.batch import submit, validate_and_queue
+    from offline_queue.flows.batch import submit, validate_and_queue
     from offline_queue.runs import BatchRun
     from offline_queue.states import Tier
 

@@ -78,8 +78,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     args = parser.parse_args()
 
-    from blocks.engines import OpenAIServer, route_of
-    from flows.batch import batch_inference
+    from offline_queue.blocks.engines import OpenAIServer, route_of
+    from offline_queue.flows.batch import batch_inference
     from offline_queue.loop import ServingLoop
 
     port = free_port()

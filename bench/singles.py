@@ -71,7 +71,7 @@ async def hammer(url: str, key: str, total: int, clients: int) -> tuple[float, l
 def background(pg_url: str, work: Path, total: int, clients: int) -> None:
     from sqlalchemy import func, select
 
-    from entrypoints.api.auth import create_key
+    from offline_queue.api.auth import create_key
     from offline_queue.store.db import session
     from offline_queue.store.tables import Batch, Request
 
@@ -160,7 +160,7 @@ def latency(pg_url: str, work: Path, n: int) -> None:
     import httpx
     from sqlalchemy import select
 
-    from entrypoints.api.auth import create_key
+    from offline_queue.api.auth import create_key
     from offline_queue.store.db import session
     from offline_queue.store.tables import Result
 

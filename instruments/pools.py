@@ -39,7 +39,7 @@ def deploy_tiers(topology: Mapping[str, Any], **parameters: object) -> None:
     Prefect API the caller has set."""
     from prefect import Flow
 
-    from flows.batch import batch_inference
+    from offline_queue.flows.batch import batch_inference
 
     source = batch_inference.from_source(str(REPO), "flows/batch.py:batch_inference")
     assert isinstance(source, Flow)  # sync: not a coroutine

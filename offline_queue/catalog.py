@@ -9,7 +9,7 @@ served model (OpenAI's rule), and a line that does not is an error of its own.
 A batch run without an engine is routed by it: the first line naming a served model picks the
 entry (`batch_model`), whose engine runs the batch. The catalog is stored with the batch as it
 was then (`to_json`), so a resumed ingest judges the rest of the file by the same entries.
-Entries beyond the two bundled models are Prefect blocks (blocks/catalog.py).
+Entries beyond the two bundled models are Prefect blocks (offline_queue/blocks/catalog.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from instruments.loopback import free_port
 from instruments.processes import wait_for
 
 if TYPE_CHECKING:
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
 
 ALL_TIERS = ("critical", "standard", "bulk")
 
@@ -28,7 +28,7 @@ class Api:
 
     def key(self, tenant: str, **rights: Any) -> str:
         """A key for `tenant`; every tier unless `rights` says otherwise."""
-        from entrypoints.api.auth import create_key
+        from offline_queue.api.auth import create_key
 
         rights.setdefault("tiers", ALL_TIERS)
         return create_key(self.db, tenant, **rights)
@@ -40,7 +40,7 @@ class Api:
 @contextmanager
 def serve_api(settings: ApiSettings) -> Iterator[Api]:
     """`offline-queue api`'s app with `settings` under uvicorn on a free loopback port."""
-    from entrypoints.api.app import create_app
+    from offline_queue.api.app import create_app
 
     port = free_port()
     server = uvicorn.Server(

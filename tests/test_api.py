@@ -32,7 +32,7 @@ def api(
 ) -> Iterator[Api]:
     """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine. A test
     may set the standard tier's capacity with `indirect` parametrization."""
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
 
     standard = getattr(request, "param", 40)
 

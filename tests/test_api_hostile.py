@@ -128,7 +128,7 @@ def hostile(
 ) -> Iterator[Hostile]:
     """One API per store for the module's cases (each case uses tenants of its own), on the
     session's served engine; small limits so the cases stay small."""
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
 
     root = tmp_path_factory.mktemp(f"hostile-{request.param}")
     db_file = None
@@ -311,7 +311,7 @@ simple(
 
 
 def _revoked_get(t: Tenant) -> httpx.Response:
-    from entrypoints.api.auth import digest
+    from offline_queue.api.auth import digest
     from offline_queue.store import keys
 
     assert len(keys.revoke_keys(t.h.api.db, digest(t.key))) == 1
@@ -950,7 +950,7 @@ def test_keys_list_and_revoke(hostile: Hostile, prefect_api: str) -> None:
     env = cli_env(prefect_api)
     listed = run_cli("keys", "list", "--tenant", t.name, "--db", hostile.api.db, env=env)
     assert listed.returncode == 0 and t.name in listed.stdout, listed.stderr
-    from entrypoints.api.auth import digest
+    from offline_queue.api.auth import digest
 
     key_id = digest(t.key)[:12]
     assert key_id in listed.stdout and t.key not in listed.stdout

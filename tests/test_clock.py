@@ -212,7 +212,9 @@ def test_a_worker_ten_minutes_ahead_takes_no_live_lease(pg_url: str, tmp_path: P
     assert attempts == {1}
 
 
-_CLI = "import sys; from entrypoints.cli import app; sys.argv[0] = 'offline-queue'; sys.exit(app())"
+_CLI = (
+    "import sys; from offline_queue.cli import app; sys.argv[0] = 'offline-queue'; sys.exit(app())"
+)
 
 
 @pytest.fixture

@@ -398,8 +398,8 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
     from prefect.client.orchestration import get_client
     from sqlalchemy import select
 
-    from blocks.engines import OpenAIServer
     from instruments.faultproxy import FaultProxy
+    from offline_queue.blocks.engines import OpenAIServer
     from offline_queue.store.db import session
     from offline_queue.store.tables import Batch
 

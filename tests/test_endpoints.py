@@ -318,8 +318,8 @@ def test_a_run_batch_style_file_through_the_sdk_routed_by_a_saved_catalog_entry(
 ) -> None:
     """The API given no engine: the catalog routes the batch. A saved served-model block names
     `vllm serve` for the chat model, so its lines run there, not in the API's process."""
-    from blocks.catalog import ServedModelBlock
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
+    from offline_queue.blocks.catalog import ServedModelBlock
     from tests.api_helpers import lines_of, serve_api, upload, wait_terminal
 
     served = ServedModelBlock(
@@ -350,8 +350,8 @@ def test_a_catalog_entry_with_a_release_policy_sends_the_batch_to_its_track(
 ) -> None:
     """The entry names a release policy at stage full: the batch goes to the candidate's
     engine (the served model, not the in-process one), stamped candidate with its version."""
-    from blocks.catalog import ServedModelBlock
-    from blocks.release import ReleasePolicy
+    from offline_queue.blocks.catalog import ServedModelBlock
+    from offline_queue.blocks.release import ReleasePolicy
     from offline_queue.store.batches import get_batch
 
     ReleasePolicy(

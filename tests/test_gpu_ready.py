@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.topology import TopologyError, load_topology
 from instruments.processes import BIN
 from offline_queue.engines.env import platform_is_cpu, vllm_on_cpu
 from offline_queue.engines.openai_http import DEFAULT_TIMEOUT, ServerSettings, answer_timeout
 from offline_queue.model import ModelError, resolve_model
+from offline_queue.pools.topology import TopologyError, load_topology
 from tests.conftest import REPO
 
 PIP_DRY_RUN = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q"]

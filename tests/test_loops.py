@@ -29,7 +29,7 @@ from tests.test_pipeline import line, read, write
 from tests.test_store import make_batch
 
 ROUTE = "vllm:test"
-LOOP_COMMAND = [sys.executable, "-m", "entrypoints.cli", "worker", "loop"]
+LOOP_COMMAND = [sys.executable, "-m", "offline_queue.cli", "worker", "loop"]
 LOOP_FLAGS = ["--chunk-size", "8", "--lease-seconds", "3"]
 
 
@@ -176,8 +176,8 @@ def test_small_batches_share_one_engine_and_one_loop(
 ) -> None:
     """Six batches of eight lines at once in this process: one loop on their route serves
     them all with the one engine (no load), chunks of several batches in it together."""
-    from flows.batch import batch_inference
     from offline_queue.engines.vllm_local import local_engine
+    from offline_queue.flows.batch import batch_inference
 
     made = len(local_engine._made)
     done: dict[int, dict[str, Any]] = {}
@@ -214,8 +214,8 @@ def test_small_batches_share_one_engine_and_one_loop(
 def test_a_batch_nobody_serves_waits_with_its_reason_then_runs(
     sqlite_url: str, tmp_path: Path, engine: LocalVLLM, prefect_api: str, monkeypatch: Any
 ) -> None:
-    from flows.batch import batch_inference
-    from flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.batch import batch_inference
+    from offline_queue.flows.serving import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)  # as a deployment's run: only a node's loops serve
     path = write(tmp_path / "w.jsonl", [line(f"w{i}", max_tokens=4) for i in range(5)])

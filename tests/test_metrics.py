@@ -54,7 +54,7 @@ def scraped_after(prom: Prometheus, moment: float) -> None:
 def test_prometheus_scrapes_a_running_batch_and_the_dashboard_queries_parse(
     tmp_path: Path, pg_url: str, vllm_server: str
 ) -> None:
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
 
     # The first chunk passes; the next is held at the proxy: the batch is frozen mid-run, with
     # figures in the store that do not move while Prometheus scrapes them.

@@ -42,7 +42,7 @@ def read(path: str | None) -> list[dict[str, Any]]:
 
 
 def run(path: Path, db: str, **kwargs: Any) -> dict[str, Any]:
-    from flows.batch import batch_inference
+    from offline_queue.flows.batch import batch_inference
 
     return batch_inference(input=str(path), db=db, **kwargs)
 

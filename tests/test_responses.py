@@ -26,7 +26,7 @@ MODEL = "smollm2"
 
 
 def _settings(tmp_path: Path, db: str, engine: str, **extra: object) -> object:
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
 
     return ApiSettings(db=db, data_dir=tmp_path / "api", engine=engine, **extra)  # type: ignore[arg-type]
 
@@ -174,10 +174,10 @@ def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
     import os
     import subprocess
 
-    from entrypoints.api.auth import create_key
-    from flows.serving import SERVE_HERE_ENV
     from instruments.loopback import free_port, healthy
     from instruments.processes import BIN, stop
+    from offline_queue.api.auth import create_key
+    from offline_queue.flows.serving import SERVE_HERE_ENV
     from tests.conftest import REPO, cli_env
 
     key = create_key(pg_url, "acme", tiers=("standard", "bulk"))

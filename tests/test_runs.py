@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prefect.utilities.callables import parameter_schema
 
-from flows.batch import batch_inference
 from offline_queue.engines import env
+from offline_queue.flows.batch import batch_inference
 from offline_queue.runs import BatchRun, one_line
 
 REPO = Path(__file__).resolve().parents[1]

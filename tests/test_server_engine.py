@@ -72,7 +72,7 @@ def test_server_outputs_match_the_in_process_shape(vllm_server: str, tmp_path: P
 def test_faults_through_a_proxy_are_retried_and_terminal_ones_named(
     vllm_server: str, tmp_path: Path
 ) -> None:
-    from blocks.engines import OpenAIServer
+    from offline_queue.blocks.engines import OpenAIServer
 
     faults = ["500", "pass", "429", "pass", "stall", "pass", "reset", "pass", "pass"]
 
@@ -224,7 +224,7 @@ def test_weights_share_one_loop_in_proportion(
 ) -> None:
     """Two standard batches of weights 1 and 3 on one loop over one server: while both have
     work, the weight-3 batch gets three times the requests (the claim order's fair share)."""
-    from flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.serving import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)
     # The weight-3 batch runs out first (150 lines at three times the other's rate: the weight-1
@@ -265,7 +265,7 @@ def test_a_critical_batch_overtakes_the_waiting_requests_of_a_bulk_one(
     its requests take the next free slots ahead of the waiting bulk ones (the in-flight limit
     goes by priority), carrying their tier as the server's request priority. Without the
     urgent claim, the critical chunk would wait until every bulk request in hand was sent."""
-    from flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.serving import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)
     files = {

@@ -88,7 +88,7 @@ def test_the_reaper_settles_silent_owners_only(db_url: str, tmp_path: Path) -> N
 @pytest.fixture
 def broken_api(tmp_path: Path, pg_url: str, prefect_api: str) -> Iterator[Api]:
     """The API's app under uvicorn, its runs on an engine that cannot be built (no model)."""
-    from entrypoints.api.settings import ApiSettings
+    from offline_queue.api.settings import ApiSettings
 
     settings = ApiSettings(
         db=pg_url, data_dir=tmp_path / "api", model=str(tmp_path / "no-such-model")
@@ -163,7 +163,7 @@ def test_kill_9_of_the_api_leaves_a_failed_batch_that_a_rerun_completes(
         )
         try:
             wait_for(lambda: healthy(f"http://127.0.0.1:{port}/health"), timeout=60)
-            from entrypoints.api.auth import create_key
+            from offline_queue.api.auth import create_key
 
             client = openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/v1",

@@ -149,7 +149,7 @@ def test_a_storage_block_gives_a_run_its_credentials(
     credentials and endpoint: none of them is in the CLI's environment."""
     from pydantic import SecretStr
 
-    from blocks.storage import ObjectStorage
+    from offline_queue.blocks.storage import ObjectStorage
 
     name = f"lake-{uuid.uuid4().hex[:8]}"
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}

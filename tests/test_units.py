@@ -357,7 +357,7 @@ def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_time() -> None:
 def test_a_node_runs_a_loop_per_gpu_each_with_its_own_devices() -> None:
     """vLLM in process: one loop per GPU (per tensor-parallel group), CUDA_VISIBLE_DEVICES set
     for each; a served engine: one loop (the server spreads its own GPUs)."""
-    from deployments.node import loop_commands
+    from offline_queue.pools.node import loop_commands
 
     per_gpu = loop_commands(None, None, 4, db=None, chunk_size=8)
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in per_gpu] == ["0", "1", "2", "3"]

@@ -16,12 +16,12 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-from flows.serving import LATE_EVENT
 from instruments.processes import wait_for
 from offline_queue.batches import Kind, batch_object, output_lines, virtual_outputs
 from offline_queue.engines.base import Reply
 from offline_queue.engines.vllm_local import LocalVLLM
 from offline_queue.eta import estimate
+from offline_queue.flows.serving import LATE_EVENT
 from offline_queue.metrics import registry
 from offline_queue.serving import serve_claim
 from offline_queue.store import admission, batches, claims, ingest
@@ -142,7 +142,7 @@ def test_usage_matches_the_engine_time_measured_around_the_run(
 def test_a_batch_whose_window_is_too_short_raises_the_event_before_it_expires(
     pg_url: str, tmp_path: Path, prefect_api: str, engine: LocalVLLM
 ) -> None:
-    from flows.batch import batch_inference
+    from offline_queue.flows.batch import batch_inference
 
     path = chat_file(tmp_path / "late.jsonl", 240, max_tokens=16)
     bid = admit(pg_url, path, "hasty", 16, "batch_late_window")

@@ -1,5 +1,5 @@
 """The `api_keys` table: which tenant a key's hash belongs to, what the key may do, and whether
-it was revoked. The key itself never reaches the store (entrypoints/api/auth.py makes and hashes
+it was revoked. The key itself never reaches the store (offline_queue/api/auth.py makes and hashes
 keys)."""
 
 from __future__ import annotations

@@ -1,5 +1,0 @@
-"""`python -m entrypoints.cli`: the `offline-queue` command without the installed script."""
-
-from entrypoints.cli import app
-
-app()
