@@ -95,6 +95,6 @@ class BatchObject(BaseModel):
     waiting_reason: str | None = None
     """Why it waits with nobody serving it (no live serving loop on its route), while it does."""
     engine_seconds: float = 0.0
-    """GPU time the batch used so far, in engine-seconds (offline_queue/usage.py) — our extra
+    """GPU time the batch used so far, in engine-seconds (offline_queue/gpu_time.py) — our extra
     field: what a team that owns its GPUs bills a tenant by."""
     estimate: FinishEstimate | None = None

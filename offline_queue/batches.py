@@ -27,7 +27,7 @@ from offline_queue.batch_object import (
 )
 from offline_queue.states import TERMINAL_STATUSES
 from offline_queue.storage import locate, resolve, sibling
-from offline_queue.store import outlook, results, usage
+from offline_queue.store import gpu_time, outlook, results
 from offline_queue.store.files import STORE_SCHEME
 from offline_queue.store.tables import Batch
 from offline_queue.submission import Submission
@@ -121,7 +121,7 @@ def batch_object(
         run=run,
         route=batch.route,
         waiting_reason=batch.waiting_reason if not finished else None,
-        engine_seconds=round(usage.batch_seconds(db, batch.id), 3),
+        engine_seconds=round(gpu_time.batch_seconds(db, batch.id), 3),
         estimate=finish_estimate(db, batch, p.pending) if estimate and not finished else None,
     )
 

@@ -12,7 +12,7 @@ still time to act (add a node, raise its tier, cancel something), not when it ex
 
 The estimate is deliberately simple and errs late: the work of a more urgent tier is counted
 at this batch's own rate, where it will in fact get every GPU it asks for. A late estimate
-raises one event per batch (flows/serving.py); an automation decides what to do about it.
+raises one event per batch (flows/waiting.py); an automation decides what to do about it.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ FAMILIES: tuple[Family, ...] = (
     (
         "engine_seconds",
         CounterMetricFamily,
-        "GPU time used, in engine-seconds (offline_queue/usage.py), by tenant and tier.",
+        "GPU time used, in engine-seconds (offline_queue/gpu_time.py), by tenant and tier.",
         ["tenant", "tier"],
         "engine_seconds",
     ),

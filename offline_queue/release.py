@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Stage = Literal["off", "internal", "seed", "canary", "full"]
 StickyBy = Literal["tenant", "user_group", "batch"]
@@ -22,15 +22,14 @@ Track = Literal["stable", "candidate"]
 class Guards(BaseModel):
     """When the candidate is rolled back automatically."""
 
-    max_error_rate_increase: float = Field(
-        default=0.05, ge=0, le=1, description="Candidate error rate minus stable's, at most."
-    )
-    max_p95_latency_ratio: float = Field(
-        default=1.5, gt=0, description="Candidate p95 latency over stable's, at most."
-    )
-    min_samples: int = Field(
-        default=200, ge=1, description="Candidate requests needed before a guard can fire."
-    )
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    max_error_rate_increase: float = Field(default=0.05, ge=0, le=1)
+    """Candidate error rate minus stable's, at most."""
+    max_p95_latency_ratio: float = Field(default=1.5, gt=0)
+    """Candidate p95 latency over stable's, at most."""
+    min_samples: int = Field(default=200, ge=1)
+    """Candidate requests needed before a guard can fire."""
 
 
 class Policy(BaseModel):
@@ -118,7 +117,7 @@ class TrackStats:
     output_tokens: int
     seconds: float
     engine_seconds: float = 0.0
-    """GPU time the track's batches used (offline_queue/usage.py): what the candidate costs."""
+    """GPU time the track's batches used (offline_queue/gpu_time.py): what the candidate costs."""
 
     @property
     def error_rate(self) -> float:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from offline_queue.cache import ResultCache
 from offline_queue.engines.base import Engine, EngineRequest, Overlap, Reply
+from offline_queue.gpu_time import chunk_use
 from offline_queue.store import claims
-from offline_queue.usage import chunk_use
 
 
 @dataclass

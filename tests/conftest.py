@@ -27,7 +27,7 @@ os.environ.pop("OFFLINE_QUEUE_DB", None)
 # one OpenMP thread each, or their spinning threads fight over the two cores (docs/engines.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Batches run in this process are served by a loop of its own, as `offline-queue run` does
-# (offline_queue/flows/serving.py); a node's `worker start` drops it for what it starts.
+# (offline_queue/flows/waiting.py); a node's `worker start` drops it for what it starts.
 os.environ["OFFLINE_QUEUE_SERVE_HERE"] = "1"
 
 from offline_queue.engines.env import apply_engine_env  # noqa: E402

@@ -215,7 +215,7 @@ def test_a_batch_nobody_serves_waits_with_its_reason_then_runs(
     sqlite_url: str, tmp_path: Path, engine: LocalVLLM, prefect_api: str, monkeypatch: Any
 ) -> None:
     from offline_queue.flows.batch import batch_inference
-    from offline_queue.flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.waiting import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)  # as a deployment's run: only a node's loops serve
     path = write(tmp_path / "w.jsonl", [line(f"w{i}", max_tokens=4) for i in range(5)])

@@ -177,7 +177,7 @@ def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
     from instruments.loopback import free_port, healthy
     from instruments.processes import BIN, stop
     from offline_queue.api.auth import create_key
-    from offline_queue.flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.waiting import SERVE_HERE_ENV
     from tests.conftest import REPO, cli_env
 
     key = create_key(pg_url, "acme", tiers=("standard", "bulk"))

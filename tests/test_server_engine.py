@@ -224,7 +224,7 @@ def test_weights_share_one_loop_in_proportion(
 ) -> None:
     """Two standard batches of weights 1 and 3 on one loop over one server: while both have
     work, the weight-3 batch gets three times the requests (the claim order's fair share)."""
-    from offline_queue.flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.waiting import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)
     # The weight-3 batch runs out first (150 lines at three times the other's rate: the weight-1
@@ -265,7 +265,7 @@ def test_a_critical_batch_overtakes_the_waiting_requests_of_a_bulk_one(
     its requests take the next free slots ahead of the waiting bulk ones (the in-flight limit
     goes by priority), carrying their tier as the server's request priority. Without the
     urgent claim, the critical chunk would wait until every bulk request in hand was sent."""
-    from offline_queue.flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.waiting import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)
     files = {

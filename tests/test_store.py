@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from instruments.postgres import postgres
 from instruments.processes import wait_for
 from offline_queue.engines.base import Reply
+from offline_queue.gpu_time import EngineUse
 from offline_queue.leases import LeaseKeeper
 from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
 from offline_queue.retry import RetryPolicy
@@ -33,7 +34,6 @@ from offline_queue.store import batches, claims, ingest, results, stats
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.submission import Submission
-from offline_queue.usage import EngineUse
 from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
 from tests.conftest import REPO
 

@@ -38,7 +38,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(deliveries, 15)
-            from offline_queue.flows.serving import release_kept_loops
+            from offline_queue.flows.waiting import release_kept_loops
 
             await asyncio.to_thread(release_kept_loops, settings.db)
 

@@ -126,7 +126,7 @@ def _queue(settings: ApiSettings, caller: Caller, url: str, body: dict[str, Any]
         raise api_error(429, str(exc), "rate_limit_exceeded", {"Retry-After": "5"}) from exc
     batch = store.create(settings.db, sub, route, checked)
     if settings.deployment is None:  # this process serves its own work
-        from offline_queue.flows.serving import SERVE_HERE_ENV, keep_own_loop
+        from offline_queue.flows.waiting import SERVE_HERE_ENV, keep_own_loop
         from offline_queue.runs import BatchRun
 
         os.environ[SERVE_HERE_ENV] = "1"  # as a batch run here does (runs.run_here)

@@ -43,7 +43,7 @@ def run_here(
 
     def run() -> None:
         from offline_queue.flows.batch import batch_inference
-        from offline_queue.flows.serving import SERVE_HERE_ENV
+        from offline_queue.flows.waiting import SERVE_HERE_ENV
 
         os.environ[SERVE_HERE_ENV] = "1"
 

@@ -34,10 +34,10 @@ class ApiSettings(BaseModel):
             Tier.CRITICAL: 100_000,
             Tier.STANDARD: 2_000_000,
             Tier.BULK: 10_000_000,
-        },
-        description="Requests waiting per tier (all tenants) before a tenant past its share of "
-        "the tier gets 429.",
+        }
     )
+    """Requests waiting per tier (all tenants) before a tenant past its share of the tier gets
+    429."""
     max_json_bytes: int = 1 << 20
     """Largest JSON request body."""
     default_tiers: tuple[Tier, ...] = (Tier.STANDARD, Tier.BULK)

@@ -11,7 +11,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from pydantic import ConfigDict, Field
 
 from offline_queue.catalog import DEFAULT_CATALOG, Catalog, ServedModel
-from offline_queue.formats import GENERATE_URLS, SUPPORTED_URLS
+from offline_queue.formats import GENERATE_URLS
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +25,14 @@ class ServedModelBlock(Block):
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    name: str = Field(min_length=1, description="The name lines give as `model`.")
-    aliases: list[str] = Field(
-        default_factory=list,
-        description="Other names that mean this model (e.g. a hosted model's name, so a batch "
-        "written for it runs here unchanged).",
-    )
-    endpoints: list[str] = Field(
-        default_factory=lambda: list(GENERATE_URLS),
-        description=f"What it serves, of {', '.join(SUPPORTED_URLS)}: a chat model serves the "
-        "first three, an embedding model /v1/embeddings.",
-    )
+    name: str = Field(min_length=1)
+    """The name lines give as `model`."""
+    aliases: list[str] = Field(default_factory=list)
+    """Other names that mean this model (e.g. a hosted model's name, so a batch written for it runs
+    here unchanged)."""
+    endpoints: list[str] = Field(default_factory=lambda: list(GENERATE_URLS))
+    """What it serves, of /v1/chat/completions, /v1/completions, /v1/responses and
+    /v1/embeddings: a chat model serves the first three, an embedding model /v1/embeddings."""
     engine: str | None = None
     """Engine block (`openai-server/gpu-a100`, `vllm/cpu-local`) or server URL. Empty: vLLM in the
     worker process with `model`."""

@@ -79,31 +79,19 @@ class OpenAIServer(Block):
     """Bearer token, if the server wants one."""
     model: str | None = None
     """Served model name sent with every request. Empty: the first the server lists."""
-    max_in_flight: int = Field(
-        default=1024,
-        ge=1,
-        description="The most requests outstanding at the server from one node's process (its "
-        "loops share it); the adaptive window finds the server's knee under it. Past the "
-        "server's max_num_seqs requests wait in its priority queue.",
-    )
-    timeout: float | None = Field(
-        default=None,
-        gt=0,
-        description="Seconds to wait for one answer before it is retried. Empty: 2 minutes "
-        "plus a quarter second per max_tokens (15 minutes without max_tokens).",
-    )
-    max_attempts: int = Field(
-        default=4,
-        ge=1,
-        description="Tries per request within a chunk for retriable errors (timeouts, resets, "
-        "429, 5xx), with exponential backoff and jitter (Retry-After honoured).",
-    )
-    outage_seconds: float = Field(
-        default=300.0,
-        ge=0,
-        description="How long requests wait for a server that refuses connections (a restart) "
-        "before they count as failed attempts.",
-    )
+    max_in_flight: int = Field(default=1024, ge=1)
+    """The most requests outstanding at the server from one node's process (its loops share it);
+    the adaptive window finds the server's knee under it. Past the server's max_num_seqs
+    requests wait in its priority queue."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds to wait for one answer before it is retried. Empty: 2 minutes plus a quarter second
+    per max_tokens (15 minutes without max_tokens)."""
+    max_attempts: int = Field(default=4, ge=1)
+    """Tries per request within a chunk for retriable errors (timeouts, resets, 429, 5xx), with
+    exponential backoff and jitter (Retry-After honoured)."""
+    outage_seconds: float = Field(default=300.0, ge=0)
+    """How long requests wait for a server that refuses connections (a restart) before they count
+    as failed attempts."""
 
     def settings(self) -> ServerSettings:
         return ServerSettings(

@@ -34,25 +34,23 @@ class ReleasePolicy(Block):
     """Engine block of candidate."""
     stage: Stage = "off"
     """off, internal, seed, canary or full."""
-    fraction: float = Field(default=0.0, ge=0, le=1, description="Canary share of sticky keys.")
+    fraction: float = Field(default=0.0, ge=0, le=1)
+    """Canary share of sticky keys."""
     sticky_by: StickyBy = "tenant"
     """What keeps routing stable: a tenant (or user group, or batch) always gets the same track
     while the policy stays the same."""
-    internal_tenants: list[str] = Field(default_factory=list, description="Stage internal.")
-    seed_groups: list[str] = Field(default_factory=list, description="Stage seed.")
-    max_error_rate_increase: float = Field(
-        default=0.05,
-        ge=0,
-        le=1,
-        description="Roll back when candidate errors exceed stable's by more.",
-    )
-    max_p95_latency_ratio: float = Field(
-        default=1.5, gt=0, description="Roll back when candidate p95 latency / stable's is higher."
-    )
-    min_samples: int = Field(
-        default=200, ge=1, description="Candidate requests needed before a guard may fire."
-    )
-    window_hours: float = Field(default=24.0, gt=0, description="How far back guards look.")
+    internal_tenants: list[str] = Field(default_factory=list)
+    """Stage internal."""
+    seed_groups: list[str] = Field(default_factory=list)
+    """Stage seed."""
+    max_error_rate_increase: float = Field(default=0.05, ge=0, le=1)
+    """Roll back when candidate errors exceed stable's by more."""
+    max_p95_latency_ratio: float = Field(default=1.5, gt=0)
+    """Roll back when candidate p95 latency / stable's is higher."""
+    min_samples: int = Field(default=200, ge=1)
+    """Candidate requests needed before a guard may fire."""
+    window_hours: float = Field(default=24.0, gt=0)
+    """How far back guards look."""
 
     def policy(self) -> Policy:
         """The domain's policy: the block's fields by name, the guards' nested as Policy has

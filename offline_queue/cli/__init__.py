@@ -6,7 +6,7 @@ Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need
 This module only assembles the commands; each group lives in a module of its own: run.py (run,
 validate), batches.py (submit, status, watch, results, cancel, cleanup), engine.py (model, engine),
 cluster.py (pools, worker), api.py (keys, api), release.py (release), metrics.py (metrics),
-usage.py (usage), webhooks.py (webhooks), streams.py (streams).
+gpu_time.py (gpu-time), webhooks.py (webhooks), streams.py (streams).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from offline_queue.cli import (
     batches,
     cluster,
     engine,
+    gpu_time,
     metrics,
     release,
     run,
     streams,
-    usage,
     webhooks,
 )
 
@@ -41,7 +41,7 @@ for command in (
     batches.cleanup,
     run.validate,
     run.models,
-    usage.usage,
+    gpu_time.gpu_time,
 ):
     app.command()(command)
 app.add_typer(engine.model_app, name="model")

@@ -103,7 +103,7 @@ def worker_start(
     import signal
 
     from offline_queue.engines.env import apply_engine_env
-    from offline_queue.flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.waiting import SERVE_HERE_ENV
     from offline_queue.pools.node import Node, loop_commands
 
     apply_engine_env()

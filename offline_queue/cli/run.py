@@ -95,7 +95,7 @@ def run(
         raise typer.Exit(2) from exc
     use_prefect_defaults()
     from offline_queue.flows.batch import batch_inference
-    from offline_queue.flows.serving import SERVE_HERE_ENV
+    from offline_queue.flows.waiting import SERVE_HERE_ENV
     from offline_queue.runs import BatchRun
 
     if serve:

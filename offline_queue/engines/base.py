@@ -48,7 +48,7 @@ class Reply:
     finished_at: float | None = None
     """When the answer arrived (epoch seconds): per-request timing, finer than the chunk's."""
     engine_seconds: float = 0.0
-    """This request's part of the engine's time (offline_queue/usage.py)."""
+    """This request's part of the engine's time (offline_queue/gpu_time.py)."""
 
     @classmethod
     def error(cls, status_code: int, code: str, message: str, *, retriable: bool = False) -> Reply:

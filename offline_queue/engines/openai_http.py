@@ -298,7 +298,7 @@ class HttpEngine:
                 else:
                     latency_ms = (time.perf_counter() - started) * 1000
                     reply = self._from_response(response, latency_ms)
-                    # A request holds one of the window's seats while in flight (usage.py).
+                    # A request holds one of the window's seats while in flight (gpu_time.py).
                     reply.engine_seconds = latency_ms / 1000 / max(self._limiter.size(), 1)
                     if response.status_code in OVERLOAD_STATUS:
                         self._overloaded()

@@ -1,6 +1,6 @@
 """The batch flow, top to bottom: submit → validate and queue → await the serving loops (infer
 + persist happen there, per chunk, shown as infer-chunk task runs) → finalize. The flow comes
-first, then its tasks in the order it runs them; the wait is in offline_queue/flows/serving.py.
+first, then its tasks in the order it runs them; the wait is in offline_queue/flows/waiting.py.
 
 Validation and queueing share one streaming pass (a million-line file never sits in memory).
 A waiting batch holds no GPU: each GPU's serving loop claims the next chunk of whichever batch
@@ -35,7 +35,7 @@ from offline_queue.blocks.storage import use_storage
 from offline_queue.blocks.store import store_url
 from offline_queue.catalog import Catalog, ServedModel
 from offline_queue.flows.release import check_guards
-from offline_queue.flows.serving import (
+from offline_queue.flows.waiting import (
     ProgressArtifact,
     ServedHere,
     artifact_key,

@@ -16,7 +16,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Completed, Running
 
-from offline_queue.store import usage
+from offline_queue.store import gpu_time
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class ChunkRecords:
         self.db, self.batch_id = db, batch_id
         run_id = flow_run.get_id()
         self.flow_run_id = UUID(run_id) if run_id else None
-        self._last = usage.last_chunk(db, batch_id)  # a resumed batch's earlier chunks: not ours
+        self._last = gpu_time.last_chunk(db, batch_id)  # a resumed batch's earlier chunks: not ours
         self._count = 0
         self.sent: Counter[str | None] = Counter()
 
@@ -44,7 +44,7 @@ class ChunkRecords:
         return self.sent[loop] if loop is not None else sum(self.sent.values())
 
     def record(self) -> None:
-        rows = usage.chunks_after(self.db, self.batch_id, self._last)
+        rows = gpu_time.chunks_after(self.db, self.batch_id, self._last)
         if not rows:
             return
         self._last = rows[-1].id

@@ -29,14 +29,14 @@ from sqlalchemy.orm import Session
 
 from offline_queue.batch_object import LineError
 from offline_queue.engines.base import Reply
+from offline_queue.gpu_time import EngineUse
 from offline_queue.retry import RetryPolicy
 from offline_queue.states import BatchStatus, RequestState, Tier
-from offline_queue.store import clock, usage
+from offline_queue.store import clock, gpu_time
 from offline_queue.store.bulk import driver_rows, insert_ignoring_conflicts
 from offline_queue.store.db import session
 from offline_queue.store.results import RESULT_COLUMNS, error_row, response_ids
 from offline_queue.store.tables import LIVE, Batch, Request, Result
-from offline_queue.usage import EngineUse
 
 
 def new_owner() -> str:
@@ -380,7 +380,7 @@ def settle(
                 )
         insert_ignoring_conflicts(s.connection(), Result, RESULT_COLUMNS, rows)
         if used is not None:
-            usage.record(s, batch_id, used, loop=claim_.owner)
+            gpu_time.record(s, batch_id, used, loop=claim_.owner)
     stats.completed = len(mine_done)
     stats.completed_ids = mine_done
     stats.terminated = len(mine_final)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from offline_queue.states import TERMINAL_STATUSES, RequestState
-from offline_queue.store import clock, loops, totals, usage
+from offline_queue.store import clock, gpu_time, loops, totals
 from offline_queue.store.db import session
 from offline_queue.store.loops import LOOP_STALE_SECONDS
 from offline_queue.store.tables import Batch, Request, ServingLoop
@@ -113,8 +113,8 @@ def snapshot(db: str) -> Snapshot:
             .group_by(Batch.route)
         ):
             out.unserved[(route,)] = int(n)
-        out.engine_seconds = usage.seconds_by_tenant_tier(s)
-        for engine, spent in usage.by_engine(s).items():
+        out.engine_seconds = gpu_time.seconds_by_tenant_tier(s)
+        for engine, spent in gpu_time.by_engine(s).items():
             out.engine_requests[(engine,)] = spent.requests
             out.engine_errors[(engine,)] = spent.errors
             out.engine_busy[(engine,)] = spent.seconds

@@ -3,7 +3,7 @@ served before the batch's own, and its tier's recent throughput by the store's c
 
 Cost: the work ahead is a count over the live request rows of the other unfinished batches
 (the claimable partial index holds exactly those), once per progress update, which the flow
-spaces out to keep its counts under 1 % of a worker's time (offline_queue/flows/serving.py)."""
+spaces out to keep its counts under 1 % of a worker's time (offline_queue/flows/waiting.py)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import orjson
 from sqlalchemy import and_, case, func, or_, select
 
 from offline_queue.release import TrackStats
-from offline_queue.store import usage
+from offline_queue.store import gpu_time
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, Request, Result
 
@@ -69,7 +69,7 @@ def batch_stats(db: str, batch_ids: Sequence[str]) -> TrackStats:
         p95_ms=p95,
         output_tokens=int(tokens),
         seconds=float(last - first) if last is not None else 0.0,
-        engine_seconds=usage.batches_seconds(db, batch_ids),
+        engine_seconds=gpu_time.batches_seconds(db, batch_ids),
     )
 
 

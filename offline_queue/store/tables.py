@@ -271,7 +271,7 @@ class FileChunk(Base):
 
 
 class EngineTime(Base):
-    """Engine-seconds a batch used, one row per served chunk (offline_queue/usage.py says how a
+    """Engine-seconds a batch used, one row per served chunk (offline_queue/gpu_time.py says how a
     chunk's seconds are counted): GPU time is what a team that owns its GPUs bills and plans by.
     One row per chunk, not per request, and stamped by the store's clock, so `usage --since`
     is one indexed range over rows written on any node."""

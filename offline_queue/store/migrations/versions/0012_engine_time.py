@@ -4,7 +4,7 @@ Revision ID: 0012
 Revises: 0011
 
 `engine_time` holds one row per served chunk: the engine-seconds the chunk used
-(offline_queue/usage.py), stamped by the store's clock; GPU time per batch and per tenant is a
+(offline_queue/gpu_time.py), stamped by the store's clock; GPU time per batch and per tenant is a
 sum over it. `batches.late_at` is set once, when a worker first estimates that the batch will
 finish after its `expires_at` and raises the event that says so.
 """

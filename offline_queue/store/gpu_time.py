@@ -1,4 +1,4 @@
-"""The `engine_time` rows: the engine-seconds each served chunk used (offline_queue/usage.py),
+"""The `engine_time` rows: the engine-seconds each served chunk used (offline_queue/gpu_time.py),
 summed per batch (the batch object, `status`), per tenant over a window (`offline-queue usage`)
 and per tenant and tier for /metrics. Rows are written in the chunk's settle
 (store/claims.py), in the same transaction as its results."""
@@ -12,10 +12,10 @@ from typing import NamedTuple
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
+from offline_queue.gpu_time import EngineUse
 from offline_queue.store import clock
 from offline_queue.store.db import session
 from offline_queue.store.tables import Batch, EngineTime
-from offline_queue.usage import EngineUse
 
 
 def record(s: Session, batch_id: str, used: EngineUse, loop: str | None = None) -> None:
@@ -52,7 +52,7 @@ def batches_seconds(db: str, batch_ids: Sequence[str]) -> float:
 
 
 @dataclass(frozen=True)
-class UsageRow:
+class BatchGpuTime:
     tenant: str
     """"" for batches run from the CLI (they have no tenant)."""
     batch_id: str
@@ -63,7 +63,9 @@ class UsageRow:
     chunks: int
 
 
-def usage(db: str, tenant: str | None = None, within: float | None = None) -> list[UsageRow]:
+def per_batch(
+    db: str, tenant: str | None = None, within: float | None = None
+) -> list[BatchGpuTime]:
     """Engine-seconds per batch used in the last `within` seconds (by the store's clock), of
     one tenant or of all; the batches that used the most first."""
     who = func.coalesce(Batch.tenant, "")
@@ -88,7 +90,7 @@ def usage(db: str, tenant: str | None = None, within: float | None = None) -> li
         query = query.where(EngineTime.at >= clock.now() - within)
     with session(db, readonly=True) as s:
         return [
-            UsageRow(t, b, tier, m, st, float(sec), int(n))
+            BatchGpuTime(t, b, tier, m, st, float(sec), int(n))
             for t, b, tier, m, st, sec, n in s.execute(query)
         ]
 

@@ -1,5 +1,5 @@
-"""`usage`: GPU time per tenant and batch over a window, read from the store — what a team that
-owns its GPUs bills and plans by (engine-seconds: offline_queue/usage.py)."""
+"""`gpu-time`: GPU time per tenant and batch over a window, read from the store — what a team that
+owns its GPUs bills and plans by (engine-seconds: offline_queue/gpu_time.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from offline_queue.cli.shared import DbOption, JsonOption, err, out
 
 
-def usage(
+def gpu_time(
     tenant: Annotated[
         str | None,
         typer.Option(help="One tenant (an API key's). `-` for batches run from the CLI."),
@@ -25,7 +25,7 @@ def usage(
 ) -> None:
     """Engine-seconds each batch used in the window, by tenant, with totals."""
     from offline_queue.durations import duration_seconds
-    from offline_queue.store import usage as usage_rows
+    from offline_queue.store import gpu_time as rows_of
     from offline_queue.store.db import resolve_url
 
     within = duration_seconds(since)
@@ -33,7 +33,7 @@ def usage(
         err.print(f"[red]error:[/red] --since {since!r}: a duration like 7d, 24h or 30m")
         raise typer.Exit(2)
     who = "" if tenant == "-" else tenant
-    rows = usage_rows.usage(resolve_url(db), who, within)
+    rows = rows_of.per_batch(resolve_url(db), who, within)
     if as_json:
         print(orjson.dumps([r.__dict__ for r in rows]).decode())
         return

@@ -21,13 +21,13 @@ from offline_queue.batches import Kind, batch_object, output_lines, virtual_outp
 from offline_queue.engines.base import Reply
 from offline_queue.engines.vllm_local import LocalVLLM
 from offline_queue.eta import estimate
-from offline_queue.flows.serving import LATE_EVENT
+from offline_queue.flows.waiting import LATE_EVENT
+from offline_queue.gpu_time import chunk_use
 from offline_queue.metrics import registry
 from offline_queue.serving import serve_claim
 from offline_queue.store import admission, batches, claims, ingest
 from offline_queue.store.outlook import Outlook
 from offline_queue.submission import Submission
-from offline_queue.usage import chunk_use
 from offline_queue.validate import Limits, inspect_file, validate_file
 from tests.conftest import run_cli
 from tests.test_pipeline import line, write
@@ -113,7 +113,9 @@ def test_usage_matches_the_engine_time_measured_around_the_run(
     measured = time.monotonic() - began
 
     env = dict(os.environ)
-    shown = run_cli("usage", "--tenant", "acme", "--since", "1h", "--db", pg_url, "--json", env=env)
+    shown = run_cli(
+        "gpu-time", "--tenant", "acme", "--since", "1h", "--db", pg_url, "--json", env=env
+    )
     assert shown.returncode == 0, shown.stderr
     rows = json.loads(shown.stdout)
     assert [r["batch_id"] for r in rows] == [bid] and rows[0]["chunks"] == 6
@@ -121,9 +123,9 @@ def test_usage_matches_the_engine_time_measured_around_the_run(
     # The engine's steps, not the claims, settles and tokenizing around them: a little less
     # than the wall time of the chunks served one after the other.
     assert 0.7 * measured <= used <= measured, (used, measured)
-    other = run_cli("usage", "--tenant", "other", "--db", pg_url, "--json", env=env)
+    other = run_cli("gpu-time", "--tenant", "other", "--db", pg_url, "--json", env=env)
     assert json.loads(other.stdout) == []
-    table = run_cli("usage", "--tenant", "acme", "--db", pg_url, env=env)
+    table = run_cli("gpu-time", "--tenant", "acme", "--db", pg_url, env=env)
     assert bid in table.stdout and "total" in table.stdout
 
     batch = batches.get_batch(pg_url, bid)
