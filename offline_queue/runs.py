@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from offline_queue.states import Tier
+from offline_queue.validate import FileInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,6 +80,9 @@ class BatchRun(BaseModel):
     lease_seconds: float = 60.0
     """A dead worker's chunk is claimed again after this long; the lease is renewed every third of
     it while the worker lives."""
+    inspected: FileInfo | None = None
+    """What a look at the input already found (hash, size, lines, the models they name), when the
+    caller has looked (`offline-queue run`): the flow then reads the file only to queue it."""
 
     def parameters(self) -> dict[str, Any]:
         """The flow parameters this run chose: the fields given, without the empty ones.

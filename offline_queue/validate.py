@@ -56,6 +56,9 @@ class FileInfo:
     content_hash: str
     size: int
     lines: int
+    named: tuple[tuple[str, str], ...] = ()
+    """(url, model) of the accepted lines among the first PEEK_LINES, each pair once, in file
+    order: what the catalog routes the batch by (Catalog.batch_model), learnt in the same pass."""
 
 
 @dataclass(slots=True)
@@ -153,8 +156,13 @@ class Sniffer:
         )
 
 
+PEEK_LINES = 10_000
+"""Accepted lines `inspect_file` reads at most looking for the models a batch's lines name."""
+
+
 def inspect_file(source: Source, limits: Limits) -> FileInfo:
-    """One streaming pass: content hash, line count, and the whole-file refusals."""
+    """One streaming pass: content hash, line count, the models the lines name, and the
+    whole-file refusals. The pass that queues the file is the only other read of it."""
     try:
         path = locate(source)
         size = path.size()
@@ -172,13 +180,20 @@ def inspect_file(source: Source, limits: Limits) -> FileInfo:
     digest = ContentHash()
     lines = 0
     sniffer = Sniffer(limits)
-    for _, raw, too_long in iter_raw_lines(path, limits.max_line_bytes, digest.update):
+    named: dict[tuple[str, str], None] = {}  # ordered, each pair once
+    accepted = 0
+    for line_no, raw, too_long in iter_raw_lines(path, limits.max_line_bytes, digest.update):
         lines += 1
         if lines > limits.max_lines:
             raise FileRefused(f"{path}: more than {limits.max_lines} lines (max_lines)")
         sniffer.line(raw, too_long)
+        if accepted < PEEK_LINES and raw.strip():
+            item = validate_line(line_no, raw, too_long, limits)
+            if isinstance(item, Accepted):
+                accepted += 1
+                named.setdefault((item.url, item.model), None)
     sniffer.verdict(str(path))
-    return FileInfo(content_hash=digest.hexdigest(), size=size, lines=lines)
+    return FileInfo(digest.hexdigest(), size, lines, tuple(named))
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
@@ -353,15 +368,3 @@ def validate_file(
                 if catalog is not None and batch_model is None:
                     batch_model = catalog.find(item.model)
         yield item
-
-
-PEEK_LINES = 10_000
-"""Accepted lines `batch_model` reads at most looking for one that names a served model."""
-
-
-def batch_model(source: Source, catalog: Catalog) -> ServedModel | None:
-    """The served model a batch file's lines name: the first accepted line's (within
-    PEEK_LINES) that names a served model for its url; None if none does."""
-    accepted = (item for item in validate_file(source, Limits()) if isinstance(item, Accepted))
-    lines = ((item.url, item.model) for _, item in zip(range(PEEK_LINES), accepted, strict=False))
-    return catalog.batch_model(lines)

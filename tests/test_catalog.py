@@ -69,16 +69,18 @@ def test_the_batch_model_is_the_first_line_naming_a_served_model_and_is_kept(
     tmp_path: Path,
 ) -> None:
     from offline_queue.catalog import Catalog, ServedModel
-    from offline_queue.validate import batch_model
+    from offline_queue.validate import inspect_file
 
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join([_line("x", "gpt-4o-mini"), _line("a", "SmolLM2-135M-Instruct")]))
-    assert batch_model(path, DEFAULT_CATALOG) == DEFAULT_CATALOG.find("smollm2")
+    assert DEFAULT_CATALOG.batch_model(inspect_file(path, Limits()).named) == DEFAULT_CATALOG.find(
+        "smollm2"
+    )
     # a saved entry gives a hosted model's name to the team's model, in place of the bundled one
     ours = ServedModel(name="smollm2", aliases=("gpt-4o-mini",), engine="http://gpu-1:8000/v1")
     catalog = DEFAULT_CATALOG.with_entries([ours])
     assert [m.name for m in catalog.models] == ["smollm2", "all-minilm-l6-v2"]
-    assert batch_model(path, catalog) == ours
+    assert catalog.batch_model(inspect_file(path, Limits()).named) == ours
     # what a batch keeps is what a resumed ingest judges by
     kept = Catalog.from_json(catalog.to_json())
     assert kept == catalog and kept.find("gpt-4o-mini") == ours

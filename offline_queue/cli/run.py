@@ -22,6 +22,7 @@ from offline_queue.states import Tier
 
 if TYPE_CHECKING:
     from offline_queue.engines.vllm_local import VLLMSettings
+    from offline_queue.validate import FileInfo
 
 # Locations are text, not Paths: a Path would fold s3://bucket/key into s3:/bucket/key.
 InputArgument = Annotated[
@@ -86,7 +87,7 @@ def run(
         use_storage(storage)
     try:
         # refuse a bad file before starting anything (a store:// file is in the store we use)
-        inspect_file(locate(input, resolve_url(db)), Limits())
+        info = inspect_file(locate(input, resolve_url(db)), Limits())
         if not model and not engine:
             with err.status("Preparing the bundled model (once, ~20 s)…"):
                 prepare_bundled_model()
@@ -106,7 +107,7 @@ def run(
     if serve and not engine:  # vLLM here: its import and start overlap the Prefect server's
         from offline_queue.engines.vllm_local import start_in_background
 
-        start_in_background(engine_ahead(input, model, db))
+        start_in_background(engine_ahead(info, model))
 
     batch_run = BatchRun(
         input=input,
@@ -122,6 +123,7 @@ def run(
         db=db,
         lease_seconds=lease_seconds,
         storage=storage,
+        inspected=info,
     )
     try:
         result = batch_inference(**batch_run.parameters())
@@ -153,19 +155,16 @@ def deliver_now(db: str | None) -> None:
         err.print(f"webhooks not delivered yet: {exc}", highlight=False)
 
 
-def engine_ahead(input: str, model: str | None, db: str | None) -> VLLMSettings | None:
+def engine_ahead(info: FileInfo, model: str | None) -> VLLMSettings | None:
     """The in-process engine the flow will ask for, when that is known before it starts: the
     model given, or the one the file's lines name in the catalog (when its entry is served in
     process, with no release to choose a track). None leaves the engine to the flow."""
     from offline_queue.blocks.catalog import catalog_here
     from offline_queue.blocks.engines import VLLM
-    from offline_queue.storage import locate
-    from offline_queue.store.db import resolve_url
-    from offline_queue.validate import batch_model
 
     if model:
         return VLLM(model=model).settings()
-    served = batch_model(locate(input, resolve_url(db)), catalog_here())
+    served = catalog_here().batch_model(info.named)
     if served is None or served.engine or served.release:
         return None
     return VLLM(model=served.model).settings()

@@ -54,7 +54,7 @@ from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.storage import locate, resolve
 from offline_queue.store import batches, ingest, owners, results, stats
 from offline_queue.store.tables import Batch
-from offline_queue.validate import Limits, batch_model, inspect_file
+from offline_queue.validate import FileInfo, Limits, inspect_file
 
 
 @flow(name="batch-inference", log_prints=True)
@@ -79,6 +79,7 @@ def batch_inference(
     release_track: str | None = None,
     release_version: str | None = None,
     lease_seconds: float = 60.0,
+    inspected: FileInfo | None = None,
 ) -> dict[str, Any]:
     """Run one OpenAI Batch JSONL file to the end: exactly one output or error line per request.
 
@@ -151,7 +152,7 @@ def submit(run: BatchRun, db: str) -> Submitted:
     elsewhere is a batch of its own with its own files (deterministic answers still come from
     the result cache), never a resume that writes into another directory."""
     owners.reap_orphans(db)  # a batch this run resumes was lost: it shows why, then reopens
-    info = inspect_file(locate(resolve(run.input), db), Limits())
+    info = run.inspected or inspect_file(locate(resolve(run.input), db), Limits())
     placed = place_batch(run.input, run.output, run.errors, info.content_hash, run.batch_id)
     batch, created = batches.register_batch(
         db,
@@ -177,7 +178,7 @@ def submit(run: BatchRun, db: str) -> Submitted:
         created_at=batch.created_at,
         status=batch.status,
         lines=info.lines,
-        served=None if run.engine or run.model else route_by_catalog(db, batch, placed.input_path),
+        served=None if run.engine or run.model else route_by_catalog(db, batch, info),
     )
 
 
@@ -202,13 +203,13 @@ def routed(run: BatchRun, served: ServedModel, batch_id: str) -> BatchRun:
     return run.model_copy(update=update)
 
 
-def route_by_catalog(db: str, batch: Batch, path: str) -> ServedModel | None:
+def route_by_catalog(db: str, batch: Batch, info: FileInfo) -> ServedModel | None:
     """The catalog entry for the model the batch's lines name. The first run decides and the
     batch keeps the catalog it saw, so a resume (and its ingest) routes and judges the same."""
     if batch.catalog_json is not None:
         return Catalog.from_json(batch.catalog_json).find(batch.served_model)
     catalog = load_catalog()
-    served = batch_model(locate(path, db), catalog)
+    served = catalog.batch_model(info.named)
     batches.label_batch(
         db,
         batch.id,
