@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import offline_queue.engines.vllm_server  # noqa: F401  (the version answer, at import)
 
 if __name__ == "__main__":
-    from vllm.offline_queue.cli.main import main
+    from vllm.entrypoints.cli.main import main
 
     sys.argv = ["vllm", "run-batch", *sys.argv[1:]]
     main()

@@ -151,7 +151,7 @@ class ServerProcess:
 
 def main(argv: Sequence[str]) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
-    from vllm.offline_queue.cli.main import main as vllm_main
+    from vllm.entrypoints.cli.main import main as vllm_main
 
     args = cpu_defaults(argv) if platform_is_cpu() else list(argv)
     sys.argv = ["vllm", "serve", *args]
