@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,13 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_installs_one_package_beside_pypi_entrypoints(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # setuptools builds in the source tree: not in the checkout
+    shutil.copytree(REPO / "offline_queue", source / "offline_queue")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     built = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(REPO),
+            str(source),
             "--no-deps",
             "--no-build-isolation",
             "-q",
