@@ -26,11 +26,11 @@ sys.path.insert(0, str(REPO))
 
 from instruments.postgres import create_database, postgres  # noqa: E402
 from offline_queue.engines.base import Reply  # noqa: E402
+from offline_queue.findings import Accepted  # noqa: E402
 from offline_queue.states import BatchStatus  # noqa: E402
 from offline_queue.store import batches, claims, ingest  # noqa: E402
 from offline_queue.store.metrics import snapshot  # noqa: E402
 from offline_queue.submission import Submission  # noqa: E402
-from offline_queue.validate import Accepted  # noqa: E402
 
 ANSWER = Reply(ok=True, body='{"ok":true}', prompt_tokens=20, completion_tokens=8, latency_ms=420.0)
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from offline_queue.findings import FileInfo
 from offline_queue.states import Tier
-from offline_queue.validate import FileInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -30,12 +30,13 @@ from typing import Any
 
 from offline_queue.batch_object import LineError
 from offline_queue.batches import file_line, virtual_outputs
+from offline_queue.findings import Accepted, Rejected
 from offline_queue.states import Tier
 from offline_queue.store import results
 from offline_queue.store import streams as store
 from offline_queue.store.results import ResultLine
 from offline_queue.submission import Submission
-from offline_queue.validate import Accepted, Limits, Rejected, validate_line
+from offline_queue.validate import Limits, validate_line
 
 log = logging.getLogger(__name__)
 

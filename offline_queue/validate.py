@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from offline_queue.batch_object import LineError
 from offline_queue.catalog import Catalog, ServedModel
 from offline_queue.content import ContentHash
+from offline_queue.findings import Accepted, FileInfo, Rejected
 from offline_queue.formats import BODY_TYPES, REQUEST_LINE, SUPPORTED_URLS, AnyLine, Body
 from offline_queue.prefix import prefix_key
 from offline_queue.storage import Location, StorageUnavailable, locate
@@ -49,37 +50,6 @@ class Limits:
 
 class FileRefused(ValueError):
     """The file as a whole is not a batch; nothing from it is queued."""
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    content_hash: str
-    size: int
-    lines: int
-    named: tuple[tuple[str, str], ...] = ()
-    """(url, model) of the accepted lines among the first PEEK_LINES, each pair once, in file
-    order: what the catalog routes the batch by (Catalog.batch_model), learnt in the same pass."""
-
-
-@dataclass(slots=True)
-class Accepted:
-    line_no: int
-    custom_id: str
-    url: str
-    body_json: str
-    cache_digest: str | None
-    """Digest of the canonical body when the request is deterministic, else None."""
-    prefix_key: str = "-"
-    """Sortable key grouping requests that share a rendered prefix (offline_queue/prefix.py)."""
-    model: str = ""
-    """The body's `model`, read from the dump validation already made (the catalog checks it)."""
-
-
-@dataclass(slots=True)
-class Rejected:
-    line_no: int
-    custom_id: str | None
-    error: LineError
 
 
 Source = Location | str | Path

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from offline_queue.catalog import DEFAULT_CATALOG
-from offline_queue.validate import Accepted, Limits, Rejected, validate_file
+from offline_queue.findings import Accepted, Rejected
+from offline_queue.validate import Limits, validate_file
 
 
 def _line(cid: str, model: str, url: str = "/v1/chat/completions") -> str:

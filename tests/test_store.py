@@ -1,9 +1,8 @@
 """The queue's invariants on SQLite and a real PostgreSQL: claims never overlap, a settle from a
 lost lease commits nothing, retries end in exactly one result, an interrupted ingest resumes.
 
-One room over 400 lines on purpose: every test here is the same invariant (each request once,
-whatever the store and however the workers fail) met through one claim/settle machinery, and
-they share its fixtures; split by topic, each file would repeat the same setup."""
+One file on purpose: every test is the same invariant (each request once, whatever the store
+and however the workers fail) met through one claim/settle machinery and its fixtures."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from sqlalchemy.exc import OperationalError
 from instruments.postgres import postgres
 from instruments.processes import wait_for
 from offline_queue.engines.base import Reply
+from offline_queue.findings import Accepted
 from offline_queue.gpu_time import EngineUse
 from offline_queue.leases import LeaseKeeper
 from offline_queue.queue_file import IngestProcessFailed, queue_batch_file
@@ -34,7 +34,7 @@ from offline_queue.store import batches, claims, ingest, results, stats
 from offline_queue.store.db import patiently, session
 from offline_queue.store.tables import Request, Result
 from offline_queue.submission import Submission
-from offline_queue.validate import Accepted, Limits, inspect_file, validate_file
+from offline_queue.validate import Limits, inspect_file, validate_file
 from tests.conftest import REPO
 
 NOWHERE = Path("/nowhere")

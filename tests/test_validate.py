@@ -11,15 +11,9 @@ import pytest
 
 from offline_queue.content import ContentHash
 from offline_queue.files import store_upload
+from offline_queue.findings import Accepted, Rejected
 from offline_queue.store.files import Upload
-from offline_queue.validate import (
-    Accepted,
-    FileRefused,
-    Limits,
-    Rejected,
-    inspect_file,
-    validate_file,
-)
+from offline_queue.validate import FileRefused, Limits, inspect_file, validate_file
 
 
 def chat(custom_id: str, **body: object) -> dict:

@@ -23,11 +23,12 @@ from fastapi.responses import JSONResponse
 
 from offline_queue.api.deps import Caller, settings_of
 from offline_queue.api.errors import api_error
+from offline_queue.findings import Accepted
 from offline_queue.states import SERVICE_TIERS, BatchStatus, Tier
 from offline_queue.store import admission
 from offline_queue.store import responses as store
 from offline_queue.submission import Submission
-from offline_queue.validate import Accepted, Limits, validate_line
+from offline_queue.validate import Limits, validate_line
 
 if TYPE_CHECKING:
     from offline_queue.api.settings import ApiSettings

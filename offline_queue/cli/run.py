@@ -22,7 +22,7 @@ from offline_queue.states import Tier
 
 if TYPE_CHECKING:
     from offline_queue.engines.vllm_local import VLLMSettings
-    from offline_queue.validate import FileInfo
+    from offline_queue.findings import FileInfo
 
 # Locations are text, not Paths: a Path would fold s3://bucket/key into s3:/bucket/key.
 InputArgument = Annotated[
@@ -177,7 +177,8 @@ def validate(
 ) -> None:
     """Check a file without running it: counts, and the first errors with line and field."""
     from offline_queue.blocks.catalog import catalog_here
-    from offline_queue.validate import Accepted, FileRefused, Limits, inspect_file, validate_file
+    from offline_queue.findings import Accepted
+    from offline_queue.validate import FileRefused, Limits, inspect_file, validate_file
 
     limits = Limits()
     try:

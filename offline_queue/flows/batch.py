@@ -34,6 +34,7 @@ from offline_queue.blocks.release import load_policy
 from offline_queue.blocks.storage import use_storage
 from offline_queue.blocks.store import store_url
 from offline_queue.catalog import Catalog, ServedModel
+from offline_queue.findings import FileInfo
 from offline_queue.flows.release import check_guards
 from offline_queue.flows.waiting import (
     ProgressArtifact,
@@ -54,7 +55,7 @@ from offline_queue.states import TERMINAL_STATUSES, BatchStatus, Tier
 from offline_queue.storage import locate, resolve
 from offline_queue.store import batches, ingest, owners, results, stats
 from offline_queue.store.tables import Batch
-from offline_queue.validate import FileInfo, Limits, inspect_file
+from offline_queue.validate import Limits, inspect_file
 
 
 @flow(name="batch-inference", log_prints=True)

@@ -16,12 +16,12 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
+from offline_queue.findings import Accepted, Rejected
 from offline_queue.states import RequestState
 from offline_queue.store.bulk import insert_ignoring_conflicts
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.results import RESULT_COLUMNS, error_row
 from offline_queue.store.tables import Batch, Request, Result
-from offline_queue.validate import Accepted, Rejected
 
 REQUEST_COLUMNS = (
     "batch_id",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import exists, insert, select, update
 from sqlalchemy.orm import Session
 
+from offline_queue.findings import Accepted
 from offline_queue.states import LIVE_STATES, BatchStatus, RequestState
 from offline_queue.store import clock
 from offline_queue.store.admission import RUNNABLE
@@ -18,7 +19,6 @@ from offline_queue.store.ingest import REQUEST_COLUMNS, queued_row
 from offline_queue.store.results import RESULT_LINE, ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result
 from offline_queue.submission import Submission
-from offline_queue.validate import Accepted
 
 SOURCE = "response"
 WINDOW_SECONDS = 24 * 3600

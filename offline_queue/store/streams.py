@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, exists, func, or_, select, update
 
+from offline_queue.findings import Accepted
 from offline_queue.states import BatchStatus
 from offline_queue.store import clock
 from offline_queue.store.batches import new_batch
@@ -18,7 +19,6 @@ from offline_queue.store.ingest import REQUEST_COLUMNS, queued_row
 from offline_queue.store.results import RESULT_LINE, ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result, StreamEntry
 from offline_queue.submission import Submission
-from offline_queue.validate import Accepted
 
 SOURCE = "stream"
 ENTRY_COLUMNS = ("stream", "custom_id", "entry_id", "batch_id", "line_no", "reply_to")
