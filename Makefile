@@ -9,7 +9,7 @@ VENV := $(if $(filter gpu,$(ENGINE)),.venv-gpu,.venv)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test browser faketime prometheus redis lint bench faults gpu-smoke clean
+.PHONY: setup run test test-fast browser faketime prometheus redis lint bench faults gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ run: setup
 test: setup browser faketime prometheus redis
 	$(BIN)/offline-queue model prepare
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the tests that need no vLLM (marker `vllm`, tests/conftest.py) and spawn no
+# worker node (`slow`); hence no model to prepare, and no Chromium, Prometheus or Redis either.
+test-fast: setup faketime
+	$(BIN)/python -m pytest -m "not vllm and not slow" $(PYTEST_ARGS)
 
 # The Prefect UI test drives Debian's Chromium; without it that one check is skipped.
 browser:
@@ -77,7 +82,7 @@ lint: $(LINT_STAMP)
 
 # What a lent GPU runs first: `make gpu-smoke ENGINE=gpu MODEL=Qwen/Qwen2.5-0.5B-Instruct` (a
 # folder, or a model id in the node's Hugging Face cache); without MODEL, the CPU rehearsal.
-# One JSON report: bench/out/gpu-smoke.json (README, "On a CUDA node").
+# One JSON report: bench/out/gpu-smoke.json (docs/operator-guide.md, "On a CUDA node").
 gpu-smoke: setup
 	$(BIN)/python bench/gpu_smoke.py $(if $(MODEL),--model $(MODEL),--rehearsal)
 

@@ -1,5 +1,5 @@
 """Durations as people write them — `24h`, `30m`, `90s`, `7d` — in one grammar: a batch's
-completion window (the API) and a usage report's window (`usage --since`)."""
+completion window (the API) and a GPU-time report's window (`gpu-time --since`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The `engine_time` rows: the engine-seconds each served chunk used (offline_queue/gpu_time.py),
-summed per batch (the batch object, `status`), per tenant over a window (`offline-queue usage`)
+summed per batch (the batch object, `status`), per tenant over a window (`offline-queue gpu-time`)
 and per tenant and tier for /metrics. Rows are written in the chunk's settle
 (store/claims.py), in the same transaction as its results."""
 

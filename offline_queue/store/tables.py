@@ -94,7 +94,7 @@ class Batch(Base):
     runs on an engine given by name, which serves whatever the lines name."""
     catalog_json: Mapped[str | None] = mapped_column(Text)
     """The catalog as it was when the batch was routed: a resumed ingest judges by it."""
-    # Who runs the batch now (see store/batches.py `reap_orphans`): a run beats the heartbeat
+    # Who runs the batch now (see store/owners.py `reap_orphans`): a run beats the heartbeat
     # every third of its lease; a non-terminal batch whose owner is silent for longer than the
     # lease is settled as `failed` (`run_lost`). No heartbeat yet: nobody has started it.
     owner: Mapped[str | None] = mapped_column(String(256))
@@ -273,7 +273,7 @@ class FileChunk(Base):
 class EngineTime(Base):
     """Engine-seconds a batch used, one row per served chunk (offline_queue/gpu_time.py says how a
     chunk's seconds are counted): GPU time is what a team that owns its GPUs bills and plans by.
-    One row per chunk, not per request, and stamped by the store's clock, so `usage --since`
+    One row per chunk, not per request, and stamped by the store's clock, so `gpu-time --since`
     is one indexed range over rows written on any node."""
 
     __tablename__ = "engine_time"
