@@ -36,7 +36,7 @@ holder — which unmounts everything with the namespace — and deletes the netn
 (`lose()`, a fault schedule's lost machine) SIGKILLs them all first. The holder also ends by
 itself when the process that made the node dies.
 
-One room a little over 400 lines: a node and the cluster that bridges its services are one
+One module a little over 400 lines: a node and the cluster that bridges its services are one
 mechanism (the cluster's bridges are the other half of a node's `forward`), and their
 docstring above is most of the length.
 """

@@ -2,9 +2,8 @@
 a worker, `prefect deployment run --watch`, queue priority, the nightly schedule, and the API
 on one machine starting runs that a worker on another (a simulated node) executes.
 
-One room over 400 lines on purpose: every test here is the operator's path against one
-module-scoped Prefect server on PostgreSQL with the pools applied and the project deployed (the
-`cluster` and `deployed` fixtures); split, each file would start and deploy all that again."""
+One file on purpose: every test shares one module-scoped Prefect server on PostgreSQL with the
+pools applied and the project deployed (the `cluster` and `deployed` fixtures)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Ready for the first GPU: the CUDA build resolves at the CPU build's version, the platform is
-vLLM's to say, a GPU group names its model, a served engine is fed to its capacity, and the
-smoke test a lent GPU runs first passes here in rehearsal (docs/engines.md)."""
+vLLM's to say, a GPU group names its model, a node runs a loop per GPU, a served engine is fed
+to its capacity, and the smoke test a lent GPU runs first passes here in rehearsal
+(docs/engines.md)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def test_model_prepare_takes_a_cached_model_id_as_it_is(tmp_path: Path) -> None:
     assert Path(path) == snapshot and version.startswith("version ")
     missing = subprocess.run([*cli, "acme/absent"], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "acme/absent" in missing.stderr
+
+
+def test_a_node_runs_a_loop_per_gpu_each_with_its_own_devices() -> None:
+    """vLLM in process: one loop per GPU (per tensor-parallel group), CUDA_VISIBLE_DEVICES set
+    for each; a served engine: one loop (the server spreads its own GPUs)."""
+    from offline_queue.pools.node import loop_commands
+
+    per_gpu = loop_commands(None, None, 4, db=None, chunk_size=8)
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in per_gpu] == ["0", "1", "2", "3"]
+    assert all(cmd[-4:] == ["worker", "loop", "--chunk-size", "8"] for cmd, _ in per_gpu)
+    served = loop_commands("http://127.0.0.1:8000/v1", None, 4, db="sqlite:///x", chunk_size=8)
+    assert len(served) == 1 and served[0][0][-2:] == ["--db", "sqlite:///x"]
+    assert served[0][0][-4:-2] == ["--engine", "http://127.0.0.1:8000/v1"]
 
 
 def test_a_served_engine_is_fed_to_capacity_and_waits_as_long_as_the_answer_may_take() -> None:

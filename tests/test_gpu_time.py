@@ -1,6 +1,7 @@
 """What an operator bills and plans by: the GPU time each batch used (engine-seconds, on the
-batch, in `offline-queue usage` and in /metrics), and the finish-time estimate that raises an
-event before a batch misses its window. The real vLLM engine on CPU, a real Prefect server."""
+batch, in `offline-queue gpu-time` and in /metrics, each served engine under a key of its own),
+and the finish-time estimate that raises an event before a batch misses its window. The real
+vLLM engine on CPU, a real Prefect server."""
 
 from __future__ import annotations
 
@@ -81,6 +82,19 @@ def test_a_served_engine_charges_the_seats_a_chunk_held() -> None:
     assert chunk_use(engine, 2.0, replies[:8]).seconds == pytest.approx(0.5)  # a quarter
     assert chunk_use(engine, 1.0, replies).seconds == pytest.approx(1.0)  # never above the wall
     assert chunk_use(engine, 2.0, replies).requests == 32
+
+
+def test_a_server_on_loopback_is_this_node_s_own_in_the_engine_time() -> None:
+    """Every node of a group serves at 127.0.0.1:8000: each node's engine is an engine of its
+    own in the engine-time rows and metrics (one key for all would add N engines up as one)."""
+    import socket
+
+    from offline_queue.engines.openai_http import engine_key
+
+    here = socket.gethostname()
+    assert engine_key("http://127.0.0.1:8000/v1/", "m") == f"{here}:http://127.0.0.1:8000/v1#m"
+    assert engine_key("http://localhost:8000/v1", "m").startswith(f"{here}:")
+    assert engine_key("http://gpu-1:8000/v1", "m") == "http://gpu-1:8000/v1#m"
 
 
 def test_the_estimate_counts_urgent_work_ahead_and_says_when_it_is_late() -> None:

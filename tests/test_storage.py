@@ -2,9 +2,8 @@
 loopback (moto's server mode), files held in the store on SQLite and PostgreSQL, batches whose
 input is a stored file, outputs streamed from the result rows, expiry, and bounded memory.
 
-One room over 400 lines on purpose: every test here is the same promise (a file any node can
-read, wherever its bytes are) over the same fixtures, the S3 server and the stored-file
-helpers; split, each file would repeat them."""
+One file on purpose: every test is the same promise (a file any node can read, wherever its
+bytes are) over the same fixtures, the S3 server and the stored-file helpers."""
 
 from __future__ import annotations
 
