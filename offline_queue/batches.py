@@ -1,9 +1,7 @@
-"""A batch as people see it: OpenAI's batch object, and the output and error files.
-
-A batch's outputs are its `results` rows; a file is one rendering of them (`output_lines`). A
-batch from the API keeps no file at all: its output and error "files" are virtual
-(`store://<batch id>-output`, `-errors`), streamed from the rows to whoever downloads them, on
-whichever node. A batch run on files (a path, object storage) gets them written at finalize.
+"""A batch as people see it: OpenAI's batch object, and the output and error files, renderings of
+its `results` rows (`output_lines`). An API batch keeps no file: its outputs are virtual
+(`store://<batch id>-output`, `-errors`), streamed from the rows on whichever node; a batch run on
+files (a path, object storage) gets them written at finalize.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """The result cache: answers to deterministic requests, by model version and canonical body,
-shared by every batch on the store.
-
-Written behind, not with each chunk: a key is a hash, so every entry lands on a random page of
-the index, and on a fast engine writing them inside each settle cost more than the rest of the
-settle (bench/ceiling.py: ~17 µs of SQLite work per request at 1,000,000 entries). A worker
-notes the lines whose answers it committed, and every `flush_entries` answers, every
-`flush_seconds` and when it stops, the store adds entries pointing at those `results` rows, in
-key order, in one statement. Crash-safe by construction: the cache is never the record of a
-result (`results` is), so answers a killed worker had not pointed to yet are only answers
-the next identical request computes again.
+shared by every batch on the store. Its entries point at `results` rows and are written behind
+the settles (`ResultCache.flush`), in one statement per flush, as a hashed key per entry costs a
+settle more than the rest of it. (docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """The catalog of served models: which model a line's `model` names, what serves it, and whether
-it serves the line's endpoint.
-
-A line's `model` used to be ignored (the engine wrote its own name over it), so a line naming a
-model nobody serves was answered by whatever was loaded. The catalog maps every name a batch
-may use (a model's name and its aliases) to one entry; a batch's lines must all name the same
-served model (OpenAI's rule), and a line that does not is an error of its own.
-
-A batch run without an engine is routed by it: the first line naming a served model picks the
-entry (`batch_model`), whose engine runs the batch. The catalog is stored with the batch as it
-was then (`to_json`), so a resumed ingest judges the rest of the file by the same entries.
-Entries beyond the two bundled models are Prefect blocks (offline_queue/blocks/catalog.py).
+it serves the line's endpoint — so a line naming a model nobody serves is an error of its own,
+not an answer from whatever engine is loaded. (docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

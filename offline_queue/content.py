@@ -1,11 +1,7 @@
 """A batch file's content hash: one definition, fed in blocks, for every place that names a file
-by its content (an upload through the API, a file a worker opens, a re-run of either).
-
-The hash is over the file's lines, not its bytes: a line end is a line end whether it is `\\n` or
-`\\r\\n`, and a last line with no newline after it is the same line as with one. The API once
-hashed the raw upload and the flow the lines, so a file saved by an editor without a final
-newline (or with CRLF ends) got two hashes, the flow refused its own batch as "other content",
-and the batch sat in `validating` for ever.
+by its content (an upload through the API, a file a worker opens, a re-run of either). It is
+over lines, not bytes, so line ends and a missing last newline do not change it.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""Will a batch make its window? An estimate of when it finishes, from its own throughput so
-far and the work that will be served before what is left of it — found out while there is
-still time to act (add a node, raise its tier, cancel something), not when it expires.
-
-- A batch that is being served has a rate of its own: the requests its engines answered since
-  it went `in_progress`, by the store's clock. That rate already reflects what it shares its
-  GPUs with; what can still take them from it is work of more urgent tiers (a loop serves a
-  critical batch first), so that is counted ahead of its own remaining requests.
-- A batch not served yet has no rate: its tier's recent throughput stands in for one, and the
-  batches of its tier created before it are counted ahead too.
-- Neither: no estimate yet (nothing of the tier ran in the last few minutes).
-
-The estimate is deliberately simple and errs late: the work of a more urgent tier is counted
-at this batch's own rate, where it will in fact get every GPU it asks for. A late estimate
-raises one event per batch (flows/waiting.py); an automation decides what to do about it.
+"""Will a batch make its window? An estimate of when it finishes, from its own throughput so far
+and the work to be served ahead of the rest of it — known while there is still time to act (add
+a node, raise its tier, cancel something), not when it expires. Simple, and errs late.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

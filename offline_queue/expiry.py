@@ -1,13 +1,8 @@
-"""The clean-up: what has expired goes, and it says what went.
-
-- A finished batch past its `output_expires_at` (OpenAI's `output_expires_after`): its output
-  and error files where they were written (a path, object storage), and the content of its
-  result rows — the bodies and error messages, which are what a download of a virtual file
-  sends — with the cache entries that pointed at them. The rows' counts, usage and latencies
-  stay, so the batch object still tells what the batch did; a download then answers that the
-  outputs expired (batches.OutputsRemoved), not an empty file.
-- An uploaded file past its `expires_at`, and an upload that never finished: the row and its
-  bytes, wherever they are. A file a batch is still reading waits for a later clean-up.
+"""The clean-up: what has expired goes, and it says what went. A finished batch past
+`output_expires_at` loses its written files and its result rows' content (with the cache entries
+pointing at it), not the rows: the batch object still tells what it did, and a download answers
+that the outputs expired (batches.OutputsRemoved). Uploads past `expires_at`, or never finished,
+go whole, except a file a batch is still reading, which waits for a later clean-up.
 """
 
 from __future__ import annotations

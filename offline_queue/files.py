@@ -1,12 +1,7 @@
-"""Files of the Files API: an upload streamed to where every node reads it, checked against the
-limits block by block, and deletion.
-
-By default an upload's bytes go into the store (offline_queue/store/files.py): with nothing but
-PostgreSQL shared, a worker on any node reads the file it names, `store://<file id>`. With a
-`root` (a directory on a shared mount, or object storage: `s3://bucket/uploads`) the bytes go
-there instead and the store keeps the row. Either way a 200 MB upload never sits in memory, an
-oversized one is refused as soon as it breaks a limit, and nothing of a refused or broken
-upload is left behind.
+"""Files of the Files API: an upload streamed to where every node reads it — the store by default
+(`store://<file id>`), or a `root` on a shared mount or object storage — checked against the
+limits block by block, and deletion. An upload never sits in memory, an oversized one is refused
+as soon as it breaks a limit, and nothing of a refused or broken upload is left behind.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """GPU time: the engine-seconds a served chunk used — what a team that owns its GPUs bills its
-tenants by and plans its nodes by, which token counts do not say (a long prompt and a short one
-cost the GPU very differently from their token counts alone).
-
-Both kinds of engine serve several chunks (of several batches) at once, so a chunk is charged
-its part of the engine's time, which each engine sets on every reply (`Reply.engine_seconds`):
-
-- vLLM in this process: each engine step's time, split between the chunks by how many of
-  their requests were in the engine during it (engines/vllm_steps.py).
-- A served engine: a request holds one of `capacity` in-flight seats while it runs, so it is
-  charged its latency divided by the seats. A chunk that keeps every seat busy is charged the
-  wall time; one that keeps 8 of 32 busy, a quarter — the server had room for others.
-
-A chunk is charged at most its wall time. What is not counted: the engine's start (weights
-loading) and the store's work around a chunk; a chunk answered from the result cache costs
-nothing.
+tenants and plans its nodes by, which token counts do not say. A chunk is charged its part of an
+engine it shares with other chunks (`Reply.engine_seconds`), at most its wall time.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""The one way a worker keeps a row alive that others read as a sign of life: a claim's lease
-(leases.LeaseKeeper), a batch's owner (leases.OwnerHeartbeat), a serving loop's row
-(loop.py).
-
-Each beats once when it starts (before anything runs on it; a failure there is the caller's),
-then every `interval` seconds from a daemon thread until stopped, and leaves once at the end.
-From then on no failure is raised: a beat that fails is logged and tried again at the next one
-(the store may be restarting), and a row that is never left goes stale and stops counting by
-itself — which is also what happens to the rows of a worker killed with -9.
+"""The one way a worker keeps alive a row that others read as a sign of life: a claim's lease
+(leases.LeaseKeeper), a batch's owner (leases.OwnerHeartbeat), a serving loop's row (loop.py).
+It beats at start, then from a daemon thread, and leaves at the end; past the first beat no
+failure is raised, and a row never left goes stale by itself.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""The serving loop: one engine, loaded once for the loop's life, kept full from the one queue.
-
-A loop claims the next chunk of whichever batch comes next on its route (store/claims.py:
-tier, deadline, weighted fair share) whenever its engine has room — none of the engine's
-requests waits to be started — so chunks of several batches run in the engine at once, and
-a batch's tail never leaves it part-empty while other work waits. While the engine is full it
-still looks, every POLL_SECONDS, for work of a more urgent tier than any it holds: such a
-chunk goes in at once, and its requests (the batch's tier as the engine's priority) are
-scheduled ahead of the waiting ones at the engine's next step — preemption without a second
-engine and without killing anything. Each chunk is served on a thread of its own (cache,
-engine, one settle). Idle, it looks again every POLL_SECONDS: a new batch is claimed within
-a second.
-
-Drained (`offline-queue worker drain`, SIGTERM), it claims nothing more and finishes what it
-holds. Killed, it costs its leases: its chunks are claimed again by the others after a lease.
+"""The serving loop: one engine, loaded once for the loop's life, kept full from the one queue. It
+claims the next chunk on its route whenever the engine has room, still looks for more urgent
+work every POLL_SECONDS while full, and serves each chunk on a thread of its own (cache, engine,
+one settle). Why, and a loop's life (drain, death): docs/scheduling.md.
 """
 
 from __future__ import annotations

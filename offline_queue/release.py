@@ -1,9 +1,7 @@
-"""Gray release of model versions: which track (stable or candidate) a batch goes to, and
-when the candidate is doing worse than stable.
-
-Routing is a pure function of the policy and the batch's sticky key: the same key always gets
-the same answer (a tenant's nightly batches do not flip between versions), and the share of
-keys sent to the candidate is `fraction` (a SHA-256 bucket, uniform over keys).
+"""Gray release of model versions: which track (stable or candidate) a batch goes to, and when the
+candidate is doing worse than stable. Routing is a pure function of the policy and the batch's
+sticky key: the same key always gets the same track (a tenant's nightly batches do not flip), and
+`fraction` of the keys go to the candidate (a SHA-256 bucket, uniform over keys).
 """
 
 from __future__ import annotations

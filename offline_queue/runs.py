@@ -1,14 +1,7 @@
-"""What a batch run is given: one model of its parameters, built and validated by every front
-door (the CLI's `run`, the API, the release router) and received by the batch flow.
-
-Why the flow still lists the fields as flat parameters, rather than taking one `BatchRun`
-parameter: Prefect builds a deployment's parameters, its UI form and `prefect deployment run
---param NAME=VALUE` from the flow function's signature. A parameter typed as a model is one
-parameter holding an object — `--param input=/x.jsonl` would be refused as unknown (it would
-have to be `--param run='{"input": …}'`), prefect.yaml's `parameters:` (merged from anchors,
-field by field) would have to nest, and the form would be one JSON box. So the flow keeps one
-parameter per field, a test checks that their names, types and defaults are this model's, and
-the first thing the flow does is build the model from them.
+"""What a batch run is given: one model of its parameters, built and validated by every front door
+(the CLI's `run`, the API, the release router) and received by the batch flow, which takes them
+as flat parameters, as Prefect's deployments and forms need; a test keeps the two in step.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""The states a batch and a request go through, and the priority tiers: defined once.
-
-String enums, so the store's columns, the wire formats (OpenAI's batch statuses) and the
-command line keep the plain words (`"completed"`, `"bulk"`) while the code names each state
-instead of spelling it. A member is equal to its word, so a row read back compares equal.
-
-A request: `queued → processing → completed`, or `processing → queued` again while a retriable
-failure has tries left (backoff in `not_before`), or `→ terminated` (its error row is written).
-A rejected line never becomes a request: it has its error row from ingest.
+"""The states a batch and a request go through, and the priority tiers: defined once. String
+enums, so the store's columns, the wire formats and the command line keep the plain words while
+the code names each state; a member equals its word, so a row read back compares equal. A
+request's path through them is in docs/ARCHITECTURE.md (Why the parts are as they are).
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
-"""Where a batch's files are, and one way to stream them whatever the place.
-
-Nodes share no disk: the file a worker reads may have been received by an API host elsewhere,
-and the outputs it writes are read by whoever asks. A location is one of
-
-- a local path (`~` expanded; `file://…` too): what one machine, or a shared mount, reads;
-- an fsspec URL — `s3://` (s3fs), `gs://` (gcsfs), `az://` (adlfs), anything fsspec knows —
-  when its package is installed (`offline-queue[s3]`, `[gcs]`, `[azure]`). Credentials come
-  from where the library looks (for S3: the AWS environment variables, ~/.aws, an instance
-  role); further fsspec options, per protocol, from OFFLINE_QUEUE_STORAGE_OPTIONS as JSON, e.g.
-  `{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}` for an S3-compatible server;
-- `store://<file id>`: a file held in the store's `file_chunks` (offline_queue/store/files.py),
-  which every node reads through the database.
-
-Reads stream (a buffered binary reader: `readline(n)` bounds a line's memory), and so do
-writes: a local file is written beside its final name and swapped into place whole; an object
-is written straight to its key, where it appears whole when its upload completes (an upload
-that fails is aborted, never completed).
+"""Where a batch's files are — a local path, an fsspec URL (`s3://`, `gs://`, `az://`) or
+`store://<file id>` in the store — and one way to stream them, read or written, whatever the
+place: nodes share no disk. (docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

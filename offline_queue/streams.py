@@ -1,18 +1,8 @@
-"""A Redis Streams consumer group in front of the queue: the original design's light buffer.
-
-Each entry's field `line` is one OpenAI batch line (optional fields `tier`, `reply_to`). A
-consumer reads entries (its own pending ones first, then those a dead consumer left idle —
-XAUTOCLAIM — then new ones), validates them, and queues the valid ones as one batch per read
-in the transaction that records them (store/streams.py); only then are they acknowledged. A
-consumer killed between read and commit leaves its entries pending: another claims them,
-nothing is lost. A redelivered entry whose custom_id the stream has is not queued again. A bad
-entry becomes an error line on the results stream and is acknowledged.
-
-The queue's serving loops answer the requests (this process's own, or the group's nodes'); any
-consumer of the stream writes each answer to `reply_to` (default `NAME:results`), field `line`
-= the output or error line exactly as a batch's files have it, and closes the batches that are
-all replied. Past `max_pending` unanswered entries in the store the consumers stop reading: the
-stream holds the surge, the store and this process stay bounded.
+"""A Redis Streams consumer group in front of the queue: entries (field `line`, one batch line) are
+queued as one batch per read in the transaction that records them, acknowledged only after it,
+answered by the queue's serving loops and replied to `reply_to`; past `max_pending` unanswered
+entries the consumers stop reading and the stream holds the surge. (docs/scheduling.md, Single
+requests and streams in the same queue; docs/user-guide.md, Redis Streams)
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """What a new batch is created with, whoever submits it: a run's submit task (a file placed by
-offline_queue/batches.place_batch) or the API's admission (an uploaded file). One record, so
-that both start the same row the same way (store/batches.new_batch) and nobody lists the
-batch's fields again.
-
-The field names are the batch row's column names: the row is built from them by name.
+offline_queue/batches.place_batch) or the API's admission (an uploaded file). One record, so both
+start the row the same way (store/batches.new_batch) and nobody lists its fields again; the field
+names are the batch row's column names, and the row is built from them by name.
 """
 
 from __future__ import annotations

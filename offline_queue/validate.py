@@ -1,10 +1,7 @@
-"""Streaming validation of a batch file: one line in memory at a time, errors as data.
-
-The file is anywhere offline_queue/storage.py reaches (a path, object storage, the store);
-only `readline(n)` on its binary stream is asked of it.
-
-A bad line becomes a `Rejected` naming the line and the field and the batch goes on; only a
-file that is not a batch at all (empty, not JSONL, over the limits) is refused as a whole.
+"""Streaming validation of a batch file: one line in memory at a time, errors as data. The file is
+anywhere offline_queue/storage.py reaches; only `readline(n)` on its binary stream is asked of it.
+A bad line becomes a `Rejected` naming the line and the field, and the batch goes on; only a file
+that is not a batch at all (empty, not JSONL, over the limits) is refused whole.
 """
 
 from __future__ import annotations

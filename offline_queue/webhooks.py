@@ -1,12 +1,7 @@
 """Signed webhooks: OpenAI's event payloads, signed as Standard Webhooks sign them (what the
 `openai` SDK's `client.webhooks.unwrap` verifies), delivered at least once from the outbox
-(store/outbox.py) by a dispatcher any process may run — the API, a node, `webhooks deliver`.
-
-A delivery is leased while it is sent; a dispatcher that dies leaves it to another once the
-lease ends. Non-2xx answers, timeouts and connection errors are retried with backoff and jitter
-(the first retry within seconds, then doubling up to an hour) until the endpoint's retry time
-(24 h by default) has passed. Each event is also emitted once as a Prefect event
-(`offline-queue.batch.completed`, …), for automations.
+(store/outbox.py) by a dispatcher any process may run, each delivery leased while it is sent.
+Retries, and the Prefect event raised beside each: docs/user-guide.md, Webhooks.
 """
 
 from __future__ import annotations

@@ -1,25 +1,7 @@
-"""Adaptive in-flight window for served engines (AIMD): how many requests a process keeps
-outstanding at a server, found instead of set.
-
-`max_in_flight` is the cap; the window starts small and doubles each round-trip's worth of
-answers while throughput keeps growing (slow start), then grows by one per round while
-throughput does not fall, and steps back one when it does (past the knee). A round is `size`
-replies (16 at least once one is refused): about one round-trip of the whole window.
-
-Refusals — 429, 503 or a timeout — shrink it in proportion to their share of the round, as
-DCTCP does with congestion marks: a round with a share f of refusals takes the window to
-size × (1 − f/2), and one where a quarter or more were refused halves it (the server is
-overloaded). A fixed share of refusals that has nothing to do with load (a proxy, a quota
-refusing one request in ten) then settles the window near 2/f instead of collapsing it: halving
-at every round that saw one refusal took the window to ~2.5 under 10 % of 429s (BENCHMARKS.md).
-A few refusals do not end slow start; it ends once a round's refusals would take more than one
-off the window (size × f/2 ≥ 1, i.e. at about 2/f), where linear growth and the refusals' shrink
-balance. Left in slow start, a steady refused tenth kept a capped window at the cap (it doubled
-by the same amount it gave back) until timing noise read as a fall.
-
-Why: the knee differs between machines (32 on this CPU; elsewhere on a GPU), and a refusing
-server only got retries, never a smaller window. Every change is kept in `history` (and
-logged), so a test or an operator can watch the window move.
+"""Adaptive in-flight window for served engines: how many requests a process keeps outstanding at
+a server, found under the cap `max_in_flight` instead of set, because the knee differs between
+machines and a refusing server needs fewer requests, not only retries. Every change is kept in
+`history` (and logged). (docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

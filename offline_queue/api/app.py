@@ -1,11 +1,8 @@
-"""The OpenAI-compatible batch API: /v1/files and /v1/batches, per-tenant API keys with rights,
-limits and backpressure. The official `openai` SDK works against it unchanged.
-
-This module assembles the app: its settings (settings.py), the watch over lost runs (runs.py)
-and a webhook dispatcher (offline_queue/webhooks.py) beside it, the gate every request passes
-before a route reads its body (gate.py: key, sizes, access log), the routes of files.py and
-batches.py, and the handlers that put every error in OpenAI's shape (errors.py). Everything a
-tenant sees is scoped to it (deps.py): another tenant's file or batch is a 404.
+"""The OpenAI-compatible API — /v1/files, /v1/batches, /v1/models, /v1/responses and
+/v1/chat/completions — with per-tenant keys, rights, limits and backpressure; the `openai` SDK
+works against it unchanged. This module assembles the app (settings, gate, routes, error
+handlers, /metrics) with the watch over lost runs and a webhook dispatcher beside it.
+Everything a tenant sees is scoped to it (deps.py): another tenant's file or batch is a 404.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""/v1/batches: create (validated, then admitted in the store within the caller's rights and the
-tier's backpressure, then started), look, list, cancel.
-
-A created batch is registered in the store in the same request (so it is never lost), then
-started: by a Prefect deployment when one is configured (`run_deployment(timeout=0)`), else on
-a thread of its own in this process — one per batch, so a batch stuck on a dead engine holds up
-no other (runs.py). A run that ends without finishing its batch (the flow raised, or could not
-be started) ends the batch at once (`failed` with the reason, or `cancelled`)."""
+"""/v1/batches: create (validated, admitted in the store within the caller's rights and the tier's
+backpressure, then started), look, list, cancel. A created batch is registered in the request, so
+it is never lost, then started by a Prefect deployment when one is configured
+(`run_deployment(timeout=0)`), else on a thread of its own here (runs.py). A run that ends without
+finishing its batch ends it at once (`failed` with the reason, or `cancelled`)."""
 
 from __future__ import annotations
 

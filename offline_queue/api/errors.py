@@ -1,9 +1,8 @@
 """Every error in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
-status the SDK maps to its exception classes (400 BadRequestError, 401 AuthenticationError,
-403 PermissionDeniedError, 404 NotFoundError, 409 ConflictError, 413, 429 RateLimitError).
-
-Messages name the field and the rule, never the value sent: a 1 MB value is not echoed back,
-nor is anything of another tenant's."""
+status the SDK maps to its exception classes (400 BadRequestError, 401 AuthenticationError, 403
+PermissionDeniedError, 404 NotFoundError, 409 ConflictError, 413, 429 RateLimitError). Messages
+name the field and the rule, never the value sent: a 1 MB value is not echoed back, nor is
+anything of another tenant's."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""An upload's multipart form, parsed as it streams in (python-multipart's push parser), and the
-first lines of its file sniffed on the way (validate.Sniffer), so a file that is not a batch
-(gzip, binary, only blank lines) is refused with a 400 at upload instead of leaving a batch
-`validating` for ever.
-
-The route does not use FastAPI's File()/Form(): those read (and spool) the whole body before any
-dependency runs. Here the gate has checked the key and the size first, and the file's bytes go
-straight to the upload writer as they arrive."""
+"""An upload's multipart form, parsed as it streams in (python-multipart's push parser), its file's
+first lines sniffed on the way (validate.Sniffer): a file that is not a batch is a 400 at upload,
+not a batch `validating` for ever. Not FastAPI's File()/Form(), which spool the whole body before
+any dependency runs: here the gate has checked the key and the size first, and the file's bytes
+go straight to the upload writer as they arrive."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""The gate every request passes before any route reads its body: the API key first (401), then
-the declared size (413 before a byte of the body is read), then a body counted as it arrives
-(413 the moment it passes the limit, whether or not a Content-Length was declared). Every
-request, refused or not, gets one access-log line.
-
-A pure ASGI middleware, because FastAPI reads a route's body before its dependencies run: a
-dependency could only say 401 after a 60 MB upload had been spooled."""
+"""The gate every request passes before any route reads its body: the API key (401), the declared
+size (413 before a byte of the body is read), the body counted as it arrives (413 the moment it
+passes the limit), and one access-log line per request, refused or not. A pure ASGI middleware,
+because FastAPI reads a route's body before its dependencies run: a dependency could only say
+401 after a 60 MB upload had been spooled."""
 
 from __future__ import annotations
 

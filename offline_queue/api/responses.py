@@ -1,11 +1,8 @@
-"""Single requests through the queue: OpenAI's background responses (`POST /v1/responses` with
-`background: true`, then GET and cancel), and synchronous calls (`/v1/responses`,
-`/v1/chat/completions`) that wait on the connection for their answer.
-
-Each is one row in the same queue as the batches (store/responses.py), at the tier its
-`service_tier` asks for — `priority` critical (if the key may), `default`/`auto` or none
-standard, `flex` bulk — under the same tenants, rights and admission (past it, a 429 as
-OpenAI's flex does). A synchronous call whose client goes away is cancelled.
+"""Single requests through the queue: background responses (`POST /v1/responses` with
+`background: true`, then GET and cancel) and synchronous calls (`/v1/responses`,
+`/v1/chat/completions`) that wait on the connection. Each is a batch of one request in the same
+queue (store/responses.py), at its `service_tier`'s tier, under the same tenants, rights and
+admission; a synchronous call whose client goes away is cancelled (docs/user-guide.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""The runs of the batches this API starts, and its watch over every batch's run.
-
-A batch run here runs on a thread of its own — one per batch, so a batch stuck on a dead engine
-holds up no other — owned by this process (`API_OWNER`, its heartbeat beaten by the watch) until
-its flow run takes it: a kill -9 of the API leaves batches that `reap_orphans` settles, never
-ones that wait forever for a thread that is gone. A run that raises, even before its flow has
-started, fails its batch with the reason. A batch started as a deployment's run names that flow
-run as the owner it waits for, with no heartbeat: waiting for a worker is not being lost.
+"""The runs of the batches this API starts, and its watch over every batch's run. A run here is a
+thread of its own per batch (one stuck on a dead engine holds up no other), owned by this process
+(`API_OWNER`, beaten by the watch) until its flow run takes it: a kill -9 of the API leaves
+batches the reaper settles. A run that raises fails its batch; a deployment's run is the owner
+its batch waits for, with no heartbeat: waiting for a worker is not being lost.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""`offline-queue`: run a batch file, look at a batch, prepare the bundled model.
-
-Heavy imports (Prefect, vLLM, transformers) happen inside the commands that need them, so
-`status` answers in well under a second while a run is going on.
-
-This module only assembles the commands; each group lives in a module of its own: run.py (run,
-validate), batches.py (submit, status, watch, results, cancel, cleanup), engine.py (model, engine),
-cluster.py (pools, worker), api.py (keys, api), release.py (release), metrics.py (metrics),
-gpu_time.py (gpu-time), webhooks.py (webhooks), streams.py (streams).
+"""`offline-queue`, the command line. This module only assembles the commands; each group lives in
+a module of its own (the list: docs/ARCHITECTURE.md, The parts of the code). Heavy imports
+(Prefect, vLLM, transformers) happen inside the commands that need them, so `status` answers in
+well under a second while a run is going on.
 """
 
 from __future__ import annotations

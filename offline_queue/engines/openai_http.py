@@ -1,10 +1,8 @@
-"""Any OpenAI-compatible server (first of all `vllm serve`) over httpx.
-
-One event loop thread and one connection pool per process and server, shared by every chunk
-and batch the process runs; up to `max_in_flight` requests outstanding so the server's
-continuous batching stays full. A free slot goes to the most urgent request waiting for one
-(its tier, as `priority`), and the request carries that priority to the server too (`vllm serve
---scheduling-policy priority`): a critical chunk overtakes bulk ones without killing anything.
+"""Any OpenAI-compatible server (first of all `vllm serve`) over httpx: one event loop thread and
+one connection pool per process and server, shared by every chunk the process runs, with up to
+`max_in_flight` requests outstanding so the server's continuous batching stays full. A free slot
+goes to the most urgent waiting request, which carries its tier to the server as `priority` too:
+a critical chunk overtakes bulk ones without killing anything (docs/scheduling.md).
 """
 
 from __future__ import annotations

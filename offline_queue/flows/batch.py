@@ -1,11 +1,8 @@
-"""The batch flow, top to bottom: submit → validate and queue → await the serving loops (infer
-+ persist happen there, per chunk, shown as infer-chunk task runs) → finalize. The flow comes
-first, then its tasks in the order it runs them; the wait is in offline_queue/flows/waiting.py.
-
-Validation and queueing share one streaming pass (a million-line file never sits in memory).
-A waiting batch holds no GPU: each GPU's serving loop claims the next chunk of whichever batch
-comes next on its route (offline_queue/loop.py), so the flow run only routes, queues, watches
-and finalizes.
+"""The batch flow, top to bottom: submit → validate and queue (one streaming pass) → await the
+serving loops (infer + persist happen there, per chunk, shown as infer-chunk task runs) →
+finalize. The flow comes first, then its tasks in the order it runs them; the wait is in
+offline_queue/flows/waiting.py. A waiting batch holds no GPU: the flow run routes, queues,
+watches and finalizes (docs/scheduling.md).
 """
 
 from __future__ import annotations

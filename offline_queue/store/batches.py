@@ -1,9 +1,7 @@
-"""Batches: the one row per batch — created once (by a run's submit, or by the API's admission,
-store/admission.py), labelled, cancelled, moved through its statuses — and the lists of batches
-the CLI and the API show. Who runs a batch, and the reaper of runs that died: store/owners.py.
-
-Every batch row is built by `new_batch`, so a batch from `offline-queue run` and one from
-POST /v1/batches start in the same state with the same fields.
+"""Batches: the one row per batch — created once (by a run's submit or the API's admission,
+store/admission.py) and only by `new_batch`, so every batch starts in the same state with the same
+fields; labelled, cancelled, moved through its statuses — and the lists the CLI and the API show.
+Who runs a batch, and the reaper of runs that died: store/owners.py.
 """
 
 from __future__ import annotations

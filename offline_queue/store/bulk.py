@@ -1,10 +1,8 @@
-"""Many rows in one statement at the driver: plain tuples, no per-row work above the driver. On a
-fast engine, SQLAlchemy's per-row parameter processing was most of a settle's Python time
-(cProfile of bench/ceiling.py). An insert is one multi-row VALUES statement (per 2,000 rows or
-so), not an `executemany` of one statement per row: against one PostgreSQL shared by every
-loop of a cluster, what a settle costs the server then grows with chunks, not with requests
-(bench/cluster.py counts the statements). The statements stay the same on both stores, only the
-placeholder differs."""
+"""Many rows per statement, at the driver: plain tuples with no per-row work above it, and an
+insert as one multi-row VALUES statement rather than one statement per row, so that a settle's
+Python time and its cost to a cluster's one PostgreSQL grow with chunks, not requests. Only the
+placeholder differs between the stores. (docs/ARCHITECTURE.md, Why the parts are as they are)
+"""
 
 from __future__ import annotations
 

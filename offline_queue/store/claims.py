@@ -1,17 +1,7 @@
-"""Claims: leasing the next chunk of the queue to a serving loop, keeping the leases alive, and
-settling them — results and state changes of a chunk in one transaction, guarded by the
-claim's token.
-
-The guard is what keeps the invariants: a settle only touches rows still leased to the claim
-it came from, and `results` has one primary key per line, so a late or replayed settle from a
-worker whose lease expired inserts nothing.
-
-Order within a batch: a claim takes its claimable requests by (prefix_key, id) — requests sharing a
-rendered prompt prefix, adjacent (offline_queue/prefix.py), so a chunk hands the engine's
-prefix cache whole groups. Only what is queued is ordered: while a file is still streaming
-in, a claim orders the lines ingested so far, so the first chunks of a batch see only the
-first ingest groups (a few thousand lines) and a prefix whose lines are spread over the file
-is computed once per chunk that meets it, not once. Retries re-enter at their key's place.
+"""Claims: leasing the next chunk of the queue to a serving loop in one statement (the claim order
+of docs/scheduling.md), keeping the leases alive, and settling them — a chunk's results and state
+changes in one transaction, guarded by the claim's token, so a late or replayed settle from an
+expired lease inserts nothing. (docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""The store's clock: the one time that workers on different machines compare.
-
-A lease that one node writes and another judges, a retry's `not_before`, an engine share's
-heartbeat, a batch's `expires_at`: each is stamped and compared in the statement that reads or
-writes it, with the database's clock, so a node whose own clock runs ahead neither takes
-chunks that are still leased nor drops a batch before its window ends. Being part of the
-statement, it costs no round trip.
-
-PostgreSQL: `statement_timestamp()`, one value for the whole statement (every row a claim takes
-gets the same lease; `now()` would be the transaction's start, `clock_timestamp()` changes from
-row to row). SQLite is one machine, so its clock is every worker's clock; `julianday('now')`
-keeps it one code path (SQLite 3.40 has no `unixepoch('subsec')`), at millisecond resolution.
-The values stay epoch seconds, as the columns always held.
+"""The store's clock: the one time that workers on different machines compare. Leases, retry
+times, heartbeats and expiry are stamped and compared in the statement that reads or writes
+them, on the database's clock, so a node whose own clock runs ahead neither takes a leased chunk
+nor drops a batch early, at no extra round trip.
+(docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""What expires: batch outputs past `output_expires_at` (OpenAI's `output_expires_after`),
-uploaded files past `expires_at`, and uploads that never finished. Judged by the database's
-clock, the one clock every node shares.
-
-A batch's outputs are removed by clearing the content of its `results` rows (bodies and error
-messages), not the rows: the batch keeps its request counts, usage and latency figures, which
-are read from those rows, while what a user downloads (and what could leak) is gone. The cache
-entries that pointed at those answers go with them.
+"""What expires — batch outputs past `output_expires_at`, uploaded files past `expires_at`,
+uploads that never finished — judged by the database's clock. A batch's outputs go by clearing
+the content of its `results` rows, not the rows: its counts, usage and latencies stay, while what
+a user downloads (and what could leak) goes, with the cache entries that pointed at it.
 """
 
 from __future__ import annotations

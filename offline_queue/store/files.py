@@ -1,11 +1,7 @@
 """The `files` and `file_chunks` tables: files uploaded through /v1/files, and the bytes of those
-held in the store.
-
-Nodes share no disk, so by default an upload's bytes are rows: `file_chunks`, about a MiB each,
-written while the upload streams in (`FileWriter`) and read back as a stream (`open_chunks`).
-A file whose row says `writing` is invisible to every reader; it becomes visible, whole, in the
-transaction that writes its last chunk. A file whose bytes are elsewhere (a directory, object
-storage) has only its row here, `path` naming where the bytes are.
+held in the store (nodes share no disk) as rows of about a MiB, written while the upload streams
+in (`FileWriter`) and read back as a stream (`open_chunks`). A `writing` file is invisible until
+the transaction that writes its last chunk. A file kept elsewhere has only its row here (`path`).
 """
 
 from __future__ import annotations

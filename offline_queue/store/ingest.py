@@ -1,10 +1,7 @@
 """Ingest: a batch file's lines into the queue — accepted lines as `requests`, rejected ones as
-their error rows — in groups that each commit with the batch's `ingested_through` watermark,
-so an interrupted ingest resumes after the last committed line and never queues a line twice.
-
-Two paths with one contract: SQLite inserts each group under its one writer; PostgreSQL
-streams it in with COPY while it is being validated (`_ingest_by_copy`, which says why it
-needs no `ON CONFLICT`).
+their error rows — in groups that each commit with the batch's `ingested_through` watermark, so
+an interrupted ingest resumes after the last committed line and never queues one twice. SQLite
+inserts each group under its one writer; PostgreSQL streams it in with COPY (`_ingest_by_copy`).
 """
 
 from __future__ import annotations

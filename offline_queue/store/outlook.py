@@ -1,9 +1,7 @@
 """What a batch's finish-time estimate reads (offline_queue/eta.py): the live work that will be
-served before the batch's own, and its tier's recent throughput by the store's clock.
-
-Cost: the work ahead is a count over the live request rows of the other unfinished batches
-(the claimable partial index holds exactly those), once per progress update, which the flow
-spaces out to keep its counts under 1 % of a worker's time (offline_queue/flows/waiting.py)."""
+served ahead of the batch's own, and its tier's recent throughput by the store's clock. The work
+ahead is a count over the live request rows of the other unfinished batches (the claimable partial
+index holds exactly those), which the flow spaces out (offline_queue/flows/waiting.py)."""
 
 from __future__ import annotations
 

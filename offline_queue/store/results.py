@@ -1,9 +1,7 @@
-"""Results: one row per line of a batch file, the output or the error, and what is read back
-from them — a batch's progress, its first errors, and its rows streamed in line order for
-the output files.
-
-The row layout (RESULT_COLUMNS) and the error row are here because three writers share them:
-ingest (rejected lines), settles (answers and final errors) and drops (cancel, expiry).
+"""Results: one row per line of a batch file, the output or the error, and what is read back from
+them — a batch's progress, its first errors, its rows in line order for the output files. The row
+layout (RESULT_COLUMNS) and the error row live here because three writers share them: ingest
+(rejected lines), settles (answers and final errors) and drops (cancel, expiry).
 """
 
 from __future__ import annotations

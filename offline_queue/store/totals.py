@@ -1,10 +1,7 @@
-"""Result rows added up for /metrics: a batch still running is added up at every scrape; an
-ended one once, into `result_totals` (migration 0013), and read from there ever after — so a
-scrape costs the running batches' rows plus a few rows per ended batch, not the whole history.
-
-A batch that ends and is then reopened (a run that was lost resumes it: store/owners.py) has
-its totals forgotten in the transaction that reopens it, and is added up live again. Result
-rows are never deleted (the clean-up clears bodies, not rows), so the counters stay monotonic.
+"""Result rows added up for /metrics: a running batch at every scrape, an ended one once, into
+`result_totals`, so a scrape costs the running batches' rows plus a few per ended batch, not the
+whole history. A reopened batch's totals are forgotten in the transaction that reopens it, and
+result rows are never deleted (the clean-up clears bodies), so the counters stay monotonic.
 """
 
 from __future__ import annotations
