@@ -227,12 +227,12 @@ def test_explicit_batch_id_with_other_content_is_refused(sqlite_url: str, tmp_pa
 def test_the_next_chunk_runs_beside_the_tail_of_the_one_before(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    """The in-process engine takes the next chunk while the one in it drains (engines/vllm_steps.py):
-    some answer of each chunk after the first is finished before the chunk ahead of it is
-    committed (not every one: a chunk that ran wholly beside the one before it can be done
-    before the feed claims the next). Served one chunk at a time (`LocalVLLM.overlaps =
-    False`), none is: a chunk is claimed only after the one before is settled. Every custom_id
-    is answered once either way."""
+    """The in-process engine takes the next chunk while the one in it drains
+    (engines/vllm_steps.py): some answer of each chunk after the first is finished before the
+    chunk ahead of it is committed (not every one: a chunk that ran wholly beside the one
+    before it can be done before the feed claims the next). Served one chunk at a time
+    (`LocalVLLM.overlaps = False`), none is: a chunk is claimed only after the one before is
+    settled. Every custom_id is answered once either way."""
     from sqlalchemy import select
 
     from offline_queue.store.db import session

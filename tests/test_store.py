@@ -205,10 +205,10 @@ def test_kill_9_mid_batch_then_resume_in_prefix_order(db_url: str, tmp_path: Pat
 
 def test_settle_from_a_lost_lease_commits_nothing(db_url: str, tmp_path: Path) -> None:
     bid = make_batch(db_url, tmp_path, 10)
-    first = claims.claim(db_url, bid, "worker-a", 10, lease_seconds=0.05)
+    first = claims.claim(db_url, bid, "worker-a", 10, lease_seconds=0.5)
     assert first is not None and len(first.requests) == 10
     assert claims.claim(db_url, bid, "worker-b", 10, lease_seconds=60) is None  # still leased
-    time.sleep(0.1)
+    time.sleep(0.6)
     second = claims.claim(db_url, bid, "worker-b", 10, lease_seconds=60)
     assert second is not None and {r.id for r in second.requests} == {r.id for r in first.requests}
     assert all(r.attempts == 2 for r in second.requests)

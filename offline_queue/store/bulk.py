@@ -1,7 +1,7 @@
 """Many rows per statement, at the driver: plain tuples with no per-row work above it, and an
-insert as one multi-row VALUES statement rather than one statement per row, so that a settle's
-Python time and its cost to a cluster's one PostgreSQL grow with chunks, not requests. Only the
-placeholder differs between the stores. (docs/ARCHITECTURE.md, Why the parts are as they are)
+insert as one statement of many rows rather than one per row, so that a settle's Python time
+and its cost to a cluster's one PostgreSQL grow with chunks, not requests (SQLite: multi-row
+VALUES; PostgreSQL: one array per column). (docs/ARCHITECTURE.md, Why the parts are as they are)
 """
 
 from __future__ import annotations
@@ -34,21 +34,65 @@ def insert_ignoring_conflicts(
     """INSERT … ON CONFLICT DO NOTHING of `rows` (tuples in `columns` order): a row whose key is
     there already (a replayed settle, two ingesters of one batch) is skipped, not an error.
     `returning`: a column whose values, of the rows inserted, are returned."""
-    inserted: list[Any] = []
     if not rows:
-        return inserted
-    row_marks = "(" + ", ".join([_mark(conn)] * len(columns)) + ")"
-    per_statement = max(1, MAX_PARAMETERS // len(columns))
-    head = f"INSERT INTO {table.__tablename__} ({', '.join(columns)}) VALUES "
+        return []
+    head = f"INSERT INTO {table.__tablename__} ({', '.join(columns)}) "
     tail = " ON CONFLICT DO NOTHING" + (f" RETURNING {returning}" if returning else "")
+    if conn.dialect.name == "postgresql":
+        return _insert_arrays(conn, table, columns, rows, head, tail)
+    inserted: list[Any] = []
+    row_marks = "(" + ", ".join(["?"] * len(columns)) + ")"
+    per_statement = max(1, MAX_PARAMETERS // len(columns))
     for start in range(0, len(rows), per_statement):
         part = rows[start : start + per_statement]
         done = conn.exec_driver_sql(
-            head + ", ".join([row_marks] * len(part)) + tail,
+            head + "VALUES " + ", ".join([row_marks] * len(part)) + tail,
             tuple(value for row in part for value in row),
         )
         if returning:
             inserted += [row[0] for row in done]
+    return inserted
+
+
+ARRAY_ROWS = 10_000
+"""Rows per statement on PostgreSQL, where a statement binds one array per column."""
+
+
+def _insert_arrays(
+    conn: Connection,
+    table: type[Base],
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    head: str,
+    tail: str,
+) -> list[Any]:
+    """PostgreSQL: the rows as one array per column, `SELECT * FROM unnest(…)`. A statement of
+    as many placeholders as values is parsed for them, on the client (psycopg splits it with
+    a regular expression, uncached past a length) and on the server, at every call: that was
+    most of a stream read's time. One placeholder per column keeps the text short and the
+    same from call to call. An array holds one Python type (psycopg refuses 1 and 1.5 in one
+    list): each value is made its column's type."""
+    kinds = [table.__table__.c[name].type for name in columns]
+    makes = [kind.python_type for kind in kinds]
+    arrays = ", ".join(f"%s::{kind.compile(dialect=conn.dialect)}[]" for kind in kinds)
+    sql = head + f"SELECT * FROM unnest({arrays})" + tail
+    inserted: list[Any] = []
+    cursor = conn.connection.cursor()
+    try:
+        for start in range(0, len(rows), ARRAY_ROWS):
+            part = rows[start : start + ARRAY_ROWS]
+            columns_of_part = zip(*part, strict=True)
+            cursor.execute(
+                sql,
+                [
+                    [None if v is None else make(v) for v in column]
+                    for make, column in zip(makes, columns_of_part, strict=True)
+                ],
+            )
+            if cursor.description is not None:
+                inserted += [row[0] for row in cursor.fetchall()]
+    finally:
+        cursor.close()
     return inserted
 
 
