@@ -18,7 +18,7 @@ from openai.types.responses import Response
 
 from tests.test_pipeline import read, run, write
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.vllm]  # batches run end to end
 
 EMBED = "all-minilm-l6-v2"
 CHAT = "smollm2"

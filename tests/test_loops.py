@@ -316,6 +316,7 @@ def _no_loop_left() -> Any:
     assert not [t for t in threading.enumerate() if t.name == "serving-loop" and t.is_alive()]
 
 
+@pytest.mark.vllm  # a `worker loop` process with its engine
 def test_a_loop_that_starts_while_the_store_is_down_serves_once_it_is_back(
     tmp_path: Path,
 ) -> None:

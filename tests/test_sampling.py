@@ -120,6 +120,7 @@ def test_structured_output_constraints(fields: dict[str, Any], expected: Any) ->
     assert structured_outputs(chat(**fields)) == expected
 
 
+@pytest.mark.vllm  # imports vLLM (no engine)
 def test_the_mapping_builds_vllm_sampling_params() -> None:
     """What the mapping returns, vLLM accepts as it is (names and types)."""
     from vllm import SamplingParams

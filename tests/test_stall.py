@@ -105,6 +105,7 @@ def _create(client: openai.OpenAI, path: Path) -> Any:
     )
 
 
+@pytest.mark.vllm  # the run builds the in-process engine, which fails on the missing model
 def test_a_run_that_raises_in_the_api_fails_its_batch_with_the_reason(
     broken_api: Api, tmp_path: Path
 ) -> None:

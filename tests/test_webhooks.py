@@ -182,6 +182,7 @@ def test_a_dead_dispatchers_lease_ends_and_another_delivers(
     assert unwrap(body, headers, secret)[1] == held[0].data_id
 
 
+@pytest.mark.vllm  # `offline-queue run` serves the batch
 def test_a_run_announces_its_end_and_the_cli_manages_endpoints(
     sqlite_url: str, tmp_path: Path, receivers: list[Receiver], prefect_api: str
 ) -> None:
