@@ -51,7 +51,9 @@ faketime:
 		&& (apt-get update -qq && apt-get install -y -qq faketime >/dev/null) \
 		|| echo "no faketime: the skewed-clock tests will be skipped"; }
 
-# The metrics test has Debian's Prometheus scrape /metrics; without it that test is skipped.
+# The metrics tests have Debian's Prometheus scrape /metrics and its promtool check the alert
+# rules (deployments/grafana/alerts.yml); without it those tests are skipped, or fail when
+# OQ_REQUIRE_PROMETHEUS is set.
 prometheus:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) \

@@ -1,6 +1,7 @@
-"""What a /metrics scrape costs the store as its history grows: the time of one `snapshot`
-(every query a scrape runs) against PostgreSQL holding N result rows of finished batches, with
-one batch in progress beside them.
+"""What a /metrics scrape costs the store as its history grows: the time of one GET /metrics on
+a metrics listener (the one `api serve --metrics-port` opens: every query a scrape runs, and the
+text) against PostgreSQL holding N result rows of finished batches, with one batch in progress
+beside them.
 
     .venv/bin/python bench/scrape.py [--results 10000,100000,1000000] [--batches 10] [--pg URL]
 
@@ -21,15 +22,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from instruments.postgres import create_database, postgres  # noqa: E402
 from offline_queue.engines.base import Reply  # noqa: E402
 from offline_queue.findings import Accepted  # noqa: E402
+from offline_queue.metrics import listener  # noqa: E402
 from offline_queue.states import BatchStatus  # noqa: E402
 from offline_queue.store import batches, claims, ingest  # noqa: E402
-from offline_queue.store.metrics import snapshot  # noqa: E402
 from offline_queue.submission import Submission  # noqa: E402
 
 ANSWER = Reply(ok=True, body='{"ok":true}', prompt_tokens=20, completion_tokens=8, latency_ms=420.0)
@@ -67,11 +70,11 @@ def add_batch(db: str, n: int, finish: bool) -> str:
     return bid
 
 
-def scrape_ms(db: str, repeats: int = 5) -> float:
+def scrape_ms(url: str, repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
         began = time.perf_counter()
-        snapshot(db)
+        httpx.get(url, timeout=60).raise_for_status()
         best = min(best, time.perf_counter() - began)
     return best * 1000
 
@@ -87,13 +90,14 @@ def main() -> None:
         server = args.pg or stack.enter_context(postgres()).url
         db = create_database(server, f"scrape_{uuid.uuid4().hex[:8]}")
         add_batch(db, 2_000, finish=False)  # one in progress, as a nightly run has
+        url = f"http://127.0.0.1:{stack.enter_context(listener(db, '127.0.0.1', 0))}/metrics"
         have, figures = 0, {}
         for size in sizes:
             per_batch = max((size - have) // args.batches, 1)
             for _ in range(args.batches):
                 add_batch(db, per_batch, finish=True)
             have += per_batch * args.batches
-            figures[size] = scrape_ms(db)
+            figures[size] = scrape_ms(url)
             print(f"{have:>9} result rows: a scrape takes {figures[size]:.1f} ms", flush=True)
     for size, ms in figures.items():
         print(f"RESULT scrape_ms_{size} {ms:.1f}")

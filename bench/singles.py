@@ -80,7 +80,8 @@ def background(pg_url: str, work: Path, total: int, clients: int) -> None:
     port = free_port()
     api = subprocess.Popen(
         [str(BIN / "offline-queue"), "api", "serve", "--port", str(port), "--db", store,
-         "--deployment", "route-batch/none", "--data-dir", str(work / "api")],
+         "--deployment", "route-batch/none", "--data-dir", str(work / "api"),
+         "--metrics-port", "0"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -169,7 +170,7 @@ def latency(pg_url: str, work: Path, n: int) -> None:
     port = free_port()
     api = subprocess.Popen(
         [str(BIN / "offline-queue"), "api", "serve", "--port", str(port), "--db", store,
-         "--data-dir", str(work / "api-latency")],
+         "--data-dir", str(work / "api-latency"), "--metrics-port", "0"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     over: dict[str, list[float]] = {"flex": [], "background": []}

@@ -1,6 +1,7 @@
-"""A Prometheus server of our own on loopback, scraping one loopback target every second, for
-tests that check what an operator would see: the real scraper and the real PromQL engine on our
-/metrics, not a parser of its text."""
+"""A Prometheus server of our own on loopback, scraping one loopback target every second (a
+metrics listener's /metrics) and evaluating alert rules on it, for tests that check what an
+operator would see: the real scraper, the real PromQL engine and the real rule evaluation on our
+/metrics, not a parser of its text. And Debian's promtool, which checks and unit-tests rules."""
 
 from __future__ import annotations
 
@@ -24,12 +25,21 @@ Sample = tuple[dict[str, str], float]
 SCRAPE_SECONDS = 1
 
 
+def _debian_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None and Path(f"/usr/bin/{name}").is_file():  # PATH without /usr/bin
+        found = f"/usr/bin/{name}"
+    return found
+
+
 def prometheus_bin() -> str | None:
     """Debian's `prometheus` (`make test` installs it when it can), or None."""
-    found = shutil.which("prometheus")
-    if found is None and Path("/usr/bin/prometheus").is_file():  # PATH without /usr/bin
-        found = "/usr/bin/prometheus"
-    return found
+    return _debian_bin("prometheus")
+
+
+def promtool_bin() -> str | None:
+    """Debian's `promtool`, of the same package: it checks and unit-tests rule files; or None."""
+    return _debian_bin("promtool")
 
 
 class QueryError(RuntimeError):
@@ -54,6 +64,11 @@ class Prometheus:
             return [(r["metric"], float(r["values"][-1][1])) for r in data["result"] if r["values"]]
         return [(r["metric"], float(r["value"][1])) for r in data["result"]]
 
+    def rules(self) -> list[dict[str, object]]:
+        """Every rule loaded, as /api/v1/rules shows it: its name, health, lastError, state."""
+        answer = httpx.get(f"{self.url}/api/v1/rules", timeout=10).json()
+        return [rule for group in answer["data"]["groups"] for rule in group["rules"]]
+
     def value(self, expr: str) -> float | None:
         """The value of a query that yields at most one series; None when it yields none."""
         samples = self.query(expr)
@@ -62,8 +77,9 @@ class Prometheus:
         return samples[0][1] if samples else None
 
 
-def scrape_config(target: str, metrics_path: str) -> dict[str, object]:
+def scrape_config(target: str, metrics_path: str, rules: Path | None = None) -> dict[str, object]:
     return {
+        "rule_files": [str(rules)] if rules is not None else [],
         "global": {
             "scrape_interval": f"{SCRAPE_SECONDS}s",
             "scrape_timeout": f"{SCRAPE_SECONDS}s",  # may not exceed the interval
@@ -80,9 +96,10 @@ def scrape_config(target: str, metrics_path: str) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def prometheus(target_url: str) -> Iterator[Prometheus]:
+def prometheus(target_url: str, rules: Path | None = None) -> Iterator[Prometheus]:
     """Prometheus on a free loopback port, its storage in a temporary directory, scraping
-    `target_url` (http://127.0.0.1:PORT/metrics) every second; stopped and removed after."""
+    `target_url` (a metrics listener's http://127.0.0.1:PORT/metrics) every second and
+    evaluating the `rules` file on it as often; stopped and removed after."""
     binary = prometheus_bin()
     if binary is None:
         raise RuntimeError("Prometheus is not installed (Debian: apt-get install prometheus)")
@@ -91,7 +108,7 @@ def prometheus(target_url: str) -> Iterator[Prometheus]:
         raise ValueError(f"{target_url}: only loopback targets are scraped here")
     root = Path(tempfile.mkdtemp(prefix="oq-prom-"))
     config = root / "prometheus.yml"  # JSON is YAML
-    config.write_text(json.dumps(scrape_config(target.netloc, target.path or "/metrics")))
+    config.write_text(json.dumps(scrape_config(target.netloc, target.path or "/metrics", rules)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "prometheus.log"

@@ -6,16 +6,22 @@ a node's serving loops) come and go and are gone before the next scrape; a pushg
 their last value forever and double-count a retried run. The store already has every fact:
 live request rows for the gauges, and result rows — one per line, never rewritten — whose
 counts, token sums and latency buckets only grow, so they are exposed as counters (and the
-latency as a histogram) and `rate()` works on them. Any number of API servers or
-`offline-queue metrics serve` processes can expose the same numbers.
+latency as a histogram) and `rate()` works on them. Any number of API servers (each on a
+listener of its own, never the API's port) or `offline-queue metrics serve` processes can expose
+the same numbers. Every tier, state and served model is shown, at 0 when there is nothing to
+count, so an alert on an idle queue reads 0, not "no data".
 
 Every metric name is listed in README.md (Metrics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from itertools import product
 
+from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,10 +30,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from offline_queue.store.metrics import snapshot
+from offline_queue.catalog import DEFAULT_CATALOG, Catalog
+from offline_queue.states import Tier
+from offline_queue.store.metrics import Snapshot, snapshot
 from offline_queue.store.totals import LATENCY_BUCKETS_MS
 
+log = logging.getLogger(__name__)
+
 PREFIX = "offline_queue"
+TIERS = tuple(t.value for t in Tier)
 
 
 # name, kind, help, labels, the snapshot's field: one row per labelled family of counts.
@@ -43,9 +54,16 @@ FAMILIES: tuple[Family, ...] = (
     (
         "requests",
         GaugeMetricFamily,
-        "Live requests by tier: pending (queued) and processing.",
-        ["tier", "state"],
+        "Live requests by tier and served model: pending (queued) and processing.",
+        ["tier", "state", "model"],
         "requests",
+    ),
+    (
+        "batches_late",
+        GaugeMetricFamily,
+        "Unfinished batches whose run estimated they finish after their completion window.",
+        ["tier"],
+        "late",
     ),
     (
         "results",
@@ -97,6 +115,14 @@ FAMILIES: tuple[Family, ...] = (
         "loops",
     ),
     (
+        "serving_loops_lost",
+        GaugeMetricFamily,
+        "Serving loops that stopped beating in the last hour without leaving (a crash, a killed "
+        "process or node; a loop stopped on purpose leaves).",
+        ["route", "node"],
+        "lost_loops",
+    ),
+    (
         "pending_requests",
         GaugeMetricFamily,
         "Requests of unfinished batches still to serve, by route and tier: what to scale on.",
@@ -113,15 +139,49 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def zeros(snap: Snapshot, models: Iterable[str]) -> dict[str, set[tuple[str, ...]]]:
+    """The label values each family shows at 0 when the store has nothing to count: every tier,
+    state and direction, every served model (the catalog's and the live batches'), and every
+    route and node a loop or a waiting batch names. Not per tenant or batch: those come and go."""
+    models = {*models, *(model for _, _, model in snap.requests)}
+    nodes: set[tuple[str, ...]] = {(route, node) for route, node, _ in snap.loops}
+    nodes |= set(snap.lost_loops)
+    routes = {route for route, _ in nodes} | {route for route, _ in snap.pending}
+    routes |= {route for (route,) in snap.unserved}
+    return {
+        "requests": set(product(TIERS, ("pending", "processing"), models)),
+        "late": set(product(TIERS)),
+        "tokens": set(product(TIERS, ("prompt", "completion"))),
+        "loops": {(*where, state) for where, state in product(nodes, ("serving", "draining"))},
+        "lost_loops": nodes,
+        "pending": set(product(routes, TIERS)),
+        "unserved": set(product(routes)),
+    }
+
+
+def served_names(catalog: Callable[[], Catalog]) -> list[str]:
+    """The served models' names; the bundled ones when the catalog cannot be read (a Prefect
+    server down must not take every figure off /metrics with it)."""
+    try:
+        return [model.name for model in catalog().models]
+    except Exception:
+        log.warning(
+            "the catalog could not be read: /metrics shows the bundled models", exc_info=True
+        )
+        return [model.name for model in DEFAULT_CATALOG.models]
+
+
 class StoreCollector(Collector):
-    def __init__(self, db: str):
-        self.db = db
+    def __init__(self, db: str, catalog: Callable[[], Catalog]):
+        self.db, self.catalog = db, catalog
 
     def collect(self) -> Iterator[Metric]:
         snap = snapshot(self.db)
+        known = zeros(snap, served_names(self.catalog))
         for name, kind, doc, labels, field in FAMILIES:
             family = kind(f"{PREFIX}_{name}", doc, labels=labels)
-            counts: dict[tuple[str, ...], float] = getattr(snap, field)
+            counts: dict[tuple[str, ...], float] = dict.fromkeys(known.get(field, ()), 0)
+            counts.update(getattr(snap, field))
             for key, n in sorted(counts.items()):
                 family.add_metric(list(key), n)
             yield family
@@ -130,7 +190,8 @@ class StoreCollector(Collector):
             "Age of the batch of the oldest pending request, per tier (store clock).",
             labels=["tier"],
         )
-        for tier, seconds in sorted(snap.oldest_pending_age.items()):
+        ages = dict.fromkeys(TIERS, 0.0) | snap.oldest_pending_age
+        for tier, seconds in sorted(ages.items()):
             age.add_metric([tier], seconds)
         yield age
         latency = HistogramMetricFamily(
@@ -138,7 +199,8 @@ class StoreCollector(Collector):
             "Engine latency of answered requests, by model version.",
             labels=["model"],
         )
-        for model, (buckets, count, total_ms) in sorted(snap.latency.items()):
+        unseen = {v: ([0] * len(LATENCY_BUCKETS_MS), 0, 0.0) for v in snap.loop_versions}
+        for model, (buckets, count, total_ms) in sorted((unseen | snap.latency).items()):
             pairs = [
                 (str(b / 1000), float(c)) for b, c in zip(LATENCY_BUCKETS_MS, buckets, strict=True)
             ]
@@ -146,7 +208,26 @@ class StoreCollector(Collector):
         yield latency
 
 
-def registry(db: str) -> CollectorRegistry:
+def registry(
+    db: str, catalog: Callable[[], Catalog] = lambda: DEFAULT_CATALOG
+) -> CollectorRegistry:
+    """The store's figures for one scrape each; `catalog` names the served models shown at 0
+    (blocks/catalog.py `catalog_here` where blocks may add some)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(StoreCollector(db))
+    reg.register(StoreCollector(db, catalog))
     return reg
+
+
+@contextlib.contextmanager
+def listener(
+    db: str, host: str, port: int, catalog: Callable[[], Catalog] = lambda: DEFAULT_CATALOG
+) -> Iterator[int]:
+    """GET /metrics on HOST:PORT (prometheus_client's own server, on a thread of its own) until
+    the block ends, then closed and its thread joined; yields the port (0 asks for a free one)."""
+    server, thread = start_http_server(port, addr=host, registry=registry(db, catalog))
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

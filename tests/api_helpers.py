@@ -23,8 +23,10 @@ ALL_TIERS = ("critical", "standard", "bulk")
 
 
 class Api:
-    def __init__(self, url: str, db: str):
+    def __init__(self, url: str, db: str, metrics: str | None = None):
         self.url, self.db = url, db
+        self.metrics = metrics
+        """The metrics listener's /metrics URL, when the settings asked for one."""
 
     def key(self, tenant: str, **rights: Any) -> str:
         """A key for `tenant`; every tier unless `rights` says otherwise."""
@@ -50,7 +52,9 @@ def serve_api(settings: ApiSettings) -> Iterator[Api]:
     thread.start()
     wait_for(lambda: server.started, timeout=30)
     try:
-        yield Api(f"http://127.0.0.1:{port}/v1", settings.db)
+        port_m = settings.metrics_port
+        metrics = f"http://127.0.0.1:{port_m}/metrics" if port_m else None
+        yield Api(f"http://127.0.0.1:{port}/v1", settings.db, metrics)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
+from instruments.loopback import free_port
 from instruments.processes import wait_for
 from offline_queue.states import Tier
 from offline_queue.store.db import session
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 def api(
     request: pytest.FixtureRequest, tmp_path: Path, pg_url: str, vllm_server: str
 ) -> Iterator[Api]:
-    """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine. A test
-    may set the standard tier's capacity with `indirect` parametrization."""
+    """`offline-queue api`'s app under uvicorn on loopback, small limits, a real engine, its
+    metrics listener on a port of its own. A test may set the standard tier's capacity with
+    `indirect` parametrization."""
     from offline_queue.api.settings import ApiSettings
 
     standard = getattr(request, "param", 40)
@@ -43,6 +45,7 @@ def api(
         chunk_size=16,
         limits=Limits(max_line_bytes=4096, max_lines=300, max_file_bytes=2_000_000),
         max_queued={Tier.CRITICAL: 1000, Tier.STANDARD: standard, Tier.BULK: 1000},
+        metrics_port=free_port(),
     )
     with serve_api(settings) as api:
         yield api
@@ -74,8 +77,9 @@ def test_sdk_round_trip(api: Api, tmp_path: Path) -> None:
     assert "smollm2" in served and client.models.retrieve(served[0]).id == served[0]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-nobody-serves")
-    # Prometheus scrapes without a key: the batch's results, counted from the store
-    scraped = httpx.get(api.url.removesuffix("/v1") + "/metrics", timeout=30)
+    # Prometheus scrapes the metrics listener, without a key: the batch's results, from the store
+    assert api.metrics is not None
+    scraped = httpx.get(api.metrics, timeout=30)
     assert scraped.status_code == 200, scraped.text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

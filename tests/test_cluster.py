@@ -484,6 +484,7 @@ def api_serve(env: dict[str, str], store: str, data_dir: Path, log: Path) -> Ite
     port = free_port()
     command = [str(BIN / "offline-queue"), "api", "serve", "--deployment", "batch-inference/local"]
     command += ["--db", store, "--port", str(port), "--data-dir", str(data_dir)]
+    command += ["--metrics-port", "0"]  # no fixed port: another API may hold 9464
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 

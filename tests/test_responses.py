@@ -185,7 +185,7 @@ def test_offline_queue_api_serve_answers_a_flex_call_with_a_loop_of_its_own(
     env = {k: v for k, v in cli_env(prefect_api).items() if k != SERVE_HERE_ENV}
     api = subprocess.Popen(
         [str(BIN / "offline-queue"), "api", "serve", "--port", str(port), "--db", pg_url,
-         "--engine", vllm_server, "--data-dir", str(tmp_path / "api")],
+         "--engine", vllm_server, "--data-dir", str(tmp_path / "api"), "--metrics-port", "0"],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -156,6 +156,8 @@ def test_kill_9_of_the_api_leaves_a_failed_batch_that_a_rerun_completes(
                 str(tmp_path / "api"),
                 "--lease-seconds",
                 str(LEASE),
+                "--metrics-port",
+                "0",
             ],
             env=env,
             stdout=subprocess.DEVNULL,

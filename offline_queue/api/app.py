@@ -1,8 +1,8 @@
 """The OpenAI-compatible API — /v1/files, /v1/batches, /v1/models, /v1/responses and
 /v1/chat/completions — with per-tenant keys, rights, limits and backpressure; the `openai` SDK
 works against it unchanged. This module assembles the app (settings, gate, routes, error
-handlers, /metrics) with the watch over lost runs and a webhook dispatcher beside it.
-Everything a tenant sees is scoped to it (deps.py): another tenant's file or batch is a 404.
+handlers) with the watch over lost runs, a webhook dispatcher and the /metrics listener beside
+it. Everything a tenant sees is scoped to it (deps.py): another tenant's file or batch is a 404.
 """
 
 from __future__ import annotations
@@ -13,31 +13,40 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import Response
 
 from offline_queue.api import batches, files, models, responses, runs
 from offline_queue.api.errors import install_error_handlers
-from offline_queue.api.gate import HEALTH, METRICS, Gate, access_log
+from offline_queue.api.gate import HEALTH, Gate, access_log
 from offline_queue.api.settings import ApiSettings
+from offline_queue.blocks.catalog import catalog_here
+from offline_queue.metrics import listener
 from offline_queue.webhooks import Dispatcher
+
+
+def metrics_listener(settings: ApiSettings) -> contextlib.AbstractContextManager[object]:
+    """GET /metrics on a port of its own while the app runs (settings.metrics_port; 0: none)."""
+    if not settings.metrics_port:
+        return contextlib.nullcontext()
+    return listener(settings.db, settings.metrics_host, settings.metrics_port, catalog_here)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        watch = asyncio.create_task(runs.watch(settings.db))
-        stop = asyncio.Event()
-        deliveries = asyncio.create_task(Dispatcher(settings.db).run(stop))
-        try:
-            yield
-        finally:
-            watch.cancel()
-            stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(deliveries, 15)
-            from offline_queue.flows.waiting import release_kept_loops
+        with metrics_listener(settings):
+            watch = asyncio.create_task(runs.watch(settings.db))
+            stop = asyncio.Event()
+            deliveries = asyncio.create_task(Dispatcher(settings.db).run(stop))
+            try:
+                yield
+            finally:
+                watch.cancel()
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(deliveries, 15)
+                from offline_queue.flows.waiting import release_kept_loops
 
-            await asyncio.to_thread(release_kept_loops, settings.db)
+                await asyncio.to_thread(release_kept_loops, settings.db)
 
     app = FastAPI(
         lifespan=lifespan,
@@ -57,16 +66,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.get(HEALTH, include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
-
-    if settings.metrics:
-
-        @app.get(METRICS, include_in_schema=False)
-        def metrics() -> Response:
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-            from offline_queue.metrics import registry
-
-            return Response(generate_latest(registry(settings.db)), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(files.router)
     app.include_router(batches.router)

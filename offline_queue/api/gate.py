@@ -68,7 +68,8 @@ def body_limit(settings: ApiSettings, method: str, path: str) -> int:
 HEALTH = "/health"
 """A path that needs no key: it says the server is up, and nothing else."""
 METRICS = "/metrics"
-"""Prometheus scrapes without a key (ApiSettings.metrics switches the route off)."""
+"""Not here: a 404 with or without a key. Prometheus scrapes a listener of its own
+(ApiSettings.metrics_port), so no tenant reads every tenant's figures."""
 
 
 class Gate:
@@ -100,9 +101,14 @@ class Gate:
             )
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, seen: dict) -> None:
-        open_paths = (HEALTH, METRICS) if self.settings.metrics else (HEALTH,)
-        if scope["path"] in open_paths and scope["method"] in ("GET", "HEAD"):
+        if scope["path"] == HEALTH and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
+            return
+        if scope["path"] == METRICS:
+            response = error_response(
+                404, "/metrics is served on the metrics listener, not the API's port", "not_found"
+            )
+            await response(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         auth = headers.get(b"authorization", b"").decode("latin-1")

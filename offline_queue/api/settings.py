@@ -52,8 +52,10 @@ class ApiSettings(BaseModel):
     """Serve /docs, /redoc, /openapi.json (with a key)."""
     access_log: Path | None = None
     """Access log file; default stderr."""
-    metrics: bool = True
-    """Serve GET /metrics (Prometheus) without a key, like /health: it shows counts per tier and
-    tenant, no content. Off: no /metrics route at all."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    """GET /metrics (Prometheus) on a listener of its own at metrics_host:metrics_port, open
+    while the app runs: never on the API's port, where a tenant would read every tenant's
+    figures. 0: no listener (`api serve` asks for 9464 unless told)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, use_attribute_docstrings=True)

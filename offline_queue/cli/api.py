@@ -133,8 +133,16 @@ def api_serve(
     docs: Annotated[
         bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (a key is still needed).")
     ] = False,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address of the /metrics listener (Prometheus).")
+    ] = "127.0.0.1",
+    metrics_port: Annotated[
+        int,
+        typer.Option(help="Port of the /metrics listener, never the API's port; 0: none."),
+    ] = 9464,
 ) -> None:
-    """Serve /v1/files and /v1/batches (OpenAI's Batch API) for the `openai` SDK and curl.
+    """Serve /v1/files and /v1/batches (OpenAI's Batch API) for the `openai` SDK and curl, and
+    GET /metrics for Prometheus on a listener of its own (--metrics-host, --metrics-port).
     Batches run here each on a thread of their own, unless --deployment starts them."""
     import platformdirs
     import uvicorn
@@ -151,5 +159,7 @@ def api_serve(
         deployment=deployment,
         lease_seconds=lease_seconds,
         docs=docs,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
     uvicorn.run(create_app(settings), host=host, port=port)

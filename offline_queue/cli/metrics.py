@@ -1,5 +1,6 @@
 """`metrics serve`: /metrics for a cluster that runs no API server. It reads the same store as
-the API's /metrics (offline_queue/metrics.py), so either or both can be scraped."""
+an API server's metrics listener (`api serve --metrics-port`, offline_queue/metrics.py), so
+either or both can be scraped."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def serve(
     """Serve GET /metrics on HOST:PORT until interrupted."""
     from prometheus_client import start_http_server
 
+    from offline_queue.blocks.catalog import catalog_here
     from offline_queue.metrics import registry
     from offline_queue.store.db import resolve_url
 
-    start_http_server(port, addr=host, registry=registry(resolve_url(db)))
+    start_http_server(port, addr=host, registry=registry(resolve_url(db), catalog_here))
     print(f"metrics on http://{host}:{port}/metrics", flush=True)
     while True:
         time.sleep(3600)

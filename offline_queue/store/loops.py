@@ -16,6 +16,9 @@ from offline_queue.store.tables import LIVE, Batch, Request, ServingLoop
 LOOP_STALE_SECONDS = 10.0
 """A loop silent this long no longer serves its route (it beats every LOOP_BEAT_SECONDS)."""
 LOOP_BEAT_SECONDS = 2.0
+LOOP_LOST_SECONDS = 3600.0
+"""A loop that stopped beating without leaving (a crash, a killed node: one that stops on purpose
+deletes its row) is counted lost on /metrics for this long after its last beat, then forgotten."""
 
 
 def join(
