@@ -80,10 +80,21 @@ def test_a_background_response_is_queued_polled_and_answered(api: Api) -> None:
     # Another tenant's id is a 404, as if it did not exist.
     with pytest.raises(openai.NotFoundError):
         api.client("globex").responses.retrieve(created.id)
-    # Its ending is an event in the outbox (a webhook for acme's endpoints, a Prefect event).
+    # Its ending is an event in the outbox (a webhook for acme's endpoints, a Prefect event):
+    # OpenAI's `response.incomplete` for an answer cut at max_output_tokens.
+    cut = client.responses.create(model=MODEL, input="Count to 50.", max_output_tokens=1)
+    assert cut.status == "incomplete" and cut.incomplete_details is not None
+    assert cut.incomplete_details.reason == "max_output_tokens"
     with session(api.db) as s:
-        kinds = list(s.scalars(select(WebhookEvent.type).where(WebhookEvent.data_id == created.id)))
-    assert kinds == ["response.completed"]
+        kinds = {
+            r.data_id: r.type
+            for r in s.execute(
+                select(WebhookEvent.data_id, WebhookEvent.type).where(
+                    WebhookEvent.data_id.in_((created.id, cut.id))
+                )
+            )
+        }
+    assert kinds == {created.id: f"response.{done.status}", cut.id: "response.incomplete"}
 
 
 def test_a_synchronous_flex_call_waits_for_its_answer_in_the_queue(api: Api) -> None:

@@ -8,12 +8,19 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import orjson
 from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session
 
 from offline_queue.states import BATCH_ENDINGS, RESPONSE_ENDINGS, BatchStatus, EventType
 from offline_queue.store import clock
-from offline_queue.store.tables import Batch, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from offline_queue.store.tables import (
+    Batch,
+    Result,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
 
 
 def new_event_id() -> str:
@@ -56,7 +63,7 @@ _ENDINGS = {None: BATCH_ENDINGS, "response": RESPONSE_ENDINGS}
 queue's bookkeeping: its consumers have the answers, no event says so."""
 
 
-def _ended(batch: Batch) -> EventType | None:
+def _ended(s: Session, batch: Batch) -> EventType | None:
     """The event of a batch this flush moves to a terminal status, if it does."""
     history = inspect(batch).attrs.status.history
     if not history.added:
@@ -69,18 +76,32 @@ def _ended(batch: Batch) -> EventType | None:
     if endings is None:
         return None
     try:
-        return endings.get(BatchStatus(new))
+        kind = endings.get(BatchStatus(new))
     except ValueError:
         return None
+    if kind == EventType.RESPONSE_COMPLETED and _cut(s, batch.id):
+        return EventType.RESPONSE_INCOMPLETE  # OpenAI's: it stopped at max_output_tokens
+    return kind
+
+
+def _cut(s: Session, response_id: str) -> bool:
+    """Whether a single response's answer is OpenAI's `incomplete` (cut at max_output_tokens)."""
+    body = s.scalar(select(Result.body).where(Result.batch_id == response_id))
+    if not body:
+        return False
+    try:
+        return orjson.loads(body).get("status") == "incomplete"
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
 
 
 @event.listens_for(Session, "before_flush")
 def _batch_endings(s: Session, _context: Any, _instances: Any) -> None:
-    ended = [
-        (batch, kind)
-        for batch in list(s.dirty) + list(s.new)
-        if isinstance(batch, Batch) and (kind := _ended(batch)) is not None
-    ]
     with s.no_autoflush:
+        ended = [
+            (batch, kind)
+            for batch in list(s.dirty) + list(s.new)
+            if isinstance(batch, Batch) and (kind := _ended(s, batch)) is not None
+        ]
         for batch, kind in ended:
             record(s, batch.tenant, kind, batch.id)
