@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,42 +45,27 @@ if TYPE_CHECKING:
     from offline_queue.engines.vllm_local import LocalVLLM
 
 REPO = Path(__file__).resolve().parents[1]
-_exit_status = 0
-
-VLLM_FIXTURES = frozenset({"engine", "vllm_server", "embedding_server", "model_dir"})
-"""The fixtures that start a vLLM engine or prepare the model for one: a test that takes any of
-them is marked `vllm`. A test that reaches vLLM otherwise (a batch run end to end, a worker
-process, `import vllm`) carries the mark itself."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `vllm` each test whose fixtures include an engine's (`make test-fast` skips them)."""
-    for item in items:
-        if VLLM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.vllm)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    global _exit_status
-    _exit_status = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """A test that fails with a batch half-served in this process (an API's run thread) leaves
-    task threads of Prefect's pool behind, waiting on an engine or a database the session has
-    stopped; Python joins such threads at exit, and the session, reported, would never end.
-    Name them and end with the session's status."""
+    """No thread of the session may outlive it: a test that leaves one running (a loop, a
+    dispatcher, a pool's worker waiting on a server the session stopped) fails the run here,
+    with the thread's name and where it stands, instead of hanging the interpreter's exit."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _stuck():
         time.sleep(0.2)
     stuck = _stuck()
-    if stuck:
-        names = ", ".join(t.name for t in stuck)
-        sys.stderr.write(f"\nthreads left running at the end of the session: {names}\n")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(_exit_status)
+    if not stuck:
+        return
+    frames = sys._current_frames()
+    lines = ["threads left running at the end of the session:"]
+    for t in stuck:
+        lines.append(f"--- {t.name}")
+        frame = frames.get(t.ident or -1)
+        if frame is not None:
+            lines.append("".join(traceback.format_stack(frame)).rstrip())
+    sys.stderr.write("\n".join(lines) + "\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _stuck() -> list[threading.Thread]:
