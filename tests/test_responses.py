@@ -77,6 +77,8 @@ def test_a_background_response_is_queued_polled_and_answered(api: Api) -> None:
     assert done.status in ("completed", "incomplete"), done
     assert done.output_text.strip()
     assert done.id == created.id and done.usage is not None and done.usage.output_tokens > 0
+    # A single response is not a batch: the tenant's batch list does not show it.
+    assert created.id not in {b.id for b in client.batches.list()}
     # Another tenant's id is a 404, as if it did not exist.
     with pytest.raises(openai.NotFoundError):
         api.client("globex").responses.retrieve(created.id)

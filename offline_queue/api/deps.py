@@ -77,7 +77,10 @@ def own_file(settings: ApiSettings, file_id: str, who: str) -> StoredFile:
 def own_batch(settings: ApiSettings, batch_id: str, who: str) -> Batch:
     if not BATCH_ID.match(batch_id):
         raise api_error(404, "no such batch", "not_found")
-    return _theirs(batches.get_batch(settings.db, batch_id), who, f"no batch {batch_id}")
+    found = batches.get_batch(settings.db, batch_id)
+    if found is not None and found.source is not None:  # a stream's bookkeeping: not a batch
+        found = None
+    return _theirs(found, who, f"no batch {batch_id}")
 
 
 Owned = TypeVar("Owned", StoredFile, Batch)

@@ -107,9 +107,10 @@ def tenant_batches(
     db: str, tenant: str, limit: int, after: str | None = None
 ) -> tuple[list[Batch], bool]:
     """A page of a tenant's batches, newest first, and whether more follow. `after` is the
-    last id of the previous page; another tenant's id (or an unknown one) is ignored."""
+    last id of the previous page; another tenant's id (or an unknown one) is ignored. Only the
+    batches of files: a single response's row and a stream's bookkeeping are not batches."""
     with session(db, readonly=True) as s:
-        q = select(Batch).where(Batch.tenant == tenant)
+        q = select(Batch).where(Batch.tenant == tenant, Batch.source.is_(None))
         if after:
             anchor = s.get(Batch, after)
             if anchor is not None and anchor.tenant == tenant:
