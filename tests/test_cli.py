@@ -104,8 +104,8 @@ def test_kill_9_then_resume_redoes_at_most_what_the_loop_held(
     process's loop held (its leases ran out; at most MAX_CHUNKS chunks in hand)."""
     from offline_queue.loop import MAX_CHUNKS
 
-    total, chunk = 160, 8  # more than the loop holds at once (8 chunks)
-    path = batch_file(tmp_path / "in.jsonl", total, max_tokens=24)
+    total, chunk = 96, 8  # more than the loop holds at once (8 chunks)
+    path = batch_file(tmp_path / "in.jsonl", total, max_tokens=16)
     args = [
         "run",
         str(path),
