@@ -29,7 +29,8 @@ def estimate(
     expires_at: int | None,
     outlook: Outlook,
 ) -> Estimate:
-    """When a batch with `pending` requests left finishes (see the module)."""
+    """When a batch with `pending` requests left finishes: its own rate, or its tier's, behind
+    the more urgent work (docs/ARCHITECTURE.md, `offline_queue/eta.py`)."""
     now = outlook.now
     if pending == 0:
         return Estimate(now, None, 0, False)

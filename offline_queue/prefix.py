@@ -47,7 +47,7 @@ def render(dumped: dict[str, Any]) -> tuple[str, str]:
 
 
 def prefix_key(dumped: dict[str, Any]) -> str:
-    """The request's sortable prefix key (see the module docstring)."""
+    """The request's sortable prefix key (docs/ARCHITECTURE.md, `offline_queue/prefix.py`)."""
     system, whole = render(dumped)
     h = hashlib.blake2b(str(dumped.get("model", "")).encode() + b"\x00" + system.encode())
     segments = [h.hexdigest()[:_SEGMENT]]
