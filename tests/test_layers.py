@@ -82,9 +82,9 @@ def test_each_part_imports_only_the_parts_below_it() -> None:
         for imported, function in imports(tree):
             target = ours(imported)
             if target is None:
-                if part in ALLOWED and imported.split(".")[0] == "prefect":
-                    if (name, function) not in PREFECT_EXCEPTIONS:
-                        wrong.append(f"{name} imports {imported} (Prefect below blocks/)")
+                prefect = imported.split(".")[0] == "prefect"
+                if part in ALLOWED and prefect and (name, function) not in PREFECT_EXCEPTIONS:
+                    wrong.append(f"{name} imports {imported} (Prefect below blocks/)")
                 continue
             target_part = part_of(target)
             if target_part == "cli" and part != "cli":
@@ -95,9 +95,8 @@ def test_each_part_imports_only_the_parts_below_it() -> None:
                 wrong.append(f"{name} imports {target} (only api/ and cli/ import flows/)")
             elif part in ALLOWED and target_part in UPPER:
                 wrong.append(f"{name} imports {target} ({part} is below {target_part}/)")
-            elif part in ALLOWED:
-                if not allowed(target, part):
-                    wrong.append(f"{name} ({part}) imports {target}")
+            elif part in ALLOWED and not allowed(target, part):
+                wrong.append(f"{name} ({part}) imports {target}")
     assert wrong == []
 
 
