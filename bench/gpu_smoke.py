@@ -14,7 +14,7 @@
    a stopped engine must give its memory back.
 
 `--rehearsal` is the same steps with the bundled model and a few lines, on whatever this machine
-has: tests/test_gpu_smoke.py runs it, so every step is known to work before a GPU sees it.
+has: tests/test_gpu_ready.py runs it, so every step is known to work before a GPU sees it.
 """
 
 from __future__ import annotations

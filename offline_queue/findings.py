@@ -15,8 +15,9 @@ class FileInfo:
     size: int
     lines: int
     named: tuple[tuple[str, str], ...] = ()
-    """(url, model) of the accepted lines among the first PEEK_LINES, each pair once, in file
-    order: what the catalog routes the batch by (Catalog.batch_model), learnt in the same pass."""
+    """(url, model) of the accepted lines among the first PEEK_LINES, each pair once (MAX_NAMED
+    at most), in file order: what the catalog routes the batch by (Catalog.batch_model), learnt
+    in the same pass."""
 
 
 @dataclass(slots=True)

@@ -1,23 +1,13 @@
-"""Prometheus metrics for offline-queue: a custom collector that reads the store on each scrape
-(offline_queue/store/metrics.py).
-
-Why the store and not process-local metrics: the processes that do the work (a batch's run,
-a node's serving loops) come and go and are gone before the next scrape; a pushgateway would keep
-their last value forever and double-count a retried run. The store already has every fact:
-live request rows for the gauges, and result rows — one per line, never rewritten — whose
-counts, token sums and latency buckets only grow, so they are exposed as counters (and the
-latency as a histogram) and `rate()` works on them. Any number of API servers (each on a
-listener of its own, never the API's port) or `offline-queue metrics serve` processes can expose
-the same numbers. Every tier, state and served model is shown, at 0 when there is nothing to
-count, so an alert on an idle queue reads 0, not "no data".
-
-Every metric name is listed in README.md (Metrics).
-"""
+"""Prometheus metrics for offline-queue: a collector that reads the store on each scrape
+(store/metrics.py), so any API server or `metrics serve` shows the same figures, every known
+tier, state and served model at 0 when idle. Names: docs/operator-guide.md (Metrics); why the
+store: docs/ARCHITECTURE.md (`offline_queue/metrics.py`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import product
 
@@ -171,13 +161,25 @@ def served_names(catalog: Callable[[], Catalog]) -> list[str]:
         return [model.name for model in DEFAULT_CATALOG.models]
 
 
+NAMES_SECONDS = 60.0
+"""How long the served models' names are reused between scrapes: the catalog is read through
+the Prefect API, whose retries must not hold up every scrape."""
+
+
 class StoreCollector(Collector):
     def __init__(self, db: str, catalog: Callable[[], Catalog]):
         self.db, self.catalog = db, catalog
+        self._names: list[str] = []
+        self._names_at = -NAMES_SECONDS
+
+    def served(self) -> list[str]:
+        if time.monotonic() - self._names_at >= NAMES_SECONDS:
+            self._names, self._names_at = served_names(self.catalog), time.monotonic()
+        return self._names
 
     def collect(self) -> Iterator[Metric]:
         snap = snapshot(self.db)
-        known = zeros(snap, served_names(self.catalog))
+        known = zeros(snap, self.served())
         for name, kind, doc, labels, field in FAMILIES:
             family = kind(f"{PREFIX}_{name}", doc, labels=labels)
             counts: dict[tuple[str, ...], float] = dict.fromkeys(known.get(field, ()), 0)

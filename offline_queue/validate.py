@@ -124,12 +124,15 @@ class Sniffer:
 
 
 PEEK_LINES = 10_000
-"""Accepted lines `inspect_file` reads at most looking for the models a batch's lines name."""
+"""Lines `inspect_file` validates at most looking for the models a batch's lines name."""
+MAX_NAMED = 16
+"""Distinct (url, model) pairs kept: a batch names one model; the rest are its lines' errors."""
 
 
-def inspect_file(source: Source, limits: Limits) -> FileInfo:
+def inspect_file(source: Source, limits: Limits, seen: FileInfo | None = None) -> FileInfo:
     """One streaming pass: content hash, line count, the models the lines name, and the
-    whole-file refusals. The pass that queues the file is the only other read of it."""
+    whole-file refusals. The pass that queues the file is the only other read of it: `seen`,
+    what a caller found, stands for the file while its size is the same."""
     try:
         path = locate(source)
         size = path.size()
@@ -137,6 +140,8 @@ def inspect_file(source: Source, limits: Limits) -> FileInfo:
         raise FileRefused(f"{source}: no such file") from exc
     except StorageUnavailable as exc:
         raise FileRefused(str(exc)) from exc
+    if seen is not None and seen.size == size:
+        return seen  # a caller looked already, and the file has not changed size since
     if size == 0:
         raise FileRefused(f"{path}: the file is empty")
     if size > limits.max_file_bytes:
@@ -148,16 +153,14 @@ def inspect_file(source: Source, limits: Limits) -> FileInfo:
     lines = 0
     sniffer = Sniffer(limits)
     named: dict[tuple[str, str], None] = {}  # ordered, each pair once
-    accepted = 0
     for line_no, raw, too_long in iter_raw_lines(path, limits.max_line_bytes, digest.update):
         lines += 1
         if lines > limits.max_lines:
             raise FileRefused(f"{path}: more than {limits.max_lines} lines (max_lines)")
         sniffer.line(raw, too_long)
-        if accepted < PEEK_LINES and raw.strip():
+        if lines <= PEEK_LINES and len(named) < MAX_NAMED and raw.strip():
             item = validate_line(line_no, raw, too_long, limits)
             if isinstance(item, Accepted):
-                accepted += 1
                 named.setdefault((item.url, item.model), None)
     sniffer.verdict(str(path))
     return FileInfo(digest.hexdigest(), size, lines, tuple(named))

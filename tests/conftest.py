@@ -46,11 +46,23 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 
+VLLM_FIXTURES = frozenset({"engine", "vllm_server", "embedding_server", "model_dir"})
+"""The fixtures that start a vLLM engine or prepare the model for one: a test that takes any of
+them is marked `vllm`. A test that reaches vLLM otherwise (a batch run end to end, a worker
+process, `import vllm`) carries the mark itself."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `vllm` each test whose fixtures include an engine's (`make test-fast` skips them)."""
+    for item in items:
+        if VLLM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vllm)
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No thread of the session may outlive it: a test that leaves one running (a loop, a
     dispatcher, a pool's worker waiting on a server the session stopped) fails the run here,
-    with the thread's name and where it stands, instead of hanging the interpreter's exit."""
+    with the thread's name and where it stands, rather than being cut off unseen."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _stuck():
         time.sleep(0.2)

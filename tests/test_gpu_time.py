@@ -113,7 +113,7 @@ def test_the_estimate_counts_urgent_work_ahead_and_says_when_it_is_late() -> Non
     assert estimate(pending=5, in_progress_at=None, expires_at=1, outlook=nothing).finish_at is None
 
 
-def test_usage_matches_the_engine_time_measured_around_the_run(
+def test_gpu_time_matches_the_engine_time_measured_around_the_run(
     pg_url: str, tmp_path: Path, engine: LocalVLLM
 ) -> None:
     path = chat_file(tmp_path / "in.jsonl", 48, max_tokens=16)

@@ -54,7 +54,7 @@ def test_the_wheel_installs_one_package_beside_pypi_entrypoints(tmp_path: Path) 
             "-q",
             "--no-deps",
             str(wheel),
-            "entrypoints",
+            "entrypoints==0.4",
         ],
         capture_output=True,
         text=True,

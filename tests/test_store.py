@@ -634,3 +634,23 @@ def test_the_worker_loop_rides_through_a_postgresql_restart(tmp_path: Path) -> N
         with pytest.raises(OperationalError):  # and gives up after its outage budget
             pg.stop()
             patiently(lambda: results.progress(db, bid), outage_seconds=1)
+
+
+def test_a_value_too_long_for_its_column_is_refused_not_cut(pg_url: str) -> None:
+    """PostgreSQL: a bulk insert (one array per column) refuses a value longer than its
+    column, as a row of values did; cast to the column's varchar(n) it would be cut, and two
+    values alike in their first n characters would then be one row."""
+    from sqlalchemy.exc import DataError
+
+    from offline_queue.store.bulk import insert_ignoring_conflicts
+    from offline_queue.store.db import get_engine, migrate
+    from offline_queue.store.tables import StreamEntry
+
+    migrate(get_engine(pg_url))
+    long = "s" * 300  # stream_entries.reply_to holds 256
+    rows = [("st", "a", "1-0", "batch_x", 1, long), ("st", "b", "2-0", "batch_x", 2, "ok")]
+    columns = ("stream", "custom_id", "entry_id", "batch_id", "line_no", "reply_to")
+    with pytest.raises(DataError, match="too long"), session(pg_url) as s:
+        insert_ignoring_conflicts(s.connection(), StreamEntry, columns, rows)
+    with session(pg_url) as s:
+        assert s.scalar(select(func.count()).select_from(StreamEntry)) == 0

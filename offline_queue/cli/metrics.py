@@ -21,13 +21,11 @@ def serve(
     db: DbOption = None,
 ) -> None:
     """Serve GET /metrics on HOST:PORT until interrupted."""
-    from prometheus_client import start_http_server
-
     from offline_queue.blocks.catalog import catalog_here
-    from offline_queue.metrics import registry
+    from offline_queue.metrics import listener
     from offline_queue.store.db import resolve_url
 
-    start_http_server(port, addr=host, registry=registry(resolve_url(db), catalog_here))
-    print(f"metrics on http://{host}:{port}/metrics", flush=True)
-    while True:
-        time.sleep(3600)
+    with listener(resolve_url(db), host, port, catalog_here) as bound:
+        print(f"metrics on http://{host}:{bound}/metrics", flush=True)
+        while True:
+            time.sleep(3600)

@@ -150,7 +150,7 @@ def submit(run: BatchRun, db: str) -> Submitted:
     elsewhere is a batch of its own with its own files (deterministic answers still come from
     the result cache), never a resume that writes into another directory."""
     owners.reap_orphans(db)  # a batch this run resumes was lost: it shows why, then reopens
-    info = run.inspected or inspect_file(locate(resolve(run.input), db), Limits())
+    info = inspect_file(locate(resolve(run.input), db), Limits(), run.inspected)
     placed = place_batch(run.input, run.output, run.errors, info.content_hash, run.batch_id)
     batch, created = batches.register_batch(
         db,

@@ -68,31 +68,29 @@ def _insert_arrays(
 ) -> list[Any]:
     """PostgreSQL: the rows as one array per column, `SELECT * FROM unnest(…)`. A statement of
     as many placeholders as values is parsed for them, on the client (psycopg splits it with
-    a regular expression, uncached past a length) and on the server, at every call: that was
-    most of a stream read's time. One placeholder per column keeps the text short and the
-    same from call to call. An array holds one Python type (psycopg refuses 1 and 1.5 in one
-    list): each value is made its column's type."""
+    a regular expression, uncached past a length) and on the server, at every call. One
+    placeholder per column keeps the text short and the same from call to call. An array
+    holds one Python type (psycopg refuses 1 and 1.5 in one list): each value is made its
+    column's type. Text goes as `text[]`, never `varchar(n)[]`: that cast would cut a value
+    too long where the column's own check refuses it."""
     kinds = [table.__table__.c[name].type for name in columns]
     makes = [kind.python_type for kind in kinds]
-    arrays = ", ".join(f"%s::{kind.compile(dialect=conn.dialect)}[]" for kind in kinds)
+    arrays = ", ".join(
+        "%s::text[]" if make is str else f"%s::{kind.compile(dialect=conn.dialect)}[]"
+        for kind, make in zip(kinds, makes, strict=True)
+    )
     sql = head + f"SELECT * FROM unnest({arrays})" + tail
     inserted: list[Any] = []
-    cursor = conn.connection.cursor()
-    try:
-        for start in range(0, len(rows), ARRAY_ROWS):
-            part = rows[start : start + ARRAY_ROWS]
-            columns_of_part = zip(*part, strict=True)
-            cursor.execute(
-                sql,
-                [
-                    [None if v is None else make(v) for v in column]
-                    for make, column in zip(makes, columns_of_part, strict=True)
-                ],
-            )
-            if cursor.description is not None:
-                inserted += [row[0] for row in cursor.fetchall()]
-    finally:
-        cursor.close()
+    for start in range(0, len(rows), ARRAY_ROWS):
+        part = rows[start : start + ARRAY_ROWS]
+        arrays_of_part = tuple(
+            [None if v is None else make(v) for v in column]
+            for make, column in zip(makes, zip(*part, strict=True), strict=True)
+        )
+        # One parameter set in a list: a bare tuple of lists would read as many sets.
+        done = conn.exec_driver_sql(sql, [arrays_of_part])
+        if done.returns_rows:
+            inserted += [row[0] for row in done]
     return inserted
 
 

@@ -20,7 +20,7 @@ from offline_queue.store.tables import Batch, EngineTime
 
 def record(s: Session, batch_id: str, used: EngineUse, loop: str | None = None) -> None:
     """One chunk's engine use by `loop`, in the caller's transaction, stamped by the store's
-    clock (a window of `usage` compares stamps written on many nodes)."""
+    clock (a `gpu-time` window compares stamps written on many nodes)."""
     s.execute(
         insert(EngineTime).values(
             batch_id=batch_id,
