@@ -98,14 +98,15 @@ def workers(
     *groups: str,
     node: Node | None = None,
     log: Path | None = None,
+    flags: tuple[str, ...] = (),
 ) -> Iterator[None]:
-    """`offline-queue worker start --group G` for each group: here, or in `node` (with `env`
-    pointed at the node's private places, `cwd` as the node sees it, default its HOME). Their
-    output goes to `log` (a file here, even for a node's workers), else nowhere."""
+    """`offline-queue worker start --group G [flags]` for each group: here, or in `node` (with
+    `env` pointed at the node's private places, `cwd` as the node sees it, default its HOME).
+    Their output goes to `log` (a file here, even for a node's workers), else nowhere."""
     with log.open("ab") if log else open(os.devnull, "wb") as out:
 
         def start(group: str) -> subprocess.Popen[bytes]:
-            command = [str(BIN / "offline-queue"), "worker", "start", "--group", group]
+            command = [str(BIN / "offline-queue"), "worker", "start", "--group", group, *flags]
             streams: dict[str, Any] = {"stdout": out, "stderr": subprocess.STDOUT}
             if node is not None:
                 return node.popen(command, env=node.env(env), cwd=cwd, **streams)
@@ -214,7 +215,10 @@ def test_deploy_worker_and_deployment_run_end_to_end(
     assert (first.hour, first.minute) == (2, 0)
     assert dt.timedelta(0) < first - now <= dt.timedelta(days=1)
 
-    with workers(cluster, tmp_path, "cpu-local"):
+    # Chunks of 32: the loop holds at most 8 of them (256 requests), so of the 600 bulk
+    # requests of the priority check some still wait in the queue when the critical batch
+    # arrives (chunks of 256 took them all at once).
+    with workers(cluster, tmp_path, "cpu-local", flags=("--chunk-size", "32")):
         run_id = _end_to_end(cluster, tmp_path)
         _priority(cluster, tmp_path)
     _prefect_ui_shows_the_batch(cluster, run_id)
@@ -310,10 +314,10 @@ def _prefect_ui_shows_the_batch(env: dict[str, str], run_id: str) -> None:
 def _priority(env: dict[str, str], tmp_path: Path) -> None:
     """The node's one loop busy with three bulk batches when a critical batch's run is created:
     its run starts beside them (the limits count batches), the loop takes its chunks ahead of
-    the bulk ones, and it finishes before every bulk batch that still had requests waiting in
-    the queue when it was queued — with the engine the node loaded once. (A bulk batch whose
-    last requests are already in the engine may end first: critical work goes ahead of waiting
-    work, not of running work; docs/scheduling.md.)"""
+    the bulk ones, and its requests are answered before the last of every bulk batch that
+    still had requests waiting in the queue when it was queued — with the engine the node
+    loaded once. (A bulk batch whose last requests are already in the engine may end first:
+    critical work goes ahead of waiting work, not of running work; docs/scheduling.md.)"""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
@@ -321,7 +325,7 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
 
     from offline_queue.states import RequestState
     from offline_queue.store.db import session
-    from offline_queue.store.tables import Batch, Request
+    from offline_queue.store.tables import Batch, Request, Result
 
     store = env["OQ_TEST_STORE"]
     paths: dict[str, Path] = {}
@@ -388,7 +392,18 @@ def _priority(env: dict[str, str], tmp_path: Path) -> None:
     # 600 bulk requests, more than the engine runs at once: the loop claims a chunk only when
     # none of the engine's requests waits, so at least one bulk batch is still queued.
     assert behind, waiting
-    assert all(ended["critical"] <= ended[n] for n in behind), (ended, waiting)
+
+    def last_answer(name: str) -> float:
+        """When the engine finished the batch's last request (the node's one clock): a batch's
+        end also waits on its own run's process to finalize, which no queue orders."""
+        batch = stored(name)
+        assert batch is not None
+        with session(store) as s:
+            done = s.scalar(select(func.max(Result.finished_at)).where(Result.batch_id == batch.id))
+        return float(done or 0)
+
+    answered = {n: last_answer(n) for n in runs}
+    assert all(answered["critical"] <= answered[n] for n in behind), (answered, waiting)
 
 
 def test_gray_release_routes_stamps_and_rolls_back_by_itself(
