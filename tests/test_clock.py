@@ -251,7 +251,7 @@ def _requests(db: str, path: Path) -> list[tuple[int, str]]:
 def test_a_worker_ten_minutes_ahead_joins_a_served_batch_and_repeats_nothing(
     counting_proxy: FaultProxy, pg_url: str, prefect_api: str, tmp_path: Path
 ) -> None:
-    n = 120
+    n = 240  # time enough for the worker ahead (a slower start, under faketime) to join
     path = write(
         tmp_path / "in.jsonl",
         [line(f"r{i}", max_tokens=16, ignore_eos=True, temperature=0.8) for i in range(n)],
@@ -261,7 +261,7 @@ def test_a_worker_ten_minutes_ahead_joins_a_served_batch_and_repeats_nothing(
 
     def started() -> bool:
         try:
-            return sum(1 for _, state in _requests(pg_url, path) if state == "completed") >= 8
+            return sum(1 for _, state in _requests(pg_url, path) if state == "completed") >= 1
         except Exception:
             return False
 
