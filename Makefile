@@ -30,14 +30,20 @@ run: setup
 	$(BIN)/offline-queue run examples/batch.jsonl
 	$(BIN)/offline-queue run examples/embeddings.jsonl
 
+# Two workers (pytest-xdist), each given whole modules (`--dist loadfile`: a module's fixtures
+# and order stay together); most tests wait on a process or a server as much as they compute.
+# `make test JOBS=0` runs the suite in this process alone.
+JOBS ?= 2
+XDIST = $(if $(filter 0,$(JOBS)),-p no:xdist,-n $(JOBS) --dist loadfile)
+
 test: setup browser faketime prometheus redis
 	$(BIN)/offline-queue model prepare
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: the tests that need no vLLM (marker `vllm`, tests/conftest.py) and spawn no
 # worker node (`slow`); hence no model to prepare, and no Chromium, Prometheus or Redis either.
 test-fast: setup faketime
-	$(BIN)/python -m pytest -m "not vllm and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not vllm and not slow" $(PYTEST_ARGS)
 
 # The Prefect UI test drives Debian's Chromium; without it that one check is skipped.
 browser:

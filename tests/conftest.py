@@ -24,6 +24,9 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.pop("OFFLINE_QUEUE_DB", None)
+# The store a command finds by default (the user's data directory) is the session's own: no
+# test writes to the user's, and two sessions (or pytest-xdist's workers) never share one.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="oq-data-")
 # The suite runs several engines at once (this process's, the session's vllm serve, the nodes'):
 # one OpenMP thread each, or their spinning threads fight over the two cores (docs/engines.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -53,16 +56,28 @@ process, `import vllm`) carries the mark itself."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `vllm` each test whose fixtures include an engine's (`make test-fast` skips them)."""
+    """Mark `vllm` each test whose fixtures include an engine's (`make test-fast` skips them),
+    then put the modules with `slow` tests first and those with `vllm` ones next, each keeping
+    its own order: `make test` hands whole modules to two workers (pytest-xdist, `--dist
+    loadfile`) in this order, and a long module taken last would leave one worker idle."""
     for item in items:
         if VLLM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vllm)
+    weight: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("vllm") else 2
+        weight[module] = min(weight.get(module, 2), rank)
+    items.sort(key=lambda item: weight[item.nodeid.split("::")[0]])
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """No thread of the session may outlive it: a test that leaves one running (a loop, a
+@pytest.fixture(scope="session", autouse=True)
+def no_thread_outlives_the_session() -> Iterator[None]:
+    """No thread may outlive the session's tests and services: one left running (a loop, a
     dispatcher, a pool's worker waiting on a server the session stopped) fails the run here,
-    with the thread's name and where it stands, rather than being cut off unseen."""
+    with its name and where it stands, rather than being cut off unseen. Set up first, so torn
+    down last, after every other fixture; in each pytest-xdist worker too."""
+    yield
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _stuck():
         time.sleep(0.2)
@@ -76,8 +91,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         frame = frames.get(t.ident or -1)
         if frame is not None:
             lines.append("".join(traceback.format_stack(frame)).rstrip())
-    sys.stderr.write("\n".join(lines) + "\n")
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    pytest.fail("\n".join(lines), pytrace=False)
 
 
 def _stuck() -> list[threading.Thread]:

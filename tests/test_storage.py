@@ -21,7 +21,8 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
-from instruments.loopback import free_port
+from instruments.loopback import free_port, healthy
+from instruments.processes import BIN, serving
 from offline_queue import expiry as cleanup
 from offline_queue.batches import (
     OutputsRemoved,
@@ -69,14 +70,12 @@ def request_line(i: int, bad: bool = False) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 API server on loopback, with credentials and the endpoint in the environment
-    (as a user sets them), for this process and the CLI processes it starts."""
-    from moto.server import ThreadedMotoServer
-
+    (as a user sets them), for this process and the CLI processes it starts. In a process of
+    its own: its Flask app in this one leaves proxies in sys.modules that vLLM's kernel
+    registration trips over when a later test builds the in-process engine."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     endpoint = f"http://127.0.0.1:{port}"
     settings = {
         OPTIONS_VAR: json.dumps({"s3": {"endpoint_url": endpoint}}),
@@ -86,18 +85,19 @@ def s3_endpoint() -> Iterator[str]:
         "NO_PROXY": "127.0.0.1",
     }
     saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    s3 = s3fs()
-    s3.mkdir(BUCKET)
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, lambda: healthy(f"{endpoint}/moto-api/data.json"), log, timeout=60):
+        os.environ.update(settings)
+        s3fs().mkdir(BUCKET)
+        try:
+            yield endpoint
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def s3fs() -> Any:
