@@ -31,10 +31,12 @@ run: setup
 	$(BIN)/offline-queue run examples/embeddings.jsonl
 
 # Two workers (pytest-xdist), each given whole modules (`--dist loadfile`: a module's fixtures
-# and order stay together); most tests wait on a process or a server as much as they compute.
+# and order stay together) in the order tests/conftest.py sets, longest first (xdist's own
+# order, by test count, left the longest module to run alone at the end); most tests wait on a
+# process or a server as much as they compute.
 # `make test JOBS=0` runs the suite in this process alone.
 JOBS ?= 2
-XDIST = $(if $(filter 0,$(JOBS)),-p no:xdist,-n $(JOBS) --dist loadfile)
+XDIST = $(if $(filter 0,$(JOBS)),-p no:xdist,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 test: setup browser faketime prometheus redis
 	$(BIN)/offline-queue model prepare

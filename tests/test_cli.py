@@ -171,7 +171,8 @@ def test_two_processes_on_one_batch_share_it_without_duplicates(
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    told = "\n".join(f"--- stdout\n{o[0][-2000:]}\n--- stderr\n{o[1][-4000:]}" for o in outs)
+    assert [p.returncode for p in procs] == [0, 0], told  # a str: pytest cuts a list's repr
     batches = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert batches[0]["id"] == batches[1]["id"]
     assert all(b["request_counts"]["completed"] == total for b in batches)
