@@ -453,9 +453,12 @@ def test_gray_release_routes_stamps_and_rolls_back_by_itself(
         assert batch is not None
         return batch
 
-    # Both tracks' engines are the server: one loop serves that route (the candidate's own
-    # route gets its loop below, once its block exists).
-    with workers(env, tmp_path, "cpu-local", "control"), loops(env, vllm_server):
+    # Both tracks' engines are the server: the node's one loop serves that route (no engine of
+    # its own to load; the candidate's own route gets its loop below, once its block exists).
+    with (
+        workers(env, tmp_path, "cpu-local", flags=("--engine", vllm_server)),
+        workers(env, tmp_path, "control"),
+    ):
         internal = route_run("internal", "acme-internal", 5)
         assert (internal.release_track, internal.release_version) == ("candidate", "smol-v2")
         assert internal.status == "completed" and internal.model_version  # the engine's weights

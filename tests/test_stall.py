@@ -28,7 +28,7 @@ from tests.api_helpers import Api, serve_api
 from tests.conftest import REPO, cli_env, run_cli
 from tests.test_cli import custom_ids
 from tests.test_cluster import api as prefect_at
-from tests.test_cluster import cluster, deployed, loops, workers  # noqa: F401  # fixtures
+from tests.test_cluster import cluster, deployed, workers  # noqa: F401  # fixtures
 from tests.test_pipeline import line, write
 from tests.test_store import make_batch, submission
 
@@ -249,10 +249,10 @@ def test_cancel_of_a_deployment_run_in_prefect_fails_its_batch_with_the_reason(
     with (
         contextlib.ExitStack() as stack,
         FaultProxy(vllm_server.removesuffix("/v1"), lambda n: "stall", stall_seconds=600) as hang,
-        workers(env, tmp_path, "cpu-local"),
         prefect_at(env),
     ):
-        stack.enter_context(loops(env, hang.url))
+        # The node's loop serves the hanging server (no engine of its own to load).
+        stack.enter_context(workers(env, tmp_path, "cpu-local", flags=("--engine", hang.url)))
         started: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: not a coroutine
             "batch-inference/local",
             parameters={"input": str(path), "engine": hang.url},
