@@ -566,6 +566,11 @@ def run_trial(svc: Services, kind: str, index: int, seed: int, requests: int) ->
     # One trial in five strikes before any result (start-up, ingest, first chunk), the rest
     # once a drawn number of results is committed: kills land everywhere in a batch's life.
     trigger = 0 if rng.random() < 0.2 else rng.randint(1, max(1, n - 2 * chunk))
+    if kind == "loop":
+        # A loop's victim must hold a chunk when struck: its loops claim the batch's chunks
+        # together and end them within moments of each other, so past the first results
+        # nothing may be held any more (the short schedule's loop trial once found no victim).
+        trigger = 0
     trial = Trial(kind, index, n, chunk, n_runs, n_loops, trigger)
     tag = f"s{seed}-{kind}-{index}"
     trials = svc.work / "trials"
