@@ -276,12 +276,13 @@ def test_weights_share_one_loop_in_proportion(
 def test_a_critical_batch_overtakes_the_waiting_requests_of_a_bulk_one(
     vllm_server: str, pg_url: str, prefect_api: str, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    """One loop on one `vllm serve` (32 in flight, chunks of 64): the bulk batch's first chunk
-    has 32 requests out and 32 waiting for a slot when a critical batch arrives. The loop claims
-    it within a poll though its engine is full (a more urgent tier than what waits in it), and
-    its requests take the next free slots ahead of the waiting bulk ones (the in-flight limit
-    goes by priority), carrying their tier as the server's request priority. Without the
-    urgent claim, the critical chunk would wait until every bulk request in hand was sent."""
+    """One loop on one `vllm serve` (chunks of 64, the in-flight window growing from 4 to 32):
+    the bulk batch's first chunk has a window's worth of requests out and the rest waiting for
+    a slot when a critical batch arrives. The loop claims it within a poll though its engine is
+    full (a more urgent tier than what waits in it), and its requests take the next free slots
+    ahead of the waiting bulk ones (the in-flight limit goes by priority), carrying their tier
+    as the server's request priority. Without the urgent claim, the critical chunk would wait
+    until every bulk request in hand was sent."""
     from offline_queue.flows.waiting import SERVE_HERE_ENV
 
     monkeypatch.delenv(SERVE_HERE_ENV)
@@ -313,14 +314,21 @@ def test_a_critical_batch_overtakes_the_waiting_requests_of_a_bulk_one(
     arrived = queued["critical"]
     first_sent, last_sent = crit[0][0], crit[-1][0]
     before = [a for a, _ in bulk if arrived <= a < first_sent]
+    among = [a for a, _ in bulk if first_sent <= a <= last_sent]
     behind = [a for a, _ in bulk if a > last_sent]
     print(
         f"critical: first request sent {first_sent - arrived:+.1f} s after it arrived, all "
         f"{len(crit)} within {last_sent - first_sent:.1f} s; bulk requests sent between its "
-        f"arrival and its first: {len(before)}, after its last: {len(behind)}"
+        f"arrival and its first: {len(before)}, among its own: {len(among)}, after its last: "
+        f"{len(behind)}"
     )
     assert behind, "the critical batch came after the bulk one was all sent"
-    assert len(before) <= 4
+    # Claimed within a poll (0.5 s): a window's round of bulk requests that ends in that gap
+    # takes the freed slots (8 of them, seen here and in CI); without the urgent claim every
+    # bulk request waiting in hand goes first (60 measured).
+    assert len(before) < 32
+    # Once its chunk is in hand, its requests take every slot that frees up.
+    assert len(among) <= 4
 
 
 def test_the_adaptive_window_halves_under_429s_and_grows_back(vllm_server: str) -> None:
