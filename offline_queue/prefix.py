@@ -51,7 +51,12 @@ def prefix_key(dumped: dict[str, Any]) -> str:
     system, whole = render(dumped)
     h = hashlib.blake2b(str(dumped.get("model", "")).encode() + b"\x00" + system.encode())
     segments = [h.hexdigest()[:_SEGMENT]]
+    # One running hash of the prompt, read at each depth: the digest of whole[:depth], without
+    # hashing its start again; a prompt that ends before a depth has that segment already.
+    h, cut, segment = hashlib.blake2b(digest_size=8), 0, ""
     for depth in _DEPTHS:
-        h = hashlib.blake2b(whole[:depth].encode(), digest_size=8)
-        segments.append(h.hexdigest()[:_SEGMENT])
+        if not segment or cut < len(whole):
+            h.update(whole[cut:depth].encode())
+            cut, segment = depth, h.hexdigest()[:_SEGMENT]
+        segments.append(segment)
     return "".join(segments)

@@ -1,7 +1,9 @@
 """A Redis Streams consumer group in front of the queue: entries (field `line`, one batch line) are
 queued as one batch per read in the transaction that records them, acknowledged only after it,
 answered by the queue's serving loops and replied to `reply_to`; past `max_pending` unanswered
-entries the consumers stop reading and the stream holds the surge. (docs/scheduling.md, Single
+entries the consumers stop reading and the stream holds the surge. A read is validated while the
+one before it is written (one write in flight, on a thread of its own): the store's work and
+ours overlap instead of taking turns. (docs/scheduling.md, Single
 requests and streams in the same queue; docs/user-guide.md, Redis Streams)
 """
 
@@ -15,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +87,10 @@ class StreamConsumer:
         self.limits = Limits()
         self._stop = threading.Event()
         self.taken = self.queued = self.rejected = self.replied = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: Future[None] | None = None
+        self._in_write = 0
+        """Entries of the write in flight: taken, not yet counted in `taken`."""
         self._recovered = False
         self._counted, self._counted_at, self._taken_at_count = 0, -WAITING_SECONDS, 0
 
@@ -108,16 +115,29 @@ class StreamConsumer:
         return self._stop.wait(timeout)
 
     def run(self) -> None:
-        """Take and reply until stopped."""
+        """Take and reply until stopped; the last write is committed and acknowledged before
+        it returns."""
         self.join()
         replied_at = 0.0
-        while not self._stop.is_set():
-            took = self.take_once()
-            answered = 0
-            if time.monotonic() - replied_at > REPLY_SECONDS:  # a look over the unreplied
-                answered, replied_at = self.reply_once(), time.monotonic()
-            if not took and not answered and self._stop.wait(0.05):
-                break
+        try:
+            while not self._stop.is_set():
+                took = self.take_once()
+                answered = 0
+                if time.monotonic() - replied_at > REPLY_SECONDS:  # a look over the unreplied
+                    answered, replied_at = self.reply_once(), time.monotonic()
+                if not took and not answered and self._stop.wait(0.05):
+                    break
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the write in flight (raising its error) and end the writer's thread."""
+        try:
+            self._written()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     # -- taking ------------------------------------------------------------------------------
 
@@ -130,6 +150,8 @@ class StreamConsumer:
             return 0
         entries = self._pending_own(room) if not self._recovered else []
         if not entries:
+            if not self._recovered:
+                self._written()  # own entries in flight are pending too: never read them twice
             self._recovered = True
             entries = self._idle_of_others(room)
         if not entries:
@@ -144,14 +166,14 @@ class StreamConsumer:
     def _waiting(self) -> int:
         """The stream's entries waiting in the store: counted (a count over the queue) every
         WAITING_SECONDS, or at once when a read could reach `max_pending`; in between, what
-        this consumer took since is added on."""
+        this consumer took since is added on, and always the write in flight."""
         now = time.monotonic()
-        guess = self._counted + self.taken - self._taken_at_count
+        guess = self._counted + self.taken - self._taken_at_count + self._in_write
         near = guess + self.s.read_count >= self.s.max_pending
         if near or now - self._counted_at > WAITING_SECONDS:
             self._counted = store.waiting(self.db, self.s.stream)
             self._counted_at, self._taken_at_count = now, self.taken
-        return self._counted + self.taken - self._taken_at_count
+        return self._counted + self.taken - self._taken_at_count + self._in_write
 
     def _pending_own(self, room: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         read: Any = self.redis.xreadgroup(self.s.group, self.name, {self.s.stream: "0"}, count=room)
@@ -169,7 +191,24 @@ class StreamConsumer:
         return [e for e in claimed[1] if e[1]]
 
     def _take(self, entries: Sequence[tuple[Any, dict[Any, Any]]]) -> None:
-        """Validate, queue the valid ones (one transaction), answer the bad ones, then ack."""
+        """Validate here, then hand the read to the writer once the one before is written."""
+        good, errors = self._check(entries)
+        self._written()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="stream-write")
+        self._in_write = len(entries)
+        self._writing = self._writer.submit(self._write, entries, good, errors)
+
+    def _written(self) -> None:
+        """Wait for the write in flight; its error (the store down) is this read's."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def _check(
+        self, entries: Sequence[tuple[Any, dict[Any, Any]]]
+    ) -> tuple[dict[Tier, list[store.Entry]], list[tuple[str, bytes]]]:
+        """The valid entries by tier, and the error lines of the others by where they go."""
         good: dict[Tier, list[store.Entry]] = {}
         errors: list[tuple[str, bytes]] = []
         for raw_id, fields in entries:
@@ -192,20 +231,32 @@ class StreamConsumer:
                 )
             else:
                 errors.append((reply_to, self._error_line(entry_id, checked)))
-        for tier, batch in good.items():
-            queued = store.queue_entries(
-                self.db, self.s.stream, self._submission(tier, batch), self.s.route, batch
-            )
-            self.queued += len(queued)
-        if errors:
-            pipe = self.redis.pipeline()
-            for reply_to, text in errors:
-                pipe.xadd(reply_to, {"line": text})
-            pipe.execute()
-            self.rejected += len(errors)
-        # Only now, with every valid entry committed in the store (or found there): the ack.
-        self.redis.xack(self.s.stream, self.s.group, *[e[0] for e in entries])
-        self.taken += len(entries)
+        return good, errors
+
+    def _write(
+        self,
+        entries: Sequence[tuple[Any, dict[Any, Any]]],
+        good: dict[Tier, list[store.Entry]],
+        errors: list[tuple[str, bytes]],
+    ) -> None:
+        """Queue the valid ones (one transaction), answer the bad ones, then ack."""
+        try:
+            for tier, batch in good.items():
+                queued = store.queue_entries(
+                    self.db, self.s.stream, self._submission(tier, batch), self.s.route, batch
+                )
+                self.queued += len(queued)
+            if errors:
+                pipe = self.redis.pipeline()
+                for reply_to, text in errors:
+                    pipe.xadd(reply_to, {"line": text})
+                pipe.execute()
+                self.rejected += len(errors)
+            # Only now, with every valid entry committed in the store (or found there): the ack.
+            self.redis.xack(self.s.stream, self.s.group, *[e[0] for e in entries])
+            self.taken += len(entries)
+        finally:
+            self._in_write = 0
 
     def _submission(self, tier: Tier, entries: Sequence[store.Entry]) -> Submission:
         batch_id = f"batch_{uuid.uuid4().hex}"

@@ -7,15 +7,15 @@ inserts each group under its one writer; PostgreSQL streams it in with COPY (`_i
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from offline_queue.findings import Accepted, Rejected
 from offline_queue.states import RequestState
-from offline_queue.store.bulk import insert_ignoring_conflicts
+from offline_queue.store.bulk import COPY_ROWS_PER_WRITE, copy_text, insert_ignoring_conflicts
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.results import RESULT_COLUMNS, error_row
 from offline_queue.store.tables import Batch, Request, Result
@@ -156,16 +156,27 @@ _COPY_REQUESTS = (
 )
 
 
-# COPY's text format: backslash, newline, carriage return and tab are escaped, NULL is \N.
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
-_ROWS_PER_WRITE = 256
+def _copy_row(head: str, line_no: int, item: Accepted) -> str:
+    """A request just queued as a line of COPY text; `head` is its batch_id column."""
+    return (
+        f"{head}{line_no}\t{copy_text(item.custom_id)}\t{item.url}\t"
+        # JSON from orjson: no raw control characters to escape
+        f"{item.body_json.replace(chr(92), chr(92) * 2)}\t"
+        f"{item.cache_digest or chr(92) + 'N'}{_QUEUED_TAIL}{item.prefix_key}\n"
+    )
 
 
-def _copy_text(value: str) -> str:
-    # isprintable() is False for newline, CR and tab (and other characters, harmlessly).
-    if "\\" in value or not value.isprintable():
-        return value.translate(_COPY_ESCAPES)
-    return value
+def copy_requests(conn: Connection, batch_id: str, items: Sequence[tuple[int, Accepted]]) -> None:
+    """PostgreSQL: queue (line_no, line) pairs of a batch no other writer has with COPY, in
+    `conn`'s transaction: a third of the client's time of an array insert, which dumps every
+    value of every row on its own."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    head = copy_text(batch_id) + "\t"
+    with driver.cursor() as cur, cur.copy(_COPY_REQUESTS) as copy:
+        for start in range(0, len(items), COPY_ROWS_PER_WRITE):
+            part = items[start : start + COPY_ROWS_PER_WRITE]
+            copy.write("".join([_copy_row(head, n, item) for n, item in part]))
 
 
 def _ingest_by_copy(
@@ -189,7 +200,7 @@ def _ingest_by_copy(
     report = IngestReport()
     endpoints = report.endpoints
     stream = iter(items)
-    head = _copy_text(batch_id) + "\t"
+    head = copy_text(batch_id) + "\t"
     with get_engine(db).connect() as conn:
         driver = conn.connection.driver_connection  # the psycopg connection, for COPY
         assert driver is not None
@@ -215,14 +226,8 @@ def _ingest_by_copy(
                             report.accepted += 1
                             endpoints.add(item.url)
                             if last_line > through:
-                                rows.append(
-                                    f"{head}{last_line}\t{_copy_text(item.custom_id)}\t{item.url}\t"
-                                    # JSON from orjson: no raw control characters to escape
-                                    f"{item.body_json.replace(chr(92), chr(92) * 2)}\t"
-                                    f"{item.cache_digest or chr(92) + 'N'}{_QUEUED_TAIL}"
-                                    f"{item.prefix_key}\n"
-                                )
-                                if len(rows) >= _ROWS_PER_WRITE:
+                                rows.append(_copy_row(head, last_line, item))
+                                if len(rows) >= COPY_ROWS_PER_WRITE:
                                     copy.write("".join(rows))
                                     rows.clear()
                         else:

@@ -6,21 +6,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from psycopg.errors import UniqueViolation
 from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from offline_queue.findings import Accepted
 from offline_queue.states import BatchStatus
 from offline_queue.store import clock
 from offline_queue.store.batches import new_batch
-from offline_queue.store.bulk import insert_ignoring_conflicts
+from offline_queue.store.bulk import copy_rows, insert_ignoring_conflicts
 from offline_queue.store.db import session
-from offline_queue.store.ingest import REQUEST_COLUMNS, queued_row
+from offline_queue.store.ingest import REQUEST_COLUMNS, copy_requests, queued_row
 from offline_queue.store.results import RESULT_LINE, ResultLine
 from offline_queue.store.tables import LIVE, Batch, Request, Result, StreamEntry
 from offline_queue.submission import Submission
 
 SOURCE = "stream"
+OPEN = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+"""A stream batch's statuses until all its entries are replied."""
 ENTRY_COLUMNS = ("stream", "custom_id", "entry_id", "batch_id", "line_no", "reply_to")
 
 
@@ -44,12 +49,7 @@ def queue_entries(
         for n, e in enumerate(entries, 1)
     ]
     with session(db) as s:
-        # The key decides: an entry whose (stream, custom_id) is there is not queued again.
-        new = set(
-            insert_ignoring_conflicts(
-                s.connection(), StreamEntry, ENTRY_COLUMNS, rows, returning="custom_id"
-            )
-        )
+        new = _record_new(s, rows)
         fresh: list[tuple[int, Entry]] = []
         for n, e in enumerate(entries, 1):
             if e.line.custom_id in new:  # the first of a custom_id twice in one read
@@ -62,13 +62,32 @@ def queue_entries(
         batch.total_lines, batch.ingested_through, batch.ingest_done = len(fresh), len(fresh), True
         s.add(batch)
         s.flush()
-        insert_ignoring_conflicts(
-            s.connection(),
-            Request,
-            REQUEST_COLUMNS,
-            [queued_row(sub.id, n, e.line) for n, e in fresh],
-        )
+        conn = s.connection()
+        if conn.dialect.name == "postgresql":
+            copy_requests(conn, sub.id, [(n, e.line) for n, e in fresh])
+        else:
+            rows = [queued_row(sub.id, n, e.line) for n, e in fresh]
+            insert_ignoring_conflicts(conn, Request, REQUEST_COLUMNS, rows)
     return [e.entry_id for _, e in fresh]
+
+
+def _record_new(s: Session, rows: Sequence[tuple[Any, ...]]) -> set[str]:
+    """Write the stream_entries rows whose (stream, custom_id) is new; their custom_ids. The
+    key decides: an entry whose key is there is not queued again. On PostgreSQL the first row
+    of each custom_id is COPYed (a third of an insert's time, client and server) in a
+    savepoint; a key already there (a redelivery, another consumer's entry) fails the COPY,
+    and the rows go again as an insert that skips what is there."""
+    conn = s.connection()
+    if conn.dialect.name == "postgresql":
+        firsts = {row[1]: row for row in reversed(rows)}  # custom_id → its first row
+        driver: Any = conn.connection.driver_connection
+        try:
+            with driver.transaction():  # a savepoint in the session's transaction
+                copy_rows(conn, StreamEntry, ENTRY_COLUMNS, list(firsts.values()))
+            return set(firsts)
+        except UniqueViolation:
+            pass
+    return set(insert_ignoring_conflicts(conn, StreamEntry, ENTRY_COLUMNS, rows, "custom_id"))
 
 
 @dataclass(frozen=True)
@@ -84,16 +103,8 @@ def claim_replies(
     """Lease up to `limit` answered, unreplied entries of the stream to this consumer."""
     free = or_(StreamEntry.reply_lease.is_(None), StreamEntry.reply_lease < clock.now())
     answered = and_(Result.batch_id == StreamEntry.batch_id, Result.line_no == StreamEntry.line_no)
-    # Only the stream's open batches that have an answer are looked into: a look stays cheap
-    # while a surge of unanswered entries waits (a probe per open batch, not per entry).
-    answered_batches = select(Batch.id).where(
-        Batch.source == SOURCE,
-        Batch.input_path == input_path(stream),
-        Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)),
-        exists().where(Result.batch_id == Batch.id),
-    )
     with session(db) as s:
-        batch_ids = list(s.scalars(answered_batches))
+        batch_ids = _answered_batches(s, stream)
         if not batch_ids:
             return []
         keys = s.execute(
@@ -142,31 +153,44 @@ def replied(db: str, stream: str, owner: str, custom_ids: Sequence[str]) -> None
 
 
 def close_batches(db: str, stream: str) -> int:
-    """Complete the stream's batches whose every entry is replied (nothing left to serve)."""
-    unreplied = exists().where(
-        StreamEntry.stream == stream,
-        StreamEntry.batch_id == Batch.id,
-        StreamEntry.replied_at.is_(None),
-    )
-    live = exists().where(Request.batch_id == Batch.id, LIVE)
+    """Complete the stream's batches whose every entry is replied (nothing left to serve).
+    Only batches with an answer can be; each is looked up by its id, which keeps the look
+    cheap whatever the planner believes of a table that grew since its statistics (it once
+    scanned every unreplied entry of the stream for each open batch: 0.3 s a look at 100,000)."""
     with session(db) as s:
-        done = list(
-            s.scalars(
-                select(Batch)
-                .where(
-                    Batch.source == SOURCE,
-                    Batch.input_path == input_path(stream),
-                    Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)),
-                    ~unreplied,
-                    ~live,
-                )
-                .limit(100)
+        candidates = _answered_batches(s, stream)
+        if not candidates:
+            return 0
+        unreplied = select(StreamEntry.batch_id).where(
+            StreamEntry.stream == stream,
+            StreamEntry.batch_id.in_(candidates),
+            StreamEntry.replied_at.is_(None),
+        )
+        live = select(Request.batch_id).where(Request.batch_id.in_(candidates), LIVE)
+        busy = set(s.scalars(unreplied.distinct())) | set(s.scalars(live.distinct()))
+        done = [b for b in candidates if b not in busy]
+        if done:
+            s.execute(
+                update(Batch)
+                .where(Batch.id.in_(done), Batch.status.in_(OPEN))
+                .values(status=BatchStatus.COMPLETED, completed_at=clock.now_seconds())
+            )
+    return len(done)
+
+
+def _answered_batches(s: Session, stream: str) -> list[str]:
+    """The stream's open batches that have an answer: the only ones with entries to reply to,
+    or to close (a probe per open batch, not per entry, however many entries wait)."""
+    return list(
+        s.scalars(
+            select(Batch.id).where(
+                Batch.source == SOURCE,
+                Batch.input_path == input_path(stream),
+                Batch.status.in_(OPEN),
+                exists().where(Result.batch_id == Batch.id),
             )
         )
-        for batch in done:
-            batch.status = BatchStatus.COMPLETED
-            batch.completed_at = clock.now_seconds()
-    return len(done)
+    )
 
 
 def input_path(stream: str) -> str:
