@@ -7,7 +7,8 @@ stream taken into the queue.
    `--deployment` so nothing is served here: acceptance alone) and 32 concurrent clients
    (httpx, keep-alive) creating background responses; then the store holds exactly one
    queued request per accepted response (`RESULT background_lost`, `RESULT
-   background_duplicated`). Target ≥ 1,000/s.
+   background_duplicated`). Target ≥ 1,000/s. Beside it, `RESULT health_get_per_s`: the same
+   clients on `GET /health` (no key, no store), the HTTP stack's own ceiling here.
 2. `RESULT stream_entries_per_s`: 100,000 entries XADDed to Debian's redis-server, then one
    `offline-queue streams consume --no-serve` takes them all into the store (first entry
    queued → every entry acknowledged); its peak RSS (VmHWM) against one that took 10,000
@@ -47,7 +48,10 @@ def body(i: int) -> dict[str, object]:
             "background": True, "service_tier": "flex"}  # fmt: skip
 
 
-async def hammer(url: str, key: str, total: int, clients: int) -> tuple[float, list[str]]:
+async def hammer(
+    url: str, key: str, total: int, clients: int, path: str = "/responses"
+) -> tuple[float, list[str]]:
+    """`total` creates (or GETs of `path`, when it is another) from `clients` at once."""
     import httpx
 
     ids: list[str] = []
@@ -60,6 +64,10 @@ async def hammer(url: str, key: str, total: int, clients: int) -> tuple[float, l
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
             while not queue.empty():
                 i = queue.get_nowait()
+                if path != "/responses":
+                    answer = await http.get(path)
+                    assert answer.status_code == 200, answer.text
+                    continue
                 answer = await http.post("/responses", json=body(i))
                 assert answer.status_code == 200, answer.text
                 ids.append(answer.json()["id"])
@@ -90,6 +98,9 @@ def background(pg_url: str, work: Path, total: int, clients: int) -> None:
         url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(hammer(url, key, 200, clients))  # warm-up
         seconds, ids = asyncio.run(hammer(url, key, total, clients))
+        # The same clients on the API's cheapest route (no key, no store): the HTTP stack's
+        # own ceiling on this machine, clients included.
+        health, _ = asyncio.run(hammer(url.removesuffix("/v1"), key, total, clients, "/health"))
     finally:
         stop(api)
     with session(store) as s:
@@ -106,6 +117,7 @@ def background(pg_url: str, work: Path, total: int, clients: int) -> None:
     dup = sum(1 for n in rows.values() if n > 1)
     print(f"{total} background responses from {clients} clients: {seconds:.1f} s")
     print(f"RESULT background_accepted_per_s {total / seconds:.0f}")
+    print(f"RESULT health_get_per_s {total / health:.0f}")
     print(f"RESULT background_lost {lost}")
     print(f"RESULT background_duplicated {dup}")
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import platformdirs
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -120,6 +120,18 @@ def session(url: str, readonly: bool = False) -> Iterator[Session]:
         if readonly:  # before the first statement: the BEGIN hook reads it
             s.connection(execution_options={"readonly": True})
         yield s
+
+
+@contextlib.contextmanager
+def one_read(url: str) -> Iterator[Connection]:
+    """A connection for a single read statement, outside a transaction: one round trip where a
+    session's BEGIN, COMMIT and return to the pool make four (the API's key check, on every
+    call)."""
+    with get_engine(url).connect() as conn:
+        if is_sqlite(conn.engine):  # no round trips to save; our BEGIN hook keeps the reins
+            yield conn.execution_options(readonly=True)
+        else:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def migrate(engine: Engine) -> None:

@@ -6,8 +6,9 @@ which raises its `response.*` event (store/outbox.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import exists, insert, select, update
+from sqlalchemy import Table, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from offline_queue.findings import Accepted
@@ -37,18 +38,27 @@ def create(db: str, sub: Submission, route: str, line: Accepted) -> Batch:
         "ingest_done": True,
     }
     with session(db) as s:  # two statements: a thousand of these a second is the door's work
-        created = s.scalar(
-            insert(Batch)
-            .values(
-                **values,
-                created_at=clock.now_seconds(),
-                expires_at=clock.now_seconds() + WINDOW_SECONDS,
-            )
-            .returning(Batch.created_at)
-        )
+        conn = s.connection()
+        created = conn.execute(_NEW_BATCH, values).scalar_one()
         row = queued_row(sub.id, 1, line)
-        s.execute(insert(Request).values(dict(zip(REQUEST_COLUMNS, row, strict=True))))
+        conn.execute(_NEW_REQUEST, dict(zip(REQUEST_COLUMNS, row, strict=True)))
     return Batch(**values, created_at=created)
+
+
+# Built once, with their parameters named by the values given at each call: building an ORM
+# insert from a dict of values cost more than half of a create's time in SQLAlchemy.
+# Their tables, not their classes: an insert into a mapped class is costlier even outside a
+# session (1.15 ms a create against 0.71).
+_BATCHES, _REQUESTS = cast(Table, Batch.__table__), cast(Table, Request.__table__)
+_NEW_BATCH = (
+    insert(_BATCHES)
+    .values(
+        created_at=clock.now_seconds(),
+        expires_at=clock.now_seconds() + WINDOW_SECONDS,
+    )
+    .returning(_BATCHES.c.created_at)
+)
+_NEW_REQUEST = insert(_REQUESTS)
 
 
 @dataclass(frozen=True)
