@@ -166,10 +166,14 @@ class StreamConsumer:
     def _waiting(self) -> int:
         """The stream's entries waiting in the store: counted (a count over the queue) every
         WAITING_SECONDS, or at once when a read could reach `max_pending`; in between, what
-        this consumer took since is added on, and always the write in flight."""
+        this consumer took since is added on, and always the write in flight. Near the limit
+        the write in flight is committed first, so the other consumers' counts see it (the
+        surge bound stays `max_pending` plus a read of one consumer, as without the overlap)."""
         now = time.monotonic()
         guess = self._counted + self.taken - self._taken_at_count + self._in_write
         near = guess + self.s.read_count >= self.s.max_pending
+        if near:
+            self._written()
         if near or now - self._counted_at > WAITING_SECONDS:
             self._counted = store.waiting(self.db, self.s.stream)
             self._counted_at, self._taken_at_count = now, self.taken
