@@ -63,12 +63,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if VLLM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vllm)
-    weight: dict[str, int] = {}
+    weight: dict[Path, int] = {}
     for item in items:
-        module = item.nodeid.split("::")[0]
         rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("vllm") else 2
-        weight[module] = min(weight.get(module, 2), rank)
-    items.sort(key=lambda item: weight[item.nodeid.split("::")[0]])
+        weight[item.path] = min(weight.get(item.path, 2), rank)
+    items.sort(key=lambda item: weight[item.path])
 
 
 @pytest.fixture(scope="session", autouse=True)

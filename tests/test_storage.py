@@ -84,20 +84,16 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "NO_PROXY": "127.0.0.1",
     }
-    saved = {k: os.environ.get(k) for k in settings}
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with serving(command, lambda: healthy(f"{endpoint}/moto-api/data.json"), log, timeout=60):
-        os.environ.update(settings)
+    with (
+        serving(command, lambda: healthy(f"{endpoint}/moto-api/data.json"), log, timeout=60),
+        pytest.MonkeyPatch.context() as env,
+    ):
+        for key, value in settings.items():
+            env.setenv(key, value)
         s3fs().mkdir(BUCKET)
-        try:
-            yield endpoint
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        yield endpoint
 
 
 def s3fs() -> Any:
