@@ -7,7 +7,7 @@ VALUES; PostgreSQL: one array per column). (docs/ARCHITECTURE.md, Why the parts 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Connection
@@ -108,27 +108,38 @@ def copy_text(value: str) -> str:
     return value
 
 
+def copy_lines(conn: Connection, sql: str, lines: Iterable[str]) -> None:
+    """PostgreSQL: run `sql` (a COPY … FROM STDIN) in `conn`'s transaction, fed `lines` of
+    COPY text (each ending in a newline), COPY_ROWS_PER_WRITE to a write."""
+    driver: Any = conn.connection.driver_connection
+    part: list[str] = []
+    with driver.cursor() as cur, cur.copy(sql) as copy:
+        for line in lines:
+            part.append(line)
+            if len(part) >= COPY_ROWS_PER_WRITE:
+                copy.write("".join(part))
+                part.clear()
+        if part:
+            copy.write("".join(part))
+
+
 def copy_rows(
     conn: Connection, table: type[Base], columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
 ) -> None:
     """PostgreSQL: COPY `rows` (str, int, float or None values) into `table`, in `conn`'s
     transaction. Unlike an insert, a row whose key is there fails the whole COPY."""
-    driver: Any = conn.connection.driver_connection
     sql = f"COPY {table.__tablename__} ({', '.join(columns)}) FROM STDIN"
-    with driver.cursor() as cur, cur.copy(sql) as copy:
-        for start in range(0, len(rows), COPY_ROWS_PER_WRITE):
-            copy.write(
-                "".join(
-                    [
-                        "\t".join(
-                            "\\N" if v is None else copy_text(v) if type(v) is str else str(v)
-                            for v in row
-                        )
-                        + "\n"
-                        for row in rows[start : start + COPY_ROWS_PER_WRITE]
-                    ]
-                )
+    copy_lines(
+        conn,
+        sql,
+        (
+            "\t".join(
+                "\\N" if v is None else copy_text(v) if type(v) is str else str(v) for v in row
             )
+            + "\n"
+            for row in rows
+        ),
+    )
 
 
 def select_in(

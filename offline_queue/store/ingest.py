@@ -15,7 +15,12 @@ from sqlalchemy import Connection, func, select, update
 
 from offline_queue.findings import Accepted, Rejected
 from offline_queue.states import RequestState
-from offline_queue.store.bulk import COPY_ROWS_PER_WRITE, copy_text, insert_ignoring_conflicts
+from offline_queue.store.bulk import (
+    COPY_ROWS_PER_WRITE,
+    copy_lines,
+    copy_text,
+    insert_ignoring_conflicts,
+)
 from offline_queue.store.db import get_engine, session
 from offline_queue.store.results import RESULT_COLUMNS, error_row
 from offline_queue.store.tables import Batch, Request, Result
@@ -170,13 +175,8 @@ def copy_requests(conn: Connection, batch_id: str, items: Sequence[tuple[int, Ac
     """PostgreSQL: queue (line_no, line) pairs of a batch no other writer has with COPY, in
     `conn`'s transaction: a third of the client's time of an array insert, which dumps every
     value of every row on its own."""
-    driver = conn.connection.driver_connection
-    assert driver is not None
     head = copy_text(batch_id) + "\t"
-    with driver.cursor() as cur, cur.copy(_COPY_REQUESTS) as copy:
-        for start in range(0, len(items), COPY_ROWS_PER_WRITE):
-            part = items[start : start + COPY_ROWS_PER_WRITE]
-            copy.write("".join([_copy_row(head, n, item) for n, item in part]))
+    copy_lines(conn, _COPY_REQUESTS, (_copy_row(head, n, item) for n, item in items))
 
 
 def _ingest_by_copy(
