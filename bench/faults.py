@@ -1,9 +1,5 @@
 """Fault schedules: nothing is lost or done twice when things are SIGKILLed mid-batch.
 
-One room over 400 lines on purpose: the services, a trial, its fault injection and the check of
-its invariants are one procedure that a reader follows from top to bottom; split, each part
-would be used by this script and its test (tests/test_faults.py) alone.
-
     .venv/bin/python bench/faults.py [--seed 7] [--trials-per-kind 20]
                                      [--kinds run,loop,node,engine,postgres,proxy]
                                      [--requests 48] [--out DIR]
